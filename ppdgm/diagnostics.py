@@ -1,0 +1,147 @@
+"""ArviZ conversion for every engine's Fit, with plate names as dims.
+
+Draws come from the Fit (``samples``, shaped ``(chain, draw, ...)``, as samplers return them) or,
+for optimized fits, from the guide via ``pyro.infer.Predictive``. The model is traced once on its
+data to learn which plate each batch dimension belongs to; pointwise log-likelihoods of the
+observed sites are added so ``az.loo``/``az.waic`` work on any engine's result.
+"""
+
+from __future__ import annotations
+
+import arviz as az
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import Predictive
+from pyro.poutine.util import site_is_subsample
+
+
+def trace_model(model, args=(), kwargs=None, condition: dict | None = None):
+    kwargs = kwargs or {}
+    fn = poutine.substitute(model, data=condition) if condition else model
+    with poutine.block(), torch.no_grad():
+        return poutine.trace(fn).get_trace(*args, **kwargs)
+
+
+def site_dims(site) -> list[str]:
+    """Names for each dimension of a site's value: plate names for batch dims, else positional."""
+    value = site["value"]
+    event_dim = getattr(site["fn"], "event_dim", 0)
+    batch_ndim = value.dim() - event_dim
+    by_dim = {f.dim: f.name for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None}
+    names = []
+    for i in range(value.dim()):
+        d = i - batch_ndim
+        names.append(by_dim.get(d, f"{site['name']}_dim_{i}") if i < batch_ndim else f"{site['name']}_dim_{i}")
+    return names
+
+
+def _sample_sites(trace, observed: bool):
+    return {
+        n: s
+        for n, s in trace.nodes.items()
+        if s["type"] == "sample"
+        and bool(s["is_observed"]) == observed
+        and not s["infer"].get("is_auxiliary")
+        and not site_is_subsample(s)
+    }
+
+
+def _np(x):
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def samples_to_inference_data(
+    model,
+    samples: dict,
+    args=(),
+    kwargs=None,
+    log_likelihood: bool = True,
+    posterior_predictive: bool = False,
+    max_draws_for_loglik: int = 1000,
+) -> az.InferenceData:
+    """Build InferenceData from draws ``{site: (chain, draw, ...)}`` of a Pyro ``model``."""
+    kwargs = kwargs or {}
+    samples = {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for k, v in samples.items()}
+    first = {k: v[0, 0] for k, v in samples.items()}
+    trace = trace_model(model, args, kwargs, condition=first)
+    dims, coords = {}, {}
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        dims[name] = site_dims(site)
+        for f in site["cond_indep_stack"]:
+            if f.vectorized:
+                coords.setdefault(f.name, np.arange(f.size))
+    posterior = {k: _np(v) for k, v in samples.items()}
+    observed = _sample_sites(trace, observed=True)
+    groups = {"posterior": posterior}
+    if observed:
+        groups["observed_data"] = {n: _np(s["value"]) for n, s in observed.items()}
+    chains, draws = next(iter(samples.values())).shape[:2]
+    if log_likelihood and observed and draws <= max_draws_for_loglik:
+        ll = {n: [] for n in observed}
+        for c in range(chains):
+            for d in range(draws):
+                tr = trace_model(model, args, kwargs, condition={k: v[c, d] for k, v in samples.items()})
+                for n in observed:
+                    ll[n].append(_np(tr.nodes[n]["fn"].log_prob(tr.nodes[n]["value"])))
+        groups["log_likelihood"] = {n: np.stack(v).reshape(chains, draws, *v[0].shape) for n, v in ll.items()}
+    if posterior_predictive and observed:
+        flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in samples.items()}
+        pred = Predictive(model, posterior_samples=flat, return_sites=list(observed))(*args, **kwargs)
+        groups["posterior_predictive"] = {
+            n: _np(v).reshape(chains, draws, *v.shape[1:]) for n, v in pred.items() if n in observed
+        }
+    # pointwise log-likelihoods drop the event dims of their site
+    ll_dims = {}
+    for n, site in observed.items():
+        ev = getattr(site["fn"], "event_dim", 0)
+        ll_dims[n] = dims[n][: len(dims[n]) - ev]
+    return _from_groups(groups, dims, ll_dims, coords)
+
+
+def _from_groups(groups, dims, ll_dims, coords):
+    data = {}
+    for group, values in groups.items():
+        gd = ll_dims if group == "log_likelihood" else dims
+        data[group] = az.dict_to_dataset(
+            values,
+            dims={k: gd[k] for k in values if k in gd},
+            coords=coords,
+            library=pyro,
+            default_dims=[] if group == "observed_data" else None,
+        )
+    return az.InferenceData(**data)
+
+
+def guide_draws(model, guide, args=(), kwargs=None, num_samples: int = 500) -> dict:
+    """Posterior draws ``{site: (1, num_samples, ...)}`` of the model's latents from the guide."""
+    kwargs = kwargs or {}
+    tr = trace_model(model, args, kwargs)
+    shapes = {n: s["value"].shape for n, s in _sample_sites(tr, observed=False).items()}
+    with torch.no_grad():
+        pred = Predictive(model, guide=guide, num_samples=num_samples, return_sites=list(shapes))(*args, **kwargs)
+    # Predictive may pad draws with singleton plate dims; give each site the model's own shape
+    return {k: v.reshape(1, num_samples, *shapes[k]) for k, v in pred.items() if k in shapes}
+
+
+def fit_to_inference_data(fit, num_samples: int = 500, log_likelihood: bool = True,
+                          posterior_predictive: bool = False) -> az.InferenceData:
+    """What ``Fit.to_arviz()`` returns (draws from ``fit.samples`` or from the guide)."""
+    if fit.model is None:
+        raise ValueError("this Fit has no model attached; pass model= (and guide=) to ppdgm.load")
+    if fit.samples:
+        samples = fit.samples
+    elif fit.guide is not None:
+        fit.restore()
+        samples = guide_draws(fit.model, fit.guide, fit.args, fit.kwargs, num_samples)
+    else:
+        raise ValueError(f"this {fit.engine} Fit holds neither draws nor a guide to draw from")
+    if not samples:
+        raise ValueError("the model has no latent sites: there is no posterior to convert")
+    return samples_to_inference_data(
+        fit.model, samples, fit.args, fit.kwargs, log_likelihood=log_likelihood,
+        posterior_predictive=posterior_predictive,
+    )

@@ -1,0 +1,251 @@
+"""The result of running an engine: trained parameters or draws, history, timing, config.
+
+A Fit saves to a folder of plain files: ``fit.json`` (engine, config, history, timing, model
+spec) and ``tensors.pt`` (parameters, draws), written atomically and read back with
+``torch.load(weights_only=True)`` so a crafted file cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pyro
+import torch
+from torch.distributions import constraints
+
+FIT_FILE = "fit.json"
+TENSORS_FILE = "tensors.pt"
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+
+def atomic_save(obj, path) -> None:
+    """``torch.save`` to a temp file in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(text: str, path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def safe_load(path, map_location=None):
+    """Load tensors/containers only; anything that would unpickle code is refused with ValueError."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as err:
+        raise ValueError(
+            f"{path}: refused to load: it holds objects other than tensors and plain containers "
+            f"(loading uses weights_only=True so a crafted file cannot run code): {str(err).splitlines()[0]}"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# constraints of Pyro params, as plain data
+
+
+def constraint_to_spec(c) -> dict:
+    """Describe a torch constraint as a dict of primitives (so it survives ``weights_only``)."""
+    spec: dict[str, Any] = {"type": type(c).__name__}
+    for attr in ("lower_bound", "upper_bound", "reinterpreted_batch_ndims", "event_dim"):
+        if attr in vars(c):
+            v = getattr(c, attr)
+            spec[attr] = v.tolist() if isinstance(v, torch.Tensor) else v
+    if hasattr(c, "base_constraint"):
+        spec["base"] = constraint_to_spec(c.base_constraint)
+    return spec
+
+
+def constraint_from_spec(spec: dict):
+    import pyro.distributions.constraints as pc
+
+    t = spec["type"]
+    for module in (constraints, pc):
+        cls = getattr(module, t, None)
+        if cls is not None:
+            break
+    else:
+        raise ValueError(f"unknown constraint type {t!r} in saved parameters")
+    if t == "_IndependentConstraint":
+        return cls(constraint_from_spec(spec["base"]), spec["reinterpreted_batch_ndims"])
+    if t in ("_Interval", "_HalfOpenInterval"):
+        return cls(spec["lower_bound"], spec["upper_bound"])
+    if t in ("_GreaterThan", "_GreaterThanEq"):
+        return cls(spec["lower_bound"])
+    if t == "_LessThan":
+        return cls(spec["upper_bound"])
+    return cls()
+
+
+def param_store_state() -> dict:
+    """The global param store as ``{"params": {name: unconstrained}, "constraints": {name: spec}}``."""
+    store = pyro.get_param_store()
+    state = store.get_state()
+    return {
+        "params": {k: v.detach().clone() for k, v in state["params"].items()},
+        "constraints": {k: constraint_to_spec(c) for k, c in state["constraints"].items()},
+    }
+
+
+def restore_param_store(state: dict, device=None) -> None:
+    """Put saved params into the global param store.
+
+    A param that already exists is overwritten in place, so modules registered with
+    ``pyro.module`` keep sharing their tensors with the store; others are inserted.
+    """
+    store = pyro.get_param_store()
+    for name, value in state["params"].items():
+        value = value.detach().to(device if device is not None else value.device)
+        current = store._params.get(name)
+        if current is not None and current.shape == value.shape:
+            with torch.no_grad():
+                current.copy_(value)
+            continue
+        p = torch.nn.Parameter(value.clone())
+        store._params[name] = p
+        store._param_to_name[p] = name
+        store._constraints[name] = constraint_from_spec(state["constraints"][name])
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Fit:
+    """What an engine returns.
+
+    ``params`` is the param-store state (unconstrained values and constraint specs) for engines
+    that optimize; ``samples`` maps site names to draws shaped ``(chains, draws, ...)`` for
+    samplers. ``model``/``guide`` are the Pyro programs and ``module`` the zoo object they belong
+    to, if any (not saved; rebuilt from ``spec`` on load when the model came from the zoo or a
+    ``file.py:function``). ``args``/``kwargs`` are what the model was called with.
+    """
+
+    engine: str
+    config: dict = field(default_factory=dict)
+    history: dict = field(default_factory=dict)
+    timing: dict = field(default_factory=dict)
+    params: dict | None = None
+    samples: dict | None = None
+    spec: dict | None = None
+    extra: dict = field(default_factory=dict)
+    model: Callable | None = None
+    guide: Callable | None = None
+    module: Any = None
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def num_steps(self) -> int:
+        return len(self.history.get("loss", []))
+
+    def restore(self, device=None) -> "Fit":
+        """Load this fit's parameters into Pyro's param store (so ``model``/``guide`` use them)."""
+        if self.params is not None:
+            restore_param_store(self.params, device)
+        return self
+
+    def param(self, name: str) -> torch.Tensor:
+        """A trained parameter by name, constrained as the model declared it."""
+        if self.params is None or name not in self.params["params"]:
+            have = sorted(self.params["params"]) if self.params else []
+            raise KeyError(f"no parameter {name!r} in this fit; have {have}")
+        c = constraint_from_spec(self.params["constraints"][name])
+        return torch.distributions.transform_to(c)(self.params["params"][name]).detach()
+
+    # -- ArviZ ------------------------------------------------------------------------------
+    def to_arviz(self, num_samples: int = 500, **kwargs):
+        """An ``arviz.InferenceData`` with plate names as dims (see :mod:`ppdgm.diagnostics`)."""
+        from ppdgm.diagnostics import fit_to_inference_data
+
+        return fit_to_inference_data(self, num_samples=num_samples, **kwargs)
+
+    # -- files ------------------------------------------------------------------------------
+    def save(self, directory) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {"params": self.params, "samples": self.samples, "extra": self.extra.get("tensors")}
+        if isinstance(self.module, torch.nn.Module):
+            tensors["module"] = self.module.state_dict()
+        atomic_save(tensors, directory / TENSORS_FILE)
+        meta = {
+            "engine": self.engine,
+            "config": self.config,
+            "history": self.history,
+            "timing": self.timing,
+            "spec": self.spec,
+            "extra": {k: v for k, v in self.extra.items() if k != "tensors"},
+        }
+        atomic_write_text(json.dumps(meta, indent=1, default=_jsonable), directory / FIT_FILE)
+        return directory
+
+
+def _jsonable(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    return repr(obj)
+
+
+def load(directory, model: Callable | None = None, guide: Callable | None = None, device=None) -> Fit:
+    """Read a saved Fit. Zoo models and ``file.py:function`` models are rebuilt from the saved
+    spec; for any other model pass ``model=`` (and ``guide=``)."""
+    directory = Path(directory)
+    if not (directory / FIT_FILE).exists():
+        raise FileNotFoundError(f"{directory}: no {FIT_FILE}; expected a folder written by Fit.save")
+    meta = json.loads((directory / FIT_FILE).read_text())
+    tensors = safe_load(directory / TENSORS_FILE, map_location=device) if (directory / TENSORS_FILE).exists() else {}
+    extra = dict(meta.get("extra") or {})
+    if tensors.get("extra") is not None:
+        extra["tensors"] = tensors["extra"]
+    fit = Fit(
+        engine=meta["engine"],
+        config=meta.get("config", {}),
+        history=meta.get("history", {}),
+        timing=meta.get("timing", {}),
+        params=tensors.get("params"),
+        samples=tensors.get("samples"),
+        spec=meta.get("spec"),
+        extra=extra,
+        model=model,
+        guide=guide,
+    )
+    if model is None and fit.spec is not None:
+        from ppdgm.models import build_from_spec
+
+        fit.model, fit.guide, fit.module = build_from_spec(fit.spec)
+        if isinstance(fit.module, torch.nn.Module):
+            if "module" in tensors:
+                # autoguide params are created lazily; they come back through the param store
+                fit.module.load_state_dict(tensors["module"], strict=False)
+            if device is not None:
+                fit.module.to(device)
+    if fit.params is not None:
+        fit.restore(device)
+    return fit

@@ -1,0 +1,146 @@
+"""The engine protocol and what every engine shares: seeds, devices, progress bars, checkpoints.
+
+An engine is configured by its constructor and run by ``run(model, ...) -> Fit``. Engines know
+Pyro traces, not model classes. Training engines checkpoint through :class:`Checkpointer`, which
+saves everything a resumed run needs to end bit-for-bit where an uninterrupted one would: the
+param store, optimizer state, RNG states, the step and the history.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyro
+import torch
+from tqdm.auto import tqdm
+
+from ppdgm.fit import Fit, atomic_save, safe_load
+
+Callback = Callable[[int, dict], "bool | None"]
+"""Called after each step with ``(step, info)``; returning True stops the run early."""
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class Engine(ABC):
+    """Base of all engines: ``Engine(**config).run(model, ...) -> Fit``."""
+
+    name: str = "engine"
+
+    @abstractmethod
+    def run(self, model, *args, **kwargs) -> Fit:  # pragma: no cover - protocol
+        ...
+
+    @property
+    def config(self) -> dict:
+        """The constructor's arguments as plain data (saved with the Fit)."""
+        return {k: _plain(v) for k, v in vars(self).items() if not k.startswith("_")}
+
+
+def _plain(v):
+    if isinstance(v, (int, float, str, bool, type(None))):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    return repr(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# seeds, devices, progress
+
+
+def set_seed(seed: int | None) -> None:
+    if seed is not None:
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+        pyro.set_rng_seed(seed)
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch RNG states as tensors and primitives (``weights_only``-safe)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "random": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    r = state["random"]
+    random.setstate((r[0], tuple(r[1]), r[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resolve_device(device, *tensors) -> torch.device:
+    """``device=`` if given, else the device of the first tensor, else CPU. Device follows data."""
+    if device is not None:
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={device} requested but CUDA is not available")
+        return device
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            return t.device
+    return torch.device("cpu")
+
+
+def progress_bar(total: int, desc: str, enabled: bool | None):
+    """A tqdm bar, quiet off a terminal unless ``enabled=True``; ``enabled=False`` silences it."""
+    disable = (not sys.stderr.isatty()) if enabled is None else not enabled
+    return tqdm(total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+class Checkpointer:
+    """Saves and restores an engine's state in ``directory/checkpoint.pt``, atomically."""
+
+    def __init__(self, directory, every: int | None):
+        if every is not None and (not isinstance(every, int) or every < 1):
+            raise ValueError(f"checkpoint_every must be a positive int, got {every!r}")
+        self.directory = Path(directory) if directory is not None else None
+        self.every = every if self.directory is not None else None
+
+    @property
+    def path(self) -> Path | None:
+        return self.directory / CHECKPOINT_FILE if self.directory is not None else None
+
+    def due(self, step: int) -> bool:
+        return self.every is not None and step % self.every == 0
+
+    def save(self, state: dict) -> None:
+        if self.path is not None:
+            atomic_save({**state, "rng": rng_state()}, self.path)
+
+    def load(self) -> dict | None:
+        """The saved state (RNG restored as a side effect), or None when there is none."""
+        if self.path is None or not self.path.exists():
+            return None
+        state = safe_load(self.path)
+        set_rng_state(state.pop("rng"))
+        return state
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/inf loss; ``fit`` holds the last finite state."""
+
+    def __init__(self, message: str, fit: Fit | None = None):
+        super().__init__(message)
+        self.fit = fit

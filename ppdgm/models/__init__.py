@@ -1,0 +1,52 @@
+"""The model zoo: one file per family, each a ``PyroModule`` whose ``model``/``guide`` are Pyro programs.
+
+``MODELS`` maps a CLI name to ``"module:Class"`` (imported lazily so ``import ppdgm`` stays fast).
+A zoo class is built with keyword arguments only and reports them as ``spec`` so a saved Fit can
+rebuild it; ``from_data(dataset, **kw)`` fills in sizes from the data.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+
+MODELS: dict[str, str] = {
+    "ppca": "ppdgm.models.ppca:PPCA",
+}
+
+
+def model_class(name: str):
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)} or path/to/file.py:function")
+    module, cls = MODELS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def load_function(target: str):
+    """``path/to/file.py:function`` -> the function (a user's own Pyro program)."""
+    path, sep, func = target.rpartition(":")
+    if not sep or not path.endswith(".py"):
+        raise ValueError(f"expected path/to/file.py:function, got {target!r}")
+    if not Path(path).exists():
+        raise ValueError(f"model file {path!r} does not exist")
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if not callable(getattr(mod, func, None)):
+        raise ValueError(f"{path} has no function {func!r}")
+    return getattr(mod, func)
+
+
+def build_from_spec(spec: dict):
+    """Rebuild ``(model, guide, module)`` from a saved spec."""
+    if "name" in spec:
+        obj = model_class(spec["name"])(**spec.get("kwargs", {}))
+        return obj.model, getattr(obj, "guide", None), obj
+    model = load_function(spec["function"])
+    guide = load_function(spec["guide"]) if spec.get("guide") else None
+    if guide is None and spec.get("autoguide") == "AutoNormal":
+        from pyro.infer.autoguide import AutoNormal
+
+        guide = AutoNormal(model)
+    return model, guide, None
