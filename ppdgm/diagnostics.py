@@ -130,6 +130,8 @@ def guide_draws(model, guide, args=(), kwargs=None, num_samples: int = 500) -> d
 def fit_to_inference_data(fit, num_samples: int = 500, log_likelihood: bool = True,
                           posterior_predictive: bool = False) -> az.InferenceData:
     """What ``Fit.to_arviz()`` returns (draws from ``fit.samples`` or from the guide)."""
+    if fit.engine == "pcd":
+        return chain_energy_inference_data(fit)
     if fit.model is None:
         raise ValueError("this Fit has no model attached; pass model= (and guide=) to ppdgm.load")
     if fit.samples:
@@ -145,3 +147,16 @@ def fit_to_inference_data(fit, num_samples: int = 500, log_likelihood: bool = Tr
         fit.model, samples, fit.args, fit.kwargs, log_likelihood=log_likelihood,
         posterior_predictive=posterior_predictive,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# persistent chains (the PersistentCD engine)
+
+
+def chain_energy_inference_data(fit) -> az.InferenceData:
+    """The energies of a persistent-CD run's recorded chains as ``posterior.chain_energy``
+    shaped ``(chain, draw)``, so ``az.rhat``/``az.ess`` say whether the negative phase mixes."""
+    if not fit.samples or "chain_energy" not in fit.samples:
+        raise ValueError("this pcd Fit recorded no chain energies (the run took fewer steps than record_every)")
+    energy = _np(fit.samples["chain_energy"])
+    return az.from_dict(posterior={"chain_energy": energy})

@@ -10,6 +10,7 @@ from ppdgm.inference.svi import SVI
 
 ENGINES: dict[str, str] = {
     "svi": "ppdgm.inference.svi:SVI",
+    "pcd": "ppdgm.inference.pcd:PersistentCD",
 }
 
 

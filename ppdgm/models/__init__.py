@@ -13,6 +13,7 @@ from pathlib import Path
 
 MODELS: dict[str, str] = {
     "ppca": "ppdgm.models.ppca:PPCA",
+    "rbm": "ppdgm.models.rbm:RBM",
 }
 
 

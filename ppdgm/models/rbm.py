@@ -1,0 +1,247 @@
+"""Restricted Boltzmann machines: Bernoulli-Bernoulli, Gaussian-Bernoulli and replicated softmax.
+
+The joint is a Pyro program: the visible and hidden units are ``pyro.sample`` sites under
+uniform priors and the energy enters as ``pyro.factor("energy", -E(v, h))``; the guide is the
+exact conditional p(h | v), so the ELBO is ``-F(v)`` up to the priors' constant. Training opts
+into :class:`ppdgm.inference.pcd.PersistentCD` (positive phase ``-F(v)`` on data, negative phase
+``-F(v)`` on persistent block-Gibbs chains); log-likelihoods come from AIS or, for tiny models,
+exact enumeration.
+
+Visible ``units``: ``bernoulli`` (binary data), ``gaussian`` (real data, unit or learned
+variances; Hinton 2010's ``x/sigma`` parameterization) or ``softmax`` (word counts; the
+replicated softmax of Salakhutdinov & Hinton 2009, whose hidden biases scale with document length).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule
+from torch import nn
+from torch.distributions import constraints
+
+from ppdgm.data import check_data
+from ppdgm.models.boltzmann import LayeredEnergy
+
+SUPPORT_OF_UNITS = {"bernoulli": "binary", "gaussian": "real", "softmax": "counts"}
+
+
+class RBM(PyroModule):
+    """``RBM(visible=64, hidden=128, units="bernoulli")``.
+
+    Args:
+        visible, hidden: layer sizes.
+        units: visible units, ``bernoulli`` | ``gaussian`` | ``softmax``.
+        sigma: initial standard deviation of gaussian visible units; ``learn_sigma`` learns it.
+        init_scale: standard deviation of the initial weights.
+    """
+
+    default_engine = "pcd"
+    likelihood_method = "ais"
+    support = "binary"
+
+    def __init__(self, visible: int = 64, hidden: int = 128, units: str = "bernoulli", sigma: float = 1.0,
+                 learn_sigma: bool = False, init_scale: float = 0.01):
+        super().__init__()
+        for arg, val in (("visible", visible), ("hidden", hidden)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{arg} must be a positive int, got {val!r}")
+        if units not in SUPPORT_OF_UNITS:
+            raise ValueError(f"units must be one of {tuple(SUPPORT_OF_UNITS)}, got {units!r}")
+        if not (isinstance(sigma, (int, float)) and sigma > 0):
+            raise ValueError(f"sigma must be a positive number, got {sigma!r}")
+        if not (isinstance(init_scale, (int, float)) and init_scale >= 0):
+            raise ValueError(f"init_scale must be a non-negative number, got {init_scale!r}")
+        self.visible, self.hidden, self.units = visible, hidden, units
+        self.sigma0, self.learn_sigma, self.init_scale = float(sigma), bool(learn_sigma), float(init_scale)
+        self.support = SUPPORT_OF_UNITS[units]
+        self.W = nn.Parameter(init_scale * torch.randn(visible, hidden))
+        self.b = nn.Parameter(torch.zeros(visible))
+        self.c = nn.Parameter(torch.zeros(hidden))
+        log_sigma = torch.full((visible,), math.log(sigma))
+        if learn_sigma:
+            self.log_sigma = nn.Parameter(log_sigma)
+        else:
+            self.register_buffer("log_sigma", log_sigma)
+
+    @classmethod
+    def from_data(cls, data, **kwargs):
+        return cls(visible=int(data.x.shape[1]), **kwargs)
+
+    @classmethod
+    def from_graph(cls, graph, **kwargs):
+        """An RBM from a two-layer :class:`ppdgm.graphs.LayerGraph` (or networkx graph)."""
+        from ppdgm.graphs import LayerGraph
+
+        g = graph if isinstance(graph, LayerGraph) else LayerGraph(graph)
+        if len(g.layers) != 2 or len(g.visible) != 1:
+            raise ValueError(f"graph: an RBM needs one visible and one hidden layer, got layers {g.layers}")
+        v, h = g.visible[0], g.hidden[0]
+        if g.units(h) != "bernoulli":
+            raise ValueError(f"graph: the RBM's hidden layer {h!r} must have bernoulli units, got {g.units(h)!r}")
+        return cls(visible=g.size(v), hidden=g.size(h), units=g.units(v), **kwargs)
+
+    @property
+    def spec(self) -> dict:
+        return {"name": "rbm", "kwargs": {"visible": self.visible, "hidden": self.hidden, "units": self.units,
+                                          "sigma": self.sigma0, "learn_sigma": self.learn_sigma,
+                                          "init_scale": self.init_scale}}
+
+    # -- energy -----------------------------------------------------------------------------
+    def energy_graph(self) -> LayeredEnergy:
+        """The layered energy (visible layer 0, hidden layer 1) for AIS and exact partition functions."""
+        if self.units == "softmax":
+            raise ValueError("units='softmax': the replicated softmax's partition function depends on the "
+                             "document length, so it has no single layered energy; evaluate per length")
+        return LayeredEnergy(["v", "h"], [self.units, "bernoulli"], [True, False], [self.b, self.c],
+                             [(0, 1, self.W)], [self.log_sigma, None])
+
+    def _scaled(self, v):
+        return v / self.log_sigma.exp() if self.units == "gaussian" else v
+
+    def hidden_natural(self, v: torch.Tensor) -> torch.Tensor:
+        """Logits of p(h = 1 | v)."""
+        bias = self.c * v.sum(-1, keepdim=True) if self.units == "softmax" else self.c
+        return self._scaled(v) @ self.W + bias
+
+    def visible_own(self, v: torch.Tensor) -> torch.Tensor:
+        if self.units == "gaussian":
+            return -(((v - self.b) / self.log_sigma.exp()) ** 2).sum(-1) / 2
+        return v @ self.b
+
+    def energy(self, v: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return -(self.visible_own(v) + (self.hidden_natural(v) * h).sum(-1))
+
+    def free_energy(self, v: torch.Tensor) -> torch.Tensor:
+        """``F(v) = -log sum_h exp(-E(v, h))``."""
+        return -(self.visible_own(v) + nn.functional.softplus(self.hidden_natural(v)).sum(-1))
+
+    # -- conditionals -----------------------------------------------------------------------
+    def hidden_mean(self, v):
+        return torch.sigmoid(self.hidden_natural(v))
+
+    def visible_natural(self, h):
+        if self.units == "gaussian":
+            return h @ self.W.T
+        return self.b + h @ self.W.T
+
+    def visible_mean(self, h, counts=None):
+        eta = self.visible_natural(h)
+        if self.units == "bernoulli":
+            return torch.sigmoid(eta)
+        if self.units == "gaussian":
+            return self.b + self.log_sigma.exp() * eta
+        return torch.softmax(eta, -1) * (1 if counts is None else counts.unsqueeze(-1))
+
+    def sample_visible(self, h, counts=None):
+        eta = self.visible_natural(h)
+        if self.units == "bernoulli":
+            return torch.bernoulli(torch.sigmoid(eta))
+        if self.units == "gaussian":
+            sigma = self.log_sigma.exp()
+            return self.b + sigma * eta + sigma * torch.randn_like(eta)
+        from ppdgm.models.boltzmann import _multinomial_counts
+
+        return _multinomial_counts(torch.softmax(eta, -1), counts)
+
+    @torch.no_grad()
+    def gibbs(self, v: torch.Tensor, steps: int = 1) -> torch.Tensor:
+        """``steps`` sweeps of block Gibbs v -> h -> v (document lengths kept for softmax units)."""
+        counts = v.sum(-1) if self.units == "softmax" else None
+        for _ in range(steps):
+            h = torch.bernoulli(self.hidden_mean(v))
+            v = self.sample_visible(h, counts)
+        return v
+
+    # -- persistent-CD protocol -------------------------------------------------------------
+    def positive_log_density(self, v):
+        return -self.free_energy(v)
+
+    def negative_log_density(self, v):
+        return -self.free_energy(v)
+
+    def init_chains(self, num_chains: int, data: torch.Tensor) -> torch.Tensor:
+        """Persistent chains start at training points drawn with replacement."""
+        idx = torch.randint(0, data.shape[0], (num_chains,), device=data.device)
+        return data[idx].clone()
+
+    def sample_chains(self, state: torch.Tensor, steps: int) -> torch.Tensor:
+        return self.gibbs(state, steps)
+
+    def chain_energy(self, state):
+        return self.free_energy(state)
+
+    def check_data(self, x, name: str = "x") -> torch.Tensor:
+        x = check_data(x, name, support=self.support, rank=2)
+        if x.shape[1] != self.visible:
+            raise ValueError(f"{name}: expected {self.visible} columns (the visible layer's size), got shape "
+                             f"{tuple(x.shape)}")
+        return x.to(self.W.device, self.W.dtype)
+
+    # -- Pyro program -----------------------------------------------------------------------
+    def _visible_prior(self):
+        if self.units == "bernoulli":
+            return dist.Bernoulli(self.b.new_full((self.visible,), 0.5)).to_event(1)
+        support = constraints.real if self.units == "gaussian" else constraints.nonnegative_integer
+        return dist.ImproperUniform(support, (), (self.visible,))
+
+    def model(self, v=None, n: int | None = None):
+        """Uniform priors on v and h times ``exp(-E(v, h))``: the RBM's unnormalized joint."""
+        n = v.shape[0] if v is not None else n
+        with pyro.plate("data", n):
+            v = pyro.sample("v", self._visible_prior(), obs=v)
+            h = pyro.sample("h", dist.Bernoulli(self.c.new_full((self.hidden,), 0.5)).to_event(1))
+            pyro.factor("energy", -self.energy(v, h))
+        return v
+
+    def guide(self, v=None, n: int | None = None):
+        """The exact posterior p(h | v)."""
+        with pyro.plate("data", v.shape[0]):
+            pyro.sample("h", dist.Bernoulli(logits=self.hidden_natural(v)).to_event(1))
+
+    # -- use --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def transform(self, x) -> torch.Tensor:
+        """Hidden features ``E[h | x]`` for downstream classifiers."""
+        return self.hidden_mean(self.check_data(x))
+
+    @torch.no_grad()
+    def reconstruct(self, x) -> torch.Tensor:
+        """``E[v | h = E[h | x]]``: one deterministic down-up pass."""
+        x = self.check_data(x)
+        return self.visible_mean(self.hidden_mean(x), x.sum(-1) if self.units == "softmax" else None)
+
+    @torch.no_grad()
+    def sample(self, n: int, steps: int = 1000, counts: int = 1) -> torch.Tensor:
+        """``n`` draws after ``steps`` block-Gibbs sweeps from random hidden states."""
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        h = torch.bernoulli(self.c.new_full((n, self.hidden), 0.5))
+        c = self.c.new_full((n,), float(counts)) if self.units == "softmax" else None
+        return self.gibbs(self.sample_visible(h, c), steps)
+
+    @torch.no_grad()
+    def log_partition(self, method: str = "ais", base_data=None, **ais_kwargs):
+        """``log Z`` as an :class:`ppdgm.inference.ais.LogZ` (``method`` ``ais`` or ``exact``)."""
+        from ppdgm.inference.ais import annealed_importance_sampling, exact_log_partition
+
+        if method == "exact":
+            return exact_log_partition(self.energy_graph())
+        if method != "ais":
+            raise ValueError(f"method must be 'ais' or 'exact', got {method!r}")
+        base = None if base_data is None else {0: self.check_data(base_data, "base_data")}
+        return annealed_importance_sampling(self.energy_graph(), base_data=base, **ais_kwargs)
+
+    @torch.no_grad()
+    def log_likelihood(self, x, method: str = "ais", base_data=None, **ais_kwargs) -> torch.Tensor:
+        """Per-point ``log p(x) = -F(x) - log Z`` in nats (``log Z`` by AIS, or exact enumeration).
+
+        The estimate of ``log Z`` is kept as ``self.last_log_z``. AIS's base-rate model is fitted
+        to ``base_data`` (default: ``x``)."""
+        x = self.check_data(x)
+        self.last_log_z = self.log_partition(method, base_data=x if base_data is None else base_data,
+                                             **ais_kwargs) if method == "ais" else self.log_partition(method)
+        return -self.free_energy(x) - self.last_log_z.value
