@@ -1,0 +1,317 @@
+"""Normalizing flows as Pyro programs: ``x ~ TransformedDistribution(N(0, I), transforms)``.
+
+``FlowModel(kind=...)`` stacks Pyro's transform modules into one of five families:
+
+- ``realnvp``: affine coupling layers with batch normalization between them (Dinh et al. 2017);
+- ``maf``: masked autoregressive flow (Papamakarios et al. 2017), one pass to score data,
+  ``dim`` passes to sample;
+- ``iaf``: inverse autoregressive flow (Kingma et al. 2016), one pass to sample, ``dim`` passes
+  to score data (it is the MAF layer used the other way round);
+- ``nsf_coupling`` / ``nsf_ar``: neural spline flows (Durkan et al. 2019) with Pyro's monotonic
+  linear-rational splines (Dolatabadi et al. 2020), coupling or autoregressive conditioners.
+
+With ``context_dim > 0`` every layer is conditioned on a context vector ``y`` and the model is
+p(x | y). Maximum likelihood is SVI with an empty guide: ``model(x)`` has no latent sites.
+
+**Dequantization.** Pixels that take ``levels`` values ``k / (levels - 1)`` (17 for the 0..16
+digits intensities, 2 for binarized pixels) are modelled as ``v = (k + u) / levels`` with
+``u ~ Uniform(0, 1)^D`` and a logit pre-processing ``v -> logit(alpha + (1 - 2 alpha) v)`` that
+is part of the flow (its Jacobian is in ``log_prob``). Because p(v) is piecewise integrated to a
+probability on each cell of width ``1 / levels``,
+
+    log P(k) >= E_u[log p(v)] - D log(levels)            (Theis et al. 2016)
+
+and the importance-weighted version ``log mean_j exp(log p(v_j)) - D log(levels)`` over ``j``
+draws of ``u`` is a tighter lower bound. :meth:`FlowModel.log_likelihood` returns that bound in
+nats per image for the discrete pixels, so the test NLL of a flow is an upper bound on the exact
+NLL of the same discrete images, comparable with the NLL of discrete models (MADE, NADE, RBMs)
+and with the ELBO/IWAE bounds of VAEs on the same data. The training loss (``model``) carries the
+``- D log(levels)`` constant as a ``pyro.factor``, so SVI's loss per point is that bound too.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import pyro
+import pyro.distributions as dist
+import pyro.distributions.transforms as T
+import torch
+from pyro.distributions import ConditionalTransformModule, TransformModule
+from pyro.nn import AutoRegressiveNN, ConditionalAutoRegressiveNN, ConditionalDenseNN, DenseNN
+from torch import nn
+
+from ppdgm.data import check_data
+
+KINDS = ("realnvp", "maf", "iaf", "nsf_coupling", "nsf_ar")
+# Which kinds put Pyro's autoregressive module into the generative direction inverted: Pyro's
+# AffineAutoregressive/SplineAutoregressive compute their conditioner from the *input*, so used
+# as-is they are IAF layers (fast sampling); inverted, they score data in one pass (MAF).
+_SCORES_IN_ONE_PASS = {"maf", "nsf_ar"}
+
+
+class ConditionalSplineCoupling(ConditionalTransformModule):
+    """A spline coupling layer whose upper-half conditioner also sees a context vector.
+
+    Pyro ships conditional affine couplings and conditional autoregressive splines but no
+    conditional spline coupling; this one shares its element-wise lower spline between contexts.
+    """
+
+    domain = T.SplineCoupling.domain
+    codomain = T.SplineCoupling.codomain
+    bijective = True
+
+    def __init__(self, input_dim, split_dim, hypernet, count_bins=8, bound=3.0):
+        super().__init__()
+        self.input_dim, self.split_dim, self.count_bins, self.bound = input_dim, split_dim, count_bins, bound
+        self.lower_spline = T.Spline(split_dim, count_bins, bound)
+        self.nn = hypernet
+
+    def condition(self, context):
+        return _SplineCouplingGiven(self, partial(self.nn, context=context))
+
+
+class _SplineCouplingGiven(T.SplineCoupling):
+    """``SplineCoupling`` reusing its parent's lower spline, with a context-bound hypernet."""
+
+    def __init__(self, parent: ConditionalSplineCoupling, hypernet):
+        TransformModule.__init__(self, cache_size=1)
+        self.lower_spline = parent.lower_spline
+        self.upper_spline = T.ConditionalSpline(hypernet, parent.input_dim - parent.split_dim,
+                                                parent.count_bins, parent.bound)
+        self.split_dim = parent.split_dim
+        self.identity = False
+
+
+def _spline_param_dims(width: int, count_bins: int) -> list[int]:
+    return [width * count_bins, width * count_bins, width * (count_bins - 1), width * count_bins]
+
+
+def build_layer(kind: str, dim: int, hidden_dims: list[int], context_dim: int, count_bins: int, bound: float):
+    """One flow layer of ``kind`` (a Pyro ``TransformModule`` or ``ConditionalTransformModule``)."""
+    split = dim // 2
+    order = torch.arange(dim)  # fixed order; the flips between layers mix the dimensions
+    if kind == "realnvp":
+        dims = [dim - split, dim - split]
+        if context_dim:
+            return T.ConditionalAffineCoupling(split, ConditionalDenseNN(split, context_dim, hidden_dims, dims))
+        return T.AffineCoupling(split, DenseNN(split, hidden_dims, dims))
+    if kind in ("maf", "iaf"):
+        if context_dim:
+            return T.ConditionalAffineAutoregressive(
+                ConditionalAutoRegressiveNN(dim, context_dim, hidden_dims, permutation=order))
+        return T.AffineAutoregressive(AutoRegressiveNN(dim, hidden_dims, permutation=order))
+    if kind == "nsf_coupling":
+        dims = _spline_param_dims(dim - split, count_bins)
+        if context_dim:
+            return ConditionalSplineCoupling(dim, split, ConditionalDenseNN(split, context_dim, hidden_dims, dims),
+                                             count_bins, bound)
+        return T.SplineCoupling(dim, split, DenseNN(split, hidden_dims, dims), count_bins, bound)
+    if kind == "nsf_ar":
+        dims = _spline_param_dims(1, count_bins)
+        if context_dim:
+            arn = ConditionalAutoRegressiveNN(dim, context_dim, hidden_dims, param_dims=dims, permutation=order)
+            return T.ConditionalSplineAutoregressive(dim, arn, count_bins=count_bins, bound=bound)
+        arn = AutoRegressiveNN(dim, hidden_dims, param_dims=dims, permutation=order)
+        return T.SplineAutoregressive(dim, arn, count_bins=count_bins, bound=bound)
+    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+class FlowModel(nn.Module):
+    """A normalizing flow p(x) (or p(x | y) with ``context_dim``) trained by maximum likelihood.
+
+    Args:
+        dim: data dimension (>= 2).
+        kind: one of ``realnvp``, ``maf``, ``iaf``, ``nsf_coupling``, ``nsf_ar``.
+        num_layers: number of coupling/autoregressive layers (a flip of the dimensions between
+            consecutive layers; RealNVP adds a batch-norm layer after each coupling but the last).
+        hidden_dims: hidden widths of each layer's conditioner network.
+        context_dim: size of the conditioning vector ``y`` (0: unconditional).
+        levels: number of discrete pixel levels to dequantize (None: continuous data).
+        count_bins, bound: spline bins and the half-width of the spline's box (identity outside).
+        alpha: the logit squeeze used with ``levels``.
+    """
+
+    default_engine = "svi"
+    support = "real"
+    likelihood_method = "exact"
+    guide = None  # no latent sites: SVI runs it with an empty guide (maximum likelihood)
+
+    def __init__(self, dim: int = 2, kind: str = "maf", num_layers: int = 5, hidden_dims=(64, 64),
+                 context_dim: int = 0, levels: int | None = None, count_bins: int = 8, bound: float = 3.0,
+                 alpha: float = 0.05):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        for arg, val, low in (("dim", dim, 2), ("num_layers", num_layers, 1), ("count_bins", count_bins, 2)):
+            if not isinstance(val, int) or isinstance(val, bool) or val < low:
+                raise ValueError(f"{arg} must be an int >= {low}, got {val!r}")
+        if not isinstance(context_dim, int) or context_dim < 0:
+            raise ValueError(f"context_dim must be a non-negative int, got {context_dim!r}")
+        hidden_dims = [hidden_dims] if isinstance(hidden_dims, int) else list(hidden_dims)
+        if not hidden_dims or any(not isinstance(h, int) or h < 1 for h in hidden_dims):
+            raise ValueError(f"hidden_dims must be a non-empty list of positive ints, got {hidden_dims!r}")
+        if levels is not None and (not isinstance(levels, int) or levels < 2):
+            raise ValueError(f"levels must be None or an int >= 2 (number of pixel values), got {levels!r}")
+        if not (isinstance(bound, (int, float)) and bound > 0):
+            raise ValueError(f"bound must be a positive number, got {bound!r}")
+        if not 0 < alpha < 0.5:
+            raise ValueError(f"alpha must be in (0, 0.5), got {alpha!r}")
+        self.dim, self.kind, self.num_layers, self.hidden_dims = dim, kind, num_layers, hidden_dims
+        self.context_dim, self.levels, self.count_bins, self.bound, self.alpha = (
+            context_dim, levels, count_bins, float(bound), float(alpha))
+        self.support = "unit_interval" if levels else "real"
+
+        self.layers = nn.ModuleList()
+        for i in range(num_layers):
+            self.layers.append(build_layer(kind, dim, hidden_dims, context_dim, count_bins, float(bound)))
+            if kind == "realnvp" and i < num_layers - 1:
+                self.layers.append(T.BatchNorm(dim))
+        self.register_buffer("flip", torch.arange(dim - 1, -1, -1))
+        self.register_buffer("base_loc", torch.zeros(dim))
+        self.register_buffer("base_scale", torch.ones(dim))
+
+    # -- zoo protocol ------------------------------------------------------------------------
+    @classmethod
+    def from_data(cls, data, **kwargs):
+        """Size the flow from a ``Dataset``; digits get the dequantization levels of their pixels
+        and, with ``conditional=True``, a one-hot label context."""
+        conditional = kwargs.pop("conditional", False)
+        if "levels" not in kwargs and data.name.startswith("digits"):
+            kwargs["levels"] = 2 if "binary" in data.name else 17
+        if conditional:
+            if data.y is None:
+                raise ValueError(f"conditional=True needs labels, but dataset {data.name!r} has none")
+            kwargs.setdefault("context_dim", int(data.y.max()) + 1)
+        return cls(dim=data.x.shape[1], **kwargs)
+
+    def data_args(self, data) -> tuple:
+        if not self.context_dim:
+            return (data.x,)
+        if data.y is None:
+            raise ValueError(f"this flow is conditional (context_dim={self.context_dim}) but {data.name!r} has no labels")
+        return (data.x, nn.functional.one_hot(data.y.long(), self.context_dim).float())
+
+    @property
+    def spec(self) -> dict:
+        return {"name": "flow", "kwargs": {
+            "dim": self.dim, "kind": self.kind, "num_layers": self.num_layers, "hidden_dims": self.hidden_dims,
+            "context_dim": self.context_dim, "levels": self.levels, "count_bins": self.count_bins,
+            "bound": self.bound, "alpha": self.alpha}}
+
+    # -- the distribution --------------------------------------------------------------------
+    def transforms(self, y=None) -> list:
+        """The transforms from the base N(0, I) to data space, conditioned on ``y`` if needed."""
+        out = []
+        for i, layer in enumerate(self.layers):
+            t = layer.condition(y) if isinstance(layer, ConditionalTransformModule) else layer
+            if self.kind in _SCORES_IN_ONE_PASS:
+                t = t.inv
+            out.append(t)
+            if not isinstance(layer, T.BatchNorm) and i < len(self.layers) - 1:
+                out.append(T.Permute(self.flip))
+        if self.levels:
+            a = self.alpha
+            out += [T.SigmoidTransform(), T.AffineTransform(-a / (1 - 2 * a), 1 / (1 - 2 * a), event_dim=1)]
+        return out
+
+    def distribution(self, y=None) -> dist.TransformedDistribution:
+        """The flow's distribution over (dequantized) data, p(x) or p(x | y)."""
+        base = dist.Normal(self.base_loc, self.base_scale).to_event(1)
+        if y is not None:
+            base = base.expand(y.shape[:-1])
+        return dist.TransformedDistribution(base, self.transforms(y))
+
+    def to_latent(self, x, y=None) -> torch.Tensor:
+        """Map data to the base space (the inverse of the generative transforms)."""
+        for t in reversed(self.transforms(y)):
+            x = t.inv(x)
+        return x
+
+    # -- Pyro program ------------------------------------------------------------------------
+    def model(self, x=None, y=None, n: int | None = None):
+        """``x ~ flow`` in a plate named ``data``; discrete pixels are dequantized first."""
+        pyro.module("flow", self, update_module_params=True)
+        if x is not None:
+            x = self._check(x, "x")
+            n = x.shape[0]
+        y = self._check_context(y, n)
+        with pyro.plate("data", n):
+            if x is not None and self.levels:
+                pyro.factor("dequantization", x.new_full((n,), -self.dim * math.log(self.levels)))
+                x = self.dequantize(x)
+            return pyro.sample("x", self.distribution(y), obs=x)
+
+    def dequantize(self, x) -> torch.Tensor:
+        """Pixel values ``k / (levels - 1)`` -> ``(k + u) / levels`` with ``u ~ U(0, 1)``."""
+        k = (x * (self.levels - 1)).round()
+        return (k + torch.rand_like(x)) / self.levels
+
+    # -- evaluation and sampling ---------------------------------------------------------------
+    def log_prob(self, x, y=None) -> torch.Tensor:
+        """Exact per-point log density of continuous ``x`` (dequantized pixels for ``levels``)."""
+        x = self._check(x, "x", support="real")
+        with _eval_mode(self):
+            return self.distribution(self._check_context(y, x.shape[0])).log_prob(x)
+
+    @torch.no_grad()
+    def log_likelihood(self, x, y=None, num_samples: int = 1) -> torch.Tensor:
+        """Per-point log p(x) in nats.
+
+        Continuous data: the exact log density. Discrete pixels (``levels``): the dequantization
+        lower bound on log P(x) of the discrete image, importance-weighted over ``num_samples``
+        draws of the uniform noise (``num_samples=1`` is the usual bound).
+        """
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        x = self._check(x, "x")
+        if not self.levels:
+            return self.log_prob(x, y)
+        draws = torch.stack([self.log_prob(self.dequantize(x), y) for _ in range(num_samples)])
+        return torch.logsumexp(draws, 0) - math.log(num_samples) - self.dim * math.log(self.levels)
+
+    @torch.no_grad()
+    def sample(self, n: int, y=None) -> torch.Tensor:
+        """``n`` draws; discrete pixels come back quantized to ``k / (levels - 1)``."""
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        y = self._check_context(y, n)
+        with _eval_mode(self):
+            d = self.distribution(y)
+            v = d.sample() if y is not None else d.sample((n,))
+        if self.levels:
+            v = (v * self.levels).floor().clamp(0, self.levels - 1) / (self.levels - 1)
+        return v
+
+    # -- input checks ----------------------------------------------------------------------------
+    def _check(self, x, name, support=None):
+        x = check_data(x, name, support=support or self.support, rank=2)
+        if x.shape[1] != self.dim:
+            raise ValueError(f"{name}: this flow models dim={self.dim} features, got shape {tuple(x.shape)}")
+        return x.to(self.base_loc.device, self.base_loc.dtype)
+
+    def _check_context(self, y, n):
+        if not self.context_dim:
+            if y is not None:
+                raise ValueError("y: this flow is unconditional (context_dim=0), got a context")
+            return None
+        if y is None:
+            raise ValueError(f"y: this flow is conditional; expected a context of shape ({n}, {self.context_dim})")
+        y = check_data(y, "y", rank=2)
+        if y.shape != (n, self.context_dim):
+            raise ValueError(f"y: expected shape ({n}, {self.context_dim}), got {tuple(y.shape)}")
+        return y.to(self.base_loc.device, self.base_loc.dtype)
+
+
+class _eval_mode:
+    """Batch norm uses its running statistics (not the batch's) while scoring and sampling."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.was_training = module, module.training
+
+    def __enter__(self):
+        self.module.eval()
+
+    def __exit__(self, *exc):
+        self.module.train(self.was_training)
