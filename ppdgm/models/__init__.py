@@ -13,6 +13,9 @@ from pathlib import Path
 
 MODELS: dict[str, str] = {
     "ppca": "ppdgm.models.ppca:PPCA",
+    "vae": "ppdgm.models.vae:VAE",
+    "cvae": "ppdgm.models.vae:ConditionalVAE",
+    "ssvae": "ppdgm.models.ssvae:SemiSupervisedVAE",
     "rbm": "ppdgm.models.rbm:RBM",
 }
 
