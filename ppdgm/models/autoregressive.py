@@ -1,0 +1,274 @@
+"""Autoregressive models of binary vectors with an exact ``log_prob``: MADE and NADE.
+
+Both factor p(x) = prod_d p(x_{o(d)} | x_{o(<d)}) into Bernoulli conditionals whose logits a
+network computes from the already-seen coordinates, so ``log_prob`` is exact and normalized
+(it sums to one over all 2^D states) and ``sample`` runs D network passes.
+
+- :class:`MADE` (Germain et al. 2015) masks a feed-forward network's weights so that output d
+  sees only inputs earlier in the ordering. With ``num_masks > 1`` it is trained order- and
+  connectivity-agnostically (each step draws one of ``num_masks`` orderings/masks) and scored as
+  the uniform mixture over those masks, which is still an exact, normalized density.
+- :class:`NADE` (Larochelle & Murray 2011) shares one weight matrix across conditionals:
+  h_d = sigmoid(c + W_{:, <d} x_{<d}), p(x_d = 1 | x_{<d}) = sigmoid(b_d + V_d . h_d).
+
+As Pyro programs both are ``pyro.sample("x", dist, obs=x)`` in a plate named ``data``, trained
+by maximum likelihood with SVI and an empty guide.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import torch
+from pyro.distributions import TorchDistribution, constraints
+from torch import nn
+from torch.nn import functional as F
+
+from ppdgm.data import check_data
+
+
+# ---------------------------------------------------------------------------------------------
+# the distribution both models hand to pyro.sample
+
+
+class AutoregressiveBernoulli(TorchDistribution):
+    """A distribution over ``{0, 1}^D`` defined by an autoregressive model's ``log_prob``/``sample``.
+
+    ``owner`` provides ``log_prob(x) -> (n,)`` and ``sample(n) -> (n, D)``; the batch shape is the
+    plate's size.
+    """
+
+    arg_constraints: dict = {}
+    support = constraints.independent(constraints.boolean, 1)
+    has_enumerate_support = False
+
+    def __init__(self, owner, batch_size: int, validate_args=None):
+        self.owner = owner
+        super().__init__(torch.Size([batch_size]), torch.Size([owner.dim]), validate_args=validate_args)
+
+    def log_prob(self, value):
+        return self.owner._log_prob(value)
+
+    def sample(self, sample_shape=torch.Size()):
+        n = int(torch.Size(sample_shape).numel()) * self.batch_shape.numel()
+        with torch.no_grad():
+            x = self.owner._sample(n)
+        return x.reshape(*sample_shape, *self.batch_shape, self.owner.dim)
+
+    def expand(self, batch_shape, _instance=None):
+        if len(batch_shape) != 1:
+            raise ValueError(f"AutoregressiveBernoulli supports one batch dim, got {tuple(batch_shape)}")
+        return AutoregressiveBernoulli(self.owner, batch_shape[0])
+
+
+class _BinaryAutoregressive(nn.Module):
+    """What MADE and NADE share: the zoo protocol, input checks, the Pyro program, sampling."""
+
+    default_engine = "svi"
+    support = "binary"
+    likelihood_method = "exact"
+    guide = None  # no latent sites: SVI runs the model with an empty guide (maximum likelihood)
+    name = ""
+
+    @classmethod
+    def from_data(cls, data, **kwargs):
+        return cls(dim=data.x.shape[1], **kwargs)
+
+    def _device_tensor(self) -> torch.Tensor:
+        return next(self.parameters())
+
+    def _check(self, x, name="x") -> torch.Tensor:
+        x = check_data(x, name, support="binary", rank=2)
+        if x.shape[1] != self.dim:
+            raise ValueError(f"{name}: this model has dim={self.dim} features, got shape {tuple(x.shape)}")
+        p = self._device_tensor()
+        return x.to(p.device, p.dtype)
+
+    def model(self, x=None, n: int | None = None):
+        """``x ~ p(x)`` for each row, in a plate named ``data``."""
+        pyro.module(self.name, self, update_module_params=True)
+        if x is not None:
+            x = self._check(x)
+            n = x.shape[0]
+        with pyro.plate("data", n):
+            return pyro.sample("x", AutoregressiveBernoulli(self, n), obs=x)
+
+    def log_prob(self, x) -> torch.Tensor:
+        """Exact per-row log p(x) in nats."""
+        return self._log_prob(self._check(x))
+
+    @torch.no_grad()
+    def log_likelihood(self, x) -> torch.Tensor:
+        return self.log_prob(x)
+
+    @torch.no_grad()
+    def sample(self, n: int) -> torch.Tensor:
+        """``n`` exact draws by ancestral sampling, one network pass per dimension."""
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        return self._sample(n)
+
+
+# ---------------------------------------------------------------------------------------------
+# MADE
+
+
+class MaskedLinear(nn.Linear):
+    """A linear layer whose weight is multiplied by a fixed 0/1 ``mask`` of shape (out, in)."""
+
+    def __init__(self, in_features: int, out_features: int, num_masks: int = 1):
+        super().__init__(in_features, out_features)
+        self.register_buffer("masks", torch.ones(num_masks, out_features, in_features))
+        self.mask_index = 0
+
+    def forward(self, x):
+        return F.linear(x, self.weight * self.masks[self.mask_index], self.bias)
+
+
+def made_degrees(dim: int, hidden_dims, order: torch.Tensor, generator: torch.Generator | None):
+    """MADE's degrees: inputs get their position in ``order`` (1..D); hidden units get degrees
+    in [min of previous layer, D - 1], cycled when ``generator`` is None, drawn otherwise."""
+    degrees = [torch.empty(dim, dtype=torch.long)]
+    degrees[0][order] = torch.arange(1, dim + 1)
+    for h in hidden_dims:
+        low = int(degrees[-1].min())
+        if generator is None:
+            degrees.append(low + torch.arange(h) % (dim - low))
+        else:
+            degrees.append(torch.randint(low, dim, (h,), generator=generator))
+    return degrees
+
+
+def made_masks(degrees: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Masks (out, in) that connect a unit only to units of lower-or-equal degree (strictly lower
+    for the output layer), which makes output d depend on inputs earlier than d only."""
+    masks = [(d_out[:, None] >= d_in[None, :]).float() for d_in, d_out in zip(degrees[:-1], degrees[1:])]
+    masks.append((degrees[0][:, None] > degrees[-1][None, :]).float())
+    return masks
+
+
+class MADE(_BinaryAutoregressive):
+    """Masked autoencoder for distribution estimation over binary vectors.
+
+    Args:
+        dim: number of binary features.
+        hidden_dims: widths of the masked hidden layers.
+        num_masks: 1 for a single ordering; > 1 for order/connectivity-agnostic training over
+            that many (ordering, mask) pairs, scored as their uniform mixture.
+        order: ``"natural"`` (0..D-1) or ``"random"`` for the first (or only) ordering.
+        seed: seeds the orderings and masks, so ``spec`` rebuilds the same network.
+    """
+
+    name = "made"
+
+    def __init__(self, dim: int = 64, hidden_dims=(256,), num_masks: int = 1, order: str = "natural",
+                 seed: int = 0):
+        super().__init__()
+        if not isinstance(dim, int) or dim < 2:
+            raise ValueError(f"dim must be an int >= 2, got {dim!r}")
+        hidden_dims = [hidden_dims] if isinstance(hidden_dims, int) else list(hidden_dims)
+        if not hidden_dims or any(not isinstance(h, int) or h < 1 for h in hidden_dims):
+            raise ValueError(f"hidden_dims must be a non-empty list of positive ints, got {hidden_dims!r}")
+        if not isinstance(num_masks, int) or num_masks < 1:
+            raise ValueError(f"num_masks must be a positive int, got {num_masks!r}")
+        if order not in ("natural", "random"):
+            raise ValueError(f"order must be 'natural' or 'random', got {order!r}")
+        self.dim, self.hidden_dims, self.num_masks, self.order, self.seed = dim, hidden_dims, num_masks, order, seed
+
+        sizes = [dim, *hidden_dims, dim]
+        self.layers = nn.ModuleList(MaskedLinear(a, b, num_masks) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.register_buffer("orders", torch.empty(num_masks, dim, dtype=torch.long))
+        gen = torch.Generator().manual_seed(seed)
+        for k in range(num_masks):
+            agnostic = num_masks > 1
+            perm = torch.randperm(dim, generator=gen) if (order == "random" or k > 0) else torch.arange(dim)
+            masks = made_masks(made_degrees(dim, hidden_dims, perm, gen if agnostic else None))
+            for layer, mask in zip(self.layers, masks):
+                layer.masks[k] = mask
+            self.orders[k] = perm
+
+    @property
+    def spec(self) -> dict:
+        return {"name": "made", "kwargs": {"dim": self.dim, "hidden_dims": self.hidden_dims,
+                                           "num_masks": self.num_masks, "order": self.order, "seed": self.seed}}
+
+    def logits(self, x, mask: int = 0) -> torch.Tensor:
+        """Bernoulli logits of every coordinate given the coordinates before it under ``mask``."""
+        for layer in self.layers:
+            layer.mask_index = mask
+        h = x
+        for layer in self.layers[:-1]:
+            h = F.relu(layer(h))
+        return self.layers[-1](h)
+
+    def _log_prob_mask(self, x, k):
+        return -F.binary_cross_entropy_with_logits(self.logits(x, k), x, reduction="none").sum(-1)
+
+    def _log_prob(self, x):
+        if self.num_masks == 1:
+            return self._log_prob_mask(x, 0)
+        if self.training and torch.is_grad_enabled():
+            # order-agnostic training: one (ordering, mask) pair per step
+            k = int(torch.randint(self.num_masks, ()))
+            return self._log_prob_mask(x, k)
+        lps = torch.stack([self._log_prob_mask(x, k) for k in range(self.num_masks)])
+        return torch.logsumexp(lps, 0) - math.log(self.num_masks)
+
+    def _sample(self, n):
+        p = self._device_tensor()
+        ks = torch.randint(self.num_masks, (n,), device=p.device)
+        x = p.new_zeros(n, self.dim)
+        for k in ks.unique().tolist():
+            rows = (ks == k).nonzero().squeeze(-1)
+            xk = x[rows]
+            for d in self.orders[k].tolist():
+                xk[:, d] = torch.bernoulli(torch.sigmoid(self.logits(xk, k)[:, d]))
+            x[rows] = xk
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# NADE
+
+
+class NADE(_BinaryAutoregressive):
+    """Neural autoregressive distribution estimator over binary vectors (natural order)."""
+
+    name = "nade"
+
+    def __init__(self, dim: int = 64, hidden_dim: int = 100):
+        super().__init__()
+        if not isinstance(dim, int) or dim < 2:
+            raise ValueError(f"dim must be an int >= 2, got {dim!r}")
+        if not isinstance(hidden_dim, int) or hidden_dim < 1:
+            raise ValueError(f"hidden_dim must be a positive int, got {hidden_dim!r}")
+        self.dim, self.hidden_dim = dim, hidden_dim
+        self.W = nn.Parameter(torch.randn(hidden_dim, dim) / math.sqrt(dim))
+        self.c = nn.Parameter(torch.zeros(hidden_dim))
+        self.V = nn.Parameter(torch.randn(dim, hidden_dim) / math.sqrt(hidden_dim))
+        self.b = nn.Parameter(torch.zeros(dim))
+
+    @property
+    def spec(self) -> dict:
+        return {"name": "nade", "kwargs": {"dim": self.dim, "hidden_dim": self.hidden_dim}}
+
+    def logits(self, x) -> torch.Tensor:
+        """All D conditional logits in one pass: a_d = c + sum_{j<d} W_j x_j by an exclusive cumsum."""
+        contrib = x.unsqueeze(-1) * self.W.t()  # (n, D, H)
+        a = self.c + torch.cumsum(contrib, dim=-2) - contrib
+        h = torch.sigmoid(a)
+        return (h * self.V).sum(-1) + self.b
+
+    def _log_prob(self, x):
+        return -F.binary_cross_entropy_with_logits(self.logits(x), x, reduction="none").sum(-1)
+
+    def _sample(self, n):
+        x = self.W.new_zeros(n, self.dim)
+        a = self.c.expand(n, self.hidden_dim).clone()
+        for d in range(self.dim):
+            h = torch.sigmoid(a)
+            p = torch.sigmoid(h @ self.V[d] + self.b[d])
+            x[:, d] = torch.bernoulli(p)
+            a = a + x[:, d : d + 1] * self.W[:, d]
+        return x
