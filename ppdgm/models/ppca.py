@@ -52,17 +52,21 @@ class PPCA(PyroModule):
     def likelihood(self, W, sigma):
         return dist.LowRankMultivariateNormal(self.mu, W, (sigma**2).unsqueeze(-1).expand(self.x_dim))
 
+    def _ensure_guide(self):
+        if self.guide.prototype_trace is None:  # a freshly loaded guide builds its sites lazily
+            with pyro.poutine.block():  # built with observed x, so x is not mistaken for a latent
+                self.guide(self.mu.new_zeros(1, self.x_dim))
+
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:
         """``n`` new data points, with W and sigma drawn from the guide."""
+        self._ensure_guide()
         return Predictive(self.model, guide=self.guide, num_samples=1, return_sites=["x"])(None, n)["x"][0]
 
     @torch.no_grad()
     def log_likelihood(self, x) -> torch.Tensor:
         """Exact log p(x | W, sigma) in nats per point at the guide's posterior median."""
         x = check_data(x, "x", rank=2)
-        if self.guide.prototype_trace is None:  # a freshly loaded guide builds its sites lazily
-            with pyro.poutine.block():
-                self.guide(None, 1)
+        self._ensure_guide()
         med = self.guide.median()
         return self.likelihood(med["W"], med["sigma"]).log_prob(x.to(self.mu.device))
