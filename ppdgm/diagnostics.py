@@ -19,6 +19,7 @@ from pyro.poutine.util import site_is_subsample
 
 def trace_model(model, args=(), kwargs=None, condition: dict | None = None):
     kwargs = kwargs or {}
+    # substitute, not condition: conditioned latents would be reported as observed sites
     fn = poutine.substitute(model, data=condition) if condition else model
     with poutine.block(), torch.no_grad():
         return poutine.trace(fn).get_trace(*args, **kwargs)
