@@ -13,10 +13,16 @@ from pathlib import Path
 
 MODELS: dict[str, str] = {
     "ppca": "ppdgm.models.ppca:PPCA",
+    "flow": "ppdgm.models.flows:FlowModel",
+    "made": "ppdgm.models.autoregressive:MADE",
+    "nade": "ppdgm.models.autoregressive:NADE",
+    "timeseries": "ppdgm.models.timeseries:DeepAR",
     "vae": "ppdgm.models.vae:VAE",
     "cvae": "ppdgm.models.vae:ConditionalVAE",
     "ssvae": "ppdgm.models.ssvae:SemiSupervisedVAE",
     "rbm": "ppdgm.models.rbm:RBM",
+    "dbm": "ppdgm.models.dbm:DBM",
+    "mdbm": "ppdgm.models.dbm:MultimodalDBM",
 }
 
 

@@ -1,0 +1,387 @@
+"""Deep Boltzmann machines on a networkx layer graph, and the multimodal DBM.
+
+The joint is a Pyro program (uniform priors on every layer, ``pyro.factor("energy", -E)``) and
+the mean-field posterior q(h | v) = prod_l Bernoulli(mu_l) is its Pyro guide, with ``mu`` from
+fixed-point iterations over the graph's two Gibbs blocks (Salakhutdinov & Hinton 2009). Training
+opts into :class:`ppdgm.inference.pcd.PersistentCD`: the positive phase is the mean-field bound
+``E_q[-E(v, h)] + H(q)`` (its gradient is the data-dependent statistics at ``mu``), the negative
+phase ``-E`` on persistent chains advanced by block Gibbs over the two colours. Greedy layer-wise
+pretraining with doubled weights at the ends of the stack initializes a chain DBM.
+
+A multimodal DBM (Srivastava & Salakhutdinov 2012) is a graph with two visible layers joined at a
+shared top; ``complete({"pixels": x})`` fills in the other modality by clamped mean-field, so
+with a one-hot label layer it is a generative classifier.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro.nn import PyroModule
+from torch import nn
+from torch.distributions import constraints
+
+from ppdgm.data import check_data
+from ppdgm.graphs import LayerGraph, dbm_graph, multimodal_graph
+from ppdgm.models.boltzmann import LayeredEnergy
+
+SUPPORT_OF_UNITS = {"bernoulli": "binary", "gaussian": "real", "softmax": "counts"}
+
+
+class DBM(PyroModule):
+    """``DBM(sizes=[64, 128, 64])`` or ``DBM(graph=nx_graph)`` (hidden layers bernoulli).
+
+    Args:
+        graph: a networkx ``Graph``, :class:`LayerGraph` or node-link dict; or ``sizes`` for a chain.
+        units: the visible units when built from ``sizes``.
+        init_scale: standard deviation of the initial weights.
+        mean_field_steps: fixed-point sweeps of the mean-field guide.
+    """
+
+    default_engine = "pcd"
+    likelihood_method = "ais-variational-bound"
+    support = "binary"
+    registry_name = "dbm"
+
+    def __init__(self, graph=None, sizes=None, units: str = "bernoulli", init_scale: float = 0.01,
+                 mean_field_steps: int = 10):
+        super().__init__()
+        if (graph is None) == (sizes is None):
+            raise ValueError("give exactly one of graph= (a networkx layer graph) or sizes= (a list of layer sizes)")
+        g = dbm_graph(sizes, units=units) if sizes is not None else LayerGraph(graph)
+        if g.directed:
+            raise ValueError("graph: a DBM's layer graph is undirected (nx.Graph); a DiGraph describes a DBN")
+        for layer in g.hidden:
+            if g.units(layer) != "bernoulli":
+                raise ValueError(f"graph: hidden layer {layer!r} must have bernoulli units, got {g.units(layer)!r}")
+        if isinstance(mean_field_steps, bool) or not isinstance(mean_field_steps, int) or mean_field_steps < 1:
+            raise ValueError(f"mean_field_steps must be a positive int, got {mean_field_steps!r}")
+        if not (isinstance(init_scale, (int, float)) and init_scale >= 0):
+            raise ValueError(f"init_scale must be a non-negative number, got {init_scale!r}")
+        self.layer_graph, self.init_scale, self.mean_field_steps = g, float(init_scale), mean_field_steps
+        self.layers = list(g.layers)
+        self.index = {name: i for i, name in enumerate(self.layers)}
+        self.units = [g.units(n) for n in self.layers]
+        self.is_visible = [g.is_visible(n) for n in self.layers]
+        self.visible_index = [self.index[n] for n in g.visible]
+        self.colour = [g.colour(n) for n in self.layers]
+        self.edge_index = [(self.index[a], self.index[b]) for a, b in g.edges]
+        sizes = [g.size(n) for n in self.layers]
+        self.sizes = sizes
+        self.biases = nn.ParameterList([nn.Parameter(torch.zeros(s)) for s in sizes])
+        self.weights = nn.ParameterList([nn.Parameter(init_scale * torch.randn(sizes[a], sizes[b]))
+                                         for a, b in self.edge_index])
+        self.register_buffer("log_sigma", torch.zeros(max(sizes)))
+        supports = {SUPPORT_OF_UNITS[self.units[i]] for i in self.visible_index}
+        self.support = supports.pop() if len(supports) == 1 else "real"
+
+    @classmethod
+    def from_data(cls, data, hidden=(128, 64), **kwargs):
+        return cls(sizes=[int(data.x.shape[1]), *hidden], **kwargs)
+
+    @property
+    def spec(self) -> dict:
+        return {"name": self.registry_name, "kwargs": {"graph": self.layer_graph.to_json(), "init_scale": self.init_scale,
+                                                       "mean_field_steps": self.mean_field_steps}}
+
+    # -- energy -----------------------------------------------------------------------------
+    def energy_graph(self) -> LayeredEnergy:
+        sigmas = [self.log_sigma[: s] if u == "gaussian" else None for s, u in zip(self.sizes, self.units)]
+        return LayeredEnergy(list(self.layers), list(self.units), list(self.is_visible), list(self.biases),
+                             [(a, b, W) for (a, b), W in zip(self.edge_index, self.weights)], sigmas)
+
+    def check_data(self, data, name: str = "data"):
+        """One tensor per visible layer (a tuple in :attr:`visible_layers` order when there are
+        several); integer class labels on a softmax layer become one-hot rows."""
+        parts = data if isinstance(data, (tuple, list)) else (data,)
+        if len(parts) != len(self.visible_index):
+            raise ValueError(f"{name}: expected {len(self.visible_index)} tensor(s), one per visible layer "
+                             f"{self.visible_layers}, got {len(parts)}")
+        out = []
+        for part, i in zip(parts, self.visible_index):
+            label = f"{name}[{self.layers[i]}]"
+            if self.units[i] == "softmax" and isinstance(part, torch.Tensor) and part.dim() == 1:
+                if part.is_floating_point() or part.min() < 0 or part.max() >= self.sizes[i]:
+                    raise ValueError(f"{label}: expected integer class labels in [0, {self.sizes[i]}), got "
+                                     f"dtype {part.dtype}, range [{part.min()}, {part.max()}]")
+                part = F.one_hot(part.long(), self.sizes[i])
+            x = check_data(part, label, support=SUPPORT_OF_UNITS[self.units[i]], rank=2)
+            if x.shape[1] != self.sizes[i]:
+                raise ValueError(f"{label}: expected {self.sizes[i]} columns (the layer's size), got shape "
+                                 f"{tuple(x.shape)}")
+            if self.units[i] == "softmax" and not (x.sum(-1) == 1).all():
+                raise ValueError(f"{label}: a DBM's softmax layer takes one-hot rows, got row sums "
+                                 f"{x.sum(-1).unique()[:5].tolist()}")
+            out.append(x.to(self.biases[0].device, self.biases[0].dtype))
+        if len({x.shape[0] for x in out}) != 1:
+            raise ValueError(f"{name}: the visible layers' tensors have different numbers of rows: "
+                             f"{[tuple(x.shape) for x in out]}")
+        return tuple(out) if isinstance(data, (tuple, list)) else out[0]
+
+    @property
+    def visible_layers(self) -> list[str]:
+        return [self.layers[i] for i in self.visible_index]
+
+    def _clamp(self, batch) -> dict:
+        parts = batch if isinstance(batch, (tuple, list)) else (batch,)
+        return dict(zip(self.visible_index, parts))
+
+    # -- mean field -------------------------------------------------------------------------
+    def mean_field(self, clamped: dict, steps: int | None = None) -> dict:
+        """Mean-field means of every unclamped layer given ``clamped = {layer index: values}``.
+
+        Initialized by one pass outward from the clamped layers, doubling the input of layers
+        whose other neighbours are still unknown (they would otherwise miss half their input)."""
+        e = self.energy_graph()
+        mu = dict(clamped)
+        free = [i for i in range(len(self.layers)) if i not in clamped]
+        n = next(iter(clamped.values())).shape[0]
+        for i in free:
+            known = {j: mu[j] for j in e.neighbours(i) if j in mu}
+            if known:
+                scale = 2.0 if len(known) < len(e.neighbours(i)) else 1.0
+                eta = e.natural(i, scale * e.input(i, known))
+            else:
+                eta = e.natural(i, torch.zeros(n, self.sizes[i], dtype=self.biases[i].dtype,
+                                               device=self.biases[i].device))
+            mu[i] = e.mean(i, eta)
+        for _ in range(steps or self.mean_field_steps):
+            for colour in (1, 0):
+                for i in free:
+                    if self.colour[i] == colour:
+                        mu[i] = e.mean(i, e.natural(i, e.input(i, mu)))
+        return mu
+
+    def _entropy(self, mu: dict, free) -> torch.Tensor:
+        total = 0.0
+        for i in free:
+            m = mu[i].clamp(1e-7, 1 - 1e-7)
+            if self.units[i] == "bernoulli":
+                total = total - (m * m.log() + (1 - m) * (1 - m).log()).sum(-1)
+            elif self.units[i] == "softmax":
+                total = total - (m * m.log()).sum(-1)
+            else:
+                raise ValueError("mean-field entropy of gaussian units is not defined here; clamp them")
+        return total
+
+    def variational_bound(self, batch, steps: int | None = None) -> torch.Tensor:
+        """``E_q[-E(v, h)] + H(q)`` per point, ``q`` the mean-field posterior (held fixed for gradients)."""
+        clamped = self._clamp(batch)
+        with torch.no_grad():
+            mu = self.mean_field(clamped, steps)
+        free = [i for i in range(len(self.layers)) if i not in clamped]
+        state = {i: (v if i in clamped else v.detach()) for i, v in mu.items()}
+        return self.energy_graph().log_density(state) + self._entropy(state, free)
+
+    # -- persistent-CD protocol -------------------------------------------------------------
+    def positive_log_density(self, batch):
+        return self.variational_bound(batch)
+
+    def negative_log_density(self, state):
+        return self.energy_graph().log_density(dict(enumerate(state)))
+
+    def chain_energy(self, state):
+        return -self.negative_log_density(state)
+
+    @torch.no_grad()
+    def init_chains(self, num_chains: int, data):
+        """Chains start at training points (drawn with replacement) with hidden layers sampled
+        from their mean-field posterior."""
+        parts = data if isinstance(data, (tuple, list)) else (data,)
+        idx = torch.randint(0, parts[0].shape[0], (num_chains,), device=parts[0].device)
+        clamped = self._clamp(tuple(p[idx] for p in parts))
+        mu = self.mean_field(clamped)
+        e = self.energy_graph()
+        return tuple(mu[i].clone() if i in clamped else _draw(e, i, mu[i]) for i in range(len(self.layers)))
+
+    @torch.no_grad()
+    def sample_chains(self, state, steps: int, clamped: dict | None = None):
+        """``steps`` sweeps of block Gibbs (odd colour, then even), leaving ``clamped`` layers fixed."""
+        e = self.energy_graph()
+        state = dict(enumerate(state))
+        for _ in range(steps):
+            for colour in (1, 0):
+                for i in range(len(self.layers)):
+                    if self.colour[i] == colour and not (clamped and i in clamped):
+                        state[i] = e.sample(i, e.natural(i, e.input(i, state)))
+        return tuple(state[i] for i in range(len(self.layers)))
+
+    # -- Pyro program -----------------------------------------------------------------------
+    def _prior(self, i):
+        size, ref = self.sizes[i], self.biases[i]
+        if self.units[i] == "bernoulli":
+            return dist.Bernoulli(ref.new_full((size,), 0.5)).to_event(1)
+        if self.units[i] == "softmax":
+            return dist.OneHotCategorical(logits=ref.new_zeros(size))
+        return dist.ImproperUniform(constraints.real, (), (size,))
+
+    def model(self, *visible, n: int | None = None):
+        """Uniform priors on every layer times ``exp(-E)``: the DBM's unnormalized joint."""
+        n = visible[0].shape[0] if visible else n
+        obs = dict(zip(self.visible_index, visible))
+        with pyro.plate("data", n):
+            state = {i: pyro.sample(name, self._prior(i), obs=obs.get(i)) for i, name in enumerate(self.layers)}
+            pyro.factor("energy", self.energy_graph().log_density(state))
+
+    def guide(self, *visible, n: int | None = None):
+        """The mean-field posterior of the hidden layers given the visible ones."""
+        mu = self.mean_field(dict(zip(self.visible_index, visible)))
+        with pyro.plate("data", visible[0].shape[0]):
+            for i, name in enumerate(self.layers):
+                if i not in self.visible_index:
+                    pyro.sample(name, dist.Bernoulli(mu[i].clamp(1e-6, 1 - 1e-6)).to_event(1))
+
+    # -- use --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def transform(self, data) -> torch.Tensor:
+        """Mean-field means of all hidden layers, concatenated (features for classifiers)."""
+        clamped = self._clamp(self.check_data(data))
+        mu = self.mean_field(clamped)
+        return torch.cat([mu[i] for i in range(len(self.layers)) if not self.is_visible[i]], -1)
+
+    @torch.no_grad()
+    def complete(self, observed: dict, steps: int = 30) -> dict:
+        """Fill in the missing visible layers: ``{name: tensor}`` in, ``{missing name: mean}`` out
+        by clamped mean-field (a softmax label layer's mean is P(y | observed))."""
+        if not isinstance(observed, dict) or not observed:
+            raise TypeError(f"observed: expected a non-empty dict {{visible layer name: tensor}}, got {observed!r}")
+        clamped = {}
+        for name, x in observed.items():
+            if name not in self.visible_layers:
+                raise ValueError(f"observed: {name!r} is not a visible layer; expected names from {self.visible_layers}")
+            i = self.index[name]
+            label = f"observed[{name}]"
+            x = check_data(x, label, support=SUPPORT_OF_UNITS[self.units[i]], rank=2)
+            if x.shape[1] != self.sizes[i]:
+                raise ValueError(f"{label}: expected {self.sizes[i]} columns, got shape {tuple(x.shape)}")
+            clamped[i] = x.to(self.biases[0].device, self.biases[0].dtype)
+        mu = self.mean_field(clamped, steps)
+        return {self.layers[i]: mu[i] for i in self.visible_index if i not in clamped}
+
+    @torch.no_grad()
+    def sample(self, n: int, steps: int = 1000):
+        """Visible draws after ``steps`` block-Gibbs sweeps from uniform random states."""
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        e = self.energy_graph()
+        state = tuple(_draw(e, i, self.biases[i].new_full((n, self.sizes[i]), 0.5 if self.units[i] == "bernoulli"
+                                                           else 1.0 / self.sizes[i])) for i in range(len(self.layers)))
+        state = self.sample_chains(state, steps)
+        out = tuple(state[i] for i in self.visible_index)
+        return out if len(out) > 1 else out[0]
+
+    @torch.no_grad()
+    def log_partition(self, method: str = "ais", base_data=None, **ais_kwargs):
+        from ppdgm.inference.ais import annealed_importance_sampling, exact_log_partition
+
+        if method == "exact":
+            return exact_log_partition(self.energy_graph())
+        if method != "ais":
+            raise ValueError(f"method must be 'ais' or 'exact', got {method!r}")
+        base = None if base_data is None else self._clamp(self.check_data(base_data, "base_data"))
+        return annealed_importance_sampling(self.energy_graph(), base_data=base, **ais_kwargs)
+
+    @torch.no_grad()
+    def log_likelihood(self, data, method: str = "ais", base_data=None, **ais_kwargs) -> torch.Tensor:
+        """Per-point lower bound ``E_q[-E] + H(q) - log Z`` on ``log p(v)`` in nats (``log Z`` by
+        AIS or exact enumeration; kept as ``self.last_log_z``)."""
+        data = self.check_data(data)
+        if method == "ais":
+            self.last_log_z = self.log_partition("ais", base_data=data if base_data is None else base_data,
+                                                 **ais_kwargs)
+        else:
+            self.last_log_z = self.log_partition(method)
+        return self.variational_bound(data, steps=max(30, self.mean_field_steps)) - self.last_log_z.value
+
+    # -- greedy pretraining -----------------------------------------------------------------
+    @torch.no_grad()
+    def pretrain(self, data, epochs: int = 20, lr: float = 0.05, batch_size: int = 100, momentum: float = 0.5,
+                 seed: int | None = 0) -> list[float]:
+        """Greedy layer-wise CD-1 pretraining of a chain DBM (Salakhutdinov & Hinton 2009): the
+        bottom RBM's up-weights and the top RBM's down-weights are doubled, middle RBMs double
+        both, so that composed into a DBM each layer sees its inputs from both sides at the right
+        scale. Returns each RBM's final reconstruction error."""
+        if not self.layer_graph.is_chain:
+            raise ValueError("pretrain: greedy pretraining is defined for chain DBMs (one visible layer, "
+                             f"layers in a line); this graph is {self.layer_graph}")
+        if self.units[0] != "bernoulli":
+            raise ValueError(f"pretrain: needs bernoulli visible units, got {self.units[0]!r}")
+        for arg, val in (("epochs", epochs), ("batch_size", batch_size)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{arg} must be a positive int, got {val!r}")
+        x = self.check_data(data)
+        gen = torch.Generator().manual_seed(seed or 0)
+        errors = []
+        last = len(self.weights) - 1
+        for k, W in enumerate(self.weights):
+            up = 2.0 if k < last else 1.0
+            down = 2.0 if k > 0 else 1.0
+            b, c = self.biases[k], self.biases[k + 1]
+            errors.append(_cd_pretrain(x, W, b, c, up, down, epochs, lr, batch_size, momentum, gen))
+            x = torch.sigmoid(up * (x @ W) + c)
+        return errors
+
+
+def _draw(e: LayeredEnergy, i: int, mean: torch.Tensor) -> torch.Tensor:
+    if e.units[i] == "bernoulli":
+        return torch.bernoulli(mean)
+    if e.units[i] == "softmax":
+        return F.one_hot(torch.multinomial(mean, 1).squeeze(-1), mean.shape[-1]).to(mean.dtype)
+    return mean.clone()
+
+
+def _cd_pretrain(x, W, b, c, up, down, epochs, lr, batch_size, momentum, gen) -> float:
+    """CD-1 on one RBM of the stack with input multipliers ``up`` (v -> h) and ``down`` (h -> v)."""
+    n = x.shape[0]
+    vel = [torch.zeros_like(W), torch.zeros_like(b), torch.zeros_like(c)]
+    err = math.nan
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=gen).to(x.device)
+        total = 0.0
+        for lo in range(0, n, batch_size):
+            v0 = x[perm[lo : lo + batch_size]]
+            h0 = torch.sigmoid(up * (v0 @ W) + c)
+            v1 = torch.sigmoid(down * (torch.bernoulli(h0) @ W.T) + b)
+            h1 = torch.sigmoid(up * (v1 @ W) + c)
+            m = v0.shape[0]
+            grads = ((v0.T @ h0 - v1.T @ h1) / m, (v0 - v1).mean(0), (h0 - h1).mean(0))
+            for p, g, v in zip((W, b, c), grads, vel):
+                v.mul_(momentum).add_(g, alpha=lr)
+                p.add_(v)
+            total += float(((v0 - v1) ** 2).sum())
+        err = total / n
+    return err
+
+
+class MultimodalDBM(DBM):
+    """Digit pixels and a one-hot label joined at a shared top (``graph`` overrides the default
+    ``pixels -- pixels_h1 -- top -- label``)."""
+
+    registry_name = "mdbm"
+
+    def __init__(self, graph=None, pixels: int = 64, hidden: int = 128, top: int = 64, classes: int = 10,
+                 init_scale: float = 0.01, mean_field_steps: int = 10):
+        if graph is None:
+            graph = multimodal_graph([pixels, hidden], [classes], top).graph
+        super().__init__(graph=graph, init_scale=init_scale, mean_field_steps=mean_field_steps)
+        if len(self.visible_index) != 2:
+            raise ValueError(f"graph: a multimodal DBM has two visible layers, got {self.visible_layers}")
+
+    @classmethod
+    def from_data(cls, data, **kwargs):
+        if data.y is None:
+            raise ValueError(f"{data.name}: a multimodal DBM needs labels (dataset.y), got None")
+        return cls(pixels=int(data.x.shape[1]), classes=int(data.y.max()) + 1, **kwargs)
+
+    @staticmethod
+    def data_args(dataset) -> tuple:
+        return (dataset.x, dataset.y)
+
+    def predict(self, x, steps: int = 30) -> torch.Tensor:
+        """The most probable label of each row of the first modality (a generative classifier)."""
+        first, second = self.visible_layers
+        return self.complete({first: x}, steps)[second].argmax(-1)
