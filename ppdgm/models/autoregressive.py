@@ -87,7 +87,7 @@ class _BinaryAutoregressive(nn.Module):
 
     def model(self, x=None, n: int | None = None):
         """``x ~ p(x)`` for each row, in a plate named ``data``."""
-        pyro.module(self.name, self, update_module_params=True)
+        pyro.module(self.name, self)
         if x is not None:
             x = self._check(x)
             n = x.shape[0]

@@ -232,7 +232,7 @@ class FlowModel(nn.Module):
     # -- Pyro program ------------------------------------------------------------------------
     def model(self, x=None, y=None, n: int | None = None):
         """``x ~ flow`` in a plate named ``data``; discrete pixels are dequantized first."""
-        pyro.module("flow", self, update_module_params=True)
+        pyro.module("flow", self)
         if x is not None:
             x = self._check(x, "x")
             n = x.shape[0]
