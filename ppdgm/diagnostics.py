@@ -18,11 +18,19 @@ from pyro.poutine.util import site_is_subsample
 
 
 def trace_model(model, args=(), kwargs=None, condition: dict | None = None):
+    """Run ``model`` once, with the latent sites in ``condition`` set to the given values.
+
+    (``poutine.substitute`` only replaces params, so conditioning is what sets latents; the
+    conditioned sites are then marked latent again so they are not reported as observed.)
+    """
     kwargs = kwargs or {}
-    # substitute, not condition: conditioned latents would be reported as observed sites
-    fn = poutine.substitute(model, data=condition) if condition else model
+    fn = poutine.condition(model, data=condition) if condition else model
     with poutine.block(), torch.no_grad():
-        return poutine.trace(fn).get_trace(*args, **kwargs)
+        tr = poutine.trace(fn).get_trace(*args, **kwargs)
+    for name in condition or ():
+        if name in tr.nodes and tr.nodes[name]["type"] == "sample":
+            tr.nodes[name]["is_observed"] = False
+    return tr
 
 
 def site_dims(site) -> list[str]:
@@ -60,9 +68,14 @@ def samples_to_inference_data(
     kwargs=None,
     log_likelihood: bool = True,
     posterior_predictive: bool = False,
-    max_draws_for_loglik: int = 1000,
+    max_draws_for_loglik: int = 200_000,
+    sample_stats: dict | None = None,
 ) -> az.InferenceData:
-    """Build InferenceData from draws ``{site: (chain, draw, ...)}`` of a Pyro ``model``."""
+    """Build InferenceData from draws ``{site: (chain, draw, ...)}`` of a Pyro ``model``.
+
+    ``sample_stats`` (e.g. ``diverging``, ``acceptance_rate``, ``energy``, each ``(chain, draw)``)
+    becomes the ``sample_stats`` group that ArviZ's divergence and energy plots read.
+    """
     kwargs = kwargs or {}
     samples = {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for k, v in samples.items()}
     first = {k: v[0, 0] for k, v in samples.items()}
@@ -76,24 +89,21 @@ def samples_to_inference_data(
             if f.vectorized:
                 coords.setdefault(f.name, np.arange(f.size))
     posterior = {k: _np(v) for k, v in samples.items()}
-    observed = _sample_sites(trace, observed=True)
+    observed = {n: s for n, s in _sample_sites(trace, observed=True).items() if n not in samples}
     groups = {"posterior": posterior}
     if observed:
         groups["observed_data"] = {n: _np(s["value"]) for n, s in observed.items()}
     chains, draws = next(iter(samples.values())).shape[:2]
-    if log_likelihood and observed and draws <= max_draws_for_loglik:
-        ll = {n: [] for n in observed}
-        for c in range(chains):
-            for d in range(draws):
-                tr = trace_model(model, args, kwargs, condition={k: v[c, d] for k, v in samples.items()})
-                for n in observed:
-                    ll[n].append(_np(tr.nodes[n]["fn"].log_prob(tr.nodes[n]["value"])))
-        groups["log_likelihood"] = {n: np.stack(v).reshape(chains, draws, *v[0].shape) for n, v in ll.items()}
+    if log_likelihood and observed and chains * draws <= max_draws_for_loglik:
+        groups["log_likelihood"] = pointwise_log_likelihood(model, samples, args, kwargs, list(observed))
+    if sample_stats:
+        groups["sample_stats"] = {k: _np(v) for k, v in sample_stats.items()}
     if posterior_predictive and observed:
         flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in samples.items()}
-        pred = Predictive(model, posterior_samples=flat, return_sites=list(observed))(*args, **kwargs)
+        with torch.no_grad():
+            pred = Predictive(model, posterior_samples=flat, return_sites=list(observed))(*args, **kwargs)
         groups["posterior_predictive"] = {
-            n: _np(v).reshape(chains, draws, *v.shape[1:]) for n, v in pred.items() if n in observed
+            n: _np(v).reshape(chains, draws, *observed[n]["value"].shape) for n, v in pred.items() if n in observed
         }
     # pointwise log-likelihoods drop the event dims of their site
     ll_dims = {}
@@ -101,6 +111,67 @@ def samples_to_inference_data(
         ev = getattr(site["fn"], "event_dim", 0)
         ll_dims[n] = dims[n][: len(dims[n]) - ev]
     return _from_groups(groups, dims, ll_dims, coords)
+
+
+def pointwise_log_likelihood(model, samples: dict, args=(), kwargs=None, observed=(), chunk: int = 2000) -> dict:
+    """``{site: (chain, draw, *batch)}`` log p(y_i | draw) of each observed site, per data point.
+
+    Draws are evaluated ``chunk`` at a time in one model call under an outer plate; a model
+    that does not broadcast over that plate is evaluated one draw at a time instead.
+    """
+    kwargs = kwargs or {}
+    samples = {k: torch.as_tensor(v) for k, v in samples.items()}
+    chains, draws = next(iter(samples.values())).shape[:2]
+    flat = {k: v.reshape(chains * draws, *v.shape[2:]) for k, v in samples.items()}
+    try:
+        out = _batched_log_likelihood(model, flat, args, kwargs, observed, chunk)
+    except (ValueError, RuntimeError, IndexError):
+        out = None
+    if out is None:
+        out = _looped_log_likelihood(model, flat, args, kwargs, observed)
+    return {n: v.reshape(chains, draws, *v.shape[1:]) for n, v in out.items()}
+
+
+def _observed_log_prob(site):
+    return site["fn"].log_prob(site["value"])
+
+
+def _looped_log_likelihood(model, flat, args, kwargs, observed):
+    n = next(iter(flat.values())).shape[0]
+    ll = {o: [] for o in observed}
+    for i in range(n):
+        tr = trace_model(model, args, kwargs, condition={k: v[i] for k, v in flat.items()})
+        for o in observed:
+            ll[o].append(_np(_observed_log_prob(tr.nodes[o])))
+    return {o: np.stack(v) for o, v in ll.items()}
+
+
+def _batched_log_likelihood(model, flat, args, kwargs, observed, chunk):
+    from ppdgm.inference.chees import BatchedLogDensity
+
+    first = {k: v[0] for k, v in flat.items()}
+    single = trace_model(model, args, kwargs, condition=first)
+    density = BatchedLogDensity(model, args, kwargs, trace=trace_model(model, args, kwargs))
+    expect = {o: _observed_log_prob(single.nodes[o]) for o in observed}
+    n = next(iter(flat.values())).shape[0]
+    parts = {o: [] for o in observed}
+    with torch.no_grad(), pyro.validation_enabled(False):
+        for start in range(0, n, chunk):
+            values = {k: v[start : start + chunk] for k, v in flat.items()}
+            m = next(iter(values.values())).shape[0]
+            tr = density.trace(values)
+            for o in observed:
+                lp = _observed_log_prob(tr.nodes[o])
+                shape = expect[o].shape
+                padded = (m, *([1] * (density.nesting - len(shape))), *shape)
+                if lp.dim() != len(padded):
+                    return None
+                parts[o].append(lp.expand(padded).reshape(m, *shape))
+    out = {o: torch.cat(v) for o, v in parts.items()}
+    for o in observed:  # the batched evaluation must agree with a plain run of the model
+        if not torch.allclose(out[o][0], expect[o], rtol=1e-4, atol=1e-4):
+            return None
+    return {o: _np(v) for o, v in out.items()}
 
 
 def _from_groups(groups, dims, ll_dims, coords):
@@ -144,9 +215,10 @@ def fit_to_inference_data(fit, num_samples: int = 500, log_likelihood: bool = Tr
         raise ValueError(f"this {fit.engine} Fit holds neither draws nor a guide to draw from")
     if not samples:
         raise ValueError("the model has no latent sites: there is no posterior to convert")
+    stats = (fit.extra.get("tensors") or {}).get("sample_stats") if fit.samples else None
     return samples_to_inference_data(
         fit.model, samples, fit.args, fit.kwargs, log_likelihood=log_likelihood,
-        posterior_predictive=posterior_predictive,
+        posterior_predictive=posterior_predictive, sample_stats=stats,
     )
 
 
