@@ -364,12 +364,18 @@ class SVI(Engine):
         if batch is None:
             return data if isinstance(data, tuple) else _collate(data, range(len(data)))
         epoch, pos = divmod(step, per_epoch)
-        gen = torch.Generator().manual_seed((self.seed or 0) * 1_000_003 + epoch)
-        idx = torch.randperm(_length(data), generator=gen)[pos * batch : (pos + 1) * batch]
+        idx = self._epoch_order(epoch, _length(data))[pos * batch : (pos + 1) * batch]
         if isinstance(data, tuple):
             idx = idx.to(data[0].device)
             return tuple(d[idx] for d in data)
         return _collate(data, idx.tolist())
+
+    def _epoch_order(self, epoch: int, n: int) -> torch.Tensor:
+        """The data order of an epoch: a function of (seed, epoch) alone, so a resumed run replays it."""
+        if getattr(self, "_order", (None,))[0] != (epoch, n):
+            gen = torch.Generator().manual_seed((self.seed or 0) * 1_000_003 + epoch)
+            self._order = ((epoch, n), torch.randperm(n, generator=gen))
+        return self._order[1]
 
     def _check_data_plate(self, model, first, args, kwargs):
         with poutine.block(), poutine.trace() as tr:
