@@ -246,6 +246,10 @@ def load(directory, model: Callable | None = None, guide: Callable | None = None
                 fit.module.load_state_dict(tensors["module"], strict=False)
             if device is not None:
                 fit.module.to(device)
+    if fit.guide is None and fit.model is not None and fit.extra.get("autoguide") == "AutoNormal":
+        from pyro.infer.autoguide import AutoNormal
+
+        fit.guide = AutoNormal(fit.model)
     if fit.params is not None:
         fit.restore(device)
     return fit
