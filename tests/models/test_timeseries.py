@@ -1,0 +1,144 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ppdgm
+from ppdgm.inference import SVI
+from ppdgm.models import model_class
+from ppdgm.models.timeseries import DeepAR, backtest, crps, load_sunspots, mae, seasonal_naive
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def seasonal_series(n=264, seed=0):
+    """Period-12 season + a slow trend + noise: seasonal-naive is a strong but beatable baseline."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(n, dtype=torch.float32)
+    return (10 + 3 * torch.sin(2 * math.pi * t / 12) + torch.cos(2 * math.pi * t / 6) + 0.02 * t
+            + 0.7 * torch.randn(n, generator=g))
+
+
+def test_forecasts_beat_seasonal_naive_in_a_backtest():
+    y = seasonal_series()
+    rows = backtest(
+        y,
+        lambda past: DeepAR.from_series(past, context=24, window=36, lags=(1, 12), period=12, hidden_dim=16),
+        horizon=12,
+        origins=[240, 252],
+        train=lambda m, past: m.fit(past, num_steps=150, lr=1e-2, batch_size=64, seed=0),
+        period=12,
+        num_samples=100,
+    )
+    model_mae = sum(r["mae"] for r in rows) / len(rows)  # about 0.75
+    naive_mae = sum(r["naive_mae"] for r in rows) / len(rows)  # about 1.0; the noise floor is 0.56
+    assert [r["origin"] for r in rows] == [240, 252]
+    assert model_mae < 0.9 * naive_mae, rows
+    assert all(0 < r["crps"] < r["mae"] + 0.2 for r in rows), rows
+
+
+def test_forecast_intervals_and_predictive_shapes():
+    y = seasonal_series(120)
+    model = DeepAR.from_series(y, context=24, lags=(1, 12), period=12, hidden_dim=8, likelihood="studentt")
+    fit = model.fit(y, num_steps=40, lr=1e-2, seed=0)
+    assert fit.extra["autoguide"] == "empty"
+    draws = model.forecast(y, horizon=6, num_samples=300, start=0)
+    assert draws.shape == (300, 6) and torch.isfinite(draws).all()
+    lo, hi = draws.quantile(0.05, 0), draws.quantile(0.95, 0)
+    assert (hi > lo).all()
+    # the future sites are Pyro sample sites, one per step, named by their time in the window
+    tr = ppdgm.inference.svi.poutine.trace(model.model).get_trace(y[-24:][None], None, horizon=2)
+    assert {"y", "y_24", "y_25", "forecast"} <= set(tr.nodes)
+
+
+def test_log_likelihood_is_the_one_step_ahead_density():
+    """With all weights zero the model predicts N(loc, scale * (softplus(b) + 1e-3)) at every step."""
+    model = DeepAR(context=8, window=10, lags=(1, 2), hidden_dim=4, loc=5.0, scale=2.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.head.bias[1] = 0.3
+    y = torch.randn(3, 10) * 2 + 5
+    sd = 2.0 * (torch.nn.functional.softplus(torch.tensor(0.3)) + 1e-3)
+    expected = torch.distributions.Normal(5.0, sd).log_prob(y[:, 2:]).sum(-1)
+    assert torch.allclose(model.log_likelihood(y), expected, atol=1e-5)
+
+
+def test_metrics_have_known_answers():
+    g = torch.Generator().manual_seed(0)
+    samples = torch.randn(20000, 1, generator=g)
+    # CRPS of N(0, 1) at 0 is 2 phi(0) - 1/sqrt(pi) = 0.2337
+    assert crps(samples, torch.zeros(1)) == pytest.approx(2 / math.sqrt(2 * math.pi) - 1 / math.sqrt(math.pi), abs=0.01)
+    point = torch.full((5, 3), 2.0)
+    assert crps(point, torch.tensor([1.0, 2.0, 4.0])) == pytest.approx(1.0)
+    assert mae(point, torch.tensor([1.0, 2.0, 4.0])) == pytest.approx(1.0)
+    history = torch.arange(24.0)
+    assert seasonal_naive(history, 14, 12).tolist() == [*range(12, 24), 12, 13]
+
+
+def test_windows_and_spec_round_trip(tmp_path):
+    y = seasonal_series(60)
+    model = model_class("timeseries").from_series(y, context=13, window=20, lags=(1, 12), period=12, hidden_dim=8)
+    windows, t0 = model.windows(y)
+    assert windows.shape == (41, 20) and t0.tolist() == list(range(41))
+    assert torch.equal(windows[7], y[7:27])
+    fit = SVI(num_steps=10, lr=1e-2, seed=0).run(model.model, None, (windows, t0))
+    fit.spec, fit.module = model.spec, model
+    loaded = ppdgm.load(fit.save(tmp_path / "deepar"))
+    assert loaded.module.loc == pytest.approx(float(y.mean()))
+    assert torch.allclose(loaded.module.log_likelihood(windows, t0), model.log_likelihood(windows, t0), atol=1e-4)
+
+
+@settings(max_examples=15, deadline=None)
+@given(horizon=st.one_of(st.integers(-5, 0), st.just(1.5), st.just(True)))
+def test_horizon_below_one_is_refused(horizon):
+    model = DeepAR(context=4, lags=(1,), hidden_dim=2)
+    with pytest.raises(ValueError, match="horizon must be an int >= 1"):
+        model.forecast(torch.randn(10), horizon)
+    with pytest.raises(ValueError, match="horizon"):
+        seasonal_naive(torch.randn(10), horizon, 2)
+
+
+@settings(max_examples=10, deadline=None)
+@given(length=st.integers(1, 11))
+def test_series_shorter_than_the_context_is_refused(length):
+    model = DeepAR(context=12, window=16, lags=(1,), hidden_dim=2)
+    with pytest.raises(ValueError, match="context=12"):
+        model.forecast(torch.randn(length), 3)
+    with pytest.raises(ValueError, match="window=16"):
+        model.windows(torch.randn(length))
+
+
+def test_bad_series_and_arguments_are_refused():
+    model = DeepAR(context=4, lags=(1,), hidden_dim=2)
+    bad = torch.randn(20)
+    bad[3] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        model.forecast(bad, 2)
+    with pytest.raises(ValueError, match="univariate"):
+        model.forecast(torch.randn(10, 2), 2)
+    with pytest.raises(ValueError, match="context must be"):
+        DeepAR(context=12, lags=(1, 12))
+    with pytest.raises(ValueError, match="lags"):
+        DeepAR(lags=(0,))
+    with pytest.raises(ValueError, match="likelihood"):
+        DeepAR(likelihood="poisson")
+    with pytest.raises(ValueError, match="origins"):
+        backtest(torch.randn(30), lambda s: model, horizon=5, origins=[28])
+
+
+def test_sunspots_ship_with_statsmodels():
+    pytest.importorskip("statsmodels")
+    y = load_sunspots()
+    assert y.shape == (309,) and y.min() >= 0 and torch.isfinite(y).all()
+
+
+@cuda
+def test_deepar_on_cuda_follows_the_data():
+    y = seasonal_series(80).cuda()
+    model = DeepAR.from_series(y, context=12, lags=(1,), hidden_dim=4)
+    fit = model.fit(y, num_steps=5, seed=0)
+    assert fit.num_steps == 5 and model.head.weight.is_cuda
+    assert model.forecast(y, 3, num_samples=10).is_cuda
