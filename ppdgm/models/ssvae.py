@@ -1,0 +1,211 @@
+"""The semi-supervised VAE "M2" (Kingma, Rezende, Mohamed & Welling 2014) as one Pyro program.
+
+The joint p(x, y, z) = p(z) p(y) p(x | y, z) has the label ``y`` as a discrete latent. Labels come
+with the data as integers, ``-1`` where missing: a labelled point observes ``y`` (site
+``y_observed``), an unlabelled one has it as a latent (site ``y_unobserved``) that the guide's
+classifier q(y | x) proposes and ``TraceEnum_ELBO`` sums out exactly (train with
+``SVI(loss="enum", max_plate_nesting=1)``). One minibatch may mix both kinds: each site is masked
+to its points. Following the paper, the classifier also gets a direct likelihood term
+``alpha * log q(y | x)`` on the labelled points (a ``pyro.factor`` in the model), since the ELBO
+alone never trains q(y | x) on them. ``classify(x)`` returns P(y | x).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.nn import PyroModule
+from torch.nn.functional import log_softmax, one_hot, softplus
+
+from ppdgm.data import check_data
+from ppdgm.models.vae import LIKELIHOODS, _choice, _positive_int
+from ppdgm.nn import MLP, activation, concat
+
+
+class SemiSupervisedVAE(PyroModule):
+    """M2: a VAE with a partly observed class label.
+
+    Args:
+        x_dim, num_classes, latent_dim, hidden, activation, likelihood: as for
+            :class:`~ppdgm.models.vae.VAE`.
+        alpha: weight of the labelled points' classification term ``alpha * log q(y | x)`` per
+            point (Kingma et al. use 0.1 N).
+        labelled_fraction: ``data_args(dataset)`` keeps this fraction of the labels (a seeded
+            choice, ``label_seed``) and hides the rest as ``-1``, so ``ppdgm fit ssvae`` runs the
+            semi-supervised setting from a fully labelled dataset.
+    """
+
+    default_engine = "svi"
+    engine_config = {"loss": "enum", "max_plate_nesting": 1}
+    support = "binary"
+    likelihood_method = "iwae-k1000"
+
+    def __init__(self, x_dim: int = 64, num_classes: int = 10, latent_dim: int = 16, hidden=(256,),
+                 activation: str = "softplus", likelihood: str = "bernoulli", alpha: float = 100.0,
+                 labelled_fraction: float = 0.1, label_seed: int = 0):
+        super().__init__()
+        _positive_int("x_dim", x_dim)
+        _positive_int("num_classes", num_classes, 2)
+        _positive_int("latent_dim", latent_dim)
+        hidden = list(hidden) if isinstance(hidden, (list, tuple)) else hidden
+        if not isinstance(hidden, list) or not hidden or not all(
+                isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden):
+            raise ValueError(f"hidden must be a non-empty list of positive ints, got {hidden!r}")
+        _choice("likelihood", likelihood, LIKELIHOODS)
+        globals()["activation"](activation)
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha >= 0:
+            raise ValueError(f"alpha must be a non-negative number, got {alpha!r}")
+        if not isinstance(labelled_fraction, (int, float)) or not 0 < labelled_fraction <= 1:
+            raise ValueError(f"labelled_fraction must be in (0, 1], got {labelled_fraction!r}")
+        self.x_dim, self.num_classes, self.latent_dim, self.hidden = x_dim, num_classes, latent_dim, hidden
+        self.activation, self.likelihood, self.alpha = activation, likelihood, float(alpha)
+        self.labelled_fraction, self.label_seed = float(labelled_fraction), label_seed
+        self.support = LIKELIHOODS[likelihood]
+        self.classifier = MLP(x_dim, hidden, num_classes, activation)
+        self.encoder_z = MLP(x_dim + num_classes, hidden, 2 * latent_dim, activation)
+        self.decoder = MLP(latent_dim + num_classes, hidden[::-1], x_dim, activation)
+        self.x_log_scale = torch.nn.Parameter(torch.zeros(x_dim)) if likelihood == "gaussian" else None
+
+    @classmethod
+    def from_data(cls, data, **kwargs):
+        if data.y is not None:
+            kwargs.setdefault("num_classes", int(data.y.max()) + 1)
+        return cls(x_dim=data.x.shape[1], **kwargs)
+
+    @property
+    def spec(self) -> dict:
+        return {"name": "ssvae", "kwargs": {
+            "x_dim": self.x_dim, "num_classes": self.num_classes, "latent_dim": self.latent_dim,
+            "hidden": list(self.hidden), "activation": self.activation, "likelihood": self.likelihood,
+            "alpha": self.alpha, "labelled_fraction": self.labelled_fraction, "label_seed": self.label_seed}}
+
+    def data_args(self, dataset) -> tuple:
+        """``(x, y)`` with all but ``labelled_fraction`` of the labels hidden as ``-1``."""
+        x = check_data(dataset.x, "x", support=self.support, rank=2)
+        return x, self.hide_labels(dataset.y, x.shape[0])
+
+    def hide_labels(self, y, n: int) -> torch.Tensor:
+        """Keep ``round(labelled_fraction * n)`` labels (seeded choice), set the rest to -1."""
+        if y is None:
+            return torch.full((n,), -1, dtype=torch.long)
+        y = self._check_y(y, n).clone()
+        keep = max(1, round(self.labelled_fraction * n))
+        # numpy's stream, so the choice is independent of torch-seeded minibatch orders
+        order = torch.from_numpy(np.random.default_rng(self.label_seed).permutation(n))
+        y[order[keep:].to(y.device)] = -1
+        return y
+
+    def _check_y(self, y, n):
+        y = torch.as_tensor(y)
+        if y.is_floating_point() or y.dim() != 1 or y.shape[0] != n:
+            raise ValueError(f"y: expected {n} integer labels (-1 where missing), got dtype {y.dtype} "
+                             f"and shape {tuple(y.shape)}")
+        if y.numel() and (y.min() < -1 or y.max() >= self.num_classes):
+            raise ValueError(f"y: expected labels in [0, {self.num_classes}) or -1 for missing, "
+                             f"got range [{y.min()}, {y.max()}]")
+        return y.long()
+
+    def _check_x(self, x):
+        x = check_data(x, "x", support=self.support, rank=2)
+        if x.shape[1] != self.x_dim:
+            raise ValueError(f"x: expected {self.x_dim} columns, got shape {tuple(x.shape)}")
+        return x.to(self.decoder[0].weight.device)
+
+    # -- distributions ----------------------------------------------------------------------
+    def _onehot(self, y):
+        return one_hot(y, self.num_classes).to(self.decoder[0].weight)
+
+    def likelihood_dist(self, z, y):
+        out = self.decoder(concat(z, self._onehot(y)))
+        if self.likelihood == "bernoulli":
+            return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
+        if self.likelihood == "continuous_bernoulli":
+            return dist.ContinuousBernoulli(logits=out).to_event(1)
+        return dist.Normal(out, self.x_log_scale.exp()).to_event(1)
+
+    def _labels(self, x, y, n):
+        if y is None:
+            return torch.full((n,), -1, dtype=torch.long, device=self.decoder[0].weight.device)
+        return self._check_y(y, n).to(self.decoder[0].weight.device)
+
+    # -- Pyro programs ------------------------------------------------------------------------
+    def model(self, x=None, y=None, n: int | None = None):
+        pyro.module("ssvae", self)
+        if x is not None:
+            x = self._check_x(x)
+        n = x.shape[0] if x is not None else (len(y) if y is not None else n)
+        if n is None:
+            raise ValueError("model needs data x, labels y or a number of points n")
+        y = self._labels(x, y, n)
+        labelled = y >= 0
+        w = self.decoder[0].weight
+        prior_y = w.new_zeros(self.num_classes)
+        with pyro.plate("data", n):
+            z = pyro.sample("z", dist.Normal(w.new_zeros(self.latent_dim), 1.0).to_event(1))
+            y_full = self._label_sites(prior_y, y, labelled, in_model=True)
+            xs = pyro.sample("x", self.likelihood_dist(z, y_full), obs=x)
+            if x is not None and self.alpha > 0 and labelled.any():
+                log_q = log_softmax(self.classifier(x), -1).gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                pyro.factor("classifier", self.alpha * torch.where(labelled, log_q, torch.zeros_like(log_q)))
+        return xs
+
+    def guide(self, x=None, y=None, n: int | None = None):
+        pyro.module("ssvae", self)
+        if x is None:  # generating: the model's prior is the proposal
+            return None
+        x = self._check_x(x)
+        y = self._labels(x, y, x.shape[0])
+        labelled = y >= 0
+        with pyro.plate("data", x.shape[0]):
+            y_full = self._label_sites(self.classifier(x), y, labelled, in_model=False)
+            loc, raw = self.encoder_z(concat(x, self._onehot(y_full))).chunk(2, dim=-1)
+            pyro.sample("z", dist.Normal(loc, softplus(raw) + 1e-4).to_event(1))
+
+    def _label_sites(self, logits, y, labelled, in_model: bool):
+        """Observe ``y`` where known (model only), treat it as an enumerated latent where missing."""
+        known = y.clamp(min=0)
+        if in_model and labelled.any():
+            with poutine.mask(mask=labelled):
+                pyro.sample("y_observed", dist.Categorical(logits=logits), obs=known)
+        if labelled.all():
+            return known
+        with poutine.mask(mask=~labelled):
+            missing = pyro.sample("y_unobserved", dist.Categorical(logits=logits), infer={"enumerate": "parallel"})
+        return torch.where(labelled, known, missing)
+
+    # -- use ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def classify(self, x) -> torch.Tensor:
+        """P(y | x) from the classifier q(y | x), ``(n, num_classes)``."""
+        return self.classifier(self._check_x(x)).softmax(-1)
+
+    def accuracy(self, x, y) -> float:
+        """Fraction of rows of ``x`` whose most probable class is ``y``."""
+        x = self._check_x(x)
+        y = self._check_y(y, x.shape[0]).to(x.device)
+        return (self.classify(x).argmax(-1) == y).float().mean().item()
+
+    @torch.no_grad()
+    def sample(self, n: int, y=None, mean: bool = False) -> torch.Tensor:
+        """``n`` draws of x; ``y`` fixes the classes (an int or ``n`` labels), else y ~ p(y)."""
+        _positive_int("n", n)
+        w = self.decoder[0].weight
+        if y is None:
+            y = torch.randint(self.num_classes, (n,), device=w.device)
+        y = torch.as_tensor(y, device=w.device)
+        y = self._check_y(y.expand(n) if y.dim() == 0 else y, n)
+        if (y < 0).any():
+            raise ValueError("y: sample needs known labels, got -1")
+        z = torch.randn(n, self.latent_dim, device=w.device)
+        d = self.likelihood_dist(z, y)
+        return (d.base_dist.mean if self.likelihood != "gaussian" else d.base_dist.loc) if mean else d.sample()
+
+    def log_likelihood(self, x, k: int = 1000, batch_size: int = 100) -> torch.Tensor:
+        """Per-point log p(x) in nats (label summed out), by importance sampling with ``k`` draws
+        of (y, z) from the guide."""
+        from ppdgm.evaluate import iwae_log_likelihood
+
+        return iwae_log_likelihood(self.model, self.guide, self._check_x(x), k=k, batch_size=batch_size)
