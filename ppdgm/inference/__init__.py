@@ -10,6 +10,8 @@ from ppdgm.inference.svi import SVI
 
 ENGINES: dict[str, str] = {
     "svi": "ppdgm.inference.svi:SVI",
+    "adversarial": "ppdgm.inference.adversarial:Adversarial",
+    "score_matching": "ppdgm.inference.score_matching:ScoreMatching",
     "pcd": "ppdgm.inference.pcd:PersistentCD",
 }
 

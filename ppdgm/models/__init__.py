@@ -13,6 +13,9 @@ from pathlib import Path
 
 MODELS: dict[str, str] = {
     "ppca": "ppdgm.models.ppca:PPCA",
+    "gan": "ppdgm.models.gan:GAN",
+    "ebm": "ppdgm.models.ebm:EBM",
+    "score": "ppdgm.models.score:ScoreModel",
     "flow": "ppdgm.models.flows:FlowModel",
     "made": "ppdgm.models.autoregressive:MADE",
     "nade": "ppdgm.models.autoregressive:NADE",
