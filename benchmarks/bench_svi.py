@@ -30,8 +30,8 @@ def hand_written(x, steps, batch, seed):
     t0 = time.perf_counter()
     for step in range(steps):
         epoch, pos = divmod(step, per_epoch)
-        if pos == 0:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        if pos == 0:  # the engine's order: DistributedSampler's permutation for one process
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
         b = x[order[pos * batch : (pos + 1) * batch]]
         scale = n / b.shape[0]
         svi.model = ScaleDataPlate("data", scale)(model.model)

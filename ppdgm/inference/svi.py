@@ -19,6 +19,7 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
+from ppdgm import distributed
 from ppdgm.data import check_data
 from ppdgm.fit import Fit, param_store_state, restore_param_store
 from ppdgm.inference.base import (
@@ -220,8 +221,14 @@ class SVI(Engine):
         if isinstance(module, torch.nn.Module):
             module.to(device)
         n = _length(data)
-        batch = self.batch_size if (self.batch_size and n and self.batch_size < n) else None
-        per_epoch = math.ceil(n / batch) if batch else 1
+        self._world = world = distributed.init_from_env(device)
+        if world.parallel and n:
+            distributed.check_nproc(world.size, n, self.batch_size)
+        shard = math.ceil(n / world.size) if n else 0
+        batch = self.batch_size if (self.batch_size and self.batch_size < shard) else None
+        if world.parallel and n and batch is None:
+            batch = shard  # each rank takes its shard of the full batch
+        per_epoch = math.ceil(shard / batch) if batch else 1
         total = self.num_epochs * per_epoch if self.num_epochs else self.num_steps
 
         set_seed(self.seed)
@@ -252,6 +259,9 @@ class SVI(Engine):
                 optim.set_state(state["optim"])
                 history, start, best, bad_evals = state["history"], state["step"], state["best"], state["bad_evals"]
 
+        if world.parallel:
+            distributed.broadcast_params(self._named_params())
+
         def snapshot(step):
             return {"step": step, "params": param_store_state(), "optim": optim.get_state(),
                     "history": history, "best": best, "bad_evals": bad_evals}
@@ -271,6 +281,9 @@ class SVI(Engine):
             with poutine.trace(param_only=True) as cap:
                 loss = elbo.loss_and_grads(m, g, *b, *args, **kwargs)
             params = [s["value"].unconstrained() for s in cap.trace.nodes.values()]
+            if world.parallel:
+                params = self._named_params(params)
+                (loss,) = distributed.average_gradients(params, loss)
             grads = [p.grad for p in params if p.grad is not None]
             if self.clip_norm is not None and self.optim == "adam":
                 gnorm = float(torch.nn.utils.clip_grad_norm_(params, self.clip_norm))
@@ -280,7 +293,7 @@ class SVI(Engine):
                 pyro.infer.util.zero_grads(set(params))
                 bar.close()
                 fit = self._fit(model, guide, autoguide, history, t0, start, step, fit_args, args, kwargs)
-                if checkpoint_dir is not None:
+                if checkpoint_dir is not None and world.is_main:
                     fit.save(checkpoint_dir)
                 raise NonFiniteLossError(
                     f"non-finite loss ({loss}) or gradient norm ({gnorm}) at step {step}; the fit holds "
@@ -310,7 +323,7 @@ class SVI(Engine):
             info = {"loss": loss, "grad_norm": gnorm}
             for cb in callbacks:
                 stop = bool(cb(done, info)) or stop
-            if ckpt.due(done) or (stop and ckpt.every):
+            if world.is_main and (ckpt.due(done) or (stop and ckpt.every)):
                 ckpt.save(snapshot(done))
             bar.update(1)
             if done % post_every == 0:
@@ -371,11 +384,19 @@ class SVI(Engine):
         return _collate(data, idx.tolist())
 
     def _epoch_order(self, epoch: int, n: int) -> torch.Tensor:
-        """The data order of an epoch: a function of (seed, epoch) alone, so a resumed run replays it."""
+        """This rank's data order in an epoch: a function of (seed, epoch, rank) alone, so a
+        resumed run replays it (``DistributedSampler``'s order; all of it for one process)."""
         if getattr(self, "_order", (None,))[0] != (epoch, n):
-            gen = torch.Generator().manual_seed((self.seed or 0) * 1_000_003 + epoch)
-            self._order = ((epoch, n), torch.randperm(n, generator=gen))
+            self._order = ((epoch, n), distributed.shard_order(n, epoch, self.seed or 0, self._world))
         return self._order[1]
+
+    @staticmethod
+    def _named_params(params=None) -> list[torch.Tensor]:
+        """Params in name order, so every rank packs its gradients identically."""
+        store = pyro.get_param_store()
+        if params is None:
+            return [store._params[k] for k in sorted(store._params)]
+        return sorted(params, key=store.param_name)
 
     def _check_data_plate(self, model, first, args, kwargs):
         with poutine.block(), poutine.trace() as tr:
