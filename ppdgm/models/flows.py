@@ -171,6 +171,7 @@ class FlowModel(nn.Module):
         self.register_buffer("flip", torch.arange(dim - 1, -1, -1))
         self.register_buffer("base_loc", torch.zeros(dim))
         self.register_buffer("base_scale", torch.ones(dim))
+        self._unconditional = None
 
     # -- zoo protocol ------------------------------------------------------------------------
     @classmethod
@@ -203,6 +204,8 @@ class FlowModel(nn.Module):
     # -- the distribution --------------------------------------------------------------------
     def transforms(self, y=None) -> list:
         """The transforms from the base N(0, I) to data space, conditioned on ``y`` if needed."""
+        if y is None and self._unconditional is not None and self._unconditional[0] is self.flip:
+            return self._unconditional[1]  # built once per device: saves rebuilding every step
         out = []
         for i, layer in enumerate(self.layers):
             t = layer.condition(y) if isinstance(layer, ConditionalTransformModule) else layer
@@ -214,6 +217,8 @@ class FlowModel(nn.Module):
         if self.levels:
             a = self.alpha
             out += [T.SigmoidTransform(), T.AffineTransform(-a / (1 - 2 * a), 1 / (1 - 2 * a), event_dim=1)]
+        if y is None:
+            self._unconditional = (self.flip, out)
         return out
 
     def distribution(self, y=None) -> dist.TransformedDistribution:

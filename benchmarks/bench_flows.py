@@ -1,0 +1,133 @@
+"""MAF by ppdgm (Pyro transforms, trained by the SVI engine) vs zuko's MAF, side by side.
+
+Same architecture (layers, hidden widths, alternating orders: equal parameter counts), same
+optimizer (Adam), learning rate, batch size, minibatch order and number of steps, on a 2-D toy
+(moons) and on the 17-level digits (uniform dequantization + logit, the same for both; the NLL is
+the dequantization bound in nats per image on the discrete pixels). A third row trains ppdgm's
+FlowModel with a plain torch loop, which separates the cost of the transforms from the cost of
+the SVI engine.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_flows.py            # ~3 min on one CPU core
+    OMP_NUM_THREADS=1 python benchmarks/bench_flows.py --quick    # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import pyro
+import torch
+import zuko
+
+from ppdgm.data import load_dataset, load_digits
+from ppdgm.inference import SVI
+from ppdgm.models.flows import FlowModel
+
+
+def batches(n, batch, steps, seed=0):
+    """The SVI engine's minibatch order: a seeded permutation per epoch."""
+    per_epoch = math.ceil(n / batch)
+    for step in range(steps):
+        epoch, pos = divmod(step, per_epoch)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        yield torch.randperm(n, generator=gen)[pos * batch : (pos + 1) * batch]
+
+
+def logit_preprocess(v, alpha):
+    """u = logit(alpha + (1 - 2 alpha) v) and log |du/dv| per point (the same map FlowModel uses)."""
+    s = alpha + (1 - 2 * alpha) * v
+    return torch.logit(s), (math.log(1 - 2 * alpha) - torch.log(s) - torch.log1p(-s)).sum(-1)
+
+
+def dequantize(x, levels, gen):
+    k = (x * (levels - 1)).round()
+    return (k + torch.rand(x.shape, generator=gen)) / levels
+
+
+def run_ppdgm_svi(train, test, cfg):
+    pyro.set_rng_seed(0)
+    flow = FlowModel(dim=train.shape[1], kind="maf", num_layers=cfg["layers"], hidden_dims=cfg["hidden"],
+                     levels=cfg["levels"])
+    fit = SVI(num_steps=cfg["steps"], lr=cfg["lr"], batch_size=cfg["batch"], seed=0, progress=False).run(
+        flow.model, None, train)
+    torch.manual_seed(1)
+    nll = -flow.log_likelihood(test).mean().item()
+    return fit.timing["ms_per_step"], nll, sum(p.numel() for p in flow.parameters())
+
+
+def run_ppdgm_torch(train, test, cfg):
+    torch.manual_seed(0)
+    flow = FlowModel(dim=train.shape[1], kind="maf", num_layers=cfg["layers"], hidden_dims=cfg["hidden"],
+                     levels=cfg["levels"])
+    opt = torch.optim.Adam(flow.parameters(), lr=cfg["lr"])
+    t0 = time.perf_counter()
+    for idx in batches(len(train), cfg["batch"], cfg["steps"]):
+        x = train[idx]
+        v = flow.dequantize(x) if cfg["levels"] else x
+        loss = -flow.distribution().log_prob(v).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ms = 1e3 * (time.perf_counter() - t0) / cfg["steps"]
+    torch.manual_seed(1)
+    return ms, -flow.log_likelihood(test).mean().item(), sum(p.numel() for p in flow.parameters())
+
+
+def run_zuko(train, test, cfg, alpha=0.05):
+    torch.manual_seed(0)
+    d, levels = train.shape[1], cfg["levels"]
+    flow = zuko.flows.MAF(d, transforms=cfg["layers"], hidden_features=tuple(cfg["hidden"]))
+    opt = torch.optim.Adam(flow.parameters(), lr=cfg["lr"])
+    gen = torch.Generator().manual_seed(0)
+
+    def log_p(x, gen):
+        """log density of the (dequantized) data, with the logit Jacobian for pixels."""
+        if not levels:
+            return flow().log_prob(x)
+        u, logdet = logit_preprocess(dequantize(x, levels, gen), alpha)
+        return flow().log_prob(u) + logdet - d * math.log(levels)
+
+    t0 = time.perf_counter()
+    for idx in batches(len(train), cfg["batch"], cfg["steps"]):
+        loss = -log_p(train[idx], gen).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ms = 1e3 * (time.perf_counter() - t0) / cfg["steps"]
+    with torch.no_grad():
+        nll = -log_p(test, torch.Generator().manual_seed(1)).mean().item()
+    return ms, nll, sum(p.numel() for p in flow.parameters())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few steps, to check the script runs")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    # the first torch optimizer imports torch._dynamo (seconds): pay it before any timing
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    scale = 0.05 if args.quick else 1.0
+    cases = {
+        "moons (2-D)": (load_dataset("moons", "train", n=2000).x, load_dataset("moons", "test", n=1000).x,
+                        {"layers": 5, "hidden": [64, 64], "lr": 3e-3, "batch": 256, "steps": int(1500 * scale),
+                         "levels": None}),
+        "digits (64-D, 17 levels)": (load_digits("train").x, load_digits("test").x,
+                                     {"layers": 5, "hidden": [256, 256], "lr": 1e-3, "batch": 200,
+                                      "steps": int(1500 * scale), "levels": 17}),
+    }
+    runners = {"ppdgm (SVI engine)": run_ppdgm_svi, "ppdgm FlowModel, torch loop": run_ppdgm_torch,
+               "zuko": run_zuko}
+    print("| data | library | params | steps | ms/step | test NLL (nats) | time ratio vs zuko | NLL - zuko NLL |")
+    print("|---|---|---|---|---|---|---|---|")
+    for data, (train, test, cfg) in cases.items():
+        results = {name: fn(train, test, cfg) for name, fn in runners.items()}
+        z_ms, z_nll, _ = results["zuko"]
+        for name, (ms, nll, params) in results.items():
+            print(f"| {data} | {name} | {params} | {cfg['steps']} | {ms:.2f} | {nll:.3f} | {ms / z_ms:.2f} | "
+                  f"{nll - z_nll:+.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
