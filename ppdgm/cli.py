@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -82,6 +84,12 @@ def cmd_fit(args) -> int:
     from ppdgm.inference import engine_class
 
     train = load_dataset(args.data, "train")
+    if args.nproc is not None:
+        from ppdgm.distributed import check_nproc
+
+        check_nproc(args.nproc, len(train), args.batch_size)
+        if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+            return launch_torchrun(args.nproc)
     valid = load_dataset(args.data, "valid") if not Path(args.data).exists() else None
     torch.manual_seed(args.seed)
     obj, spec = _build_model(args, train)
@@ -110,6 +118,11 @@ def cmd_fit(args) -> int:
     elif fit.extra.get("autoguide"):
         fit.spec["autoguide"] = fit.extra["autoguide"]
     fit.config["data"] = args.data
+    from ppdgm.distributed import finish
+
+    finish()
+    if os.environ.get("RANK", "0") != "0":  # only rank 0 writes
+        return 0
     fit.save(out)
     from ppdgm.reports import write_fit_report
 
@@ -117,6 +130,16 @@ def cmd_fit(args) -> int:
     print(f"saved {fit.engine} fit of {args.model} to {out} ({fit.num_steps} steps, "
           f"{fit.timing.get('seconds', 0):.1f} s); wrote {', '.join(written)}")
     return 0
+
+
+def launch_torchrun(nproc: int) -> int:
+    """Re-run this ``ppdgm fit`` command under torchrun with ``nproc`` processes on this machine."""
+    argv = sys.argv[1:]
+    i = argv.index("--nproc")
+    argv = argv[:i] + argv[i + 2:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "--module", "ppdgm.cli", *argv]
+    return subprocess.call(cmd)
 
 
 def cmd_sample(args) -> int:
@@ -192,6 +215,7 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--checkpoint-every", type=int, help="steps between checkpoints in --out")
     f.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     f.add_argument("--progress", action="store_true", help="show a progress bar even off a terminal")
+    f.add_argument("--nproc", type=int, help="data-parallel processes on this machine (starts torchrun)")
     f.add_argument("--set", action="append", metavar="KEY=VALUE", help="model argument (repeatable)")
     f.add_argument("--engine-opt", action="append", metavar="KEY=VALUE", help="engine argument (repeatable)")
     f.set_defaults(func=cmd_fit)

@@ -92,3 +92,10 @@ def average_gradients(params: list[torch.Tensor], *scalars: float) -> list[float
         p.grad.copy_(flat[offset : offset + k].view_as(g))
         offset += k
     return flat[offset:].tolist()
+
+
+def finish() -> None:
+    """Wait for every rank, then leave the process group (a rank that exits while holding it aborts)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

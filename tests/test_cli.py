@@ -63,6 +63,8 @@ def test_zoo_fit_sample_evaluate(tmp_path, capsys):
         (["fit", "ppca", "--data", "digits", "--out", "x", "--engine-opt", "bogus=1"], "takes no option"),
         (["fit", "ppca", "--data", "digits", "--out", "x", "--steps", "0"], "num_steps"),
         (["sample", "/nonexistent/dir"], "fit.json"),
+        (["fit", "ppca", "--data", "digits", "--out", "x", "--nproc", "0"], "--nproc must be"),
+        (["fit", "ppca", "--data", "digits", "--out", "x", "--nproc", "3", "--batch-size", "600"], "larger than"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys, tmp_path, monkeypatch):

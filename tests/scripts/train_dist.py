@@ -13,6 +13,7 @@ import pyro.distributions as dist
 import torch
 
 torch.set_num_threads(1)
+from ppdgm.distributed import finish  # noqa: E402
 from ppdgm.inference import SVI  # noqa: E402
 
 out, steps, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -39,5 +40,6 @@ def die(step, info):
 
 fit = SVI(num_steps=steps, batch_size=batch, lr=0.02, seed=3, checkpoint_every=10, progress=False).run(
     model, None, (X, y), checkpoint_dir=out, resume="--resume" in sys.argv, callbacks=[die])
+finish()
 if rank == 0:
     fit.save(out)
