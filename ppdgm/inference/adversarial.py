@@ -247,9 +247,16 @@ class Adversarial(Engine):
         penalty = (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
         return fake.mean() - real.mean() + self.gp_weight * penalty
 
-    @torch.no_grad()
     def _monitor(self, model, x, cond, history, done, previous) -> list:
-        """Record sample diversity; warn (once per kind) of mode collapse and divergence."""
+        """Record sample diversity; warn (once per kind) of mode collapse and divergence.
+
+        Runs on a forked RNG so that monitoring (and so where a run stops) never changes the draws
+        of training: a resumed run ends exactly where an uninterrupted one does."""
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            return self._measure(model, x, cond, history, done, previous)
+
+    def _measure(self, model, x, cond, history, done, previous) -> list:
         m = min(256, x.shape[0])
         gen = torch.Generator().manual_seed(done)
         idx = torch.randperm(x.shape[0], generator=gen)[:m].to(x.device)

@@ -1,0 +1,152 @@
+"""GAN: mode coverage on 8 Gaussians, WGAN-GP's penalty, failure warnings, resume, bad shapes."""
+
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+import ppdgm
+from ppdgm.data import Dataset, make_gaussian_mixture
+from ppdgm.evaluate import mmd, modes_covered
+from ppdgm.inference.adversarial import Adversarial, DivergenceWarning, ModeCollapseWarning
+from ppdgm.models.gan import GAN
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    x, centres = make_gaussian_mixture(2000, seed=0)
+    held_out, _ = make_gaussian_mixture(1000, seed=2)
+    torch.manual_seed(3)
+    gaussian = torch.distributions.MultivariateNormal(x.mean(0), torch.cov(x.T)).sample((1000,))
+    return x, centres, held_out, mmd(held_out, gaussian).mmd2
+
+
+def test_covers_eight_modes_and_beats_a_gaussian(mixture):
+    x, centres, held_out, gaussian_mmd = mixture
+    torch.manual_seed(0)
+    gan = GAN(x_dim=2, latent_dim=2, hidden=[64, 64], critic_hidden=[64, 64])
+    fit = Adversarial(num_steps=400, batch_size=256, lr=2e-3, seed=0).run(gan.model, gan.critic, x)
+    samples = gan.sample(1000)
+    covered, _ = modes_covered(samples, centres, max_dist=0.3, min_count=10)  # within 3 sd of a centre
+    assert covered >= 6
+    assert mmd(held_out, samples).mmd2 < 0.5 * gaussian_mmd
+    assert len(fit.history["loss"]) == len(fit.history["critic_loss"]) == 400
+    assert fit.extra["warnings"] == [] and min(fit.history["diversity"]) > 0.5
+
+
+def test_wgan_gp_keeps_the_critic_gradient_near_one(mixture):
+    x = mixture[0]
+    torch.manual_seed(0)
+    gan = GAN(x_dim=2, latent_dim=2, hidden=[32, 32], critic_hidden=[32, 32])
+    fit = Adversarial(loss="wgan-gp", num_steps=60, batch_size=128, lr=1e-3, seed=0).run(gan.model, gan.critic, x)
+    assert fit.config["n_critic"] == 5 and len(fit.history["critic_loss"]) == 60
+    fake = gan.sample(500)
+    eps = torch.rand(500, 1)
+    mix = (eps * x[:500] + (1 - eps) * fake).requires_grad_(True)
+    (grad,) = torch.autograd.grad(gan.critic(mix).sum(), mix)
+    assert 0.5 < grad.norm(dim=1).mean() < 1.5
+    assert fit.history["critic_loss"][-1] < 0  # a positive Wasserstein estimate: critic ranks real above fake
+
+
+def collapsed_generator(n, y=None):
+    """Ignores its noise: every draw is the same learnable point, far from the data."""
+    loc = pyro.param("loc", torch.tensor([8.0, 8.0]))
+    with pyro.plate("data", n):
+        z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        return pyro.deterministic("x", loc + 0.0 * z, event_dim=1)
+
+
+def test_collapse_and_divergence_are_warned(mixture):
+    x = mixture[0]
+    critic = GAN(x_dim=2).critic
+    engine = Adversarial(num_steps=150, batch_size=128, lr=1e-6, critic_lr=1e-2, monitor_every=50, seed=0)
+    with pytest.warns(ModeCollapseWarning, match="mode collapse"), pytest.warns(DivergenceWarning, match="diverged"):
+        fit = engine.run(collapsed_generator, critic, x)
+    assert {a["kind"] for a in fit.extra["warnings"]} == {"mode_collapse", "divergence"}
+    assert max(fit.history["diversity"]) < 1e-6
+
+
+def test_conditional_gan_follows_its_label():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 2, (600,), generator=g)
+    x = torch.stack([4.0 * y - 2.0, torch.zeros(600)], 1) + 0.2 * torch.randn(600, 2, generator=g)
+    torch.manual_seed(0)
+    gan = GAN.from_data(Dataset(x, y, "two-blobs"), conditional=True, hidden=[32, 32], critic_hidden=[32, 32])
+    assert gan.num_classes == 2 and len(gan.data_args(Dataset(x, y, "two-blobs"))) == 2
+    Adversarial(num_steps=300, batch_size=128, lr=2e-3, seed=0).run(gan.model, gan.critic, (x, y))
+    left = gan.sample(300, y=torch.zeros(300, dtype=torch.long))
+    right = gan.sample(300, y=torch.ones(300, dtype=torch.long))
+    assert left[:, 0].mean() < -1.5 and right[:, 0].mean() > 1.5
+
+
+@pytest.mark.filterwarnings("ignore::ppdgm.inference.adversarial.ModeCollapseWarning")
+def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, mixture):
+    x = mixture[0][:512]
+
+    def train(steps, resume, directory):
+        torch.manual_seed(0)
+        gan = GAN(x_dim=2, hidden=[16], critic_hidden=[16])
+        fit = Adversarial(num_steps=steps, batch_size=64, lr=1e-3, checkpoint_every=10, seed=0).run(
+            gan.model, gan.critic, x, checkpoint_dir=directory, resume=resume)
+        return gan, fit
+
+    whole, fit_whole = train(30, False, tmp_path / "a")
+    train(20, False, tmp_path / "b")
+    resumed, fit_resumed = train(30, True, tmp_path / "b")
+    assert fit_resumed.timing["steps"] == 10
+    assert fit_resumed.history["loss"] == pytest.approx(fit_whole.history["loss"])
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::ppdgm.inference.adversarial.ModeCollapseWarning")
+def test_saved_fit_reloads_the_generator(tmp_path, mixture):
+    torch.manual_seed(0)
+    gan = GAN(x_dim=2, hidden=[16], critic_hidden=[16])
+    fit = Adversarial(num_steps=5, batch_size=64, seed=0).run_zoo(gan, (mixture[0],))
+    fit.save(tmp_path)
+    loaded = ppdgm.load(tmp_path)
+    z = torch.randn(4, 2)
+    assert torch.allclose(loaded.module.generate(z), gan.generate(z))
+
+
+def test_mismatched_shapes_fail_before_training(mixture):
+    x = mixture[0]
+    wide = GAN(x_dim=3)
+    with pytest.raises(ValueError, match="generator/data shape mismatch"):
+        Adversarial(num_steps=1).run(wide.model, wide.critic, x)
+    gan, critic_for_3d = GAN(x_dim=2), GAN(x_dim=3).critic
+    with pytest.raises(ValueError, match="generator/critic shape mismatch"):
+        Adversarial(num_steps=1).run(gan.model, critic_for_3d, x)
+    with pytest.raises(ValueError, match="no site 'x'"):
+        Adversarial(num_steps=1, site="x").run(lambda n: pyro.sample("w", dist.Normal(0.0, 1.0)), gan.critic, x)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"loss": "hinge"}, "loss must be one of"),
+    ({"n_critic": 0}, "n_critic"),
+    ({"lr": -1.0}, "lr"),
+    ({"betas": (0.5, 1.5)}, "betas"),
+    ({"collapse_threshold": 2.0}, "collapse_threshold"),
+])
+def test_bad_engine_settings_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Adversarial(**kwargs)
+
+
+def test_bad_model_settings_are_refused():
+    with pytest.raises(ValueError, match="output"):
+        GAN(output="tanh")
+    with pytest.raises(ValueError, match="latent_dim"):
+        GAN(latent_dim=0)
+    with pytest.raises(TypeError, match="critic"):
+        Adversarial().run(GAN().model, "critic", torch.zeros(4, 2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_smoke(mixture):
+    gan = GAN(x_dim=2, hidden=[16], critic_hidden=[16])
+    fit = Adversarial(loss="wgan-gp", num_steps=5, batch_size=64).run(gan.model, gan.critic, mixture[0].cuda())
+    assert gan.sample(8).device.type == "cuda" and len(fit.history["loss"]) == 5
