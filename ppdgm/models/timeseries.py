@@ -242,8 +242,13 @@ class DeepAR(nn.Module):
 
     @torch.no_grad()
     def log_likelihood(self, y, t0=None) -> torch.Tensor:
-        """Exact one-step-ahead log p(y_t | y_{<t}) summed over each window's scored steps."""
-        y = check_data(y, "y", rank=2)
+        """Exact one-step-ahead log p(y_t | y_{<t}) summed over each window's scored steps
+        (steps ``max_lag`` onwards); a whole series (``(T,)`` or ``(T, 1)``) counts as one window."""
+        y = check_data(y, "y")
+        if y.dim() == 1 or (y.dim() == 2 and y.shape[1] == 1):
+            y = y.reshape(1, -1)
+        if y.dim() != 2:
+            raise ValueError(f"y: expected windows (N, L) or a series (T,), got shape {tuple(y.shape)}")
         tr = pyro.poutine.trace(self.model).get_trace(y, t0)
         return tr.nodes["y"]["fn"].log_prob(tr.nodes["y"]["value"])
 

@@ -64,6 +64,7 @@ def test_log_likelihood_is_the_one_step_ahead_density():
     sd = 2.0 * (torch.nn.functional.softplus(torch.tensor(0.3)) + 1e-3)
     expected = torch.distributions.Normal(5.0, sd).log_prob(y[:, 2:]).sum(-1)
     assert torch.allclose(model.log_likelihood(y), expected, atol=1e-5)
+    assert torch.allclose(model.log_likelihood(y[1]), expected[1:2], atol=1e-5)  # a series is one window
 
 
 def test_metrics_have_known_answers():
