@@ -12,6 +12,9 @@ ENGINES: dict[str, str] = {
     "svi": "ppdgm.inference.svi:SVI",
     "adversarial": "ppdgm.inference.adversarial:Adversarial",
     "score_matching": "ppdgm.inference.score_matching:ScoreMatching",
+    "nuts": "ppdgm.inference.mcmc:NUTS",
+    "hmc": "ppdgm.inference.mcmc:HMC",
+    "chees": "ppdgm.inference.chees:ChEES",
     "pcd": "ppdgm.inference.pcd:PersistentCD",
 }
 

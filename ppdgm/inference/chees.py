@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import pyro
@@ -136,11 +137,20 @@ class BatchedLogDensity:
         total = ladj + sum(terms.values())
         return (total, terms) if per_site else total
 
+    def compile(self, u: torch.Tensor) -> None:
+        """Trace ``log_density`` with the PyTorch JIT for batches shaped like ``u`` (the model's
+        Python then runs once; later calls replay the recorded tensor program)."""
+        with warnings.catch_warnings(), pyro.validation_enabled(False):
+            warnings.simplefilter("ignore")
+            self._jit = torch.jit.trace(self.log_density, (u.detach(),), check_trace=False)
+        self._jit_shape = u.shape
+
     def potential_and_grad(self, u: torch.Tensor):
         """Potential ``-log density`` ``(batch,)`` and its gradient ``(batch, dim)``."""
+        fn = self._jit if getattr(self, "_jit_shape", None) == u.shape else self.log_density
         with torch.enable_grad():
             u = u.detach().requires_grad_(True)
-            logp = self.log_density(u)
+            logp = fn(u)
             (grad,) = torch.autograd.grad(logp.sum(), u)
         return -logp.detach(), -grad
 
@@ -212,6 +222,9 @@ class ChEES(Engine):
         init: ``"uniform"`` (uniform in (-2, 2) unconstrained, as Stan), ``"prior"`` (prior
             draws) or a dict ``{site: value}`` of one chain's (constrained) initial values.
         max_init_tries: redraws of a chain whose initial log density is not finite.
+        jit_compile: trace the batched log density with the PyTorch JIT once the chains have a
+            finite starting point (about 3x faster per step for small models; the model must
+            then take the same path through its Python on every call).
     """
 
     name = "chees"
@@ -219,7 +232,8 @@ class ChEES(Engine):
     def __init__(self, num_chains: int = 64, num_samples: int = 500, num_warmup: int = 500,
                  target_accept: float = 0.651, trajectory_lr: float = 0.025, max_leapfrog_steps: int = 1000,
                  adapt_mass: bool = True, init="uniform", init_step_size: float | None = None,
-                 max_init_tries: int = 100, seed: int | None = 0, device=None, progress: bool | None = None):
+                 max_init_tries: int = 100, jit_compile: bool = False, seed: int | None = 0, device=None,
+                 progress: bool | None = None):
         if not isinstance(num_chains, int) or isinstance(num_chains, bool) or num_chains < 2:
             raise ValueError(f"num_chains must be an int >= 2 for ChEES (its adaptation and R-hat compare "
                              f"chains), got {num_chains!r}")
@@ -240,6 +254,7 @@ class ChEES(Engine):
         self.num_chains, self.num_samples, self.num_warmup = num_chains, num_samples, num_warmup
         self.target_accept, self.trajectory_lr, self.max_leapfrog_steps = target_accept, float(trajectory_lr), max_leapfrog_steps
         self.adapt_mass, self.init_step_size, self.max_init_tries = adapt_mass, init_step_size, max_init_tries
+        self.jit_compile = bool(jit_compile)
         self.init = init if isinstance(init, str) else "values"
         self._init_values = init if isinstance(init, dict) else None
         self.seed, self.device, self.progress = seed, device, progress
@@ -343,6 +358,8 @@ class ChEES(Engine):
         C, D, W = self.num_chains, density.dim, self.num_warmup
         t_start = time.perf_counter()
         q, potential, grad = self._initial_points(density, device)
+        if self.jit_compile:
+            density.compile(q)
         inv_mass = torch.ones(D, device=device, dtype=q.dtype)
         step_size = self._find_step_size(density, q, potential, grad, inv_mass)
         averager = DualAveraging(step_size, self.target_accept)
