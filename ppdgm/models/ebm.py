@@ -50,7 +50,7 @@ class EBM(PyroModule):
     def __init__(self, x_dim: int = 2, hidden=(128, 128), activation: str = "silu", low: float = -4.0,
                  high: float = 4.0, step_size: float = 0.01, noise_scale: float | None = None,
                  grad_clip: float | None = None, sample_steps: int = 500, reinit_prob: float = 0.05,
-                 alpha: float = 0.1, buffer_size: int = 10000):
+                 alpha: float = 1e-3, buffer_size: int = 10000):
         super().__init__()
         if isinstance(x_dim, bool) or not isinstance(x_dim, int) or x_dim < 1:
             raise ValueError(f"x_dim must be a positive int, got {x_dim!r}")
@@ -198,6 +198,7 @@ class EBM(PyroModule):
             return float(torch.logsumexp(self.log_prob(pts), 0) + math.log(cell))
         return self._ais_log_normalizer(num_chains, num_temps)
 
+    @torch.no_grad()
     def _ais_log_normalizer(self, num_chains, num_temps) -> float:
         """Annealed importance sampling from the uniform box to exp(-E) with Langevin moves
         (Metropolis-adjusted, so each transition leaves its intermediate density invariant)."""

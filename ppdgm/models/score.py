@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 
+import pyro
+import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 
@@ -281,13 +283,25 @@ class ScoreModel(PyroModule):
     @torch.no_grad()
     def sample_ode(self, n: int, num_scales: int | None = None) -> torch.Tensor:
         """Deterministic draws: the probability-flow ODE from the prior back to ``eps`` by RK4."""
-        p = self._param()
-        x = self.sde.prior_sample((n, self.x_dim), p)
-        steps = num_scales or 100
-        ts = torch.linspace(1.0, self.eps, steps + 1, device=p.device, dtype=p.dtype)
+        return self.decode(self.sde.prior_sample((n, self.x_dim), self._param()), num_scales or 100)
+
+    def decode(self, z: torch.Tensor, num_steps: int = 100) -> torch.Tensor:
+        """Map prior draws ``z`` (time 1) to data (time ``eps``) along the probability-flow ODE."""
+        x = z
+        ts = torch.linspace(1.0, self.eps, num_steps + 1, device=z.device, dtype=z.dtype)
         for t0, t1 in zip(ts[:-1], ts[1:]):
-            x = _rk4(lambda z, t: self.flow(z, t), x, t0, t1)
+            x = _rk4(lambda y, t: self.flow(y, t), x, t0, t1)
         return self._finish(x)
+
+    def model(self, n: int, num_steps: int = 100):
+        """The model as a Pyro program: ``z ~ p_1`` (the SDE's Gaussian prior) and
+        ``x = pyro.deterministic("x", ODE(z))``, the probability-flow map that the likelihood inverts."""
+        pyro.module("score_net", self.net)
+        p = self._param()
+        scale = self.sde.sigma_max if isinstance(self.sde, VESDE) else 1.0
+        with pyro.plate("data", n):
+            z = pyro.sample("z", dist.Normal(p.new_zeros(self.x_dim), scale).to_event(1))
+            return pyro.deterministic("x", self.decode(z, num_steps), event_dim=1)
 
     # -- likelihood ----------------------------------------------------------------------------------
     def flow(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,5 @@
 """GAN: mode coverage on 8 Gaussians, WGAN-GP's penalty, failure warnings, resume, bad shapes."""
 
-import warnings
 
 import pyro
 import pyro.distributions as dist
