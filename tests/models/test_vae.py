@@ -74,6 +74,9 @@ def test_fit_history_and_uses(trained, digits):
     torch.testing.assert_close(path[[0, -1]], rec[:2], atol=1e-5, rtol=0)
     s = vae.sample(12)
     assert s.shape == (12, 64) and set(s.unique().tolist()) <= {0.0, 1.0}
+    idata = fit.to_arviz(num_samples=4)
+    assert idata.posterior["z"].dims == ("chain", "draw", "data", "z_dim_1")
+    assert idata.log_likelihood["x"].shape == (1, 4, 1200)
 
 
 def test_save_and_load_rebuild_the_same_model(trained, digits, tmp_path):
