@@ -220,7 +220,7 @@ def multimodal_graph(sizes_a, sizes_b, top: int, names=("pixels", "label"), unit
     for arg, sizes in (("sizes_a", sizes_a), ("sizes_b", sizes_b)):
         if not isinstance(sizes, (list, tuple)) or not sizes:
             raise ValueError(f"{arg}: expected a non-empty list of layer sizes, got {sizes!r}")
-    g = nx.Graph()
+    g = nx.Graph(top="top")
     g.add_node("top", size=top, units="bernoulli", visible=False)
     for name, sizes, u in zip(names, (sizes_a, sizes_b), units):
         chain = [name] + [f"{name}_h{i}" for i in range(1, len(sizes))]

@@ -301,29 +301,73 @@ class DBM(PyroModule):
     @torch.no_grad()
     def pretrain(self, data, epochs: int = 20, lr: float = 0.05, batch_size: int = 100, momentum: float = 0.5,
                  seed: int | None = 0) -> list[float]:
-        """Greedy layer-wise CD-1 pretraining of a chain DBM (Salakhutdinov & Hinton 2009): the
-        bottom RBM's up-weights and the top RBM's down-weights are doubled, middle RBMs double
-        both, so that composed into a DBM each layer sees its inputs from both sides at the right
-        scale. Returns each RBM's final reconstruction error."""
-        if not self.layer_graph.is_chain:
-            raise ValueError("pretrain: greedy pretraining is defined for chain DBMs (one visible layer, "
-                             f"layers in a line); this graph is {self.layer_graph}")
-        if self.units[0] != "bernoulli":
-            raise ValueError(f"pretrain: needs bernoulli visible units, got {self.units[0]!r}")
+        """Greedy layer-wise CD-1 pretraining (Salakhutdinov & Hinton 2009), for tree-shaped graphs
+        whose pathways run from each visible layer up to one top layer (a chain DBM, a multimodal DBM).
+
+        Each pathway's RBMs are trained bottom-up on the layer below's mean activations, then the
+        top RBM on all its neighbours at once. In every RBM a layer's input is multiplied by its
+        number of neighbours in the DBM over its number in that RBM (2 for a middle layer seen
+        from one side), the doubled weights that make the pretrained stack a sensible DBM.
+        Returns each RBM's final reconstruction error per data point."""
         for arg, val in (("epochs", epochs), ("batch_size", batch_size)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 raise ValueError(f"{arg} must be a positive int, got {val!r}")
-        x = self.check_data(data)
+        top, pathways = self._pathways()
+        clamped = self._clamp(self.check_data(data))
         gen = torch.Generator().manual_seed(seed or 0)
-        errors = []
-        last = len(self.weights) - 1
-        for k, W in enumerate(self.weights):
-            up = 2.0 if k < last else 1.0
-            down = 2.0 if k > 0 else 1.0
-            b, c = self.biases[k], self.biases[k + 1]
-            errors.append(_cd_pretrain(x, W, b, c, up, down, epochs, lr, batch_size, momentum, gen))
-            x = torch.sigmoid(up * (x @ W) + c)
+        errors, reps = [], {}
+        degree = {i: len(self.energy_graph().neighbours(i)) for i in range(len(self.layers))}
+        for path in pathways:
+            x = clamped[path[0]]
+            for lower, upper in zip(path, path[1:]):
+                part = _Part(x, self._weight(lower, upper), self.biases[lower], self.units[lower], degree[lower] / 1.0)
+                errors.append(_cd_pretrain([part], self.biases[upper], degree[upper] / 1.0, epochs, lr, batch_size,
+                                           momentum, gen))
+                x = torch.sigmoid(degree[upper] * (x @ part.W) + self.biases[upper])
+            reps[path[-1]] = x
+        parts = [_Part(reps[n], self._weight(n, top), self.biases[n], self.units[n], degree[n] / 1.0)
+                 for n in reps]
+        errors.append(_cd_pretrain(parts, self.biases[top], degree[top] / len(parts), epochs, lr, batch_size,
+                                   momentum, gen))
         return errors
+
+    def _weight(self, lower: int, upper: int) -> torch.Tensor:
+        """The weight between two layers, shaped ``(lower size, upper size)`` (a transposed view if stored so)."""
+        for (a, b), W in zip(self.edge_index, self.weights):
+            if (a, b) == (lower, upper):
+                return W
+            if (a, b) == (upper, lower):
+                return W.T
+        raise KeyError((lower, upper))
+
+    def _pathways(self):
+        """``(top, [[visible, ..., neighbour of top], ...])``; ValueError unless the graph is a tree of pathways."""
+        import networkx as nx
+
+        g = self.layer_graph
+        und = g.graph
+        top = und.graph.get("top", g.layers[-1] if g.is_chain else None)
+        if top is None or top not in self.index or not nx.is_tree(und):
+            raise ValueError("pretrain: greedy pretraining needs a tree of pathways meeting at a top layer (a chain, "
+                             "or a graph whose graph['top'] names the shared layer, as multimodal_graph sets); got "
+                             f"{g}")
+        rest = und.subgraph([n for n in und if n != top])
+        paths = []
+        for n in und.neighbors(top):
+            comp = nx.node_connected_component(rest, n)
+            vis = [v for v in comp if g.is_visible(v)]
+            if len(vis) != 1 or any(d > 2 for _, d in rest.subgraph(comp).degree()):
+                raise ValueError(f"pretrain: the pathway below {n!r} must be a chain ending in one visible layer")
+            paths.append([self.index[v] for v in nx.shortest_path(rest, vis[0], n)])
+        return self.index[top], paths
+
+
+class _Part:
+    """One input layer of an RBM being pretrained: data, weight (input size x hidden size), bias,
+    units and the multiplier of the input it receives from the hidden layer."""
+
+    def __init__(self, x, W, b, units, down):
+        self.x, self.W, self.b, self.units, self.down = x, W, b, units, down
 
 
 def _draw(e: LayeredEnergy, i: int, mean: torch.Tensor) -> torch.Tensor:
@@ -334,25 +378,33 @@ def _draw(e: LayeredEnergy, i: int, mean: torch.Tensor) -> torch.Tensor:
     return mean.clone()
 
 
-def _cd_pretrain(x, W, b, c, up, down, epochs, lr, batch_size, momentum, gen) -> float:
-    """CD-1 on one RBM of the stack with input multipliers ``up`` (v -> h) and ``down`` (h -> v)."""
-    n = x.shape[0]
-    vel = [torch.zeros_like(W), torch.zeros_like(b), torch.zeros_like(c)]
+def _cd_pretrain(parts, c, up, epochs, lr, batch_size, momentum, gen) -> float:
+    """CD-1 on one RBM of the stack: ``parts`` feed hidden layer (bias ``c``) with multiplier ``up``."""
+    n = parts[0].x.shape[0]
+    params = [c] + [t for p in parts for t in (p.W, p.b)]
+    vel = [torch.zeros_like(t) for t in params]
     err = math.nan
     for _ in range(epochs):
-        perm = torch.randperm(n, generator=gen).to(x.device)
+        perm = torch.randperm(n, generator=gen).to(c.device)
         total = 0.0
         for lo in range(0, n, batch_size):
-            v0 = x[perm[lo : lo + batch_size]]
-            h0 = torch.sigmoid(up * (v0 @ W) + c)
-            v1 = torch.sigmoid(down * (torch.bernoulli(h0) @ W.T) + b)
-            h1 = torch.sigmoid(up * (v1 @ W) + c)
-            m = v0.shape[0]
-            grads = ((v0.T @ h0 - v1.T @ h1) / m, (v0 - v1).mean(0), (h0 - h1).mean(0))
-            for p, g, v in zip((W, b, c), grads, vel):
+            idx = perm[lo : lo + batch_size]
+            v0 = [p.x[idx] for p in parts]
+            h0 = torch.sigmoid(up * sum(v @ p.W for v, p in zip(v0, parts)) + c)
+            hs = torch.bernoulli(h0)
+            v1 = []
+            for p in parts:
+                eta = p.down * (hs @ p.W.T) + p.b
+                v1.append(torch.sigmoid(eta) if p.units == "bernoulli" else torch.softmax(eta, -1))
+            h1 = torch.sigmoid(up * sum(v @ p.W for v, p in zip(v1, parts)) + c)
+            m = len(idx)
+            grads = [(h0 - h1).mean(0)]
+            for a, b in zip(v0, v1):
+                grads += [(a.T @ h0 - b.T @ h1) / m, (a - b).mean(0)]
+            for t, g, v in zip(params, grads, vel):
                 v.mul_(momentum).add_(g, alpha=lr)
-                p.add_(v)
-            total += float(((v0 - v1) ** 2).sum())
+                t.add_(v)
+            total += sum(float(((a - b) ** 2).sum()) for a, b in zip(v0, v1))
         err = total / n
     return err
 
