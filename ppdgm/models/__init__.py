@@ -13,6 +13,7 @@ from pathlib import Path
 
 MODELS: dict[str, str] = {
     "ppca": "ppdgm.models.ppca:PPCA",
+    "bnn": "ppdgm.models.bnn:BNN",
     "gan": "ppdgm.models.gan:GAN",
     "ebm": "ppdgm.models.ebm:EBM",
     "score": "ppdgm.models.score:ScoreModel",

@@ -1,0 +1,196 @@
+"""Bayesian neural networks: an MLP whose weights have Normal priors (``PyroModule`` + ``PyroSample``).
+
+The layers multiply as ``W @ x[..., None]`` so a batch of weight draws on the left broadcasts
+against the data: the same model runs under Pyro's NUTS (one draw at a time), under ChEES (all
+chains as one batch) and under ``Predictive(parallel=True)``. Priors are N(0, prior_scale^2 /
+fan_in) on weights and N(0, prior_scale^2) on biases. ``hidden=()`` is Bayesian linear (or
+logistic) regression.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer.autoguide import AutoNormal
+from pyro.nn import PyroModule, PyroSample
+
+from ppdgm.data import check_data
+
+LIKELIHOODS = ("gaussian", "bernoulli", "categorical")
+ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "silu": torch.nn.functional.silu}
+
+
+class BayesianLinear(PyroModule):
+    """``y = W x + b`` with Normal priors; weight draws ``(*batch, out, in)`` broadcast over data."""
+
+    def __init__(self, in_dim: int, out_dim: int, prior_scale: float = 1.0):
+        super().__init__()
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.weight = PyroSample(lambda m: dist.Normal(m._zero, prior_scale / math.sqrt(in_dim))
+                                 .expand([out_dim, in_dim]).to_event(2))
+        self.bias = PyroSample(lambda m: dist.Normal(m._zero, prior_scale).expand([out_dim]).to_event(1))
+        self.register_buffer("_zero", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.weight @ x.unsqueeze(-1)).squeeze(-1) + self.bias
+
+
+class BNN(PyroModule):
+    """An MLP with priors on its weights, for regression or classification.
+
+    Args:
+        in_dim, out_dim: input features; outputs (1 for regression/binary, classes for categorical).
+        hidden: hidden layer widths; ``()`` gives a Bayesian linear model.
+        likelihood: ``"gaussian"`` (real ``y``), ``"bernoulli"`` ({0, 1} ``y``) or ``"categorical"``.
+        noise_scale: the Gaussian noise sd; None puts a HalfNormal(1) prior on it (site ``sigma``).
+        prior_scale: prior sd scale of weights and biases.
+    """
+
+    default_engine = "chees"
+    support = "real"
+    likelihood_method = "posterior-predictive"
+
+    def __init__(self, in_dim: int = 1, hidden=(16,), out_dim: int = 1, likelihood: str = "gaussian",
+                 noise_scale: float | None = None, prior_scale: float = 1.0, activation: str = "tanh"):
+        super().__init__()
+        hidden = tuple(hidden)
+        for arg, val in (("in_dim", in_dim), ("out_dim", out_dim), *((f"hidden[{i}]", h) for i, h in enumerate(hidden))):
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                raise ValueError(f"{arg} must be a positive int, got {val!r}")
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        if likelihood == "bernoulli" and out_dim != 1:
+            raise ValueError(f"a bernoulli BNN has out_dim=1, got out_dim={out_dim}")
+        if likelihood == "categorical" and out_dim < 2:
+            raise ValueError(f"a categorical BNN needs out_dim >= 2 classes, got {out_dim}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        if noise_scale is not None and not noise_scale > 0:
+            raise ValueError(f"noise_scale must be positive or None, got {noise_scale!r}")
+        if not prior_scale > 0:
+            raise ValueError(f"prior_scale must be positive, got {prior_scale!r}")
+        self.in_dim, self.hidden, self.out_dim, self.likelihood = in_dim, hidden, out_dim, likelihood
+        self.noise_scale, self.prior_scale, self.activation = noise_scale, prior_scale, activation
+        sizes = (in_dim, *hidden, out_dim)
+        self.layers = PyroModule[torch.nn.ModuleList](
+            [BayesianLinear(a, b, prior_scale) for a, b in zip(sizes[:-1], sizes[1:])])
+        self.guide = AutoNormal(self.model, init_scale=0.01)
+        self.posterior: dict | None = None
+
+    @classmethod
+    def from_data(cls, data, **kwargs):
+        y = data.y
+        if y is not None and not y.is_floating_point():
+            classes = int(y.max()) + 1
+            kwargs.setdefault("likelihood", "bernoulli" if classes <= 2 else "categorical")
+            kwargs.setdefault("out_dim", 1 if classes <= 2 else classes)
+        return cls(in_dim=data.x.shape[1], **kwargs)
+
+    @property
+    def spec(self) -> dict:
+        return {"name": "bnn", "kwargs": {"in_dim": self.in_dim, "hidden": list(self.hidden), "out_dim": self.out_dim,
+                                          "likelihood": self.likelihood, "noise_scale": self.noise_scale,
+                                          "prior_scale": self.prior_scale, "activation": self.activation}}
+
+    def data_args(self, dataset) -> tuple:
+        if dataset.y is None:
+            raise ValueError(f"a BNN needs targets: dataset {dataset.name!r} has y=None")
+        return (dataset.x, dataset.y)
+
+    # -- the Pyro program ---------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Network output ``(*weight_batch, n, out_dim)`` at the current weight draws."""
+        act = ACTIVATIONS[self.activation]
+        h = x
+        for i, layer in enumerate(self.layers):
+            h = layer(h)
+            if i < len(self.layers) - 1:
+                h = act(h)
+        return h
+
+    def _check(self, x, y):
+        x = check_data(x, "x", rank=2)
+        if x.shape[1] != self.in_dim:
+            raise ValueError(f"x: expected {self.in_dim} features (in_dim), got shape {tuple(x.shape)}")
+        if y is not None:
+            if not isinstance(y, torch.Tensor):
+                raise TypeError(f"y: expected a torch.Tensor, got {type(y).__name__}")
+            if y.shape[0] != x.shape[0] or (self.likelihood != "gaussian" or self.out_dim == 1) and y.dim() != 1:
+                raise ValueError(f"y: expected shape ({x.shape[0]},) to match x {tuple(x.shape)}, got {tuple(y.shape)}")
+            if self.likelihood == "bernoulli" and not ((y == 0) | (y == 1)).all():
+                raise ValueError("y: a bernoulli BNN expects targets in {0, 1}")
+            if self.likelihood == "categorical" and (y.is_floating_point() or y.min() < 0 or y.max() >= self.out_dim):
+                raise ValueError(f"y: a categorical BNN expects integer classes in [0, {self.out_dim}), got "
+                                 f"dtype {y.dtype}, range [{y.min().item()}, {y.max().item()}]")
+        return x, y
+
+    def model(self, x, y=None):
+        x, y = self._check(x, y)
+        f = self(x)
+        if self.likelihood == "gaussian":
+            sigma = (pyro.sample("sigma", dist.HalfNormal(torch.ones((), device=x.device)))
+                     if self.noise_scale is None else torch.tensor(self.noise_scale, device=x.device))
+            y = y.to(f.dtype) if y is not None else None
+            with pyro.plate("data", x.shape[0]):
+                if self.out_dim == 1:
+                    return pyro.sample("y", dist.Normal(f.squeeze(-1), sigma), obs=y)
+                return pyro.sample("y", dist.Normal(f, sigma.unsqueeze(-1) if sigma.dim() else sigma).to_event(1), obs=y)
+        with pyro.plate("data", x.shape[0]):
+            if self.likelihood == "bernoulli":
+                return pyro.sample("y", dist.Bernoulli(logits=f.squeeze(-1)), obs=y.to(f.dtype) if y is not None else None)
+            return pyro.sample("y", dist.Categorical(logits=f), obs=y)
+
+    # -- using posterior draws ----------------------------------------------------------------
+    def attach_posterior(self, samples: dict) -> None:
+        """Keep posterior draws ``{site: (chain, draw, ...)}`` for ``predict``/``log_likelihood``."""
+        self.posterior = samples
+
+    def _draws(self, samples):
+        samples = samples if samples is not None else self.posterior
+        if not samples:
+            raise ValueError("no posterior draws: pass samples= (a Fit's samples) or call attach_posterior(fit.samples)")
+        return {k: v.reshape(-1, *v.shape[2:]) for k, v in samples.items()}
+
+    def _conditional(self, x, samples):
+        """``p(y | x, w_s)`` for every draw s, as a batched distribution ``(S, n)``."""
+        flat = self._draws(samples)
+        S = next(iter(flat.values())).shape[0]
+        from ppdgm.inference.chees import BatchedLogDensity
+
+        density = BatchedLogDensity(self.model, (x,))
+        tr = density.trace({k: v.to(x.device) for k, v in flat.items() if k in {s.name for s in density.sites}})
+        fn = tr.nodes["y"]["fn"]
+        return fn, S
+
+    @torch.no_grad()
+    def predict(self, x, samples: dict | None = None) -> torch.Tensor:
+        """Posterior-predictive mean: regression output, or class probabilities, per point."""
+        x, _ = self._check(x, None)
+        fn, S = self._conditional(x, samples)
+        mean = fn.probs if self.likelihood != "gaussian" else fn.mean
+        return mean.expand(S, *mean.shape[1:]).mean(0)
+
+    @torch.no_grad()
+    def log_likelihood(self, x, y=None, samples: dict | None = None) -> torch.Tensor:
+        """Per-point log posterior-predictive density log (1/S) sum_s p(y_i | x_i, w_s) in nats."""
+        if y is None:
+            raise ValueError("a BNN's log-likelihood is of targets y given inputs x: pass y=")
+        x, y = self._check(x, y)
+        fn, S = self._conditional(x, samples)
+        lp = fn.log_prob(y.to(fn.mean.dtype) if self.likelihood != "categorical" else y)
+        lp = lp.expand(S, *lp.shape[1:])
+        return torch.logsumexp(lp, 0) - math.log(S)
+
+    @torch.no_grad()
+    def sample(self, n: int, x=None, samples: dict | None = None) -> torch.Tensor:
+        """``n`` posterior-predictive draws of y at inputs ``x`` (shape ``(n, len(x))``)."""
+        if x is None:
+            raise ValueError("a BNN samples targets given inputs: pass x=")
+        x, _ = self._check(x, None)
+        fn, S = self._conditional(x, samples)
+        idx = torch.randint(S, (n,), device=x.device)
+        draws = fn.sample()
+        return draws.expand(S, *draws.shape[1:])[idx]
