@@ -23,7 +23,8 @@ ACTIVATIONS = {
 }
 
 
-def activation(name: str) -> nn.Module:
+def make_activation(name: str) -> nn.Module:
+    """A fresh activation module by name (``relu``, ``softplus``, ...)."""
     if name not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
     return ACTIVATIONS[name]()
@@ -51,7 +52,7 @@ class MLP(nn.Sequential):
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
             layers.append(nn.Linear(a, b))
             if i < len(sizes) - 2:
-                layers.append(globals()["activation"](activation))
+                layers.append(make_activation(activation))
         super().__init__(*layers)
         self.in_dim, self.hidden, self.out_dim = in_dim, list(hidden), out_dim
 
@@ -83,11 +84,10 @@ class ConvEncoder(nn.Module):
         if len(channels) != 2 or not all(isinstance(c, int) and c >= 1 for c in channels):
             raise ValueError(f"channels must be two positive ints, got {channels!r}")
         c1, c2 = channels
-        act = globals()["activation"]
         self.image_shape, self.in_channels = (h, w), in_channels
         self.net = nn.Sequential(
-            nn.Conv2d(in_channels, c1, 3, padding=1), act(activation),
-            nn.Conv2d(c1, c2, 3, padding=1), act(activation),
+            nn.Conv2d(in_channels, c1, 3, padding=1), make_activation(activation),
+            nn.Conv2d(c1, c2, 3, padding=1), make_activation(activation),
             nn.MaxPool2d(2), nn.Flatten(),
             nn.Linear(c2 * (h // 2) * (w // 2), out_dim),
         )
@@ -109,13 +109,12 @@ class ConvDecoder(nn.Module):
         if len(channels) != 2 or not all(isinstance(c, int) and c >= 1 for c in channels):
             raise ValueError(f"channels must be two positive ints, got {channels!r}")
         c1, c2 = channels
-        act = globals()["activation"]
         self.image_shape, self.out_channels = (h, w), out_channels
         self.net = nn.Sequential(
-            nn.Linear(in_dim, c1 * (h // 2) * (w // 2)), act(activation),
+            nn.Linear(in_dim, c1 * (h // 2) * (w // 2)), make_activation(activation),
             nn.Unflatten(1, (c1, h // 2, w // 2)),
             nn.Upsample(size=(h, w), mode="nearest"),
-            nn.Conv2d(c1, c2, 3, padding=1), act(activation),
+            nn.Conv2d(c1, c2, 3, padding=1), make_activation(activation),
             nn.Conv2d(c2, out_channels, 3, padding=1),
         )
 

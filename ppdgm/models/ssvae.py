@@ -21,8 +21,9 @@ from pyro.nn import PyroModule
 from torch.nn.functional import log_softmax, one_hot, softplus
 
 from ppdgm.data import check_data
+from ppdgm.evaluate import iwae_log_likelihood
 from ppdgm.models.vae import LIKELIHOODS, _choice, _positive_int
-from ppdgm.nn import MLP, activation, concat
+from ppdgm.nn import MLP, concat, make_activation
 
 
 class SemiSupervisedVAE(PyroModule):
@@ -55,7 +56,7 @@ class SemiSupervisedVAE(PyroModule):
                 isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden):
             raise ValueError(f"hidden must be a non-empty list of positive ints, got {hidden!r}")
         _choice("likelihood", likelihood, LIKELIHOODS)
-        globals()["activation"](activation)
+        make_activation(activation)
         if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha >= 0:
             raise ValueError(f"alpha must be a non-negative number, got {alpha!r}")
         if not isinstance(labelled_fraction, (int, float)) or not 0 < labelled_fraction <= 1:
@@ -206,6 +207,4 @@ class SemiSupervisedVAE(PyroModule):
     def log_likelihood(self, x, k: int = 1000, batch_size: int = 100) -> torch.Tensor:
         """Per-point log p(x) in nats (label summed out), by importance sampling with ``k`` draws
         of (y, z) from the guide."""
-        from ppdgm.evaluate import iwae_log_likelihood
-
         return iwae_log_likelihood(self.model, self.guide, self._check_x(x), k=k, batch_size=batch_size)

@@ -25,7 +25,8 @@ from torch import nn
 from torch.nn.functional import one_hot, softplus
 
 from ppdgm.data import check_data
-from ppdgm.nn import MLP, ConvDecoder, ConvEncoder, activation, concat, image_side
+from ppdgm.evaluate import iwae_log_likelihood
+from ppdgm.nn import MLP, ConvDecoder, ConvEncoder, concat, image_side, make_activation
 
 LIKELIHOODS = {"bernoulli": "binary", "continuous_bernoulli": "unit_interval", "gaussian": "real"}
 NETWORKS = ("mlp", "conv")
@@ -99,7 +100,7 @@ class VAE(PyroModule):
         _choice("prior", prior, PRIORS)
         if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not beta >= 0:
             raise ValueError(f"beta must be a non-negative number, got {beta!r}")
-        activation(act)
+        make_activation(act)
         if network == "conv":
             image_shape = tuple(image_shape) if image_shape is not None else image_side(x_dim)
             if image_shape is None or image_shape[0] * image_shape[1] != x_dim:
@@ -118,9 +119,9 @@ class VAE(PyroModule):
             self.decoder = MLP(latent_dim + cond_dim, hidden[::-1], x_dim, act)
         else:
             body = ConvEncoder(image_shape, feat, activation=act)
-            self.decoder = nn.Sequential(MLP(latent_dim + cond_dim, hidden[::-1][:1], feat, act), activation(act),
+            self.decoder = nn.Sequential(MLP(latent_dim + cond_dim, hidden[::-1][:1], feat, act), make_activation(act),
                                          ConvDecoder(feat, image_shape, activation=act))
-        self.encoder = nn.Sequential(body, activation(act))
+        self.encoder = nn.Sequential(body, make_activation(act))
         self.cond_encoder = nn.Linear(cond_dim, feat) if (network == "conv" and cond_dim) else None
         self.encoder_head = nn.Linear(feat, 2 * latent_dim)
         self.x_log_scale = nn.Parameter(torch.zeros(x_dim)) if likelihood == "gaussian" else None
@@ -271,8 +272,6 @@ class VAE(PyroModule):
 
     def log_likelihood(self, x, k: int = 1000, batch_size: int = 100) -> torch.Tensor:
         """Per-point log p(x) in nats: the importance-weighted bound with ``k`` guide samples."""
-        from ppdgm.evaluate import iwae_log_likelihood
-
         x = self._check_x(x)
         return iwae_log_likelihood(self.model, self.guide, x, k=k, batch_size=batch_size)
 
@@ -347,8 +346,8 @@ class ConditionalVAE(VAE):
         dev = self._device()
         if y is None:
             y = torch.arange(n, device=dev) % self.num_classes
-        y = torch.as_tensor(y, device=dev).expand(n) if torch.as_tensor(y).dim() == 0 else torch.as_tensor(y, device=dev)
-        c = self._onehot(self._check_y(y, n))
+        y = torch.as_tensor(y, device=dev)
+        c = self._onehot(self._check_y(y.expand(n) if y.dim() == 0 else y, n))
         z = self.prior_dist(self.encoder_head.weight).sample((n,))
         return self._mean(z, c) if mean else self.likelihood_dist(z, c).sample()
 
@@ -381,8 +380,6 @@ class ConditionalVAE(VAE):
 
     def log_likelihood(self, x, y=None, k: int = 1000, batch_size: int = 100) -> torch.Tensor:
         """Per-point log p(x | y) in nats (importance-weighted bound with ``k`` samples)."""
-        from ppdgm.evaluate import iwae_log_likelihood
-
         x = self._check_x(x)
         y = self._check_y(y, x.shape[0]).to(x.device)
         return iwae_log_likelihood(self.model, self.guide, x, y, k=k, batch_size=batch_size)
