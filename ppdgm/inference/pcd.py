@@ -92,22 +92,22 @@ class PersistentCD(Engine):
                          ("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
             if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
                 raise ValueError(f"{arg} must be a positive int or None, got {val!r}")
-        if not (isinstance(lr, (int, float)) and lr > 0):
+        if not (_number(lr) and lr > 0):
             raise ValueError(f"lr must be a positive number, got {lr!r}")
         if optim not in OPTIMIZERS:
             raise ValueError(f"optim must be one of {OPTIMIZERS}, got {optim!r}")
         moms = momentum if isinstance(momentum, (tuple, list)) else (momentum, momentum)
-        if len(moms) != 2 or not all(isinstance(m, (int, float)) and 0 <= m < 1 for m in moms):
+        if len(moms) != 2 or not all(_number(m) and 0 <= m < 1 for m in moms):
             raise ValueError(f"momentum must be a number in [0, 1) or a (start, end) pair of them, got {momentum!r}")
-        if not (isinstance(momentum_switch, (int, float)) and 0 <= momentum_switch <= 1):
+        if not (_number(momentum_switch) and 0 <= momentum_switch <= 1):
             raise ValueError(f"momentum_switch must be a fraction in [0, 1], got {momentum_switch!r}")
-        if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
+        if not (_number(weight_decay) and weight_decay >= 0):
             raise ValueError(f"weight_decay must be a non-negative number, got {weight_decay!r}")
         if lr_schedule not in SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {lr_schedule!r}")
-        if not (isinstance(lr_final_factor, (int, float)) and lr_final_factor > 0):
+        if not (_number(lr_final_factor) and lr_final_factor > 0):
             raise ValueError(f"lr_final_factor must be a positive number, got {lr_final_factor!r}")
-        if clip_norm is not None and not (isinstance(clip_norm, (int, float)) and clip_norm > 0):
+        if clip_norm is not None and not (_number(clip_norm) and clip_norm > 0):
             raise ValueError(f"clip_norm must be a positive number or None, got {clip_norm!r}")
         self.num_steps, self.num_epochs, self.batch_size = num_steps, num_epochs, batch_size
         self.lr, self.optim, self.momentum = float(lr), optim, [float(m) for m in moms]
@@ -304,6 +304,10 @@ class PersistentCD(Engine):
             idx = idx.to(data[0].device)
             return tuple(d[idx] for d in data)
         return data[idx.to(data.device)]
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _parts(data):
