@@ -84,6 +84,33 @@ class _SplineCouplingGiven(T.SplineCoupling):
         self.identity = False
 
 
+class SoftClampedScale(nn.Module):
+    """Wraps an affine layer's conditioner and squashes its log-scale smoothly into (-5, 3).
+
+    Pyro's affine coupling/autoregressive layers hard-clamp the log-scale to [-5, 3] with
+    straight-through gradients, so a raw log-scale past the clamp keeps being pushed and the
+    network's weights can run off until the loss overflows (seen on sharp 2-D mixtures). Inside
+    the open interval the clamp never acts and gradients are honest; near zero this is the identity.
+    """
+
+    def __init__(self, net: nn.Module, low: float = -5.0, high: float = 3.0):
+        super().__init__()
+        self.net, self.low, self.high = net, low, high
+
+    def forward(self, *args, **kwargs):
+        shift, log_scale = self.net(*args, **kwargs)
+        squashed = torch.where(log_scale >= 0, self.high * torch.tanh(log_scale / self.high),
+                               -self.low * torch.tanh(log_scale / -self.low))
+        return shift, squashed
+
+    @property
+    def permutation(self):  # what Pyro's autoregressive layers read off their network
+        return self.net.permutation
+
+    def get_permutation(self):
+        return self.net.get_permutation()
+
+
 def _spline_param_dims(width: int, count_bins: int) -> list[int]:
     return [width * count_bins, width * count_bins, width * (count_bins - 1), width * count_bins]
 
@@ -95,13 +122,14 @@ def build_layer(kind: str, dim: int, hidden_dims: list[int], context_dim: int, c
     if kind == "realnvp":
         dims = [dim - split, dim - split]
         if context_dim:
-            return T.ConditionalAffineCoupling(split, ConditionalDenseNN(split, context_dim, hidden_dims, dims))
-        return T.AffineCoupling(split, DenseNN(split, hidden_dims, dims))
+            return T.ConditionalAffineCoupling(
+                split, SoftClampedScale(ConditionalDenseNN(split, context_dim, hidden_dims, dims)))
+        return T.AffineCoupling(split, SoftClampedScale(DenseNN(split, hidden_dims, dims)))
     if kind in ("maf", "iaf"):
         if context_dim:
             return T.ConditionalAffineAutoregressive(
-                ConditionalAutoRegressiveNN(dim, context_dim, hidden_dims, permutation=order))
-        return T.AffineAutoregressive(AutoRegressiveNN(dim, hidden_dims, permutation=order))
+                SoftClampedScale(ConditionalAutoRegressiveNN(dim, context_dim, hidden_dims, permutation=order)))
+        return T.AffineAutoregressive(SoftClampedScale(AutoRegressiveNN(dim, hidden_dims, permutation=order)))
     if kind == "nsf_coupling":
         dims = _spline_param_dims(dim - split, count_bins)
         if context_dim:

@@ -9,7 +9,7 @@ import ppdgm
 from ppdgm.data import load_dataset, load_digits
 from ppdgm.inference import SVI
 from ppdgm.models import model_class
-from ppdgm.models.flows import KINDS, FlowModel
+from ppdgm.models.flows import KINDS, FlowModel, SoftClampedScale
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -70,6 +70,15 @@ def test_dequantized_flow_includes_the_logit_jacobian(float64):
     assert torch.allclose(flow.log_prob(v).detach(), ref, atol=1e-4, rtol=0)
     s = flow.sample(50)
     assert ((s * 16 - (s * 16).round()).abs() < 1e-6).all() and s.min() >= 0 and s.max() <= 1
+
+
+def test_soft_clamped_scale_keeps_gradients_honest():
+    raw = torch.tensor([-50.0, -5.0, -1e-3, 0.0, 1e-3, 3.0, 50.0], requires_grad=True)
+    shift, log_scale = SoftClampedScale(lambda: (raw * 0, raw))()
+    assert log_scale.min() > -5 and log_scale.max() < 3  # Pyro's hard clamp never acts
+    assert torch.allclose(log_scale[2:5], raw[2:5], atol=1e-6)  # identity near zero
+    log_scale.sum().backward()
+    assert (raw.grad[1:-1] > 0).all() and raw.grad[0] < 1e-3 and raw.grad[-1] < 1e-3  # no straight-through push
 
 
 def test_maf_learns_moons_and_beats_a_gaussian():
