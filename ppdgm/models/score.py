@@ -179,15 +179,16 @@ class ScoreModel(PyroModule):
     def _param(self):
         return next(self.net.parameters())
 
-    def _check(self, x, name="x"):
+    def check_data(self, x, name: str = "data") -> torch.Tensor:
+        """Validate data before an engine runs: finite values shaped ``(n, x_dim)`` (device kept)."""
         x = check_data(x, name, rank=2)
         if x.shape[1] != self.x_dim:
             raise ValueError(f"{name}: expected {self.x_dim} columns, got shape {tuple(x.shape)}")
-        p = self._param()
-        return x.to(p.device, p.dtype)
+        return x
 
-    def check_data(self, x, name: str = "data") -> torch.Tensor:
-        return self._check(x, name)
+    def _check(self, x, name="x"):
+        p = self._param()
+        return self.check_data(x, name).to(p.device, p.dtype)
 
     # -- the score and its training loss ----------------------------------------------------------
     def score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

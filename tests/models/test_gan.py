@@ -145,6 +145,7 @@ def test_bad_model_settings_are_refused():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.filterwarnings("ignore::ppdgm.inference.adversarial.ModeCollapseWarning")
 def test_cuda_smoke(mixture):
     gan = GAN(x_dim=2, hidden=[16], critic_hidden=[16])
     fit = Adversarial(loss="wgan-gp", num_steps=5, batch_size=64).run(gan.model, gan.critic, mixture[0].cuda())
