@@ -1,0 +1,70 @@
+"""Greedy layer-wise training of a stack of RBMs (a DBN), each by persistent CD.
+
+Hinton, Osindero & Teh (2006): train the bottom RBM on the data, draw its hidden units given each
+data point, train the next RBM on those draws, and so on. The model opts in with ``stack`` (the
+RBMs, bottom first) and ``up(x)`` (the recognition pass); every RBM gets the same
+:class:`PersistentCD` configuration and a seed of its own.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ppdgm.fit import Fit
+from ppdgm.inference.base import Engine, set_seed
+from ppdgm.inference.pcd import PersistentCD
+
+
+class GreedyLayerwise(Engine):
+    """``GreedyLayerwise(**PersistentCD arguments)``: the same PCD settings for every layer."""
+
+    name = "greedy"
+
+    def __init__(self, **pcd_kwargs):
+        self._pcd = PersistentCD(**pcd_kwargs)  # validates the arguments now, before any training
+        self.pcd = self._pcd.config
+
+    def run_zoo(self, obj, train_args, valid_args=None, checkpoint_dir=None, resume: bool = False) -> Fit:
+        return self.run(obj, train_args[0], val_data=valid_args[0] if valid_args else None,
+                        checkpoint_dir=checkpoint_dir, resume=resume)
+
+    def run(self, model, data, *, val_data=None, checkpoint_dir=None, resume: bool = False, callbacks=()) -> Fit:
+        """Train ``model.stack`` bottom-up; checkpoints of layer ``k`` go to ``checkpoint_dir/layer{k}``."""
+        stack = getattr(model, "stack", None)
+        if not isinstance(model, torch.nn.Module) or stack is None or not callable(getattr(model, "up", None)):
+            raise TypeError(f"model must be a torch.nn.Module with a `stack` of RBMs and an `up(x)` recognition "
+                            f"pass (a DBN), got {type(model).__name__}")
+        check = getattr(model, "check_data", None)
+        x = check(data, "data") if check else data
+        vx = check(val_data, "val_data") if (check and val_data is not None) else val_data
+        t0 = time.perf_counter()
+        history, chains = {}, {}
+        seed = self._pcd.seed
+        for k, rbm in enumerate(stack):
+            layer_dir = None if checkpoint_dir is None else f"{checkpoint_dir}/layer{k}"
+            engine = PersistentCD(**{**self.pcd, "seed": None if seed is None else seed + k})
+            fit = engine.run(rbm, x, val_data=vx, checkpoint_dir=layer_dir, resume=resume, callbacks=callbacks)
+            history[f"layer{k}"] = fit.history
+            chains[f"layer{k}"] = fit.extra["tensors"]["chains"]
+            if k + 1 < len(stack):
+                set_seed(None if seed is None else seed + 1000 + k)
+                with torch.no_grad():
+                    x = torch.bernoulli(rbm.hidden_mean(x))
+                    vx = torch.bernoulli(rbm.hidden_mean(vx)) if vx is not None else None
+        seconds = time.perf_counter() - t0
+        steps = sum(len(h["loss"]) for h in history.values())
+        # the top RBM's persistent chains stand for the whole model's negative phase
+        return Fit(
+            engine=self.name,
+            config=self.config,
+            history={"loss": [v for h in history.values() for v in h["loss"]], "layers": history},
+            timing={"seconds": seconds, "steps": steps, "ms_per_step": 1e3 * seconds / max(steps, 1)},
+            samples={"chain_energy": fit.samples["chain_energy"]} if fit.samples else None,
+            spec=getattr(model, "spec", None),
+            extra={"tensors": {"chains": chains}},
+            model=getattr(model, "model", None),
+            guide=getattr(model, "guide", None),
+            module=model,
+        )
