@@ -16,6 +16,7 @@ ENGINES: dict[str, str] = {
     "hmc": "ppdgm.inference.mcmc:HMC",
     "chees": "ppdgm.inference.chees:ChEES",
     "pcd": "ppdgm.inference.pcd:PersistentCD",
+    "greedy": "ppdgm.inference.greedy:GreedyLayerwise",
 }
 
 

@@ -27,6 +27,7 @@ MODELS: dict[str, str] = {
     "rbm": "ppdgm.models.rbm:RBM",
     "dbm": "ppdgm.models.dbm:DBM",
     "mdbm": "ppdgm.models.dbm:MultimodalDBM",
+    "dbn": "ppdgm.models.dbn:DBN",
 }
 
 
