@@ -190,6 +190,8 @@ class FlowModel(nn.Module):
         self.context_dim, self.levels, self.count_bins, self.bound, self.alpha = (
             context_dim, levels, count_bins, float(bound), float(alpha))
         self.support = "unit_interval" if levels else "real"
+        if levels:
+            self.likelihood_method = f"uniform-dequantization bound ({levels} levels)"
 
         self.layers = nn.ModuleList()
         for i in range(num_layers):
@@ -306,9 +308,16 @@ class FlowModel(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, y=None) -> torch.Tensor:
-        """``n`` draws; discrete pixels come back quantized to ``k / (levels - 1)``."""
+        """``n`` draws; discrete pixels come back quantized to ``k / (levels - 1)``.
+
+        A conditional flow given no ``y`` cycles through the one-hot contexts 0, 1, ...,
+        ``context_dim - 1`` (the class labels that ``from_data(conditional=True)`` encodes).
+        """
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
+        if y is None and self.context_dim:
+            classes = torch.arange(n, device=self.base_loc.device) % self.context_dim
+            y = nn.functional.one_hot(classes, self.context_dim).to(self.base_loc.dtype)
         y = self._check_context(y, n)
         with _eval_mode(self):
             d = self.distribution(y)
