@@ -26,7 +26,8 @@ def test_covers_eight_modes_and_beats_a_gaussian(mixture):
     x, centres, held_out, gaussian_mmd = mixture
     torch.manual_seed(0)
     gan = GAN(x_dim=2, latent_dim=2, hidden=[64, 64], critic_hidden=[64, 64])
-    fit = Adversarial(num_steps=400, batch_size=256, lr=2e-3, seed=0).run(gan.model, gan.critic, x)
+    engine = Adversarial(loss="nonsaturating", num_steps=400, batch_size=256, lr=2e-3, seed=0)
+    fit = engine.run(gan.model, gan.critic, x)
     samples = gan.sample(1000)
     covered, _ = modes_covered(samples, centres, max_dist=0.3, min_count=10)  # within 3 sd of a centre
     assert covered >= 6
@@ -60,7 +61,8 @@ def collapsed_generator(n, y=None):
 def test_collapse_and_divergence_are_warned(mixture):
     x = mixture[0]
     critic = GAN(x_dim=2).critic
-    engine = Adversarial(num_steps=150, batch_size=128, lr=1e-6, critic_lr=1e-2, monitor_every=50, seed=0)
+    engine = Adversarial(loss="nonsaturating", num_steps=150, batch_size=128, lr=1e-6, critic_lr=1e-2,
+                         monitor_every=50, seed=0)
     with pytest.warns(ModeCollapseWarning, match="mode collapse"), pytest.warns(DivergenceWarning, match="diverged"):
         fit = engine.run(collapsed_generator, critic, x)
     assert {a["kind"] for a in fit.extra["warnings"]} == {"mode_collapse", "divergence"}
@@ -74,7 +76,7 @@ def test_conditional_gan_follows_its_label():
     torch.manual_seed(0)
     gan = GAN.from_data(Dataset(x, y, "two-blobs"), conditional=True, hidden=[32, 32], critic_hidden=[32, 32])
     assert gan.num_classes == 2 and len(gan.data_args(Dataset(x, y, "two-blobs"))) == 2
-    Adversarial(num_steps=300, batch_size=128, lr=2e-3, seed=0).run(gan.model, gan.critic, (x, y))
+    Adversarial(loss="nonsaturating", num_steps=300, batch_size=128, lr=2e-3, seed=0).run(gan.model, gan.critic, (x, y))
     left = gan.sample(300, y=torch.zeros(300, dtype=torch.long))
     right = gan.sample(300, y=torch.ones(300, dtype=torch.long))
     assert left[:, 0].mean() < -1.5 and right[:, 0].mean() > 1.5
@@ -87,8 +89,9 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, mixture):
     def train(steps, resume, directory):
         torch.manual_seed(0)
         gan = GAN(x_dim=2, hidden=[16], critic_hidden=[16])
-        fit = Adversarial(num_steps=steps, batch_size=64, lr=1e-3, checkpoint_every=10, seed=0).run(
-            gan.model, gan.critic, x, checkpoint_dir=directory, resume=resume)
+        engine = Adversarial(loss="nonsaturating", num_steps=steps, batch_size=64, lr=1e-3, checkpoint_every=10,
+                             seed=0)
+        fit = engine.run(gan.model, gan.critic, x, checkpoint_dir=directory, resume=resume)
         return gan, fit
 
     whole, fit_whole = train(30, False, tmp_path / "a")
