@@ -99,7 +99,8 @@ def cmd_fit(args) -> int:
     options = {"num_steps": args.steps, "num_epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                "seed": args.seed, "device": args.device, "progress": None if args.progress else False,
                "checkpoint_every": args.checkpoint_every}
-    extra = _parse_assignments(args.engine_opt, "--engine-opt")
+    # a model may need engine settings to be trained at all (e.g. M2's enumerated labels)
+    extra = {**(getattr(obj, "engine_config", {}) if zoo else {}), **_parse_assignments(args.engine_opt, "--engine-opt")}
     unknown = set(extra) - set(inspect.signature(cls.__init__).parameters)
     if unknown:
         raise UsageError(f"engine {engine_name!r} takes no option(s) {sorted(unknown)}")
