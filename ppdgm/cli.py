@@ -61,11 +61,11 @@ def _build_model(args, train):
     kwargs = _parse_assignments(args.set, "--set")
     if args.model in MODELS:
         cls = model_class(args.model)
-        if hasattr(cls, "support"):
+        obj = cls.from_data(train, **kwargs) if hasattr(cls, "from_data") else cls(**kwargs)
+        if getattr(obj, "support", None):  # the instance's, since options like likelihood= change it
             from ppdgm.data import check_data
 
-            check_data(train.x, f"--data {args.data}", support=cls.support)
-        obj = cls.from_data(train, **kwargs) if hasattr(cls, "from_data") else cls(**kwargs)
+            check_data(train.x, f"--data {args.data}", support=obj.support)
         return obj, obj.spec
     if ":" in args.model and args.model.rpartition(":")[0].endswith(".py"):
         fn = load_function(args.model)
