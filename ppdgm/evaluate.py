@@ -47,7 +47,11 @@ def log_likelihood(model, x, method: str | None = None, **kwargs) -> NatsEstimat
     if method is not None:
         kwargs["method"] = method
     ll = model.log_likelihood(x, **kwargs)
-    return summarize(ll, method or getattr(model, "likelihood_method", type(model).__name__))
+    label = method or getattr(model, "likelihood_method", type(model).__name__)
+    options = {k: v for k, v in kwargs.items() if k != "method"}
+    if options:  # e.g. k=10 overrides the default number of importance samples in the label
+        label += " (" + ", ".join(f"{k}={v}" for k, v in options.items()) + ")"
+    return summarize(ll, label)
 
 
 def bernoulli_baseline(train, test, eps: float = 1e-3) -> NatsEstimate:

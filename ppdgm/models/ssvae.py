@@ -42,7 +42,7 @@ class SemiSupervisedVAE(PyroModule):
     default_engine = "svi"
     engine_config = {"loss": "enum", "max_plate_nesting": 1}
     support = "binary"
-    likelihood_method = "iwae-k1000"
+    likelihood_method = "iwae"
 
     def __init__(self, x_dim: int = 64, num_classes: int = 10, latent_dim: int = 16, hidden=(256,),
                  activation: str = "softplus", likelihood: str = "bernoulli", alpha: float = 100.0,

@@ -64,7 +64,7 @@ class VAE(PyroModule):
 
     default_engine = "svi"
     support = "binary"
-    likelihood_method = "iwae-k1000"
+    likelihood_method = "iwae"
 
     def __init__(
         self,
