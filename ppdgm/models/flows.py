@@ -15,18 +15,19 @@ p(x | y). Maximum likelihood is SVI with an empty guide: ``model(x)`` has no lat
 
 **Dequantization.** Pixels that take ``levels`` values ``k / (levels - 1)`` (17 for the 0..16
 digits intensities, 2 for binarized pixels) are modelled as ``v = (k + u) / levels`` with
-``u ~ Uniform(0, 1)^D`` and a logit pre-processing ``v -> logit(alpha + (1 - 2 alpha) v)`` that
-is part of the flow (its Jacobian is in ``log_prob``). Because p(v) is piecewise integrated to a
-probability on each cell of width ``1 / levels``,
+``u ~ Uniform(0, 1)^D``, and a logit pre-processing ``v -> logit(alpha + (1 - 2 alpha) v)`` is
+the flow's last transform (its Jacobian is in ``log_prob``). The discrete model is
+P(k) = integral of p(v) over the cell of k (volume ``levels^-D``), so by Jensen's inequality
 
     log P(k) >= E_u[log p(v)] - D log(levels)            (Theis et al. 2016)
 
-and the importance-weighted version ``log mean_j exp(log p(v_j)) - D log(levels)`` over ``j``
-draws of ``u`` is a tighter lower bound. :meth:`FlowModel.log_likelihood` returns that bound in
-nats per image for the discrete pixels, so the test NLL of a flow is an upper bound on the exact
-NLL of the same discrete images, comparable with the NLL of discrete models (MADE, NADE, RBMs)
-and with the ELBO/IWAE bounds of VAEs on the same data. The training loss (``model``) carries the
-``- D log(levels)`` constant as a ``pyro.factor``, so SVI's loss per point is that bound too.
+and ``log mean_j exp(log p(v_j)) - D log(levels)`` over ``j`` draws of ``u`` is a tighter lower
+bound. (The logit squeeze puts a little density outside the unit cube; that only loosens it.)
+:meth:`FlowModel.log_likelihood` returns that bound in nats per image, so a flow's test NLL is an
+upper bound on its exact NLL of the same discrete images: comparable with discrete models and
+with VAE bounds on the same pixels (17-level digits; ``levels=2`` flows on the binarized digits
+line up with MADE, NADE and RBMs). The training loss carries the ``- D log(levels)`` constant as
+a ``pyro.factor``, so SVI's loss per image is that bound too.
 """
 
 from __future__ import annotations
