@@ -1,0 +1,168 @@
+"""Every generative family in the repo on digits, on one axis: likelihood where defined, sample quality.
+
+Each family present in ``ppdgm.models.MODELS`` is built by ``from_data`` and trained by its default
+engine with that engine's defaults (only the number of steps is set here, to keep the run to a
+few minutes, and the EBM's Langevin settings, see ``ENGINE_OPTIONS``), the way ``ppdgm fit`` does. Binary families (VAE, MADE, RBM, DBM) see binarized
+digits; continuous ones (flows, GAN, EBM, score) see the 17-level intensities dequantized as
+``(k + u) / 17``, and their test NLL is the dequantization bound on the discrete image,
+``-log P(k) <= -log p(v) + 64 log 17`` (Theis et al. 2016), the flows' own convention. Sample
+quality is measured against the test split in each family's own representation: MMD^2 (Gaussian
+kernels around the median distance), k-NN precision/recall (k = 3) and the Fréchet distance in
+the features of the cached digits classifier; the "held-out data" rows (validation split vs test
+split) are the floor a perfect sampler would reach. Families missing from the repo are skipped
+with a note.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_samplers.py [--quick] [--only gan,ebm,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import math
+import time
+import warnings
+
+import torch
+
+from ppdgm.data import Dataset, load_digits
+from ppdgm.evaluate import bernoulli_baseline, digits_classifier, frechet_distance, mmd, precision_recall
+
+LEVELS = 17
+FAMILIES = [  # (MODELS name, data kind, steps)
+    ("vae", "binary", 3000),
+    ("made", "binary", 2000),
+    ("rbm", "binary", 3000),
+    ("dbm", "binary", 2000),
+    ("flow", "dequantized", 1500),
+    ("gan", "dequantized", 1000),
+    ("ebm", "dequantized", 1000),
+    ("score", "dequantized", 3000),
+]
+# The persistent-CD engine's defaults (SGD, one sampler step per update) are an RBM's; an EBM's
+# Langevin chains need several steps per update and Adam (Du & Mordatch 2019).
+ENGINE_OPTIONS = {"ebm": {"optim": "adam", "k": 10, "num_chains": 256}}
+
+
+def dequantize(ds: Dataset, seed: int) -> Dataset:
+    k = (ds.x * (LEVELS - 1)).round()
+    u = torch.rand(k.shape, generator=torch.Generator().manual_seed(seed))
+    return Dataset((k + u) / LEVELS, ds.y, ds.name.replace("continuous", "dequantized"), ds.image_shape)
+
+
+def categorical_baseline(train: torch.Tensor, test: torch.Tensor) -> float:
+    """Per-pixel 17-level categorical fitted on ``train`` (add-one smoothing): test NLL in nats."""
+    k_tr, k_te = (train * (LEVELS - 1)).round().long(), (test * (LEVELS - 1)).round().long()
+    counts = torch.stack([(k_tr == v).sum(0) for v in range(LEVELS)], 1).double() + 1
+    logp = (counts / counts.sum(1, keepdim=True)).log()
+    return float(-logp.gather(1, k_te.T).sum(0).mean())
+
+
+def data_for(kind):
+    if kind == "binary":
+        return load_digits("train", binarize=True), load_digits("valid", binarize=True), \
+            load_digits("test", binarize=True)
+    return (dequantize(load_digits("train"), 0), dequantize(load_digits("valid"), 1),
+            dequantize(load_digits("test"), 2))
+
+
+def train(name, kind, steps):
+    from ppdgm.inference import engine_class
+    from ppdgm.models import model_class
+
+    cls = model_class(name)
+    tr, va, _ = data_for(kind)
+    torch.manual_seed(0)
+    obj = cls.from_data(tr)
+    engine_cls = engine_class(cls.default_engine)
+    accepted = inspect.signature(engine_cls.__init__).parameters
+    options = {k: v for k, v in {"num_steps": steps, "seed": 0, "progress": False}.items() if k in accepted}
+    options.update(ENGINE_OPTIONS.get(name, {}))
+    engine = engine_cls(**options)
+    args = obj.data_args(tr) if hasattr(obj, "data_args") else (tr.x,)
+    vargs = obj.data_args(va) if hasattr(obj, "data_args") else (va.x,)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if hasattr(engine, "run_zoo"):
+            engine.run_zoo(obj, args, vargs)
+        else:
+            engine.run(obj.model, getattr(obj, "guide", None), args, val_data=vargs)
+    return obj, engine_cls.name, time.perf_counter() - t0
+
+
+def test_nll(obj, kind, test):
+    if not hasattr(obj, "log_likelihood"):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ll = obj.log_likelihood(test.x)
+    if kind == "dequantized" and getattr(obj, "levels", None) is None:
+        ll = ll - test.x.shape[1] * math.log(LEVELS)  # density of v -> bound on P(k)
+    return float(-ll.double().mean())
+
+
+def quality(real, fake):
+    fake = fake.detach().float().cpu().clamp(0, 1)
+    pr = precision_recall(real, fake, k=3)
+    return mmd(real, fake).mmd2, pr.precision, pr.recall, frechet_distance(real, fake, features="digits")
+
+
+def fmt(v, spec=".3f"):
+    return "—" if v is None else format(v, spec)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a tenth of the steps (smoke run)")
+    parser.add_argument("--only", default=None, help="comma-separated MODELS names")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    from ppdgm.models import MODELS
+
+    digits_classifier()  # train or load the feature network before timing anything
+    rows, notes = [], []
+    floors = {}
+    for kind in ("binary", "dequantized"):
+        _, va, te = data_for(kind)
+        floors[kind] = quality(te.x, va.x)
+        tr = data_for(kind)[0]
+        base = bernoulli_baseline(tr.x, te.x).nll if kind == "binary" else categorical_baseline(
+            load_digits("train").x, load_digits("test").x)
+        rows.append(("held-out data", "—", kind, base, *floors[kind], None, "per-pixel baseline NLL"))
+    only = set(args.only.split(",")) if args.only else None
+    for name, kind, steps in FAMILIES:
+        if only and name not in only:
+            continue
+        if name not in MODELS:
+            notes.append(f"{name}: not in this repo's MODELS registry; skipped")
+            continue
+        steps = max(10, steps // 10) if args.quick else steps
+        try:
+            obj, engine, seconds = train(name, kind, steps)
+            te = data_for(kind)[2]
+            torch.manual_seed(1)
+            with torch.no_grad():
+                fake = obj.sample(te.x.shape[0])
+            nll = test_nll(obj, kind, te)
+            rows.append((name, engine, kind, nll, *quality(te.x, fake), seconds, f"{steps} steps"))
+        except Exception as err:  # one family's failure must not hide the others' numbers
+            notes.append(f"{name}: failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
+        print(f"done {name}", flush=True)
+
+    print()
+    print("| family | engine | data | test NLL (nats) | MMD² | precision | recall | Fréchet | Fréchet / floor | "
+          "train s | note |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, engine, kind, nll, m, p, r, fd, secs, note in rows:
+        floor = floors[kind][3]
+        print(f"| {name} | {engine} | {kind} | {fmt(nll, '.2f')} | {m:.4f} | {p:.2f} | {r:.2f} | {fd:.2f} | "
+              f"{fd / floor:.1f}x | {fmt(secs, '.1f')} | {note} |")
+    for note in notes:
+        print(f"- {note}")
+    print("\nNLL: binary rows on binarized digits; dequantized rows bound -log P of the 17-level image; "
+          "lower is better. Fréchet / floor: ratio to the held-out split's distance to the test split.")
+
+
+if __name__ == "__main__":
+    main()
