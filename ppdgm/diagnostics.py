@@ -40,7 +40,8 @@ def trace_model(model, args=(), kwargs=None, condition: dict | None = None):
 def site_dims(site) -> list[str]:
     """Names for each dimension of a site's value: plate names for batch dims, else positional."""
     value = site["value"]
-    event_dim = getattr(site["fn"], "event_dim", 0)
+    # pyro.deterministic makes every dim an event dim; its plates still name them
+    event_dim = 0 if site["infer"].get("_deterministic") else getattr(site["fn"], "event_dim", 0)
     batch_ndim = value.dim() - event_dim
     by_dim = {f.dim: f.name for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None}
     names = []
@@ -93,7 +94,12 @@ def samples_to_inference_data(
             if f.vectorized:
                 coords.setdefault(f.name, np.arange(f.size))
     posterior = {k: _np(v) for k, v in samples.items()}
-    observed = {n: s for n, s in _sample_sites(trace, observed=True).items() if n not in samples}
+    observed = {n: s for n, s in _sample_sites(trace, observed=True).items()
+                if n not in samples and not s["infer"].get("_deterministic")}
+    deterministic = [n for n, s in trace.nodes.items() if s["type"] == "sample" and n not in samples
+                     and s["infer"].get("_deterministic")]
+    if deterministic:
+        posterior.update(deterministic_draws(model, samples, args, kwargs, deterministic))
     groups = {"posterior": posterior}
     if observed:
         groups["observed_data"] = {n: _np(s["value"]) for n, s in observed.items()}
@@ -134,6 +140,22 @@ def pointwise_log_likelihood(model, samples: dict, args=(), kwargs=None, observe
     if out is None:
         out = _looped_log_likelihood(model, flat, args, kwargs, observed)
     return {n: v.reshape(chains, draws, *v.shape[1:]) for n, v in out.items()}
+
+
+def deterministic_draws(model, samples: dict, args=(), kwargs=None, names=()) -> dict:
+    """``{name: (chain, draw, ...)}`` values of ``pyro.deterministic`` sites at each draw."""
+    kwargs = kwargs or {}
+    chains, draws = next(iter(samples.values())).shape[:2]
+    flat = {k: torch.as_tensor(v).reshape(chains * draws, *v.shape[2:]) for k, v in samples.items()}
+    shapes = {n: trace_model(model, args, kwargs, condition={k: v[0] for k, v in flat.items()}).nodes[n]["value"].shape
+              for n in names}
+    with torch.no_grad():
+        try:
+            out = Predictive(model, posterior_samples=flat, return_sites=list(names), parallel=True)(*args, **kwargs)
+            out = {n: v.reshape(chains * draws, *shapes[n]) for n, v in out.items()}
+        except (ValueError, RuntimeError):
+            out = Predictive(model, posterior_samples=flat, return_sites=list(names))(*args, **kwargs)
+    return {n: _np(out[n]).reshape(chains, draws, *shapes[n]) for n in names}
 
 
 def _observed_log_prob(site):

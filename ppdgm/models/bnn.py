@@ -166,12 +166,19 @@ class BNN(PyroModule):
         return fn, S
 
     @torch.no_grad()
-    def predict(self, x, samples: dict | None = None) -> torch.Tensor:
-        """Posterior-predictive mean: regression output, or class probabilities, per point."""
+    def function_draws(self, x, samples: dict | None = None) -> torch.Tensor:
+        """The mean of y (regression output or class probabilities) under every posterior draw:
+        ``(chain, draw, n[, classes])``, e.g. for R-hat of predictions or credible bands."""
         x, _ = self._check(x, None)
         fn, S = self._conditional(x, samples)
         mean = fn.probs if self.likelihood != "gaussian" else fn.mean
-        return mean.expand(S, *mean.shape[1:]).mean(0)
+        lead = next(iter((samples if samples is not None else self.posterior).values())).shape[:2]
+        return mean.expand(S, *mean.shape[1:]).reshape(*lead, *mean.shape[1:])
+
+    @torch.no_grad()
+    def predict(self, x, samples: dict | None = None) -> torch.Tensor:
+        """Posterior-predictive mean: regression output, or class probabilities, per point."""
+        return self.function_draws(x, samples).flatten(0, 1).mean(0)
 
     @torch.no_grad()
     def log_likelihood(self, x, y=None, samples: dict | None = None) -> torch.Tensor:
