@@ -15,13 +15,17 @@ Protocol. ``model`` is a ``torch.nn.Module`` (usually a ``PyroModule``) implemen
 - ``negative_log_density(state) -> Tensor[num_chains]``: the same unnormalized log-density on the
   chain states, with grad w.r.t. the parameters;
 - optional ``chain_energy(state) -> Tensor[num_chains]`` for diagnostics (default
-  ``-negative_log_density``), ``regularizer() -> scalar`` added to the loss, and
-  ``check_data(x, name) -> Tensor`` validating the data before anything runs.
+  ``-negative_log_density``), ``regularizer() -> scalar`` added to the loss,
+  ``check_data(x, name) -> Tensor`` validating the data before anything runs, and
+  ``contrastive_grads(batch, state) -> (positive, negative) | None``: a closed-form fast path that
+  writes the loss's gradient into the parameters' ``.grad`` and returns both phases' detached
+  log-densities (None: use autograd on the two log-density methods instead).
 
 Each step advances the chains ``k`` steps, then descends
 ``-(positive_log_density(batch).mean() - negative_log_density(chains).mean()) + regularizer()``.
 The chain energies of ``record_chains`` chains are recorded as ``Fit.samples["chain_energy"]``
-shaped ``(chains, draws)``, so ``fit.to_arviz()`` reports R-hat and ESS of the negative phase: a
+shaped ``(chains, draws)`` (every ``record_every`` steps, with the gradient norm and learning
+rate; loss and both phases are in the history every step), so ``fit.to_arviz()`` reports R-hat and ESS of the negative phase: a
 large R-hat means the persistent chains do not mix and the gradient is biased.
 """
 
@@ -133,7 +137,7 @@ class PersistentCD(Engine):
     def _make_optimizer(self, params):
         if self.optim == "adam":
             return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
-        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum[0], weight_decay=self.weight_decay)
+        return MomentumSGD(params, lr=self.lr, momentum=self.momentum[0], weight_decay=self.weight_decay)
 
     def run_zoo(self, obj, train_args, valid_args=None, checkpoint_dir=None, resume: bool = False) -> Fit:
         """How the CLI drives this engine on a zoo object."""
@@ -175,7 +179,8 @@ class PersistentCD(Engine):
 
         set_seed(self.seed)
         optimizer = self._make_optimizer(params)
-        history = {"loss": [], "positive": [], "negative": [], "chain_energy": [], "grad_norm": [], "lr": []}
+        history = {"loss": [], "positive": [], "negative": [], "chain_energy": [], "grad_norm": [], "lr": [],
+                   "record_step": []}
         if val_data is not None:
             history.update(val_positive=[], val_step=[])
         recorded: list[torch.Tensor] = []
@@ -199,28 +204,50 @@ class PersistentCD(Engine):
 
         energy_of = getattr(model, "chain_energy", None)
         regularizer = getattr(model, "regularizer", None)
+        closed_form = getattr(model, "contrastive_grads", None)
         t0 = time.perf_counter()
         bar = progress_bar(total, "pcd", self.progress)
         bar.update(start)
         post_every = max(1, total // 200)
-        step, stop = start, False
+        step, stop, schedule, order = start, False, None, {}
         for step in range(start, total):
-            for group in optimizer.param_groups:
-                group["lr"] = self._lr_at(step, total)
-                if self.optim == "sgd":
-                    group["momentum"] = self._momentum_at(step, total)
-            b = self._batch(data, step, per_epoch, batch)
+            now = (self._lr_at(step, total), self._momentum_at(step, total))
+            if now != schedule:
+                for group in optimizer.param_groups:
+                    group["lr"] = now[0]
+                    if self.optim == "sgd":
+                        group["momentum"] = now[1]
+                schedule = now
+            b = self._batch(data, step, per_epoch, batch, order)
             chains = model.sample_chains(chains, self.k)
-            pos = model.positive_log_density(b)
-            neg = model.negative_log_density(chains)
-            loss = -(pos.mean() - neg.mean())
-            if regularizer is not None:
-                loss = loss + regularizer()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, self.clip_norm or math.inf))
-            loss_value = float(loss.detach())
-            if not (math.isfinite(loss_value) and math.isfinite(gnorm)):
+            phases = closed_form(b, chains) if closed_form is not None else None
+            if phases is None:
+                optimizer.zero_grad(set_to_none=True)
+                pos = model.positive_log_density(b)
+                neg = model.negative_log_density(chains)
+                loss = -(pos.mean() - neg.mean())
+                if regularizer is not None:
+                    loss = loss + regularizer()
+                loss.backward()
+                pos_mean, neg_mean, loss = float(pos.detach().mean()), float(neg.detach().mean()), loss.detach()
+            else:
+                pos, neg = phases
+                pos_mean, neg_mean = float(pos.mean()), float(neg.mean())
+                loss = neg_mean - pos_mean
+                if regularizer is not None:
+                    penalty = regularizer()
+                    penalty.backward()
+                    loss = loss + float(penalty)
+            done = step + 1
+            due = done % record_every == 0
+            gnorm = None
+            if self.clip_norm is not None:
+                gnorm = float(torch.nn.utils.clip_grad_norm_(params, self.clip_norm))
+            elif due:
+                grads = [p.grad for p in params if p.grad is not None]
+                gnorm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) if grads else 0.0
+            loss_value = float(loss)
+            if not (math.isfinite(loss_value) and (gnorm is None or math.isfinite(gnorm))):
                 bar.close()
                 fit = self._fit(model, history, recorded, chains, t0, start, step)
                 if checkpoint_dir is not None:
@@ -231,16 +258,22 @@ class PersistentCD(Engine):
                     fit,
                 )
             optimizer.step()
-            done = step + 1
-            with torch.no_grad():
-                energy = energy_of(chains) if energy_of is not None else -neg.detach()
             history["loss"].append(loss_value)
-            history["positive"].append(float(pos.detach().mean()))
-            history["negative"].append(float(neg.detach().mean()))
-            history["chain_energy"].append(float(energy.mean()))
-            history["grad_norm"].append(gnorm)
-            history["lr"].append(optimizer.param_groups[0]["lr"])
-            if done % record_every == 0:
+            history["positive"].append(pos_mean)
+            history["negative"].append(neg_mean)
+            if energy_of is not None:
+                with torch.no_grad():
+                    energy = energy_of(chains)
+                history["chain_energy"].append(float(energy.mean()))
+            else:
+                energy = neg  # negated below, only when recorded
+                history["chain_energy"].append(-neg_mean)
+            if due:
+                if energy_of is None:
+                    energy = -neg.detach()
+                history["grad_norm"].append(gnorm)
+                history["lr"].append(now[0])
+                history["record_step"].append(done)
                 recorded.append(energy[: self.record_chains].detach().to("cpu", torch.float64))
             if val_data is not None and done % eval_every == 0:
                 with torch.no_grad():
@@ -294,16 +327,58 @@ class PersistentCD(Engine):
                              f"{[tuple(p.shape) for p in parts]}")
         return parts if isinstance(data, (tuple, list)) else parts[0]
 
-    def _batch(self, data, step, per_epoch, batch):
+    def _batch(self, data, step, per_epoch, batch, order: dict):
+        """Minibatch ``step``: epoch-seeded permutations (kept in ``order`` for the epoch)."""
         if batch is None:
             return data
         epoch, pos = divmod(step, per_epoch)
-        gen = torch.Generator().manual_seed((self.seed or 0) * 1_000_003 + epoch)
-        idx = torch.randperm(_length(data), generator=gen)[pos * batch : (pos + 1) * batch]
+        if order.get("epoch") != epoch:
+            gen = torch.Generator().manual_seed((self.seed or 0) * 1_000_003 + epoch)
+            device = data[0].device if isinstance(data, tuple) else data.device
+            order["epoch"], order["perm"] = epoch, torch.randperm(_length(data), generator=gen).to(device)
+        idx = order["perm"][pos * batch : (pos + 1) * batch]
         if isinstance(data, tuple):
-            idx = idx.to(data[0].device)
             return tuple(d[idx] for d in data)
-        return data[idx.to(data.device)]
+        return data[idx]
+
+
+class MomentumSGD:
+    """SGD with momentum and L2 weight decay (``torch.optim.SGD``'s update, first buffer = first
+    gradient) without torch.optim's per-step hooks, which cost more than an RBM's PCD step."""
+
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float = 0.0):
+        self.params, self.weight_decay = list(params), weight_decay
+        self.param_groups = [{"lr": lr, "momentum": momentum}]
+        self.buffers: list[torch.Tensor | None] = [None] * len(self.params)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        lr, momentum = self.param_groups[0]["lr"], self.param_groups[0]["momentum"]
+        for i, p in enumerate(self.params):
+            d = p.grad
+            if d is None:
+                continue
+            if self.weight_decay:
+                d = d.add(p, alpha=self.weight_decay)
+            if momentum:
+                buf = self.buffers[i]
+                if buf is None:
+                    buf = self.buffers[i] = d.clone()
+                else:
+                    buf.mul_(momentum).add_(d)
+                d = buf
+            p.add_(d, alpha=-lr)
+
+    def state_dict(self) -> dict:
+        return {"param_groups": [dict(g) for g in self.param_groups], "buffers": list(self.buffers)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.param_groups = [dict(g) for g in state["param_groups"]]
+        self.buffers = [None if b is None else b.to(p.device) for b, p in zip(state["buffers"], self.params)]
 
 
 def _number(x) -> bool:

@@ -27,7 +27,7 @@ from torch.distributions import constraints
 
 from ppdgm.data import check_data
 from ppdgm.graphs import LayerGraph, dbm_graph, multimodal_graph
-from ppdgm.models.boltzmann import LayeredEnergy
+from ppdgm.models.boltzmann import LayeredEnergy, bernoulli
 
 SUPPORT_OF_UNITS = {"bernoulli": "binary", "gaussian": "real", "softmax": "counts"}
 
@@ -372,7 +372,7 @@ class _Part:
 
 def _draw(e: LayeredEnergy, i: int, mean: torch.Tensor) -> torch.Tensor:
     if e.units[i] == "bernoulli":
-        return torch.bernoulli(mean)
+        return bernoulli(mean)
     if e.units[i] == "softmax":
         return F.one_hot(torch.multinomial(mean, 1).squeeze(-1), mean.shape[-1]).to(mean.dtype)
     return mean.clone()
@@ -391,7 +391,7 @@ def _cd_pretrain(parts, c, up, epochs, lr, batch_size, momentum, gen) -> float:
             idx = perm[lo : lo + batch_size]
             v0 = [p.x[idx] for p in parts]
             h0 = torch.sigmoid(up * sum(v @ p.W for v, p in zip(v0, parts)) + c)
-            hs = torch.bernoulli(h0)
+            hs = bernoulli(h0)
             v1 = []
             for p in parts:
                 eta = p.down * (hs @ p.W.T) + p.b

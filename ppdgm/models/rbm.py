@@ -24,7 +24,7 @@ from torch import nn
 from torch.distributions import constraints
 
 from ppdgm.data import check_data
-from ppdgm.models.boltzmann import LayeredEnergy
+from ppdgm.models.boltzmann import LayeredEnergy, bernoulli
 
 SUPPORT_OF_UNITS = {"bernoulli": "binary", "gaussian": "real", "softmax": "counts"}
 
@@ -99,18 +99,21 @@ class RBM(PyroModule):
         return LayeredEnergy(["v", "h"], [self.units, "bernoulli"], [True, False], [self.b, self.c],
                              [(0, 1, self.W)], [self.log_sigma, None])
 
-    def _scaled(self, v):
-        return v / self.log_sigma.exp() if self.units == "gaussian" else v
+    def _raw(self):
+        """``(W, b, c, log_sigma)`` straight from the module's dicts: the PCD loop skips PyroModule's
+        param-store lookups, which cost more than an RBM step's arithmetic. The Pyro program
+        (``model``/``guide``) reads them as attributes, so Pyro sees its parameters."""
+        p = self._parameters
+        return p["W"], p["b"], p["c"], p["log_sigma"] if self.learn_sigma else self._buffers["log_sigma"]
 
     def hidden_natural(self, v: torch.Tensor) -> torch.Tensor:
         """Logits of p(h = 1 | v)."""
-        bias = self.c * v.sum(-1, keepdim=True) if self.units == "softmax" else self.c
-        return self._scaled(v) @ self.W + bias
+        W, _, c, log_sigma = self._raw()
+        return _hidden_natural(self.units, v, W, c, log_sigma)
 
     def visible_own(self, v: torch.Tensor) -> torch.Tensor:
-        if self.units == "gaussian":
-            return -(((v - self.b) / self.log_sigma.exp()) ** 2).sum(-1) / 2
-        return v @ self.b
+        _, b, _, log_sigma = self._raw()
+        return _visible_own(self.units, v, b, log_sigma)
 
     def energy(self, v: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return -(self.visible_own(v) + (self.hidden_natural(v) * h).sum(-1))
@@ -124,35 +127,36 @@ class RBM(PyroModule):
         return torch.sigmoid(self.hidden_natural(v))
 
     def visible_natural(self, h):
+        W, b, _, _ = self._raw()
         if self.units == "gaussian":
-            return h @ self.W.T
-        return self.b + h @ self.W.T
+            return h @ W.T
+        return torch.addmm(b, h, W.T)
 
     def visible_mean(self, h, counts=None):
         eta = self.visible_natural(h)
         if self.units == "bernoulli":
             return torch.sigmoid(eta)
+        _, b, _, log_sigma = self._raw()
         if self.units == "gaussian":
-            return self.b + self.log_sigma.exp() * eta
+            return b + log_sigma.exp() * eta
         return torch.softmax(eta, -1) * (1 if counts is None else counts.unsqueeze(-1))
 
     def sample_visible(self, h, counts=None):
-        eta = self.visible_natural(h)
         if self.units == "bernoulli":
-            return torch.bernoulli(torch.sigmoid(eta))
+            return bernoulli(torch.sigmoid(self.visible_natural(h)))
         if self.units == "gaussian":
-            sigma = self.log_sigma.exp()
-            return self.b + sigma * eta + sigma * torch.randn_like(eta)
+            mean = self.visible_mean(h)
+            return mean + self._raw()[3].exp() * torch.randn_like(mean)
         from ppdgm.models.boltzmann import _multinomial_counts
 
-        return _multinomial_counts(torch.softmax(eta, -1), counts)
+        return _multinomial_counts(torch.softmax(self.visible_natural(h), -1), counts)
 
     @torch.no_grad()
     def gibbs(self, v: torch.Tensor, steps: int = 1) -> torch.Tensor:
         """``steps`` sweeps of block Gibbs v -> h -> v (document lengths kept for softmax units)."""
         counts = v.sum(-1) if self.units == "softmax" else None
         for _ in range(steps):
-            h = torch.bernoulli(self.hidden_mean(v))
+            h = bernoulli(self.hidden_mean(v))
             v = self.sample_visible(h, counts)
         return v
 
@@ -163,6 +167,31 @@ class RBM(PyroModule):
     def negative_log_density(self, v):
         return -self.free_energy(v)
 
+    @torch.no_grad()
+    def contrastive_grads(self, v: torch.Tensor, chains: torch.Tensor):
+        """The PCD loss's gradient in closed form (``.grad`` of W, b, c), and both phases'
+        log-densities ``-F``; None (autograd) when the variances are learned or a subclass
+        redefines either phase."""
+        cls = type(self)
+        if (self.learn_sigma or cls.positive_log_density is not RBM.positive_log_density
+                or cls.negative_log_density is not RBM.negative_log_density):
+            return None
+        W, b, c, log_sigma = self._raw()
+        stats = []
+        for x in (v, chains):
+            sx = x / log_sigma.exp() if self.units == "gaussian" else x
+            eta = _hidden_natural(self.units, x, W, c, log_sigma)
+            h = torch.sigmoid(eta)
+            hc = h * x.sum(-1, keepdim=True) if self.units == "softmax" else h
+            logd = _visible_own(self.units, x, b, log_sigma) + nn.functional.softplus(eta).sum(-1)
+            stats.append((sx, h, hc, logd, x.shape[0]))
+        (sv, hp, hcp, pos, m), (sc, hn, hcn, neg, k) = stats
+        W.grad = torch.addmm(sv.T @ hp, sc.T, hn, alpha=1.0 / k, beta=-1.0 / m)
+        db = chains.mean(0) - v.mean(0)
+        b.grad = db / log_sigma.exp() ** 2 if self.units == "gaussian" else db
+        c.grad = hcn.mean(0) - hcp.mean(0)
+        return pos, neg
+
     def init_chains(self, num_chains: int, data: torch.Tensor) -> torch.Tensor:
         """Persistent chains start at training points drawn with replacement."""
         idx = torch.randint(0, data.shape[0], (num_chains,), device=data.device)
@@ -170,9 +199,6 @@ class RBM(PyroModule):
 
     def sample_chains(self, state: torch.Tensor, steps: int) -> torch.Tensor:
         return self.gibbs(state, steps)
-
-    def chain_energy(self, state):
-        return self.free_energy(state)
 
     def check_data(self, x, name: str = "x") -> torch.Tensor:
         x = check_data(x, name, support=self.support, rank=2)
@@ -194,13 +220,16 @@ class RBM(PyroModule):
         with pyro.plate("data", n):
             v = pyro.sample("v", self._visible_prior(), obs=v)
             h = pyro.sample("h", dist.Bernoulli(self.c.new_full((self.hidden,), 0.5)).to_event(1))
-            pyro.factor("energy", -self.energy(v, h))
+            W, b, c, log_sigma = self.W, self.b, self.c, self.log_sigma  # registered with Pyro
+            eta = _hidden_natural(self.units, v, W, c, log_sigma)
+            pyro.factor("energy", _visible_own(self.units, v, b, log_sigma) + (eta * h).sum(-1))
         return v
 
     def guide(self, v=None, n: int | None = None):
         """The exact posterior p(h | v)."""
         with pyro.plate("data", v.shape[0]):
-            pyro.sample("h", dist.Bernoulli(logits=self.hidden_natural(v)).to_event(1))
+            eta = _hidden_natural(self.units, v, self.W, self.c, self.log_sigma)
+            pyro.sample("h", dist.Bernoulli(logits=eta).to_event(1))
 
     # -- use --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -219,7 +248,7 @@ class RBM(PyroModule):
         """``n`` draws after ``steps`` block-Gibbs sweeps from random hidden states."""
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
-        h = torch.bernoulli(self.c.new_full((n, self.hidden), 0.5))
+        h = bernoulli(self.c.new_full((n, self.hidden), 0.5))
         c = self.c.new_full((n,), float(counts)) if self.units == "softmax" else None
         return self.gibbs(self.sample_visible(h, c), steps)
 
@@ -245,3 +274,17 @@ class RBM(PyroModule):
         self.last_log_z = self.log_partition(method, base_data=x if base_data is None else base_data,
                                              **ais_kwargs) if method == "ais" else self.log_partition(method)
         return -self.free_energy(x) - self.last_log_z.value
+
+
+def _hidden_natural(units, v, W, c, log_sigma):
+    if units == "softmax":
+        c = c * v.sum(-1, keepdim=True)
+    elif units == "gaussian":
+        v = v / log_sigma.exp()
+    return torch.addmm(c, v, W) if v.dim() == 2 and c.dim() <= 2 else v @ W + c
+
+
+def _visible_own(units, v, b, log_sigma):
+    if units == "gaussian":
+        return -(((v - b) / log_sigma.exp()) ** 2).sum(-1) / 2
+    return v @ b

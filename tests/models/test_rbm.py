@@ -148,3 +148,20 @@ def test_cuda_smoke():
     assert rbm.W.device.type == "cuda" and fit.extra["tensors"]["chains"].device.type == "cuda"
     ll = rbm.log_likelihood(x, num_runs=20, num_betas=200)
     assert ll.device.type == "cuda" and torch.isfinite(ll).all()
+
+
+@pytest.mark.parametrize("units", ["bernoulli", "gaussian", "softmax"])
+def test_closed_form_gradients_match_autograd(units):
+    m = random_rbm(units, sigma=0.8)
+    torch.manual_seed(2)
+    data = {"bernoulli": lambda n: torch.bernoulli(torch.full((n, 6), 0.5)), "gaussian": lambda n: torch.randn(n, 6),
+            "softmax": lambda n: torch.multinomial(torch.ones(6), 8, replacement=True).bincount(minlength=6)
+            .float().expand(n, 6).clone()}[units]
+    v, chains = data(7), data(5)
+    loss = -(m.positive_log_density(v).mean() - m.negative_log_density(chains).mean())
+    expected = torch.autograd.grad(loss, [m.W, m.b, m.c])
+    pos, neg = m.contrastive_grads(v, chains)
+    for p, g in zip([m.W, m.b, m.c], expected):
+        assert torch.allclose(p.grad, g, atol=1e-5)
+    assert torch.allclose(-(pos.mean() - neg.mean()), loss)
+    assert RBM(visible=3, hidden=2, units="gaussian", learn_sigma=True).contrastive_grads(v[:, :3], v[:, :3]) is None
