@@ -67,6 +67,8 @@ def main():
     print("| batch | sklearn s/epoch | ppdgm s/epoch | ratio ppdgm/sklearn | sklearn test log p(x) (AIS) | "
           "ppdgm test log p(x) (AIS) |")
     print("|---:|---:|---:|---:|---:|---:|")
+    train_sklearn(train, args.hidden, args.lr, 10, 1, args.seed)  # warm-up: first-call costs of both libraries
+    train_ppdgm(train, args.hidden, args.lr, 10, 1, args.seed)
     for batch in args.batch_sizes:
         sk, sk_time = train_sklearn(train, args.hidden, args.lr, batch, args.epochs, args.seed)
         pp, pp_time = train_ppdgm(train, args.hidden, args.lr, batch, args.epochs, args.seed)
