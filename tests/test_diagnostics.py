@@ -125,3 +125,22 @@ def test_amortized_check_bad_input():
         amortized_posterior_check(lg_model, make_guide(), x, points=[5])
     with pytest.raises(TypeError, match="x"):
         amortized_posterior_check(lg_model, make_guide(), [[0.0]])
+
+
+def test_amortized_check_on_a_trained_vae():
+    """A VAE's encoder is an approximation: the gap is positive and the HMC-based log-evidence
+    agrees with the guide's importance-weighted bound (two estimates of the same log p(x))."""
+    vae_module = pytest.importorskip("ppdgm.models.vae")
+    from ppdgm.data import load_digits
+
+    x = load_digits("train", binarize=True).x
+    vae = vae_module.VAE(x_dim=64, latent_dim=2, hidden=(32,))
+    SVI(num_steps=200, batch_size=100, lr=3e-3).run(vae.model, vae.guide, x)
+    chk = amortized_posterior_check(vae.model, vae.guide, x, points=[0, 1, 2], num_chains=16, num_warmup=120,
+                                    num_samples=60, num_importance=1000)
+    se = (chk.elbo_se**2 + chk.log_evidence_se**2).sqrt()
+    assert (chk.gap > -4 * se).all() and chk.gap.mean() > 0
+    assert (chk.iwae <= chk.log_evidence + 4 * chk.log_evidence_se + 0.05).all()
+    assert (chk.log_evidence - chk.iwae).abs().max() < 0.5
+    # a decoder param is still trainable after HMC froze it
+    assert all(p.requires_grad for p in vae.parameters())

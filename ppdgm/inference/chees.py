@@ -17,6 +17,7 @@ checks it before sampling and says so when a model does not.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -155,6 +156,20 @@ class BatchedLogDensity:
         return -logp.detach(), -grad
 
 
+@contextlib.contextmanager
+def frozen_params():
+    """Pyro params (e.g. a trained decoder's weights) are constants while HMC moves the latents:
+    no gradient flows into them, and the JIT may bake them into its trace."""
+    params = [p for p in pyro.get_param_store()._params.values() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def halton(n: int, base: int = 2) -> float:
     """The ``n``-th (n >= 1) element of the van der Corput sequence in (0, 1)."""
     f, r = 1.0, 0.0
@@ -276,13 +291,15 @@ class ChEES(Engine):
             if not latent_sites(trace):
                 raise ValueError("the model has no latent sample sites: there is nothing for HMC to sample")
             density = BatchedLogDensity(model, args, kwargs, trace)
-            with pyro.validation_enabled(False), torch.no_grad():
+            with pyro.validation_enabled(False), torch.no_grad(), frozen_params():
                 return self._sample(model, density, args, kwargs, device)
 
     def run_zoo(self, obj, train_args, valid_args=None, checkpoint_dir=None, resume=False) -> Fit:
         """What the CLI calls: sample ``obj.model(*train_args)``; the Fit is saved to ``checkpoint_dir``."""
         fit = self.run(obj.model, *as_args(train_args))
         fit.module, fit.spec = obj, getattr(obj, "spec", None)
+        if hasattr(obj, "attach_posterior"):  # models that predict from draws (e.g. the BNN) keep them
+            obj.attach_posterior(fit.samples)
         if checkpoint_dir is not None:
             fit.save(checkpoint_dir)
         return fit

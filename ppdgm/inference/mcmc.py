@@ -252,6 +252,8 @@ class NUTS(Engine):
         """What the CLI calls: sample ``obj.model(*train_args)``; the Fit is saved to ``checkpoint_dir``."""
         fit = self.run(obj.model, *as_args(train_args))
         fit.module, fit.spec = obj, getattr(obj, "spec", None)
+        if hasattr(obj, "attach_posterior"):  # models that predict from draws (e.g. the BNN) keep them
+            obj.attach_posterior(fit.samples)
         if checkpoint_dir is not None:
             fit.save(checkpoint_dir)
         return fit
