@@ -55,12 +55,29 @@ def test_block_gibbs_samples_the_exact_joint_of_a_multimodal_dbm():
     assert torch.allclose(chains[2].mean(0), exact_top, atol=0.02)
 
 
+def test_importance_bound_reaches_the_exact_likelihood_and_beats_mean_field():
+    dbm = randomize(DBM(sizes=[6, 4, 3]))
+    e = dbm.energy_graph()
+    v = torch.bernoulli(torch.full((5, 6), 0.5))
+    h = torch.tensor(list(itertools.product([0, 1], repeat=7)), dtype=torch.float32)
+    exact = torch.stack([torch.logsumexp(e.log_density({0: x.expand(128, 6), 1: h[:, :4], 2: h[:, 4:]}), 0)
+                         for x in v]).detach()
+    torch.manual_seed(0)
+    bound = dbm.importance_bound(v, 5000)
+    mean_field = dbm.variational_bound(v, 30).detach()
+    assert (mean_field <= exact + 1e-5).all()
+    assert torch.allclose(bound, exact, atol=0.02)  # measured: within 0.004 nats
+    assert (bound > mean_field).all()
+    log_z = dbm.log_partition("exact").value
+    assert torch.allclose(dbm.log_likelihood(v, method="exact", num_samples=5000), exact - log_z, atol=0.02)
+
+
 @pytest.fixture(scope="module")
 def digits():
     return load_digits("train", binarize=True), load_digits("test", binarize=True)
 
 
-def test_pretrained_pcd_dbm_beats_base_rate_and_is_close_to_the_rbm(digits):
+def test_pretrained_pcd_dbm_beats_base_rate_and_states_its_gap_to_the_rbm(digits):
     train, test = digits
     torch.manual_seed(0)
     dbm = DBM(sizes=[64, 128, 64], mean_field_steps=5)
@@ -71,8 +88,9 @@ def test_pretrained_pcd_dbm_beats_base_rate_and_is_close_to_the_rbm(digits):
     bound = log_likelihood(dbm, test.x, num_runs=100, num_betas=2000, base_data=train.x, seed=1)
     baseline = bernoulli_baseline(train.x, test.x)
     assert dbm.last_log_z.stderr < 0.3
-    # measured: DBM bound -19.21 nats; base rate -25.21; RBM with 128 hidden units (tests/models/test_rbm.py) -18.6:
-    # the DBM's variational lower bound lands 0.6 nats under the RBM's exact-given-log-Z likelihood
+    # measured: DBM bound -19.18 nats (importance bound; mean-field bound -19.21); base rate -25.21; the RBM with
+    # 128 hidden units of tests/models/test_rbm.py: -18.24. This DBM does NOT beat that RBM: it lands 0.94 nats
+    # under it (a lower bound against an estimate given log Z; both with AIS log Z s.e. < 0.2).
     assert bound.mean > baseline.mean + 5, (bound, baseline)
     assert bound.mean > -20.0
 
