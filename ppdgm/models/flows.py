@@ -86,23 +86,22 @@ class _SplineCouplingGiven(T.SplineCoupling):
 
 
 class SoftClampedScale(nn.Module):
-    """Wraps an affine layer's conditioner and squashes its log-scale smoothly into (-5, 3).
+    """Wraps an affine layer's conditioner and squashes its log-scale smoothly into (-3, 3).
 
     Pyro's affine coupling/autoregressive layers hard-clamp the log-scale to [-5, 3] with
     straight-through gradients, so a raw log-scale past the clamp keeps being pushed and the
-    network's weights can run off until the loss overflows (seen on sharp 2-D mixtures). Inside
-    the open interval the clamp never acts and gradients are honest; near zero this is the identity.
+    network's weights can run off until the loss overflows (seen on sharp 2-D mixtures). With
+    ``bound * tanh(s / bound)`` the clamp never acts and gradients are honest; near zero this is
+    the identity (zuko soft-clamps its affine layers in the same spirit).
     """
 
-    def __init__(self, net: nn.Module, low: float = -5.0, high: float = 3.0):
+    def __init__(self, net: nn.Module, bound: float = 3.0):
         super().__init__()
-        self.net, self.low, self.high = net, low, high
+        self.net, self.bound = net, bound
 
     def forward(self, *args, **kwargs):
         shift, log_scale = self.net(*args, **kwargs)
-        squashed = torch.where(log_scale >= 0, self.high * torch.tanh(log_scale / self.high),
-                               -self.low * torch.tanh(log_scale / -self.low))
-        return shift, squashed
+        return shift, self.bound * torch.tanh(log_scale / self.bound)
 
     @property
     def permutation(self):  # what Pyro's autoregressive layers read off their network
