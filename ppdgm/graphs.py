@@ -23,11 +23,16 @@ UNITS = ("bernoulli", "gaussian", "softmax")
 
 
 class LayerGraph:
-    """A validated layer graph; ``layers`` are ordered by depth (visible layers first)."""
+    """A validated layer graph; ``layers`` are ordered by depth (visible layers first).
+
+    ``graph`` is a networkx ``Graph``/``DiGraph``, node-link data (a dict) or the path of a
+    node-link ``.json`` file."""
 
     def __init__(self, graph):
         if isinstance(graph, LayerGraph):
             graph = graph.graph
+        if isinstance(graph, (str, Path)):
+            graph = load_graph(graph).graph
         if isinstance(graph, dict):
             graph = graph_from_json(graph)
         if isinstance(graph, (nx.MultiGraph, nx.MultiDiGraph)) or not isinstance(graph, (nx.Graph, nx.DiGraph)):

@@ -38,6 +38,9 @@ def test_json_round_trip(tmp_path):
     back = load_graph(path)
     assert back.layers == m.layers and back.edges == m.edges and back.graph.graph["top"] == "top"
     assert LayerGraph(m.to_json()).visible == m.visible
+    assert LayerGraph(str(path)).edges == m.edges
+    with pytest.raises(ValueError, match="node-link .json"):
+        load_graph(tmp_path / "g.edgelist")
 
 
 @pytest.mark.parametrize(
