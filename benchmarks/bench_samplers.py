@@ -92,14 +92,18 @@ def train(name, kind, steps):
 
 
 def test_nll(obj, kind, test):
+    """Test NLL in nats, or ``(None, why)`` when the model has none or its estimate is not trustworthy."""
     if not hasattr(obj, "log_likelihood"):
-        return None
+        return None, "implicit model: no density"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ll = obj.log_likelihood(test.x)
+    ais = getattr(obj, "last_ais", None)
+    if ais is not None and ais["effective_sample_size"] < 10:
+        return None, f"AIS log Z unreliable (ESS {ais['effective_sample_size']:.1f})"
     if kind == "dequantized" and getattr(obj, "levels", None) is None:
         ll = ll - test.x.shape[1] * math.log(LEVELS)  # density of v -> bound on P(k)
-    return float(-ll.double().mean())
+    return float(-ll.double().mean()), ""
 
 
 def quality(real, fake):
@@ -144,8 +148,9 @@ def main():
             torch.manual_seed(1)
             with torch.no_grad():
                 fake = obj.sample(te.x.shape[0])
-            nll = test_nll(obj, kind, te)
-            rows.append((name, engine, kind, nll, *quality(te.x, fake), seconds, f"{steps} steps"))
+            nll, why = test_nll(obj, kind, te)
+            note = f"{steps} steps" + (f"; {why}" if why else "")
+            rows.append((name, engine, kind, nll, *quality(te.x, fake), seconds, note))
         except Exception as err:  # one family's failure must not hide the others' numbers
             notes.append(f"{name}: failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
         print(f"done {name}", flush=True)

@@ -200,16 +200,23 @@ class EBM(PyroModule):
 
     @torch.no_grad()
     def _ais_log_normalizer(self, num_chains, num_temps) -> float:
-        """Annealed importance sampling from the uniform box to exp(-E) with Langevin moves
-        (Metropolis-adjusted, so each transition leaves its intermediate density invariant)."""
+        """Annealed importance sampling from the uniform box to exp(-E) with Metropolis-adjusted
+        Langevin moves, each leaving its intermediate density invariant. The step size adapts
+        between temperatures towards a 60% acceptance rate (a chain that never moves would turn
+        AIS into plain importance sampling from the box); ``self.last_ais`` keeps the diagnostics."""
         betas = torch.linspace(0, 1, num_temps + 1).tolist()
         x = self.noise(num_chains)
         log_w = torch.zeros(num_chains, device=x.device, dtype=x.dtype)
         log_vol = self.x_dim * math.log(self.high - self.low)
-        eps = self.step_size
+        eps, accepted = self.step_size, []
         for b0, b1 in zip(betas[:-1], betas[1:]):
             log_w += (b1 - b0) * self.log_prob(x)
-            x = _mala_step(lambda z: b1 * self.log_prob(z), x, eps, self.low, self.high)
+            x, rate = _mala_step(lambda z, b=b1: b * self.log_prob(z), x, eps, self.low, self.high)
+            eps *= math.exp(0.1 * (rate - 0.6))
+            accepted.append(rate)
+        ess = float(log_w.logsumexp(0).mul(2).sub((2 * log_w).logsumexp(0)).exp())
+        self.last_ais = {"acceptance": sum(accepted) / len(accepted), "final_step_size": eps,
+                         "effective_sample_size": ess}
         return float(torch.logsumexp(log_w, 0) - math.log(num_chains) + log_vol)
 
     @torch.no_grad()
@@ -233,4 +240,4 @@ def _mala_step(log_density, x, eps, low, high):
     lq_bwd = -((x - y - eps * gy) ** 2).sum(-1) / (4 * eps)
     log_acc = log_density(y) - log_density(x) + lq_bwd - lq_fwd
     accept = inside & (torch.rand_like(log_acc).log() < log_acc)
-    return torch.where(accept.unsqueeze(-1), y, x)
+    return torch.where(accept.unsqueeze(-1), y, x), float(accept.float().mean())

@@ -125,16 +125,18 @@ class ScoreModel(PyroModule):
         eps: smallest diffusion time (training, sampling and likelihood start there).
         low, high: optional box that final samples are clamped to (e.g. 0 and 1 for intensities).
         num_scales, snr: default reverse-SDE discretization and corrector signal-to-noise ratio.
+        loc, scale: the diffusion runs on ``(x - loc) / scale`` (``from_data`` standardizes the data,
+            so one noise schedule suits data of any scale); likelihoods include the Jacobian.
     """
 
     default_engine = "score_matching"
     support = "real"
     likelihood_method = "probability-flow ODE (RK4, Hutchinson trace)"
 
-    def __init__(self, x_dim: int = 2, hidden=(128, 128), activation: str = "silu", embed_dim: int = 16,
+    def __init__(self, x_dim: int = 2, hidden=(256, 256), activation: str = "silu", embed_dim: int = 16,
                  sde: str = "vp", sigma_min: float = 0.01, sigma_max: float = 5.0, beta_min: float = 0.1,
                  beta_max: float = 20.0, eps: float = 1e-3, low: float | None = None, high: float | None = None,
-                 num_scales: int = 500, snr: float = 0.16):
+                 num_scales: int = 500, snr: float = 0.16, loc: float = 0.0, scale: float = 1.0):
         super().__init__()
         if isinstance(x_dim, bool) or not isinstance(x_dim, int) or x_dim < 1:
             raise ValueError(f"x_dim must be a positive int, got {x_dim!r}")
@@ -153,6 +155,9 @@ class ScoreModel(PyroModule):
         self.x_dim, self.hidden, self.activation, self.embed_dim = x_dim, list(hidden), activation, embed_dim
         self.sigma_min, self.sigma_max, self.beta_min, self.beta_max = sigma_min, sigma_max, beta_min, beta_max
         self.eps, self.low, self.high, self.num_scales, self.snr = float(eps), low, high, num_scales, float(snr)
+        if not (isinstance(scale, (int, float)) and scale > 0 and math.isfinite(loc)):
+            raise ValueError(f"scale must be positive and loc finite, got loc={loc!r}, scale={scale!r}")
+        self.loc, self.scale = float(loc), float(scale)
         self.embed = TimeEmbedding(embed_dim)
         self.net = MLP(x_dim + embed_dim, self.hidden, x_dim, activation)
 
@@ -162,10 +167,12 @@ class ScoreModel(PyroModule):
         if kwargs.get("sde") == "ve" and "sigma_max" not in kwargs:
             # Song & Ermon (2020): sigma_max about the largest distance between training points
             sub = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:1000]]
-            kwargs["sigma_max"] = float(torch.pdist(sub).max())
+            kwargs["sigma_max"] = float(torch.pdist(sub).max()) / kwargs.get("scale", float(x.std()))
         if float(x.min()) >= 0 and float(x.max()) <= 1 and x.shape[1] > 2:
             kwargs.setdefault("low", 0.0)
             kwargs.setdefault("high", 1.0)
+        kwargs.setdefault("loc", float(x.mean()))
+        kwargs.setdefault("scale", float(x.std()))
         return cls(x_dim=x.shape[1], **kwargs)
 
     @property
@@ -174,7 +181,8 @@ class ScoreModel(PyroModule):
             "x_dim": self.x_dim, "hidden": self.hidden, "activation": self.activation,
             "embed_dim": self.embed_dim, "sde": self.sde_kind, "sigma_min": self.sigma_min,
             "sigma_max": self.sigma_max, "beta_min": self.beta_min, "beta_max": self.beta_max, "eps": self.eps,
-            "low": self.low, "high": self.high, "num_scales": self.num_scales, "snr": self.snr}}
+            "low": self.low, "high": self.high, "num_scales": self.num_scales, "snr": self.snr, "loc": self.loc,
+            "scale": self.scale}}
 
     def _param(self):
         return next(self.net.parameters())
@@ -199,13 +207,16 @@ class ScoreModel(PyroModule):
 
     def denoising_loss(self, x: torch.Tensor) -> torch.Tensor:
         """Denoising score matching per point, weighted by ``std(t)^2``: ``|std s(x_t, t) + z|^2``."""
+        x = (x - self.loc) / self.scale
         t = self.eps + (1 - self.eps) * torch.rand(x.shape[0], device=x.device, dtype=x.dtype)
         mean, std = self.sde.marginal(t)
         z = torch.randn_like(x)
         xt = mean.unsqueeze(-1) * x + std.unsqueeze(-1) * z
         return (std.unsqueeze(-1) * self.score(xt, t) + z).pow(2).sum(-1)
 
-    def _finish(self, x):
+    def _finish(self, u):
+        """Standardized diffusion states at time ``eps`` -> data (clamped to ``[low, high]`` if set)."""
+        x = self.loc + self.scale * u
         return x.clamp(self.low, self.high) if self.low is not None else x
 
     # -- sampling ----------------------------------------------------------------------------------
@@ -332,7 +343,7 @@ class ScoreModel(PyroModule):
             raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
         if not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
-        x0 = self._check(x)
+        x0 = (self._check(x) - self.loc) / self.scale
         gen = torch.Generator().manual_seed(seed)
         total = torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
         for _ in range(num_probes if divergence == "hutchinson" else 1):
@@ -349,7 +360,8 @@ class ScoreModel(PyroModule):
             for t0, t1 in zip(ts[:-1], ts[1:]):
                 state = _rk4(rhs, state, t0, t1)
             total += (self.sde.prior_log_prob(state[:, :-1]) + state[:, -1]).double()
-        return (total / (num_probes if divergence == "hutchinson" else 1)).to(x0.dtype)
+        total = total / (num_probes if divergence == "hutchinson" else 1) - self.x_dim * math.log(self.scale)
+        return total.to(x0.dtype)
 
 
 def _rk4(f, x, t0, t1):

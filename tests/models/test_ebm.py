@@ -70,6 +70,7 @@ def test_ais_normalizer_agrees_with_quadrature():
     torch.manual_seed(1)
     ais = ebm._ais_log_normalizer(num_chains=200, num_temps=50)
     assert ais == pytest.approx(exact, abs=0.05)
+    assert 0.3 < ebm.last_ais["acceptance"] < 0.9 and ebm.last_ais["effective_sample_size"] > 50
 
 
 def test_saved_fit_keeps_the_replay_buffer(tmp_path, trained):

@@ -91,6 +91,19 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
     assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_standardization_enters_the_likelihood_as_a_jacobian():
+    torch.manual_seed(0)
+    plain = ScoreModel(x_dim=3, hidden=[8])
+    shifted = ScoreModel(x_dim=3, hidden=[8], loc=1.0, scale=2.0)
+    shifted.load_state_dict(plain.state_dict())
+    x = torch.randn(5, 3)
+    expected = plain.log_likelihood((x - 1.0) / 2.0, num_steps=5) - 3 * math.log(2.0)
+    assert torch.allclose(shifted.log_likelihood(x, num_steps=5), expected, atol=1e-5)
+    data = 10 + 3 * torch.randn(200, 3)
+    fitted = ScoreModel.from_data(data)
+    assert fitted.loc == pytest.approx(float(data.mean())) and fitted.scale == pytest.approx(float(data.std()))
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.floats(0.02, 0.99), st.sampled_from(["ve", "vp"]))
 def test_time_of_std_inverts_the_schedule(t, sde):
