@@ -77,22 +77,26 @@ def digits():
     return load_digits("train", binarize=True), load_digits("test", binarize=True)
 
 
-def test_pretrained_pcd_dbm_beats_base_rate_and_states_its_gap_to_the_rbm(digits):
+def test_pretrained_pcd_dbm_beats_the_rbm_of_the_same_first_layer_size(digits):
     train, test = digits
     torch.manual_seed(0)
-    dbm = DBM(sizes=[64, 128, 64], mean_field_steps=5)
+    dbm = DBM(sizes=[64, 128, 64], mean_field_steps=10)
     errors = dbm.pretrain(train.x, epochs=30, lr=0.05, batch_size=50)
     assert errors[0] < 3.0  # squared reconstruction error per digit of the bottom RBM
-    PersistentCD(num_epochs=60, batch_size=50, lr=0.01, optim="adam", lr_schedule="linear", weight_decay=1e-4,
-                 num_chains=100, seed=0).run(dbm, train.x)
-    bound = log_likelihood(dbm, test.x, num_runs=100, num_betas=2000, base_data=train.x, seed=1)
+    PersistentCD(num_epochs=80, batch_size=50, lr=0.01, optim="adam", lr_schedule="linear", weight_decay=1e-4,
+                 num_chains=200, k=5, seed=0).run(dbm, train.x)
+    torch.manual_seed(0)
+    rbm = RBM(visible=64, hidden=128)  # as in tests/models/test_rbm.py
+    PersistentCD(num_epochs=60, batch_size=50, lr=0.02, optim="adam", lr_schedule="linear", weight_decay=1e-4,
+                 num_chains=100, seed=0).run(rbm, train.x)
+    ais = dict(num_runs=100, num_betas=3000, base_data=train.x, seed=1)
+    dbm_ll = log_likelihood(dbm, test.x, **ais)  # a lower bound (importance-sampled, h1 summed out)
+    rbm_ll = log_likelihood(rbm, test.x, **ais)
     baseline = bernoulli_baseline(train.x, test.x)
-    assert dbm.last_log_z.stderr < 0.3
-    # measured: DBM bound -19.18 nats (importance bound; mean-field bound -19.21); base rate -25.21; the RBM with
-    # 128 hidden units of tests/models/test_rbm.py: -18.24. This DBM does NOT beat that RBM: it lands 0.94 nats
-    # under it (a lower bound against an estimate given log Z; both with AIS log Z s.e. < 0.2).
-    assert bound.mean > baseline.mean + 5, (bound, baseline)
-    assert bound.mean > -20.0
+    assert dbm.last_log_z.stderr < 0.4 and rbm.last_log_z.stderr < 0.2
+    assert dbm_ll.mean > baseline.mean + 5, (dbm_ll, baseline)
+    # measured: DBM bound -17.61 nats, RBM -18.31 (AIS seed 1), base rate -25.21: the DBM wins by 0.70 nats
+    assert dbm_ll.mean > rbm_ll.mean, (dbm_ll, rbm_ll)
 
 
 def test_multimodal_dbm_labels_test_digits_and_draws_digits_from_labels(digits):
