@@ -17,18 +17,16 @@ def randomize(model, weight_scale=1.0, bias_scale=0.5, seed=0):
 
 
 def brute_force_log_z(energy):
-    """Sum exp(-E) over every joint state (bernoulli layers, one-hot softmax layers)."""
+    """log sum exp(-E) over every joint state (bernoulli layers, one-hot softmax layers), vectorized."""
     choices = []
     for size, units in zip(energy.sizes, energy.units):
         if units == "softmax":
-            choices.append([torch.eye(size)[k] for k in range(size)])
+            choices.append(torch.eye(size, dtype=torch.float64))
         else:
-            choices.append([torch.tensor(bits, dtype=torch.float32) for bits in itertools.product([0, 1], repeat=size)])
-    logs = []
-    for combo in itertools.product(*[range(len(c)) for c in choices]):
-        state = {i: choices[i][k].double().unsqueeze(0) for i, k in enumerate(combo)}
-        logs.append(energy.log_density(state))
-    return torch.logsumexp(torch.cat(logs), 0).item()
+            choices.append(torch.tensor(list(itertools.product([0, 1], repeat=size)), dtype=torch.float64))
+    idx = torch.cartesian_prod(*[torch.arange(len(c)) for c in choices])
+    state = {i: c[idx[:, i]] for i, c in enumerate(choices)}
+    return torch.logsumexp(energy.log_density(state), 0).item()
 
 
 def double(energy):
