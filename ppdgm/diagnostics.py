@@ -228,7 +228,7 @@ def guide_draws(model, guide, args=(), kwargs=None, num_samples: int = 500) -> d
 def fit_to_inference_data(fit, num_samples: int = 500, log_likelihood: bool = True,
                           posterior_predictive: bool = False) -> az.InferenceData:
     """What ``Fit.to_arviz()`` returns (draws from ``fit.samples`` or from the guide)."""
-    if fit.engine == "pcd":
+    if fit.engine in ("pcd", "greedy"):
         return chain_energy_inference_data(fit)
     if fit.model is None:
         raise ValueError("this Fit has no model attached; pass model= (and guide=) to ppdgm.load")

@@ -2,8 +2,8 @@
 
 Hinton, Osindero & Teh (2006): train the bottom RBM on the data, draw its hidden units given each
 data point, train the next RBM on those draws, and so on. The model opts in with ``stack`` (the
-RBMs, bottom first) and ``up(x)`` (the recognition pass); every RBM gets the same
-:class:`PersistentCD` configuration and a seed of its own.
+RBMs, bottom first) and ``up(x)`` (the recognition pass); every RBM gets this engine's
+:class:`PersistentCD` configuration (it takes the same arguments) and a seed of its own.
 """
 
 from __future__ import annotations
@@ -13,18 +13,20 @@ import time
 import torch
 
 from ppdgm.fit import Fit
-from ppdgm.inference.base import Engine, set_seed
+from ppdgm.inference.base import set_seed
 from ppdgm.inference.pcd import PersistentCD
 
 
-class GreedyLayerwise(Engine):
+class GreedyLayerwise(PersistentCD):
     """``GreedyLayerwise(**PersistentCD arguments)``: the same PCD settings for every layer."""
 
     name = "greedy"
 
-    def __init__(self, **pcd_kwargs):
-        self._pcd = PersistentCD(**pcd_kwargs)  # validates the arguments now, before any training
-        self.pcd = self._pcd.config
+    def _pcd_arguments(self) -> dict:
+        import inspect
+
+        names = inspect.signature(PersistentCD.__init__).parameters
+        return {k: getattr(self, k) for k in names if k != "self" and hasattr(self, k)}
 
     def run_zoo(self, obj, train_args, valid_args=None, checkpoint_dir=None, resume: bool = False) -> Fit:
         return self.run(obj, train_args[0], val_data=valid_args[0] if valid_args else None,
@@ -41,10 +43,10 @@ class GreedyLayerwise(Engine):
         vx = check(val_data, "val_data") if (check and val_data is not None) else val_data
         t0 = time.perf_counter()
         history, chains = {}, {}
-        seed = self._pcd.seed
+        seed = self.seed
         for k, rbm in enumerate(stack):
             layer_dir = None if checkpoint_dir is None else f"{checkpoint_dir}/layer{k}"
-            engine = PersistentCD(**{**self.pcd, "seed": None if seed is None else seed + k})
+            engine = PersistentCD(**{**self._pcd_arguments(), "seed": None if seed is None else seed + k})
             fit = engine.run(rbm, x, val_data=vx, checkpoint_dir=layer_dir, resume=resume, callbacks=callbacks)
             history[f"layer{k}"] = fit.history
             chains[f"layer{k}"] = fit.extra["tensors"]["chains"]

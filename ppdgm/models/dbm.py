@@ -471,6 +471,15 @@ class MultimodalDBM(DBM):
     def data_args(dataset) -> tuple:
         return (dataset.x, dataset.y)
 
+    @torch.no_grad()
+    def sample(self, n: int, steps: int = 1000) -> torch.Tensor:
+        """Draws of the first modality (the pixels); :meth:`sample_all` returns both."""
+        return self.sample_all(n, steps)[0]
+
+    def sample_all(self, n: int, steps: int = 1000) -> tuple:
+        """Joint draws of both visible layers after ``steps`` block-Gibbs sweeps."""
+        return DBM.sample(self, n, steps)
+
     def predict(self, x, steps: int = 30) -> torch.Tensor:
         """The most probable label of each row of the first modality (a generative classifier)."""
         first, second = self.visible_layers

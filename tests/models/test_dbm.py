@@ -108,6 +108,7 @@ def test_multimodal_dbm_labels_test_digits_and_draws_digits_from_labels(digits):
     accuracy = (mm.predict(test.x) == test.y).float().mean().item()
     assert accuracy >= 0.85, accuracy  # measured 0.882 (0.892 right after pretraining)
     # complete(label): the pixels it fills in look most like that digit's class mean
+    assert mm.sample(3, steps=5).shape == (3, 64) and [t.shape for t in mm.sample_all(3, steps=5)] == [(3, 64), (3, 10)]
     images = mm.complete({"label": torch.eye(10)})["pixels"]
     means = torch.stack([train.x[train.y == k].mean(0) for k in range(10)])
     nearest = torch.cdist(images, means).argmin(-1)

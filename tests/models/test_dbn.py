@@ -97,3 +97,19 @@ def test_cuda_smoke():
     GreedyLayerwise(num_steps=10, batch_size=16, num_chains=8).run(dbn, x)
     assert dbn.sample(3, steps=5).device.type == "cuda"
     assert torch.isfinite(dbn.log_likelihood(x, num_runs=10, num_betas=100, num_samples=5)).all()
+
+
+def test_greedy_engine_takes_pcd_arguments_and_reports_chain_mixing(tmp_path):
+    import inspect
+
+    import arviz as az
+
+    from ppdgm.inference.pcd import PersistentCD
+
+    assert set(inspect.signature(GreedyLayerwise.__init__).parameters) == set(
+        inspect.signature(PersistentCD.__init__).parameters)
+    x = torch.bernoulli(torch.full((60, 6), 0.4))
+    dbn = DBN(sizes=[6, 4, 3])
+    fit = GreedyLayerwise(num_steps=30, batch_size=20, num_chains=10, lr=0.05).run_zoo(dbn, (x,), None, tmp_path)
+    assert az.rhat(fit.to_arviz())["chain_energy"].size == 1
+    assert not (tmp_path / "layer1" / "checkpoint.pt").exists()  # no checkpoint_every: no per-layer checkpoints
