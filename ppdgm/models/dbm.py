@@ -96,9 +96,11 @@ class DBM(PyroModule):
 
     def check_data(self, data, name: str = "data"):
         """One tensor per visible layer (a tuple in :attr:`visible_layers` order when there are
-        several); integer class labels on a softmax layer become one-hot rows."""
-        parts = data if isinstance(data, (tuple, list)) else (data,)
-        if len(parts) != len(self.visible_index):
+        several), or a single tensor for the first visible layer alone, the others then being
+        unobserved (summed out or inferred like hidden layers). Integer class labels on a softmax
+        layer become one-hot rows."""
+        parts = tuple(data) if isinstance(data, (tuple, list)) else (data,)
+        if isinstance(data, (tuple, list)) and len(parts) != len(self.visible_index):
             raise ValueError(f"{name}: expected {len(self.visible_index)} tensor(s), one per visible layer "
                              f"{self.visible_layers}, got {len(parts)}")
         out = []

@@ -107,6 +107,11 @@ def test_multimodal_dbm_labels_test_digits_and_draws_digits_from_labels(digits):
     PersistentCD(num_epochs=10, batch_size=50, lr=3e-4, optim="adam", num_chains=100, seed=0).run(mm, (train.x, train.y))
     accuracy = (mm.predict(test.x) == test.y).float().mean().item()
     assert accuracy >= 0.85, accuracy  # measured 0.882 (0.892 right after pretraining)
+    # pixels alone: a bound on log p(pixels) with the label summed out, below the joint's over both modalities
+    ais = dict(num_runs=50, num_betas=500, seed=0)
+    pixels_only = mm.log_likelihood(test.x[:50], **ais).mean()
+    joint = mm.log_likelihood((test.x[:50], test.y[:50]), **ais).mean()
+    assert joint < pixels_only < joint + 2.31  # log p(x, y) <= log p(x) and p(y | x) is not much below 1/10
     # complete(label): the pixels it fills in look most like that digit's class mean
     assert mm.sample(3, steps=5).shape == (3, 64) and [t.shape for t in mm.sample_all(3, steps=5)] == [(3, 64), (3, 10)]
     images = mm.complete({"label": torch.eye(10)})["pixels"]
@@ -143,7 +148,7 @@ def test_bad_input_fails_fast():
     with pytest.raises(ValueError, match=r"integer class labels in \[0, 3\)"):
         PersistentCD(num_steps=2).run(mm, (x, torch.tensor([0, 1, 2, 3, 0])))
     with pytest.raises(ValueError, match="2 tensor"):
-        PersistentCD(num_steps=2).run(mm, x)
+        PersistentCD(num_steps=2).run(mm, (x, x, x))
     with pytest.raises(ValueError, match="one-hot rows"):
         mm.check_data((x, torch.ones(5, 3)))
     with pytest.raises(ValueError, match="not a visible layer"):
