@@ -169,3 +169,23 @@ def test_cuda_smoke():
     PersistentCD(num_steps=10, batch_size=16, num_chains=8).run(mm, (x, y))
     assert mm.predict(x).device.type == "cuda"
     assert torch.isfinite(mm.log_likelihood((x, y), num_runs=10, num_betas=100)).all()
+
+
+def test_pcd_resume_restores_persistent_dbm_chains(tmp_path):
+    x = torch.bernoulli(torch.full((40, 6), 0.4))
+    y = torch.randint(0, 3, (40,))
+
+    def make():
+        torch.manual_seed(0)
+        return MultimodalDBM(pixels=6, hidden=4, top=3, classes=3)
+
+    engine = PersistentCD(num_steps=20, batch_size=10, num_chains=8, checkpoint_every=5, lr=0.05, seed=1)
+    full = make()
+    engine.run(full, (x, y))
+    make_part = make()
+    engine.run(make_part, (x, y), checkpoint_dir=tmp_path, callbacks=[lambda step, info: step == 10])
+    resumed = make()
+    fit = engine.run(resumed, (x, y), checkpoint_dir=tmp_path, resume=True)
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert [tuple(c.shape) for c in fit.extra["tensors"]["chains"]] == [(8, 6), (8, 3), (8, 3), (8, 4)]
