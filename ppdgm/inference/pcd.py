@@ -263,14 +263,11 @@ class PersistentCD(Engine):
             history["negative"].append(neg_mean)
             if energy_of is not None:
                 with torch.no_grad():
-                    energy = energy_of(chains)
-                history["chain_energy"].append(float(energy.mean()))
+                    energy = energy_of(chains).detach()
             else:
-                energy = neg  # negated below, only when recorded
-                history["chain_energy"].append(-neg_mean)
+                energy = -neg.detach()
+            history["chain_energy"].append(float(energy.mean()) if energy_of is not None else -neg_mean)
             if due:
-                if energy_of is None:
-                    energy = -neg.detach()
                 history["grad_norm"].append(gnorm)
                 history["lr"].append(now[0])
                 history["record_step"].append(done)
