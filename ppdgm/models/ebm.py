@@ -25,7 +25,7 @@ from pyro.nn import PyroModule
 
 from ppdgm.data import check_data
 from ppdgm.inference.langevin import Langevin, ReplayBuffer, check_step_size
-from ppdgm.nn import MLP
+from ppdgm.nn import MLP, ConvEncoder
 
 
 class EBM(PyroModule):
@@ -41,6 +41,8 @@ class EBM(PyroModule):
         reinit_prob: chance a persistent chain restarts from noise at each training step.
         alpha: weight of the energy-magnitude penalty.
         buffer_size: capacity of the replay buffer of chain states that :meth:`sample` starts from.
+        image_shape: ``(height, width)`` makes the energy a small conv net on the flat images
+            (:class:`ppdgm.nn.ConvEncoder` with ``hidden[0]`` and ``hidden[-1]`` channels) instead of an MLP.
     """
 
     default_engine = "pcd"
@@ -50,7 +52,7 @@ class EBM(PyroModule):
     def __init__(self, x_dim: int = 2, hidden=(128, 128), activation: str = "silu", low: float = -4.0,
                  high: float = 4.0, step_size: float = 0.01, noise_scale: float | None = None,
                  grad_clip: float | None = None, sample_steps: int = 500, reinit_prob: float = 0.05,
-                 alpha: float = 1e-3, buffer_size: int = 10000):
+                 alpha: float = 1e-3, buffer_size: int = 10000, image_shape: tuple[int, int] | None = None):
         super().__init__()
         if isinstance(x_dim, bool) or not isinstance(x_dim, int) or x_dim < 1:
             raise ValueError(f"x_dim must be a positive int, got {x_dim!r}")
@@ -67,7 +69,13 @@ class EBM(PyroModule):
         self.low, self.high = float(low), float(high)
         self.step_size, self.noise_scale, self.grad_clip = float(step_size), noise_scale, grad_clip
         self.sample_steps, self.reinit_prob, self.alpha = sample_steps, float(reinit_prob), float(alpha)
-        self.energy = MLP(x_dim, self.hidden, 1, activation)
+        self.image_shape = tuple(image_shape) if image_shape is not None else None
+        if self.image_shape is not None:
+            if self.image_shape[0] * self.image_shape[1] != x_dim:
+                raise ValueError(f"image_shape {self.image_shape} does not hold x_dim={x_dim} pixels")
+            self.energy = ConvEncoder(self.image_shape, 1, (self.hidden[0], self.hidden[-1]), activation=activation)
+        else:
+            self.energy = MLP(x_dim, self.hidden, 1, activation)
         self._energies: list[torch.Tensor] = []
         self.buffer_size = buffer_size
         self.buffer = ReplayBuffer(self.noise, capacity=buffer_size, reinit_prob=0.0)
@@ -88,7 +96,8 @@ class EBM(PyroModule):
             "x_dim": self.x_dim, "hidden": self.hidden, "activation": self.activation, "low": self.low,
             "high": self.high, "step_size": self.step_size, "noise_scale": self.noise_scale,
             "grad_clip": self.grad_clip, "sample_steps": self.sample_steps, "reinit_prob": self.reinit_prob,
-            "alpha": self.alpha, "buffer_size": self.buffer_size}}
+            "alpha": self.alpha, "buffer_size": self.buffer_size,
+            "image_shape": list(self.image_shape) if self.image_shape else None}}
 
     def get_extra_state(self):
         states = self.buffer.states

@@ -81,6 +81,22 @@ def test_saved_fit_keeps_the_replay_buffer(tmp_path, trained):
     assert torch.allclose(loaded.log_prob(torch.zeros(1, 2)), ebm.log_prob(torch.zeros(1, 2)))
 
 
+def test_conv_energy_on_digit_images_follows_the_protocol(tmp_path):
+    from ppdgm.data import load_digits
+
+    digits = load_digits("train")
+    torch.manual_seed(0)
+    ebm = EBM.from_data(digits, image_shape=(8, 8), hidden=[8, 8], step_size=0.01)
+    assert (ebm.low, ebm.high) == (0.0, 1.0)
+    fit = PersistentCD(num_steps=3, batch_size=32, optim="adam", k=2, num_chains=16).run(ebm, digits.x)
+    assert fit.num_steps == 3 and ebm.sample(4).shape == (4, 64)
+    fit.save(tmp_path)
+    loaded = ppdgm.load(tmp_path).module
+    assert torch.allclose(loaded.log_prob(digits.x[:3]), ebm.log_prob(digits.x[:3]), atol=1e-6)
+    with pytest.raises(ValueError, match="image_shape"):
+        EBM(x_dim=64, image_shape=(7, 7))
+
+
 @settings(max_examples=15, deadline=None)
 @given(st.floats(max_value=0.0, allow_nan=False))
 def test_nonpositive_step_size_is_refused(step):
