@@ -55,6 +55,7 @@ class GreedyLayerwise(PersistentCD):
                 with torch.no_grad():
                     x = torch.bernoulli(rbm.hidden_mean(x))
                     vx = torch.bernoulli(rbm.hidden_mean(vx)) if vx is not None else None
+        model.to(x.device)  # every layer where the data is
         seconds = time.perf_counter() - t0
         steps = sum(len(h["loss"]) for h in history.values())
         # the top RBM's persistent chains stand for the whole model's negative phase

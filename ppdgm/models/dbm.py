@@ -118,11 +118,17 @@ class DBM(PyroModule):
             if self.units[i] == "softmax" and not (x.sum(-1) == 1).all():
                 raise ValueError(f"{label}: a DBM's softmax layer takes one-hot rows, got row sums "
                                  f"{x.sum(-1).unique()[:5].tolist()}")
-            out.append(x.to(self.biases[0].device, self.biases[0].dtype))
+            out.append(x.to(dtype=self.biases[0].dtype))  # the device stays the data's
         if len({x.shape[0] for x in out}) != 1:
             raise ValueError(f"{name}: the visible layers' tensors have different numbers of rows: "
                              f"{[tuple(x.shape) for x in out]}")
         return tuple(out) if isinstance(data, (tuple, list)) else out[0]
+
+    def _input(self, data, name: str = "data"):
+        """Validated data on the model's device, for the model's own methods."""
+        x = self.check_data(data, name)
+        device = self.biases[0].device
+        return tuple(t.to(device) for t in x) if isinstance(x, tuple) else x.to(device)
 
     @property
     def visible_layers(self) -> list[str]:
@@ -241,7 +247,7 @@ class DBM(PyroModule):
     @torch.no_grad()
     def transform(self, data) -> torch.Tensor:
         """Mean-field means of all hidden layers, concatenated (features for classifiers)."""
-        clamped = self._clamp(self.check_data(data))
+        clamped = self._clamp(self._input(data))
         mu = self.mean_field(clamped)
         return torch.cat([mu[i] for i in range(len(self.layers)) if not self.is_visible[i]], -1)
 
@@ -284,7 +290,7 @@ class DBM(PyroModule):
             return exact_log_partition(self.energy_graph())
         if method != "ais":
             raise ValueError(f"method must be 'ais' or 'exact', got {method!r}")
-        base = None if base_data is None else self._clamp(self.check_data(base_data, "base_data"))
+        base = None if base_data is None else self._clamp(self._input(base_data, "base_data"))
         return annealed_importance_sampling(self.energy_graph(), base_data=base, **ais_kwargs)
 
     @torch.no_grad()
@@ -298,7 +304,7 @@ class DBM(PyroModule):
         posterior: ``log mean_s p*(v, h^s) / q(h^s)`` over ``num_samples`` draws, a bound in
         expectation that is much tighter than mean-field's (Salakhutdinov & Hinton 2009). Otherwise
         (visible layers in both blocks) it is the mean-field bound ``E_q[-E] + H(q) - log Z``."""
-        data = self.check_data(data)
+        data = self._input(data)
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         if method == "ais":
@@ -353,7 +359,7 @@ class DBM(PyroModule):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 raise ValueError(f"{arg} must be a positive int, got {val!r}")
         top, pathways = self._pathways()
-        clamped = self._clamp(self.check_data(data))
+        clamped = self._clamp(self._input(data))
         gen = torch.Generator().manual_seed(seed or 0)
         errors, reps = [], {}
         degree = {i: len(self.energy_graph().neighbours(i)) for i in range(len(self.layers))}

@@ -66,6 +66,9 @@ class DBN(PyroModule):
     def check_data(self, x, name: str = "x") -> torch.Tensor:
         return self.stack[0].check_data(x, name)
 
+    def _input(self, x, name: str = "x") -> torch.Tensor:
+        return self.stack[0]._input(x, name)
+
     # -- passes -----------------------------------------------------------------------------
     def up(self, x: torch.Tensor, sample: bool = True) -> list[torch.Tensor]:
         """Recognition pass: ``[v, h1, ..., h_{L-1}]`` (samples, or means with ``sample=False``)."""
@@ -78,7 +81,7 @@ class DBN(PyroModule):
     @torch.no_grad()
     def transform(self, x) -> torch.Tensor:
         """Upward features: the top RBM's ``E[h_L | h_{L-1}]`` along the mean recognition pass."""
-        return self.top.hidden_mean(self.up(self.check_data(x), sample=False)[-1])
+        return self.top.hidden_mean(self.up(self._input(x), sample=False)[-1])
 
     @torch.no_grad()
     def sample(self, n: int, steps: int = 1000) -> torch.Tensor:
@@ -124,7 +127,7 @@ class DBN(PyroModule):
         ``log mean_s p(x, h^s) / q(h^s | x)`` over ``num_samples`` recognition samples of
         ``h1..h_{L-1}`` with the top layer summed out, ``-F_top(h_{L-1}) - log Z_top`` (AIS, or exact).
         ``self.last_log_z`` keeps the top RBM's ``log Z``."""
-        x = self.check_data(x)
+        x = self._input(x)
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         if len(self.stack) == 1:

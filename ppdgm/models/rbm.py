@@ -205,7 +205,11 @@ class RBM(PyroModule):
         if x.shape[1] != self.visible:
             raise ValueError(f"{name}: expected {self.visible} columns (the visible layer's size), got shape "
                              f"{tuple(x.shape)}")
-        return x.to(self.W.device, self.W.dtype)
+        return x.to(dtype=self.W.dtype)  # the device stays the data's: engines move the model to it
+
+    def _input(self, x, name: str = "x") -> torch.Tensor:
+        """Validated data on the model's device, for the model's own methods."""
+        return self.check_data(x, name).to(self.W.device)
 
     # -- Pyro program -----------------------------------------------------------------------
     def _visible_prior(self):
@@ -235,12 +239,12 @@ class RBM(PyroModule):
     @torch.no_grad()
     def transform(self, x) -> torch.Tensor:
         """Hidden features ``E[h | x]`` for downstream classifiers."""
-        return self.hidden_mean(self.check_data(x))
+        return self.hidden_mean(self._input(x))
 
     @torch.no_grad()
     def reconstruct(self, x) -> torch.Tensor:
         """``E[v | h = E[h | x]]``: one deterministic down-up pass."""
-        x = self.check_data(x)
+        x = self._input(x)
         return self.visible_mean(self.hidden_mean(x), x.sum(-1) if self.units == "softmax" else None)
 
     @torch.no_grad()
@@ -261,7 +265,7 @@ class RBM(PyroModule):
             return exact_log_partition(self.energy_graph())
         if method != "ais":
             raise ValueError(f"method must be 'ais' or 'exact', got {method!r}")
-        base = None if base_data is None else {0: self.check_data(base_data, "base_data")}
+        base = None if base_data is None else {0: self._input(base_data, "base_data")}
         return annealed_importance_sampling(self.energy_graph(), base_data=base, **ais_kwargs)
 
     @torch.no_grad()
@@ -270,7 +274,7 @@ class RBM(PyroModule):
 
         The estimate of ``log Z`` is kept as ``self.last_log_z``. AIS's base-rate model is fitted
         to ``base_data`` (default: ``x``)."""
-        x = self.check_data(x)
+        x = self._input(x)
         self.last_log_z = self.log_partition(method, base_data=x if base_data is None else base_data,
                                              **ais_kwargs) if method == "ais" else self.log_partition(method)
         return -self.free_energy(x) - self.last_log_z.value
