@@ -111,7 +111,9 @@ def samples_to_inference_data(
     if posterior_predictive and observed:
         flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in samples.items()}
         with torch.no_grad():
-            pred = Predictive(model, posterior_samples=flat, return_sites=list(observed))(*args, **kwargs)
+            # uncondition: the observed sites are drawn anew, not returned as the data
+            pred = Predictive(poutine.uncondition(model), posterior_samples=flat,
+                              return_sites=list(observed))(*args, **kwargs)
         groups["posterior_predictive"] = {
             n: _np(v).reshape(chains, draws, *observed[n]["value"].shape) for n, v in pred.items() if n in observed
         }
@@ -270,9 +272,9 @@ class AmortizationCheck:
     """Per chosen data point: how far the guide q(z | x) is from the HMC posterior p(z | x).
 
     ``gap`` = ``log_evidence - elbo`` estimates KL(q(z|x) || p(z|x)) in nats (amortization plus
-    approximation gap; ``elbo_se`` is the Monte-Carlo standard error of the ELBO); ``log_evidence`` is an importance-sampling estimate of log p(x_i) whose
-    proposal is a Gaussian fitted to the HMC draws mixed with the guide (``log_evidence_se`` its
-    standard error); ``energy_distance`` compares the HMC and guide draws directly (0 when they
+    approximation gap; ``elbo_se`` is the Monte-Carlo standard error of the ELBO);
+    ``log_evidence`` is an importance-sampling estimate of log p(x_i) whose proposal is a
+    Gaussian fitted to the HMC draws mixed with the guide (``log_evidence_se`` its standard error); ``energy_distance`` compares the HMC and guide draws directly (0 when they
     agree). ``hmc_draws`` are ``(chain, draw, point, *event)``, ``guide_draws`` ``(draw, point, *event)``.
     """
 
@@ -412,7 +414,7 @@ def amortized_posterior_check(
         with poutine.block(), pyro.plate("_particles", k, dim=-(nest + 1)):
             return poutine.trace(fn).get_trace(x_sub, *args, **kwargs)
 
-    set_seed_local = torch.Generator(device="cpu").manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
         k = num_importance
         gz = guide_trace(k).nodes[latent]["value"].reshape(k, m, *event_shape)
@@ -422,7 +424,7 @@ def amortized_posterior_check(
         elbo_se = (log_p_g - log_q_g).std(0) / math.sqrt(k)
         iwae = torch.logsumexp(log_p_g - log_q_g, 0) - math.log(k)
 
-        # proposal: 1/2 Gaussian fitted to HMC draws (inflated 1.2x in sd) + 1/2 guide
+        # proposal: 1/2 Gaussian fitted to the HMC draws (sd inflated 1.2x) + 1/2 guide (defensive mixture)
         flat = hmc_z.reshape(-1, m, *event_shape).flatten(2).transpose(0, 1).double()  # (m, S, d)
         mu = flat.mean(1)
         cov = torch.einsum("msi,msj->mij", flat - mu[:, None], flat - mu[:, None]) / (flat.shape[1] - 1)
@@ -430,7 +432,7 @@ def amortized_posterior_check(
         cov = 1.44 * cov + 1e-6 * torch.eye(d, dtype=cov.dtype, device=cov.device)
         gauss = dist.MultivariateNormal(mu, covariance_matrix=cov)
         half = k // 2
-        eps = torch.randn(half, m, d, generator=set_seed_local, dtype=cov.dtype).to(cov.device)
+        eps = torch.randn(half, m, d, generator=gen, dtype=cov.dtype).to(cov.device)
         zg = (mu + (gauss.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)).to(gz.dtype).reshape(half, m, *event_shape)
         z_all = torch.cat([zg, gz[:half]], 0)
         log_gauss = gauss.log_prob(z_all.reshape(2 * half, m, d).double()).to(gz.dtype)

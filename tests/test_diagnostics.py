@@ -48,6 +48,10 @@ def test_to_arviz_named_dims_and_loo(engine):
     if engine != "svi":
         assert idata.sample_stats["diverging"].dims == ("chain", "draw")
         assert az.rhat(idata)["mu"] < 1.1
+    if engine == "chees":
+        pp = fit.to_arviz(posterior_predictive=True).posterior_predictive["obs"]
+        assert pp.dims == ("chain", "draw", "school") and pp.shape == (16, 50, 8)
+        assert abs(float(pp.std()) - 15) < 5  # measurement noise (sd 9..18) dominates the spread
 
 
 def test_pointwise_log_likelihood_batched_equals_loop():
