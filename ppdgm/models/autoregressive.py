@@ -18,6 +18,8 @@ by maximum likelihood with SVI and an empty guide.
 from __future__ import annotations
 
 import math
+from itertools import pairwise
+from typing import ClassVar
 
 import pyro
 import torch
@@ -26,7 +28,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from ppdgm.data import check_data
-
 
 # ---------------------------------------------------------------------------------------------
 # the distribution both models hand to pyro.sample
@@ -39,7 +40,7 @@ class AutoregressiveBernoulli(TorchDistribution):
     plate's size.
     """
 
-    arg_constraints: dict = {}
+    arg_constraints: ClassVar[dict] = {}
     support = constraints.independent(constraints.boolean, 1)
     has_enumerate_support = False
 
@@ -50,7 +51,7 @@ class AutoregressiveBernoulli(TorchDistribution):
     def log_prob(self, value):
         return self.owner._log_prob(value)
 
-    def sample(self, sample_shape=torch.Size()):
+    def sample(self, sample_shape=()):
         n = int(torch.Size(sample_shape).numel()) * self.batch_shape.numel()
         with torch.no_grad():
             x = self.owner._sample(n)
@@ -143,7 +144,7 @@ def made_degrees(dim: int, hidden_dims, order: torch.Tensor, generator: torch.Ge
 def made_masks(degrees: list[torch.Tensor]) -> list[torch.Tensor]:
     """Masks (out, in) that connect a unit only to units of lower-or-equal degree (strictly lower
     for the output layer), which makes output d depend on inputs earlier than d only."""
-    masks = [(d_out[:, None] >= d_in[None, :]).float() for d_in, d_out in zip(degrees[:-1], degrees[1:])]
+    masks = [(d_out[:, None] >= d_in[None, :]).float() for d_in, d_out in pairwise(degrees)]
     masks.append((degrees[0][:, None] > degrees[-1][None, :]).float())
     return masks
 
@@ -177,7 +178,7 @@ class MADE(_BinaryAutoregressive):
         self.dim, self.hidden_dims, self.num_masks, self.order, self.seed = dim, hidden_dims, num_masks, order, seed
 
         sizes = [dim, *hidden_dims, dim]
-        self.layers = nn.ModuleList(MaskedLinear(a, b, num_masks) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.layers = nn.ModuleList(MaskedLinear(a, b, num_masks) for a, b in pairwise(sizes))
         self.register_buffer("orders", torch.empty(num_masks, dim, dtype=torch.long))
         gen = torch.Generator().manual_seed(seed)
         for k in range(num_masks):

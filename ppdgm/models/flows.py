@@ -40,7 +40,12 @@ import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
 from pyro.distributions import ConditionalTransformModule, TransformModule
-from pyro.nn import AutoRegressiveNN, ConditionalAutoRegressiveNN, ConditionalDenseNN, DenseNN
+from pyro.nn import (
+    AutoRegressiveNN,
+    ConditionalAutoRegressiveNN,
+    ConditionalDenseNN,
+    DenseNN,
+)
 from torch import nn
 
 from ppdgm.data import check_data

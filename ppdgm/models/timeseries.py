@@ -21,7 +21,7 @@ median forecast, and :func:`backtest`, which refits at each forecast origin and 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -131,7 +131,7 @@ class DeepAR(nn.Module):
 
     # -- zoo protocol ------------------------------------------------------------------------
     @classmethod
-    def from_series(cls, series, **kwargs) -> "DeepAR":
+    def from_series(cls, series, **kwargs) -> DeepAR:
         """A model standardized to ``series`` (its mean and standard deviation)."""
         series = check_series(series)
         kwargs.setdefault("loc", float(series.mean()))
@@ -139,7 +139,7 @@ class DeepAR(nn.Module):
         return cls(**kwargs)
 
     @classmethod
-    def from_data(cls, data, **kwargs) -> "DeepAR":
+    def from_data(cls, data, **kwargs) -> DeepAR:
         return cls.from_series(data.x, **kwargs)
 
     def data_args(self, data) -> tuple:

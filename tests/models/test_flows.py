@@ -36,7 +36,9 @@ def _change_of_variables(flow, x, y):
     out = []
     for i in range(x.shape[0]):
         yi = None if y is None else y[i : i + 1]
-        latent = lambda xi: flow.to_latent(xi[None], yi)[0]  # noqa: E731
+        def latent(xi, yi=yi):
+            return flow.to_latent(xi[None], yi)[0]
+
         J = torch.autograd.functional.jacobian(latent, x[i])
         z = latent(x[i])
         out.append(torch.distributions.Normal(0.0, 1.0).log_prob(z).sum() + torch.linalg.slogdet(J)[1])
@@ -74,7 +76,7 @@ def test_dequantized_flow_includes_the_logit_jacobian(float64):
 
 def test_soft_clamped_scale_keeps_gradients_honest():
     raw = torch.tensor([-50.0, -5.0, -1e-3, 0.0, 1e-3, 3.0, 50.0], requires_grad=True)
-    shift, log_scale = SoftClampedScale(lambda: (raw * 0, raw))()
+    _, log_scale = SoftClampedScale(lambda: (raw * 0, raw))()
     assert log_scale.min() >= -3 and log_scale.max() <= 3  # inside Pyro's hard clamp [-5, 3]
     assert torch.allclose(log_scale[2:5], raw[2:5], atol=1e-6)  # identity near zero
     log_scale.sum().backward()

@@ -8,7 +8,14 @@ from hypothesis import strategies as st
 import ppdgm
 from ppdgm.inference import SVI
 from ppdgm.models import model_class
-from ppdgm.models.timeseries import DeepAR, backtest, crps, load_sunspots, mae, seasonal_naive
+from ppdgm.models.timeseries import (
+    DeepAR,
+    backtest,
+    crps,
+    load_sunspots,
+    mae,
+    seasonal_naive,
+)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
