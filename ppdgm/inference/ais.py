@@ -75,6 +75,7 @@ def _double(energy: LayeredEnergy) -> LayeredEnergy:
         [b.detach().double() for b in energy.biases],
         [(a, b, W.detach().double()) for a, b, W in energy.edges],
         [s.detach().double() if s is not None else None for s in energy.log_sigmas],
+        dict(energy.counts),
     )
 
 
@@ -106,7 +107,7 @@ def _log_z0(energy, kept, summed, base) -> torch.Tensor:
         if u == "bernoulli":
             total = total + torch.nn.functional.softplus(base[i]).sum()
         elif u == "softmax":
-            total = total + torch.logsumexp(base[i], -1)
+            total = total + energy.counts.get(i, 1) * torch.logsumexp(base[i], -1)
         else:
             total = total + (0.5 * math.log(2 * math.pi) + energy.log_sigmas[i]).sum()
     for j in summed:

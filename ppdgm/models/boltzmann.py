@@ -31,7 +31,8 @@ LOG_2PI = math.log(2 * math.pi)
 @dataclass
 class LayeredEnergy:
     """Tensors of a layered Boltzmann machine. ``edges`` are ``(i, j, W)`` with ``W`` shaped
-    ``(sizes[i], sizes[j])``; ``log_sigmas[i]`` is a tensor for gaussian layers, else None."""
+    ``(sizes[i], sizes[j])``; ``log_sigmas[i]`` is a tensor for gaussian layers, else None;
+    ``counts[i]`` is the number of draws of a softmax layer (a document's length)."""
 
     names: list[str]
     units: list[str]
@@ -39,6 +40,7 @@ class LayeredEnergy:
     biases: list[torch.Tensor]
     edges: list[tuple[int, int, torch.Tensor]]
     log_sigmas: list[torch.Tensor | None] = field(default_factory=list)
+    counts: dict[int, int] = field(default_factory=dict)  # draws per row of softmax layers (default 1: one-hot)
 
     def __post_init__(self):
         if not self.log_sigmas:
@@ -102,29 +104,30 @@ class LayeredEnergy:
             eta = eta + (1 - beta) * base_bias
         return eta
 
-    def mean(self, i: int, eta: torch.Tensor, counts=None) -> torch.Tensor:
+    def mean(self, i: int, eta: torch.Tensor) -> torch.Tensor:
         """``E[x_i]`` under layer i's conditional with natural parameter ``eta``."""
         u = self.units[i]
         if u == "bernoulli":
             return torch.sigmoid(eta)
         if u == "gaussian":
             return self.biases[i] + self.sigma(i) * eta
-        p = torch.softmax(eta, -1)
-        return p if counts is None else p * counts.unsqueeze(-1)
+        return torch.softmax(eta, -1) * self.counts.get(i, 1)
 
-    def sample(self, i: int, eta: torch.Tensor, counts=None) -> torch.Tensor:
-        """A draw of layer i; softmax layers draw ``counts`` (default one) categories per row."""
+    def sample(self, i: int, eta: torch.Tensor) -> torch.Tensor:
+        """A draw of layer i; a softmax layer draws ``counts[i]`` categories per row (one-hot for 1)."""
         u = self.units[i]
         if u == "bernoulli":
             return bernoulli(torch.sigmoid(eta))
         if u == "gaussian":
             return self.mean(i, eta) + self.sigma(i) * torch.randn_like(eta)
-        if counts is None:
+        n = self.counts.get(i, 1)
+        if n == 1:
             idx = torch.multinomial(torch.softmax(eta, -1).reshape(-1, eta.shape[-1]), 1).reshape(eta.shape[:-1])
             return F.one_hot(idx, eta.shape[-1]).to(eta.dtype)
-        return _multinomial_counts(torch.softmax(eta, -1), counts)
+        probs = torch.softmax(eta, -1)
+        return _multinomial_counts(probs, torch.full(probs.shape[:-1], n, device=probs.device))
 
-    def log_marginal(self, i: int, eta: torch.Tensor, counts=None) -> torch.Tensor:
+    def log_marginal(self, i: int, eta: torch.Tensor) -> torch.Tensor:
         """``log sum_{x_i} exp(-own_i(x_i) + x_i . (eta - b_i))``: layer i summed out in closed form.
 
         ``eta`` is the natural parameter from :meth:`natural` (it holds the bias for bernoulli
@@ -136,11 +139,8 @@ class LayeredEnergy:
             sigma, b = self.sigma(i), self.biases[i]
             t = eta / sigma
             return (0.5 * LOG_2PI + sigma.log() + b * t + (sigma * t) ** 2 / 2).sum(-1)
-        lse = torch.logsumexp(eta, -1)
-        if counts is None:
-            return lse
-        # exchangeable words: the multinomial coefficient is not part of the energy
-        return counts * lse
+        # a sum over sequences of counts[i] draws (the replicated softmax's words are exchangeable)
+        return self.counts.get(i, 1) * torch.logsumexp(eta, -1)
 
 
 def bernoulli(p: torch.Tensor) -> torch.Tensor:

@@ -91,13 +91,18 @@ class RBM(PyroModule):
                                           "init_scale": self.init_scale}}
 
     # -- energy -----------------------------------------------------------------------------
-    def energy_graph(self) -> LayeredEnergy:
-        """The layered energy (visible layer 0, hidden layer 1) for AIS and exact partition functions."""
-        if self.units == "softmax":
-            raise ValueError("units='softmax': the replicated softmax's partition function depends on the "
-                             "document length, so it has no single layered energy; evaluate per length")
-        return LayeredEnergy(["v", "h"], [self.units, "bernoulli"], [True, False], [self.b, self.c],
-                             [(0, 1, self.W)], [self.log_sigma, None])
+    def energy_graph(self, length: int | None = None) -> LayeredEnergy:
+        """The layered energy (visible layer 0, hidden layer 1) for AIS and exact partition
+        functions; a replicated softmax needs the document ``length`` (its hidden biases scale
+        with it, and its partition function sums over word sequences of that length)."""
+        if self.units != "softmax":
+            return LayeredEnergy(["v", "h"], [self.units, "bernoulli"], [True, False], [self.b, self.c],
+                                 [(0, 1, self.W)], [self.log_sigma, None])
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ValueError(f"length: a replicated softmax's energy needs a positive int document length, got "
+                             f"{length!r}")
+        return LayeredEnergy(["v", "h"], ["softmax", "bernoulli"], [True, False], [self.b, self.c * length],
+                             [(0, 1, self.W)], counts={0: length})
 
     def _raw(self):
         """``(W, b, c, log_sigma)`` straight from the module's dicts: the PCD loop skips PyroModule's
@@ -257,27 +262,41 @@ class RBM(PyroModule):
         return self.gibbs(self.sample_visible(h, c), steps)
 
     @torch.no_grad()
-    def log_partition(self, method: str = "ais", base_data=None, **ais_kwargs):
-        """``log Z`` as an :class:`ppdgm.inference.ais.LogZ` (``method`` ``ais`` or ``exact``)."""
+    def log_partition(self, method: str = "ais", base_data=None, length: int | None = None, **ais_kwargs):
+        """``log Z`` as an :class:`ppdgm.inference.ais.LogZ` (``method`` ``ais`` or ``exact``);
+        ``length`` is the document length of a replicated softmax."""
         from ppdgm.inference.ais import annealed_importance_sampling, exact_log_partition
 
+        energy = self.energy_graph(length)
         if method == "exact":
-            return exact_log_partition(self.energy_graph())
+            return exact_log_partition(energy)
         if method != "ais":
             raise ValueError(f"method must be 'ais' or 'exact', got {method!r}")
         base = None if base_data is None else {0: self._input(base_data, "base_data")}
-        return annealed_importance_sampling(self.energy_graph(), base_data=base, **ais_kwargs)
+        return annealed_importance_sampling(energy, base_data=base, **ais_kwargs)
 
     @torch.no_grad()
     def log_likelihood(self, x, method: str = "ais", base_data=None, **ais_kwargs) -> torch.Tensor:
         """Per-point ``log p(x) = -F(x) - log Z`` in nats (``log Z`` by AIS, or exact enumeration).
 
         The estimate of ``log Z`` is kept as ``self.last_log_z``. AIS's base-rate model is fitted
-        to ``base_data`` (default: ``x``)."""
+        to ``base_data`` (default: ``x``). For a replicated softmax ``log Z`` is estimated per
+        document length (``self.last_log_z`` is then ``{length: LogZ}``) and ``log p`` is that of
+        the document's word sequence."""
         x = self._input(x)
-        self.last_log_z = self.log_partition(method, base_data=x if base_data is None else base_data,
-                                             **ais_kwargs) if method == "ais" else self.log_partition(method)
-        return -self.free_energy(x) - self.last_log_z.value
+        base = x if base_data is None else base_data
+        if method != "ais":
+            ais_kwargs, base = {}, None
+        if self.units != "softmax":
+            self.last_log_z = self.log_partition(method, base_data=base, **ais_kwargs)
+            return -self.free_energy(x) - self.last_log_z.value
+        lengths = x.sum(-1).round().long()
+        self.last_log_z = {int(n): self.log_partition(method, base_data=base, length=int(n), **ais_kwargs)
+                           for n in lengths.unique().tolist() if n > 0}
+        empty = self.hidden * math.log(2)  # an empty document: only the hidden units sum
+        log_z = torch.tensor([self.last_log_z[int(n)].value if n > 0 else empty for n in lengths.tolist()],
+                             dtype=x.dtype, device=x.device)
+        return -self.free_energy(x) - log_z
 
 
 def _hidden_natural(units, v, W, c, log_sigma):

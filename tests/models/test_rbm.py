@@ -165,3 +165,22 @@ def test_closed_form_gradients_match_autograd(units):
         assert torch.allclose(p.grad, g, atol=1e-5)
     assert torch.allclose(-(pos.mean() - neg.mean()), loss)
     assert RBM(visible=3, hidden=2, units="gaussian", learn_sigma=True).contrastive_grads(v[:, :3], v[:, :3]) is None
+
+
+def test_replicated_softmax_partition_function_per_document_length():
+    m = random_rbm("softmax", visible=5, hidden=3)
+    length = 3
+    sequences = torch.tensor(list(itertools.product(range(5), repeat=length)))
+    docs = torch.nn.functional.one_hot(sequences, 5).sum(1).float()  # every word sequence as a count vector
+    with torch.no_grad():
+        brute = torch.logsumexp(-m.free_energy(docs), 0).item()
+    exact = m.log_partition("exact", length=length)
+    assert exact.value == pytest.approx(brute, abs=1e-5)
+    est = m.log_partition("ais", length=length, num_runs=200, num_betas=2000, seed=0)
+    assert abs(est.value - exact.value) < min(0.1, 3 * est.stderr + 1e-3), (est, exact)
+    # the exact per-sequence probabilities of each length sum to one, the empty document included
+    mixed = torch.cat([docs, docs[:1] * 0])
+    p = m.log_likelihood(mixed, method="exact").exp()
+    assert p[:-1].sum().item() == pytest.approx(1.0, abs=1e-4) and p[-1].item() == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match="positive int document length"):
+        m.energy_graph()
