@@ -134,9 +134,9 @@ def main():
     opt = parser.parse_args()
     torch.set_num_threads(1)
     q = opt.quick
-    nuts_cfg = dict(warmup=100 if q else 500, samples=100 if q else 500, chains=2)
+    nuts_cfg = {"warmup": 100 if q else 500, "samples": 100 if q else 500, "chains": 2}
     # many chains pool their information, so ChEES adapts in fewer iterations than one NUTS chain
-    chees_cfg = dict(warmup=100 if q else 200, samples=50 if q else 300, chains=16 if q else opt.chees_chains)
+    chees_cfg = {"warmup": 100 if q else 200, "samples": 50 if q else 300, "chains": 16 if q else opt.chees_chains}
     x, y = breast_cancer()
     problems = {"logistic regression": (logistic_regression, (x, y)), "eight schools (nc)": (eight_schools, (SIGMA, Y))}
     try:
@@ -154,9 +154,9 @@ def main():
             pyro.clear_param_store()
             draws, wall, compile_s, grads = fn(m, args, cfg["warmup"], cfg["samples"], cfg["chains"])
             ess, rhat = min_ess_and_rhat(draws)
-            rows.append(dict(problem=name, sampler=sampler, chains=cfg["chains"], warmup=cfg["warmup"],
-                             draws=cfg["chains"] * cfg["samples"],
-                             wall=wall, compile=compile_s, ess=ess, ess_s=ess / wall, rhat=rhat, grads=grads))
+            rows.append({"problem": name, "sampler": sampler, "chains": cfg["chains"], "warmup": cfg["warmup"],
+                             "draws": cfg["chains"] * cfg["samples"],
+                             "wall": wall, "compile": compile_s, "ess": ess, "ess_s": ess / wall, "rhat": rhat, "grads": grads})
             print(f"  {name:20s} {sampler:13s} wall {wall:7.2f}s  min bulk-ESS {ess:9.0f}  ESS/s {ess / wall:9.1f}",
                   flush=True)
 

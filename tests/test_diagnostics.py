@@ -1,6 +1,5 @@
 """ArviZ for every HMC/SVI result (named dims, LOO) and the amortized-guide-vs-HMC check."""
 
-import math
 
 import arviz as az
 import matplotlib
@@ -98,7 +97,7 @@ def make_guide(shift=0.0, scale=1.0):
 def test_amortized_check_exact_and_wrong_guides():
     x = torch.tensor([[1.0, 0.5, -0.2], [-1.5, 2.0, 0.3], [0.0, 0.0, 3.0]])
     true_lp = dist.MultivariateNormal(B, W @ W.T + NOISE**2 * torch.eye(3)).log_prob(x)
-    kw = dict(num_chains=16, num_warmup=150, num_samples=100, num_importance=4000)
+    kw = {"num_chains": 16, "num_warmup": 150, "num_samples": 100, "num_importance": 4000}
     exact = amortized_posterior_check(lg_model, make_guide(), x, **kw)
     assert torch.allclose(exact.log_evidence, true_lp, atol=0.03)
     assert torch.allclose(exact.elbo, true_lp, atol=1e-3)  # exact guide: the ELBO is log p(x)

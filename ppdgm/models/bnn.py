@@ -9,6 +9,7 @@ logistic) regression.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pyro
@@ -76,7 +77,7 @@ class BNN(PyroModule):
         self.noise_scale, self.prior_scale, self.activation = noise_scale, prior_scale, activation
         sizes = (in_dim, *hidden, out_dim)
         self.layers = PyroModule[torch.nn.ModuleList](
-            [BayesianLinear(a, b, prior_scale) for a, b in zip(sizes[:-1], sizes[1:])])
+            [BayesianLinear(a, b, prior_scale) for a, b in itertools.pairwise(sizes)])
         self.guide = AutoNormal(self.model, init_scale=0.01)
         self.posterior: dict | None = None
 

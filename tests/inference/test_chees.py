@@ -1,5 +1,6 @@
 """ChEES-HMC: known posteriors, R-hat across chains, exact batched log density, bad input."""
 
+import itertools
 import math
 
 import arviz as az
@@ -12,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyro.infer.mcmc.util import initialize_model
 
+import ppdgm
 from ppdgm.inference.chees import BatchedLogDensity, ChEES, halton, warmup_windows
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -87,7 +89,7 @@ def test_chees_matches_analytic_posterior(model, args, site, mean, sd):
 def test_batched_log_density_equals_pyro_potential():
     """Constrained sites (HalfCauchy tau) need the log-Jacobian: compare with Pyro's own potential."""
     density = BatchedLogDensity(eight_schools, (SIGMA, Y))
-    _, potential_fn, transforms, _ = initialize_model(eight_schools, (SIGMA, Y))
+    _, potential_fn, _transforms, _ = initialize_model(eight_schools, (SIGMA, Y))
     u = torch.randn(5, density.dim, generator=torch.Generator().manual_seed(0)) * 2
     ours = -density.log_density(u)
     for c in range(5):
@@ -106,7 +108,7 @@ def test_jit_and_eager_agree():
     assert eager[0].shape == (16,)
 
 
-def test_eight_schools_plain_pyro_model_and_reproducible():
+def test_eight_schools_plain_pyro_model_reproducible_and_saved(tmp_path):
     eng = ChEES(num_chains=16, num_warmup=60, num_samples=20, max_leapfrog_steps=16, seed=3)
     a, b = eng.run(eight_schools, SIGMA, Y), eng.run(eight_schools, SIGMA, Y)
     assert a.samples["theta"].shape == (16, 20, 8) and a.samples["tau"].shape == (16, 20)
@@ -114,6 +116,13 @@ def test_eight_schools_plain_pyro_model_and_reproducible():
     assert torch.equal(a.samples["mu"], b.samples["mu"])
     assert len(a.history["step_size"]) == 80
     assert set(a.timing) >= {"init_seconds", "warmup_seconds", "sample_seconds", "grad_evals"}
+    a.save(tmp_path)
+    back = ppdgm.load(tmp_path, model=eight_schools)
+    assert torch.equal(back.samples["theta"], a.samples["theta"])
+    back.args = (SIGMA, Y)
+    idata = back.to_arviz()
+    assert idata.sample_stats["energy"].shape == (16, 20)
+    assert np.all(np.isfinite(az.bfmi(idata)))
 
 
 def test_halton_and_windows():
@@ -126,7 +135,7 @@ def test_halton_and_windows():
 def test_warmup_windows_grow_inside_warmup(w):
     ends = warmup_windows(w)
     assert ends and ends[-1] == int(0.9 * w) and ends[0] > int(0.15 * w)
-    assert all(b > a for a, b in zip(ends, ends[1:]))
+    assert all(b > a for a, b in itertools.pairwise(ends))
 
 
 # -- bad input ---------------------------------------------------------------------------------
@@ -140,7 +149,7 @@ def test_fewer_than_two_chains_is_an_error(n):
 @pytest.mark.parametrize("kw", [{"num_samples": 0}, {"num_warmup": -1}, {"target_accept": 1.5},
                                 {"init": "zeros"}, {"trajectory_lr": 0}])
 def test_bad_config(kw):
-    with pytest.raises(ValueError, match=list(kw)[0]):
+    with pytest.raises(ValueError, match=next(iter(kw))):
         ChEES(**kw)
 
 

@@ -109,7 +109,7 @@ def test_nonfinite_initial_density_names_the_site():
 @pytest.mark.parametrize("kw", [{"num_samples": 0}, {"num_chains": 0}, {"num_warmup": -1},
                                 {"target_accept": 1.0}, {"max_tree_depth": 0}])
 def test_bad_config(kw):
-    with pytest.raises(ValueError, match=list(kw)[0]):
+    with pytest.raises(ValueError, match=next(iter(kw))):
         NUTS(**kw)
 
 
