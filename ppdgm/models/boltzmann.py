@@ -145,7 +145,7 @@ class LayeredEnergy:
 
 def bernoulli(p: torch.Tensor) -> torch.Tensor:
     """Bernoulli draws as ``uniform < p``: on CPU a third of ``torch.bernoulli``'s time."""
-    return (torch.rand_like(p) < p).to(p.dtype)
+    return torch.rand_like(p).lt_(p)
 
 
 def _multinomial_counts(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -182,20 +182,27 @@ class RBM(PyroModule):
                 or cls.negative_log_density is not RBM.negative_log_density):
             return None
         W, b, c, log_sigma = self._raw()
-        stats = []
-        for x in (v, chains):
-            sx = x / log_sigma.exp() if self.units == "gaussian" else x
-            eta = _hidden_natural(self.units, x, W, c, log_sigma)
-            h = torch.sigmoid(eta)
-            hc = h * x.sum(-1, keepdim=True) if self.units == "softmax" else h
-            logd = _visible_own(self.units, x, b, log_sigma) + nn.functional.softplus(eta).sum(-1)
-            stats.append((sx, h, hc, logd, x.shape[0]))
-        (sv, hp, hcp, pos, m), (sc, hn, hcn, neg, k) = stats
-        W.grad = torch.addmm(sv.T @ hp, sc.T, hn, alpha=1.0 / k, beta=-1.0 / m)
-        db = chains.mean(0) - v.mean(0)
-        b.grad = db / log_sigma.exp() ** 2 if self.units == "gaussian" else db
-        c.grad = hcn.mean(0) - hcp.mean(0)
-        return pos, neg
+        m, k = v.shape[0], chains.shape[0]
+        # both phases in one pass: rows weighted -1/m (data) and +1/k (chains) give the loss's gradient
+        x = torch.cat([v, chains])
+        w = self._phase_weights(m, k, x)
+        eta = _hidden_natural(self.units, x, W, c, log_sigma)
+        h = torch.sigmoid(eta)
+        logd = _visible_own(self.units, x, b, log_sigma) + nn.functional.softplus(eta).sum(-1)
+        sx = x / log_sigma.exp() if self.units == "gaussian" else x
+        wh = h * w.unsqueeze(-1)
+        W.grad = sx.T @ wh
+        b.grad = w @ x / log_sigma.exp() ** 2 if self.units == "gaussian" else w @ x
+        c.grad = (wh * x.sum(-1, keepdim=True)).sum(0) if self.units == "softmax" else wh.sum(0)
+        return logd[:m], logd[m:]
+
+    def _phase_weights(self, m: int, k: int, like: torch.Tensor) -> torch.Tensor:
+        key = (m, k, like.device, like.dtype)
+        cache = self.__dict__.setdefault("_phase_weight_cache", {})
+        if key not in cache:
+            cache.clear()
+            cache[key] = torch.cat([like.new_full((m,), -1.0 / m), like.new_full((k,), 1.0 / k)])
+        return cache[key]
 
     def init_chains(self, num_chains: int, data: torch.Tensor) -> torch.Tensor:
         """Persistent chains start at training points drawn with replacement."""
