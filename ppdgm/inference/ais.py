@@ -2,9 +2,8 @@
 
 Salakhutdinov & Murray (2008): anneal from a base-rate model whose visible biases are fitted to
 the data (every other unit uniform) to the machine, through ``num_betas`` inverse temperatures,
-in ``num_runs`` parallel runs. One colour of the layer graph (the one without visible layers:
-the hidden layer of an RBM, the odd layers of a DBM; softmax layers there count as one-hot) is
-summed out in closed form, so the runs
+in ``num_runs`` parallel runs. One colour of the layer graph (the one with fewer visible layers:
+the hidden layer of an RBM, the odd layers of a DBM) is summed out in closed form, so the runs
 move only the other colour and each transition is one sweep of block Gibbs at the current
 temperature. The intermediate distributions are
 
