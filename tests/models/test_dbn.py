@@ -58,7 +58,7 @@ def test_greedy_dbn_beats_base_rate_model_by_5_nats(trained_dbn):
     train = load_digits("train", binarize=True).x
     test = load_digits("test", binarize=True).x
     est = log_likelihood(dbn, test, num_runs=100, num_betas=2000, seed=1)
-    assert est.mean > bernoulli_baseline(train, test).mean + 5, est  # measured -18.44 vs -25.21
+    assert est.mean > bernoulli_baseline(train, test).mean + 5, est  # measured -18.23 vs -25.21
     assert set(fit.history["layers"]) == {"layer0", "layer1"} and fit.samples["chain_energy"].shape[0] == 4
 
 

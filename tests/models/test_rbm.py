@@ -88,7 +88,7 @@ def test_pcd_rbm_beats_base_rate_model_by_5_nats(trained_rbm):
     baseline = bernoulli_baseline(train, test)  # -25.21 nats
     est = log_likelihood(rbm, test, num_runs=100, num_betas=3000, base_data=train, seed=0)
     assert rbm.last_log_z.stderr < 0.2
-    assert est.mean > baseline.mean + 5, (est, baseline)  # measured: -18.24 vs -25.21
+    assert est.mean > baseline.mean + 5, (est, baseline)  # measured: -18.20 vs -25.21
     # the negative phase mixes: R-hat of the recorded chains' free energies
     import arviz as az
 
