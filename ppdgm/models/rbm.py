@@ -37,6 +37,9 @@ class RBM(PyroModule):
         units: visible units, ``bernoulli`` | ``gaussian`` | ``softmax``.
         sigma: initial standard deviation of gaussian visible units; ``learn_sigma`` learns it.
         init_scale: standard deviation of the initial weights.
+        temperatures: persistent chains at this many inverse temperatures from 1 down to
+            ``min_beta``, swapped between neighbours after each Gibbs sweep (parallel tempering,
+            Desjardins et al. 2010); the negative phase uses the ``beta = 1`` replicas.
     """
 
     default_engine = "pcd"
@@ -44,7 +47,7 @@ class RBM(PyroModule):
     support = "binary"
 
     def __init__(self, visible: int = 64, hidden: int = 128, units: str = "bernoulli", sigma: float = 1.0,
-                 learn_sigma: bool = False, init_scale: float = 0.01):
+                 learn_sigma: bool = False, init_scale: float = 0.01, temperatures: int = 1, min_beta: float = 0.5):
         super().__init__()
         for arg, val in (("visible", visible), ("hidden", hidden)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
@@ -55,6 +58,13 @@ class RBM(PyroModule):
             raise ValueError(f"sigma must be a positive number, got {sigma!r}")
         if not (isinstance(init_scale, (int, float)) and init_scale >= 0):
             raise ValueError(f"init_scale must be a non-negative number, got {init_scale!r}")
+        if isinstance(temperatures, bool) or not isinstance(temperatures, int) or temperatures < 1:
+            raise ValueError(f"temperatures must be a positive int, got {temperatures!r}")
+        if temperatures > 1 and units != "bernoulli":
+            raise ValueError(f"temperatures > 1 (parallel tempering) needs bernoulli visible units, got {units!r}")
+        if not (isinstance(min_beta, (int, float)) and 0 <= min_beta < 1):
+            raise ValueError(f"min_beta must be a number in [0, 1), got {min_beta!r}")
+        self.temperatures, self.min_beta = temperatures, float(min_beta)
         self.visible, self.hidden, self.units = visible, hidden, units
         self.sigma0, self.learn_sigma, self.init_scale = float(sigma), bool(learn_sigma), float(init_scale)
         self.support = SUPPORT_OF_UNITS[units]
@@ -88,7 +98,8 @@ class RBM(PyroModule):
     def spec(self) -> dict:
         return {"name": "rbm", "kwargs": {"visible": self.visible, "hidden": self.hidden, "units": self.units,
                                           "sigma": self.sigma0, "learn_sigma": self.learn_sigma,
-                                          "init_scale": self.init_scale}}
+                                          "init_scale": self.init_scale, "temperatures": self.temperatures,
+                                          "min_beta": self.min_beta}}
 
     # -- energy -----------------------------------------------------------------------------
     def energy_graph(self, length: int | None = None) -> LayeredEnergy:
@@ -170,7 +181,7 @@ class RBM(PyroModule):
         return -self.free_energy(v)
 
     def negative_log_density(self, v):
-        return -self.free_energy(v)
+        return -self.free_energy(v[0] if v.dim() == 3 else v)
 
     @torch.no_grad()
     def contrastive_grads(self, v: torch.Tensor, chains: torch.Tensor):
@@ -182,6 +193,7 @@ class RBM(PyroModule):
                 or cls.negative_log_density is not RBM.negative_log_density):
             return None
         W, b, c, log_sigma = self._raw()
+        chains = chains[0] if chains.dim() == 3 else chains  # the beta = 1 replicas when tempering
         m, k = v.shape[0], chains.shape[0]
         # both phases in one pass: rows weighted -1/m (data) and +1/k (chains) give the loss's gradient
         x = torch.cat([v, chains])
@@ -205,12 +217,50 @@ class RBM(PyroModule):
         return cache[key]
 
     def init_chains(self, num_chains: int, data: torch.Tensor) -> torch.Tensor:
-        """Persistent chains start at training points drawn with replacement."""
+        """Persistent chains start at training points drawn with replacement (every temperature
+        alike: the state is ``(temperatures, num_chains, visible)`` when tempering)."""
         idx = torch.randint(0, data.shape[0], (num_chains,), device=data.device)
-        return data[idx].clone()
+        chains = data[idx].clone()
+        return chains.expand(self.temperatures, *chains.shape).clone() if self.temperatures > 1 else chains
 
     def sample_chains(self, state: torch.Tensor, steps: int) -> torch.Tensor:
-        return self.gibbs(state, steps)
+        return self.tempered_gibbs(state, steps) if state.dim() == 3 else self.gibbs(state, steps)
+
+    def betas(self, like: torch.Tensor) -> torch.Tensor:
+        """The replicas' inverse temperatures, ``1`` first, shaped ``(temperatures, 1, 1)``."""
+        return torch.linspace(1.0, self.min_beta, self.temperatures, dtype=like.dtype, device=like.device).view(-1, 1, 1)
+
+    def tempered_log_density(self, v: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
+        """``log sum_h exp(-beta E(v, h))`` of bernoulli units, for each replica's ``beta``."""
+        W, b, c, _ = self._raw()
+        return betas[..., 0] * (v @ b) + nn.functional.softplus(betas * (v @ W + c)).sum(-1)
+
+    @torch.no_grad()
+    def tempered_gibbs(self, state: torch.Tensor, steps: int = 1) -> torch.Tensor:
+        """``steps`` sweeps of block Gibbs at every temperature, each followed by swaps of
+        neighbouring replicas (even pairs, then odd pairs on the next sweep) with the Metropolis
+        acceptance of the exchange. The mean acceptance is kept as ``self.swap_rate``."""
+        W, b, c, _ = self._raw()
+        betas = self.betas(state)
+        accepted, proposed = 0.0, 0
+        for sweep in range(steps):
+            h = bernoulli(torch.sigmoid(betas * (state @ W + c)))
+            state = bernoulli(torch.sigmoid(betas * (h @ W.T + b)))
+            lo = torch.arange(sweep % 2, self.temperatures - 1, 2, device=state.device)
+            if len(lo) == 0:
+                continue
+            hi = lo + 1
+            v_lo, v_hi, b_lo, b_hi = state[lo], state[hi], betas[lo], betas[hi]
+            log_ratio = (self.tempered_log_density(v_hi, b_lo) + self.tempered_log_density(v_lo, b_hi)
+                         - self.tempered_log_density(v_lo, b_lo) - self.tempered_log_density(v_hi, b_hi))
+            swap = (torch.rand_like(log_ratio).log() < log_ratio).unsqueeze(-1)
+            state = state.clone()
+            state[lo] = torch.where(swap, v_hi, v_lo)
+            state[hi] = torch.where(swap, v_lo, v_hi)
+            accepted += float(swap.float().sum())
+            proposed += swap.numel()
+        self.swap_rate = accepted / proposed if proposed else float("nan")
+        return state
 
     def check_data(self, x, name: str = "x") -> torch.Tensor:
         x = check_data(x, name, support=self.support, rank=2)

@@ -184,3 +184,25 @@ def test_replicated_softmax_partition_function_per_document_length():
     assert p[:-1].sum().item() == pytest.approx(1.0, abs=1e-4) and p[-1].item() == pytest.approx(1.0, abs=1e-6)
     with pytest.raises(ValueError, match="positive int document length"):
         m.energy_graph()
+
+
+def test_parallel_tempering_samples_a_bimodal_rbm_and_trains_by_pcd():
+    torch.manual_seed(0)
+    m = RBM(visible=6, hidden=1, init_scale=0.0, temperatures=8, min_beta=0.1)
+    with torch.no_grad():  # all-off and all-on are equally likely modes behind a deep barrier
+        m.W.fill_(6.0)
+        m.c.fill_(-18.0)
+        m.b.fill_(-3.0)
+    states = torch.tensor(list(itertools.product([0, 1], repeat=6)), dtype=torch.float32)
+    p = torch.softmax(-m.free_energy(states).detach(), 0)
+    exact = (p[:, None] * states).sum(0)  # 0.5 each
+    gibbs = m.gibbs(torch.zeros(4000, 6), 300)
+    tempered = m.tempered_gibbs(torch.zeros(8, 4000, 6), 300)  # every chain starts in the all-off mode
+    assert (gibbs.mean(0) - exact).abs().max() > 0.15  # measured 0.27 instead of 0.5: stuck in one mode
+    assert torch.allclose(tempered[0].mean(0), exact, atol=0.03), tempered[0].mean(0)  # measured within 0.011
+    assert 0.05 < m.swap_rate < 1  # measured 0.84
+    x = torch.bernoulli(torch.full((40, 6), 0.5))
+    fit = PersistentCD(num_steps=10, batch_size=20, num_chains=7).run(m, x)
+    assert fit.extra["tensors"]["chains"].shape == (8, 7, 6) and fit.samples["chain_energy"].shape[0] == 4
+    with pytest.raises(ValueError, match="parallel tempering"):
+        RBM(units="gaussian", temperatures=3)
