@@ -206,3 +206,20 @@ def test_parallel_tempering_samples_a_bimodal_rbm_and_trains_by_pcd():
     assert fit.extra["tensors"]["chains"].shape == (8, 7, 6) and fit.samples["chain_energy"].shape[0] == 4
     with pytest.raises(ValueError, match="parallel tempering"):
         RBM(units="gaussian", temperatures=3)
+
+
+def test_gaussian_bernoulli_rbm_learns_a_four_mode_mixture():
+    from ppdgm.data import make_gaussian_mixture
+
+    x, _ = make_gaussian_mixture(2000, modes=4, radius=2.0, sd=0.3, seed=0)
+    test, _ = make_gaussian_mixture(1000, modes=4, radius=2.0, sd=0.3, seed=1)
+    gaussian = torch.distributions.MultivariateNormal(x.mean(0), torch.cov(x.T)).log_prob(test).mean().item()
+    results = {}
+    for learn_sigma in (False, True):  # closed-form gradients, then autograd through log sigma
+        torch.manual_seed(0)
+        m = RBM(visible=2, hidden=10, units="gaussian", sigma=0.5, learn_sigma=learn_sigma, init_scale=0.1)
+        PersistentCD(num_epochs=40, batch_size=100, lr=0.01, optim="adam", num_chains=200, k=5, seed=0).run(m, x)
+        results[learn_sigma] = m.log_likelihood(test, method="exact").mean().item()
+    # measured: -2.92 (fixed sigma 0.5) and -3.36 (learned) against the best single Gaussian's -3.57 nats
+    assert results[False] > gaussian + 0.4, (results, gaussian)
+    assert results[True] > gaussian + 0.1, (results, gaussian)
