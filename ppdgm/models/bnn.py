@@ -146,8 +146,15 @@ class BNN(PyroModule):
 
     # -- using posterior draws ----------------------------------------------------------------
     def attach_posterior(self, samples: dict) -> None:
-        """Keep posterior draws ``{site: (chain, draw, ...)}`` for ``predict``/``log_likelihood``."""
-        self.posterior = samples
+        """Keep posterior draws ``{site: (chain, draw, ...)}`` for ``predict``/``log_likelihood``
+        (they travel in ``state_dict``, so a saved and reloaded fit still predicts)."""
+        self.posterior = {k: v.detach() for k, v in samples.items()}
+
+    def get_extra_state(self) -> dict:
+        return {"posterior": self.posterior or {}}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.posterior = dict(state.get("posterior") or {}) or None
 
     def _draws(self, samples):
         samples = samples if samples is not None else self.posterior

@@ -66,6 +66,20 @@ def test_mlp_bnn_regression_beats_the_mean_and_predicts():
     assert idata.log_likelihood["y"].dims == ("chain", "draw", "data")
 
 
+def test_zoo_run_attaches_draws_that_survive_save_and_load(tmp_path):
+    import ppdgm
+
+    bnn = BNN(in_dim=2, hidden=(), noise_scale=0.5)
+    ds = Dataset(x=XL, y=YL, name="toy")
+    fit = ChEES(num_chains=4, num_warmup=30, num_samples=10).run_zoo(bnn, bnn.data_args(ds), checkpoint_dir=tmp_path)
+    pred = bnn.predict(XL)  # uses the attached draws
+    fit.spec = bnn.spec
+    fit.save(tmp_path)
+    back = ppdgm.load(tmp_path)
+    assert torch.allclose(back.module.predict(XL), pred)
+    assert back.module.log_likelihood(XL, YL).shape == (30,)
+
+
 def test_classification_and_registry():
     cls = model_class("bnn")
     ds = Dataset(x=torch.randn(12, 3), y=torch.tensor([0, 1, 2] * 4), name="toy")
