@@ -223,3 +223,19 @@ def test_gaussian_bernoulli_rbm_learns_a_four_mode_mixture():
     # measured: -2.92 (fixed sigma 0.5) and -3.36 (learned) against the best single Gaussian's -3.57 nats
     assert results[False] > gaussian + 0.4, (results, gaussian)
     assert results[True] > gaussian + 0.1, (results, gaussian)
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 20), cols=st.integers(1, 12), value=st.sampled_from([0.5, -1.0, 2.0, float("nan")]),
+       units=st.sampled_from(["bernoulli", "softmax"]))
+def test_any_mismatched_or_off_support_data_is_refused_before_training(rows, cols, value, units):
+    rbm = RBM(visible=6, hidden=3, units=units)
+    before = rbm.W.detach().clone()
+    if units == "softmax" and value == 2.0:  # a count of 2 is valid for word counts
+        value = 0.5
+    x = torch.ones(rows, cols)
+    if cols == 6:
+        x[rows // 2, cols // 2] = value
+    with pytest.raises(ValueError, match="x: expected|data: expected"):
+        PersistentCD(num_steps=3).run(rbm, x)
+    assert torch.equal(rbm.W, before)
