@@ -21,6 +21,9 @@ Protocol. ``model`` is a ``torch.nn.Module`` (usually a ``PyroModule``) implemen
   writes the loss's gradient into the parameters' ``.grad`` and returns both phases' detached
   log-densities (None: use autograd on the two log-density methods instead).
 
+The sampler is the model's: an RBM built with ``temperatures > 1`` keeps its chains at several
+inverse temperatures and swaps them (parallel tempering), negative phase on the ``beta = 1`` ones.
+
 Each step advances the chains ``k`` steps, then descends
 ``-(positive_log_density(batch).mean() - negative_log_density(chains).mean()) + regularizer()``.
 The chain energies of ``record_chains`` chains are recorded as ``Fit.samples["chain_energy"]``
