@@ -167,6 +167,9 @@ def cmd_evaluate(args) -> int:
     data = args.data or fit.config.get("data")
     test = load_dataset(data, args.split)
     kwargs = _parse_assignments(args.opt, "--opt")
+    # conditional models (BNN, conditional flows) score x given their labels/targets y
+    if test.y is not None and "y" in inspect.signature(fit.module.log_likelihood).parameters:
+        kwargs.setdefault("y", test.y)
     print(log_likelihood(fit.module, test.x, **kwargs))
     return 0
 
