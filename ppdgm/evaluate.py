@@ -48,7 +48,7 @@ def log_likelihood(model, x, method: str | None = None, **kwargs) -> NatsEstimat
         kwargs["method"] = method
     ll = model.log_likelihood(x, **kwargs)
     label = method or getattr(model, "likelihood_method", type(model).__name__)
-    options = {k: v for k, v in kwargs.items() if k != "method"}
+    options = {k: v for k, v in kwargs.items() if k != "method" and isinstance(v, (int, float, str, bool))}
     if options:  # e.g. k=10 overrides the default number of importance samples in the label
         label += " (" + ", ".join(f"{k}={v}" for k, v in options.items()) + ")"
     return summarize(ll, label)
