@@ -81,6 +81,12 @@ class DBM(PyroModule):
 
     @classmethod
     def from_data(cls, data, hidden=(128, 64), **kwargs):
+        """A chain ``[columns, *hidden]``, or ``graph=`` (networkx, node-link dict or .json path)
+        whose first visible layer must match the data's columns."""
+        if kwargs.get("graph") is not None:
+            obj = cls(**kwargs)
+            _check_visible_size(obj.sizes[obj.visible_index[0]], data)
+            return obj
         return cls(sizes=[int(data.x.shape[1]), *hidden], **kwargs)
 
     @property
@@ -408,6 +414,11 @@ class DBM(PyroModule):
         return self.index[top], paths
 
 
+def _check_visible_size(size: int, data) -> None:
+    if size != data.x.shape[1]:
+        raise ValueError(f"graph: the first visible layer has {size} units but {data.name} has {data.x.shape[1]} columns")
+
+
 class _Part:
     """One input layer of an RBM being pretrained: data, weight (input size x hidden size), bias,
     units and the multiplier of the input it receives from the hidden layer."""
@@ -473,6 +484,10 @@ class MultimodalDBM(DBM):
     def from_data(cls, data, **kwargs):
         if data.y is None:
             raise ValueError(f"{data.name}: a multimodal DBM needs labels (dataset.y), got None")
+        if kwargs.get("graph") is not None:
+            obj = cls(**kwargs)
+            _check_visible_size(obj.sizes[obj.visible_index[0]], data)
+            return obj
         return cls(pixels=int(data.x.shape[1]), classes=int(data.y.max()) + 1, **kwargs)
 
     @staticmethod

@@ -53,6 +53,13 @@ class DBN(PyroModule):
 
     @classmethod
     def from_data(cls, data, hidden=(128, 64), **kwargs):
+        """A stack ``[columns, *hidden]``, or ``graph=`` (a DiGraph, node-link dict or .json path)."""
+        if kwargs.get("graph") is not None:
+            obj = cls(**kwargs)
+            if obj.sizes[0] != data.x.shape[1]:
+                raise ValueError(f"graph: the visible layer has {obj.sizes[0]} units but {data.name} has "
+                                 f"{data.x.shape[1]} columns")
+            return obj
         return cls(sizes=[int(data.x.shape[1]), *hidden], **kwargs)
 
     @property

@@ -78,7 +78,14 @@ class RBM(PyroModule):
             self.register_buffer("log_sigma", log_sigma)
 
     @classmethod
-    def from_data(cls, data, **kwargs):
+    def from_data(cls, data, graph=None, **kwargs):
+        """Sizes from the data, or ``graph=`` (a layer graph, node-link dict or .json path) checked against it."""
+        if graph is not None:
+            obj = cls.from_graph(graph, **kwargs)
+            if obj.visible != data.x.shape[1]:
+                raise ValueError(f"graph: the visible layer has {obj.visible} units but {data.name} has "
+                                 f"{data.x.shape[1]} columns")
+            return obj
         return cls(visible=int(data.x.shape[1]), **kwargs)
 
     @classmethod

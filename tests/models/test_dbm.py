@@ -204,3 +204,20 @@ def test_pyro_elbo_of_model_and_mean_field_guide_is_the_variational_bound():
     # uniform priors on the 13 units contribute -13 log 2 per point
     analytic = (dbm.variational_bound(v) - 13 * math.log(2)).mean().item()
     assert mc == pytest.approx(analytic, abs=0.05)  # measured -0.362 vs -0.374
+
+
+def test_from_data_takes_a_graph_file_and_checks_it_against_the_data(tmp_path, digits):
+    import json
+
+    from ppdgm.graphs import dbn_graph
+    from ppdgm.models.dbn import DBN
+
+    train, _ = digits
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps(dbm_graph([64, 32, 16]).to_json()))
+    assert DBM.from_data(train, graph=str(path)).sizes == [64, 32, 16]
+    assert RBM.from_data(train, graph=dbm_graph([64, 20]).graph).hidden == 20
+    assert DBN.from_data(train, graph=dbn_graph([64, 16, 8]).graph).sizes == [64, 16, 8]
+    path.write_text(json.dumps(dbm_graph([10, 4]).to_json()))
+    with pytest.raises(ValueError, match="has 10 units but digits-binary-train has 64 columns"):
+        DBM.from_data(train, graph=str(path))
