@@ -22,6 +22,7 @@ from pyro.poutine.util import site_is_subsample
 from ppdgm import distributed
 from ppdgm.data import check_data
 from ppdgm.fit import Fit, param_store_state, restore_param_store
+from ppdgm.inference.param_optim import PyroOptim, StoreAdam
 from ppdgm.inference.base import (
     Checkpointer,
     Engine,
@@ -180,10 +181,9 @@ class SVI(Engine):
 
     # -----------------------------------------------------------------------------------------
     def _make_optim(self):
-        args = {"lr": self.lr}
         if self.optim == "clipped_adam":
-            return pyro.optim.ClippedAdam({**args, "clip_norm": self.clip_norm or 10.0})
-        return pyro.optim.Adam(args)
+            return PyroOptim(pyro.optim.ClippedAdam({"lr": self.lr, "clip_norm": self.clip_norm or 10.0}))
+        return StoreAdam(self.lr)
 
     def _lr_at(self, step: int, total: int) -> float:
         frac = min(step / max(total, 1), 1.0)
@@ -300,13 +300,9 @@ class SVI(Engine):
                     f"the parameters from step {step - 1}" + (f", saved to {checkpoint_dir}" if checkpoint_dir else ""),
                     fit,
                 )
-            optim(set(params))
-            pyro.infer.util.zero_grads(set(params))
+            optim(params)
             if self.lr_schedule is not None:
-                lr = self._lr_at(step + 1, total)
-                for opt in optim.optim_objs.values():
-                    for group in opt.param_groups:
-                        group["lr"] = lr
+                optim.set_lr(self._lr_at(step + 1, total))
             history["loss"].append(loss)
             history["grad_norm"].append(gnorm)
             done = step + 1
