@@ -44,11 +44,11 @@ class Timer:
 
 
 def batches(n, batch, steps, seed=0):
-    """The SVI engine's minibatch order: a seeded permutation per epoch."""
+    """The SVI engine's minibatch order: DistributedSampler's seeded permutation per epoch."""
     per_epoch = math.ceil(n / batch)
     for step in range(steps):
         epoch, pos = divmod(step, per_epoch)
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        gen = torch.Generator().manual_seed(seed + epoch)
         yield torch.randperm(n, generator=gen)[pos * batch : (pos + 1) * batch]
 
 

@@ -13,18 +13,23 @@ import torch  # noqa: E402
 
 
 def save_image_grid(x, path, image_shape=None, ncols: int | None = None, title: str | None = None) -> Path:
-    """Save ``(n, d)`` images (or ``(n, 2)`` points as a scatter) to a PNG."""
+    """Save ``(n, d)`` samples to a PNG: square images as a grid, 2-D points as a scatter, other
+    vectors (series windows) as lines."""
     x = torch.as_tensor(x).detach().cpu().float()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    side = int(math.isqrt(x[0].numel())) if x.dim() >= 2 else 0
     if x.dim() == 2 and x.shape[1] == 2:
         fig, ax = plt.subplots(figsize=(4, 4))
         ax.scatter(x[:, 0], x[:, 1], s=3, alpha=0.5)
         ax.set_aspect("equal")
+    elif image_shape is None and x.dim() == 2 and side * side != x.shape[1]:  # series, not images
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.plot(x[: min(len(x), 16)].T, lw=0.8, alpha=0.7)
+        ax.set_xlabel("time step")
     else:
         n = x.shape[0]
         if image_shape is None:
-            side = int(math.isqrt(x[0].numel()))
             if side * side != x[0].numel():
                 raise ValueError(f"cannot show {x[0].numel()}-dim samples as square images; pass image_shape")
             image_shape = (side, side)
