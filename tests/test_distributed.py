@@ -41,6 +41,21 @@ def test_two_ranks_of_batch_b_equal_one_process_of_batch_2b(tmp_path):
         assert torch.allclose(value, b.params["params"][name], atol=1e-5), name
 
 
+def test_rbm_under_pcd_two_ranks_equal_one_process(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1, _ = launch("train_rbm_dist.py", one, 30, 48, 2)  # one process, the same two chain blocks
+    r2, _ = launch("train_rbm_dist.py", two, 30, 24, 2, nproc=2)
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    a, b = ppdgm.load(one), ppdgm.load(two)
+    assert torch.allclose(torch.tensor(a.history["loss"]), torch.tensor(b.history["loss"]), rtol=1e-4, atol=1e-5)
+    assert a.samples["chain_energy"].shape == b.samples["chain_energy"].shape  # gathered from both ranks
+    assert torch.allclose(a.samples["chain_energy"], b.samples["chain_energy"], atol=1e-4)
+    sa, sb = a.module.state_dict(), b.module.state_dict()
+    for name in sa:
+        assert torch.allclose(sa[name], sb[name], atol=1e-5), name
+
+
 def test_a_killed_rank_stops_the_job_and_a_rerun_resumes(tmp_path):
     out = tmp_path / "run"
     r, seconds = launch("train_dist.py", out, 40, 24, "--kill-rank", 1, "--kill-at", 25, nproc=2)

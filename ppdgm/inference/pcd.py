@@ -41,6 +41,7 @@ import torch
 
 from ppdgm.data import check_data
 from ppdgm.fit import Fit
+from ppdgm import distributed
 from ppdgm.inference.base import Checkpointer, Engine, NonFiniteLossError, progress_bar, resolve_device, set_seed
 
 OPTIMIZERS = ("sgd", "adam")
@@ -64,6 +65,13 @@ class PersistentCD(Engine):
         record_chains, record_every: how many chains' energies to record, and how often.
         eval_every: steps between validation positive-phase evaluations (default: each epoch).
         checkpoint_every: steps between checkpoints (with ``checkpoint_dir`` in ``run``).
+        chain_blocks: split the chains into this many blocks, each advanced with its own random
+            stream seeded by (seed, step, block), so the chains' trajectories do not depend on
+            how many processes share them (default: one block per torch.distributed rank).
+
+    Under torch.distributed each rank takes its shard of the data order and its blocks of chains;
+    gradients (and the loss, positive and negative phases) are averaged by one all-reduce per
+    step, chain energies are gathered for the record, and rank 0 checkpoints the full chain set.
     """
 
     name = "pcd"
@@ -87,10 +95,14 @@ class PersistentCD(Engine):
         record_every: int | None = None,
         eval_every: int | None = None,
         checkpoint_every: int | None = None,
+        chain_blocks: int | None = None,
         seed: int | None = 0,
         device=None,
         progress: bool | None = None,
     ):
+        if chain_blocks is not None and (isinstance(chain_blocks, bool) or not isinstance(chain_blocks, int)
+                                         or chain_blocks < 1 or num_chains % chain_blocks):
+            raise ValueError(f"chain_blocks must be a positive int dividing num_chains={num_chains}, got {chain_blocks!r}")
         for arg, val in (("num_steps", num_steps), ("k", k), ("num_chains", num_chains),
                          ("record_chains", record_chains)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
@@ -123,6 +135,7 @@ class PersistentCD(Engine):
         self.lr_schedule, self.lr_final_factor, self.clip_norm = lr_schedule, float(lr_final_factor), clip_norm
         self.record_chains, self.record_every = min(record_chains, num_chains), record_every
         self.eval_every, self.checkpoint_every = eval_every, checkpoint_every
+        self.chain_blocks = chain_blocks
         self.seed, self.device, self.progress = seed, device, progress
 
     # -----------------------------------------------------------------------------------------
@@ -174,8 +187,20 @@ class PersistentCD(Engine):
             raise ValueError(f"model {type(model).__name__} has no trainable parameters")
 
         n = _length(data)
-        batch = self.batch_size if (self.batch_size and self.batch_size < n) else None
-        per_epoch = math.ceil(n / batch) if batch else 1
+        world = distributed.init_from_env(device)
+        if world.parallel:
+            distributed.check_nproc(world.size, n, self.batch_size)
+        blocks = self.chain_blocks or world.size
+        if blocks % world.size or self.num_chains % blocks:
+            raise ValueError(f"chain_blocks={blocks} must be a multiple of the {world.size} ranks and divide "
+                             f"num_chains={self.num_chains}")
+        per_block = self.num_chains // blocks
+        mine = range(world.rank * blocks // world.size, (world.rank + 1) * blocks // world.size)
+        shard = math.ceil(n / world.size)
+        batch = self.batch_size if (self.batch_size and self.batch_size < shard) else None
+        if world.parallel and batch is None:
+            batch = shard
+        per_epoch = math.ceil(shard / batch) if batch else 1
         total = self.num_epochs * per_epoch if self.num_epochs else self.num_steps
         record_every = self.record_every or max(1, total // 500)
         eval_every = self.eval_every or per_epoch
@@ -199,11 +224,30 @@ class PersistentCD(Engine):
         else:
             with torch.no_grad():
                 chains = model.init_chains(self.num_chains, data)
+        if blocks > 1:  # every rank built or loaded the full chain set; keep this rank's blocks
+            if any(t.shape[0] != self.num_chains for t in _leaves(chains)):
+                raise ValueError(f"chain blocks (and distributed PCD) need chain states with the {self.num_chains} "
+                                 f"chains on dim 0; {type(model).__name__} has shapes "
+                                 f"{[tuple(t.shape) for t in _leaves(chains)]}")
+            chains = _rows(chains, mine.start * per_block, mine.stop * per_block)
+        if world.parallel:
+            distributed.broadcast_params(params)
 
         def snapshot(step):
             rec = torch.stack(recorded, 1) if recorded else None
             return {"step": step, "module": model.state_dict(), "optim": optimizer.state_dict(),
-                    "chains": chains, "history": history, "recorded": rec}
+                    "chains": _gather_rows(chains) if world.parallel else chains, "history": history,
+                    "recorded": rec}
+
+        def advance(chains, step):
+            if blocks == 1:
+                return model.sample_chains(chains, self.k)
+            out = []
+            for i, b in enumerate(mine):
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    torch.manual_seed(((self.seed or 0) * 1_000_003 + step) * 1_009 + b)
+                    out.append(model.sample_chains(_rows(chains, i * per_block, (i + 1) * per_block), self.k))
+            return _cat_rows(out)
 
         energy_of = getattr(model, "chain_energy", None)
         regularizer = getattr(model, "regularizer", None)
@@ -221,8 +265,8 @@ class PersistentCD(Engine):
                     if self.optim == "sgd":
                         group["momentum"] = now[1]
                 schedule = now
-            b = self._batch(data, step, per_epoch, batch, order)
-            chains = model.sample_chains(chains, self.k)
+            b = self._batch(data, step, per_epoch, batch, order, world)
+            chains = advance(chains, step)
             phases = closed_form(b, chains) if closed_form is not None else None
             if phases is None:
                 optimizer.zero_grad(set_to_none=True)
@@ -241,6 +285,10 @@ class PersistentCD(Engine):
                     penalty = regularizer()
                     penalty.backward()
                     loss = loss + float(penalty)
+            if world.parallel:
+                loss_value, pos_mean, neg_mean = distributed.average_gradients(
+                    params, float(loss), pos_mean, neg_mean)
+                loss = loss_value
             done = step + 1
             due = done % record_every == 0
             gnorm = None
@@ -253,7 +301,7 @@ class PersistentCD(Engine):
             if not (math.isfinite(loss_value) and (gnorm is None or math.isfinite(gnorm))):
                 bar.close()
                 fit = self._fit(model, history, recorded, chains, t0, start, step)
-                if checkpoint_dir is not None:
+                if checkpoint_dir is not None and world.is_main:
                     fit.save(checkpoint_dir)
                 raise NonFiniteLossError(
                     f"non-finite loss ({loss_value}) or gradient norm ({gnorm}) at step {step}; the fit holds "
@@ -274,7 +322,14 @@ class PersistentCD(Engine):
                 history["grad_norm"].append(gnorm)
                 history["lr"].append(now[0])
                 history["record_step"].append(done)
-                recorded.append(energy[: self.record_chains].detach().to("cpu", torch.float64))
+                if blocks == 1:
+                    mine_recorded = energy[: self.record_chains].detach()
+                else:  # the first chains of every block, so the record does not depend on the ranks
+                    r = math.ceil(self.record_chains / blocks)
+                    mine_recorded = torch.cat([energy[i * per_block : i * per_block + r] for i in range(len(mine))])
+                if world.parallel:
+                    mine_recorded = _gather_rows(mine_recorded)
+                recorded.append(mine_recorded.to("cpu", torch.float64))
             if val_data is not None and done % eval_every == 0:
                 with torch.no_grad():
                     history["val_positive"].append(float(model.positive_log_density(val_data).mean()))
@@ -283,7 +338,9 @@ class PersistentCD(Engine):
             for cb in callbacks:
                 stop = bool(cb(done, info)) or stop
             if ckpt.due(done) or (stop and ckpt.every):
-                ckpt.save(snapshot(done))
+                snap = snapshot(done)  # every rank joins the gather; rank 0 writes
+                if world.is_main:
+                    ckpt.save(snap)
             bar.update(1)
             if done % post_every == 0:
                 bar.set_postfix(loss=f"{loss_value:.4g}")
@@ -327,15 +384,15 @@ class PersistentCD(Engine):
                              f"{[tuple(p.shape) for p in parts]}")
         return parts if isinstance(data, (tuple, list)) else parts[0]
 
-    def _batch(self, data, step, per_epoch, batch, order: dict):
-        """Minibatch ``step``: epoch-seeded permutations (kept in ``order`` for the epoch)."""
+    def _batch(self, data, step, per_epoch, batch, order: dict, world):
+        """Minibatch ``step`` of this rank's shard of the epoch's order (``DistributedSampler``'s)."""
         if batch is None:
             return data
         epoch, pos = divmod(step, per_epoch)
         if order.get("epoch") != epoch:
-            gen = torch.Generator().manual_seed((self.seed or 0) * 1_000_003 + epoch)
             device = data[0].device if isinstance(data, tuple) else data.device
-            order["epoch"], order["perm"] = epoch, torch.randperm(_length(data), generator=gen).to(device)
+            order["epoch"] = epoch
+            order["perm"] = distributed.shard_order(_length(data), epoch, self.seed or 0, world).to(device)
         idx = order["perm"][pos * batch : (pos + 1) * batch]
         if isinstance(data, tuple):
             return tuple(d[idx] for d in data)
@@ -379,6 +436,42 @@ class MomentumSGD:
     def load_state_dict(self, state: dict) -> None:
         self.param_groups = [dict(g) for g in state["param_groups"]]
         self.buffers = [None if b is None else b.to(p.device) for b, p in zip(state["buffers"], self.params)]
+
+
+def _rows(x, start, stop):
+    """Chains ``start:stop`` of a chain state (a tensor, or a tuple/dict of per-layer tensors)."""
+    if isinstance(x, torch.Tensor):
+        return x[start:stop]
+    if isinstance(x, (tuple, list)):
+        return type(x)(_rows(v, start, stop) for v in x)
+    return {k: _rows(v, start, stop) for k, v in x.items()}
+
+
+def _leaves(x):
+    if isinstance(x, torch.Tensor):
+        return [x]
+    values = x.values() if isinstance(x, dict) else x
+    return [t for v in values for t in _leaves(v)]
+
+
+def _cat_rows(parts):
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, (tuple, list)):
+        return type(first)(_cat_rows([p[i] for p in parts]) for i in range(len(first)))
+    return {k: _cat_rows([p[k] for p in parts]) for k in first}
+
+
+def _gather_rows(x):
+    """Every rank's chains, concatenated in rank order."""
+    if isinstance(x, torch.Tensor):
+        out = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(out, x.contiguous())
+        return torch.cat(out)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_gather_rows(v) for v in x)
+    return {k: _gather_rows(v) for k, v in x.items()}
 
 
 def _number(x) -> bool:
