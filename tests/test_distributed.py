@@ -56,6 +56,24 @@ def test_rbm_under_pcd_two_ranks_equal_one_process(tmp_path):
         assert torch.allclose(sa[name], sb[name], atol=1e-5), name
 
 
+def test_nuts_chains_on_two_ranks_merge_into_one_inference_data(tmp_path):
+    r1, _ = launch("nuts_dist.py", tmp_path / "one")
+    r2, _ = launch("nuts_dist.py", tmp_path / "two", nproc=2)
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    a, b = ppdgm.load(tmp_path / "one"), ppdgm.load(tmp_path / "two")
+    assert b.samples["mu"].shape == (2, 150)
+    assert torch.equal(a.samples["mu"], b.samples["mu"])  # chain c's draws do not depend on the process
+    import sys as _sys
+
+    _sys.path.insert(0, str(SCRIPTS))
+    from nuts_dist import model, y
+
+    b.model, b.args = model, (y,)
+    idata = b.to_arviz()
+    assert idata.posterior.sizes["chain"] == 2 and idata.log_likelihood["y"].dims == ("chain", "draw", "obs")
+
+
 def test_a_killed_rank_stops_the_job_and_a_rerun_resumes(tmp_path):
     out = tmp_path / "run"
     r, seconds = launch("train_dist.py", out, 40, 24, "--kill-rank", 1, "--kill-at", 25, nproc=2)

@@ -22,6 +22,7 @@ from pyro.infer.mcmc import MCMC
 from pyro.infer.mcmc import NUTS as PyroNUTS
 from pyro.poutine.util import site_is_subsample
 
+from ppdgm import distributed
 from ppdgm.fit import Fit
 from ppdgm.inference.base import Engine, progress_bar, resolve_device, set_seed
 
@@ -172,7 +173,8 @@ class NUTS(Engine):
 
     Args:
         num_samples, num_warmup: draws kept per chain and adaptation iterations before them.
-        num_chains: chains, run one after another with different initial points.
+        num_chains: chains, each seeded by (seed, chain index); in one process they run one after
+            another, under torchrun chain ``c`` runs on rank ``c % world`` and rank 0's Fit holds all.
         target_accept: dual-averaging target of the step-size adaptation.
         max_tree_depth: NUTS doubling limit (2**depth leapfrog steps at most).
         dense_mass: adapt a dense (True) or diagonal (False) mass matrix.
@@ -225,9 +227,13 @@ class NUTS(Engine):
             check_continuous_latents(trace, allow_enumerated=True)
             if not latent_sites(trace):
                 raise ValueError("the model has no latent sample sites: there is nothing for HMC to sample")
+            world = distributed.init_from_env(device)
+            mine = [c for c in range(self.num_chains) if c % world.size == world.rank]
             chains, records = [], []
-            bar = progress_bar(self.num_chains * (self.num_warmup + self.num_samples), self.name, self.progress)
-            for c in range(self.num_chains):
+            bar = progress_bar(len(mine) * (self.num_warmup + self.num_samples), self.name, self.progress)
+            for c in mine:
+                if self.seed is not None:  # chain c's draws do not depend on which process runs it
+                    pyro.set_rng_seed(self.seed * 1_000_003 + c)
                 kernel = self._kernel(model)
 
                 def hook(kernel, params, stage, i):
@@ -244,6 +250,12 @@ class NUTS(Engine):
                 chains.append({k: v.detach() for k, v in mcmc.get_samples().items()})
                 records.append(kernel.record)
             bar.close()
+            if world.parallel:  # chains ran on ranks c % world; put them back in chain order
+                gathered = [None] * world.size
+                torch.distributed.all_gather_object(gathered, (mine, [_cpu(ch) for ch in chains], records))
+                by_chain = {c: (ch, rec) for ids, chs, recs in gathered for c, ch, rec in zip(ids, chs, recs)}
+                chains = [_to_device(by_chain[c][0], device) for c in range(self.num_chains)]
+                records = [by_chain[c][1] for c in range(self.num_chains)]
         seconds = time.perf_counter() - t0
         samples = {k: torch.stack([ch[k] for ch in chains]) for k in chains[0]}
         return self._fit(model, samples, records, seconds, args, kwargs)
@@ -282,6 +294,14 @@ class NUTS(Engine):
             args=args,
             kwargs=kwargs,
         )
+
+
+def _cpu(d: dict) -> dict:
+    return {k: v.cpu() for k, v in d.items()}
+
+
+def _to_device(d: dict, device) -> dict:
+    return {k: v.to(device) for k, v in d.items()}
 
 
 class HMC(NUTS):
