@@ -26,6 +26,7 @@ from pyro import poutine
 
 from ppdgm.data import check_data
 from ppdgm.fit import Fit, param_store_state, restore_param_store
+from ppdgm import distributed
 from ppdgm.inference.base import Checkpointer, Engine, NonFiniteLossError, progress_bar, resolve_device, set_seed
 
 LOSSES = ("nonsaturating", "wgan-gp")
@@ -131,10 +132,15 @@ class Adversarial(Engine):
         c_params = [p for p in critic.parameters() if p.requires_grad]
         if not c_params:
             raise ValueError("critic has no trainable parameters")
+        world = distributed.init_from_env(device)
+        if world.parallel:
+            distributed.check_nproc(world.size, x.shape[0], self.batch_size)
+            distributed.broadcast_params(g_params + c_params)
+            set_seed((self.seed or 0) + 7919 * world.rank)  # independent generator noise per rank
         g_opt = torch.optim.Adam(g_params, lr=self.lr, betas=tuple(self.betas))
         c_opt = torch.optim.Adam(c_params, lr=self.critic_lr, betas=tuple(self.betas))
         n = x.shape[0]
-        batch = min(self.batch_size, n)
+        batch = min(self.batch_size, math.ceil(n / world.size))
         history = {"loss": [], "critic_loss": [], "grad_norm": [], "critic_grad_norm": [], "diversity": [],
                    "monitor_step": []}
         start, draws, alerts = 0, 0, []
@@ -154,10 +160,10 @@ class Adversarial(Engine):
                     "draws": draws, "alerts": alerts}
 
         def real_batch(i):
-            per_epoch = max(1, n // batch)
+            """Draw ``i`` of this rank's shard of the epoch's order (``DistributedSampler``'s)."""
+            per_epoch = max(1, math.ceil(n / world.size) // batch)
             epoch, pos = divmod(i, per_epoch)
-            gen = torch.Generator().manual_seed((self.seed or 0) * 1_000_003 + epoch)
-            idx = torch.randperm(n, generator=gen)[pos * batch:(pos + 1) * batch].to(device)
+            idx = distributed.shard_order(n, epoch, self.seed or 0, world)[pos * batch:(pos + 1) * batch].to(device)
             return x[idx], tuple(c[idx] for c in cond)
 
         t0 = time.perf_counter()
@@ -174,9 +180,13 @@ class Adversarial(Engine):
                 c_loss = self._critic_loss(critic, xr, xf, cr)
                 c_opt.zero_grad(set_to_none=True)
                 c_loss.backward()
+                if world.parallel:
+                    (c_value,) = distributed.average_gradients(c_params, float(c_loss.detach()))
+                    c_loss = c_loss.new_tensor(c_value)
                 c_norm = _grad_norm(c_params)
                 if not (math.isfinite(float(c_loss.detach())) and math.isfinite(c_norm)):
-                    self._fail(step, "critic", float(c_loss.detach()), history, t0, start, model, critic, checkpoint_dir, bar)
+                    self._fail(step, "critic", float(c_loss.detach()), history, t0, start, model, critic,
+                               checkpoint_dir if world.is_main else None, bar)
                 c_opt.step()
             xr, cr = real_batch(draws - 1)
             xf = self.generate(model, xr.shape[0], cr)
@@ -185,9 +195,13 @@ class Adversarial(Engine):
             g_opt.zero_grad(set_to_none=True)
             c_opt.zero_grad(set_to_none=True)
             g_loss.backward()
+            if world.parallel:
+                (g_value,) = distributed.average_gradients(g_params, float(g_loss.detach()))
+                g_loss = g_loss.new_tensor(g_value)
             g_norm = _grad_norm(g_params)
             if not (math.isfinite(float(g_loss.detach())) and math.isfinite(g_norm)):
-                self._fail(step, "generator", float(g_loss.detach()), history, t0, start, model, critic, checkpoint_dir, bar)
+                self._fail(step, "generator", float(g_loss.detach()), history, t0, start, model, critic,
+                           checkpoint_dir if world.is_main else None, bar)
             g_opt.step()
             c_opt.zero_grad(set_to_none=True)
             done = step + 1
@@ -200,7 +214,7 @@ class Adversarial(Engine):
             info = {"loss": history["loss"][-1], "critic_loss": history["critic_loss"][-1]}
             for cb in callbacks:
                 stop = bool(cb(done, info)) or stop
-            if ckpt.due(done) or (stop and ckpt.every):
+            if world.is_main and (ckpt.due(done) or (stop and ckpt.every)):
                 ckpt.save(snapshot(done))
             bar.update(1)
             if done % post_every == 0:

@@ -18,6 +18,7 @@ import torch
 
 from ppdgm.data import check_data
 from ppdgm.fit import Fit
+from ppdgm import distributed
 from ppdgm.inference.base import Checkpointer, Engine, NonFiniteLossError, progress_bar, resolve_device, set_seed
 
 PROTOCOL = ("denoising_loss",)
@@ -76,11 +77,17 @@ class ScoreMatching(Engine):
         val_data = val_data.to(device) if val_data is not None else None
         params = [p for p in model.parameters() if p.requires_grad]
         set_seed(self.seed)
+        world = distributed.init_from_env(device)
+        if world.parallel:
+            distributed.check_nproc(world.size, data.shape[0], self.batch_size)
+            distributed.broadcast_params(params)
+            set_seed((self.seed or 0) + 7919 * world.rank)  # independent noise per rank
         optimizer = torch.optim.Adam(params, lr=self.lr)
         averaged = copy.deepcopy(model).requires_grad_(False) if self.ema else None
         n = data.shape[0]
-        batch = self.batch_size if self.batch_size and self.batch_size < n else None
-        per_epoch = math.ceil(n / batch) if batch else 1
+        shard = math.ceil(n / world.size)
+        batch = self.batch_size if self.batch_size and self.batch_size < shard else (shard if world.parallel else None)
+        per_epoch = math.ceil(shard / batch) if batch else 1
         eval_every = self.eval_every or max(1, self.num_steps // 20)
         history = {"loss": [], "grad_norm": []}
         if val_data is not None:
@@ -107,19 +114,21 @@ class ScoreMatching(Engine):
         for step in range(start, self.num_steps):
             if batch:
                 epoch, pos = divmod(step, per_epoch)
-                gen = torch.Generator().manual_seed((self.seed or 0) * 1_000_003 + epoch)
-                b = data[torch.randperm(n, generator=gen)[pos * batch:(pos + 1) * batch].to(device)]
+                order = distributed.shard_order(n, epoch, self.seed or 0, world)
+                b = data[order[pos * batch:(pos + 1) * batch].to(device)]
             else:
                 b = data
             loss = model.denoising_loss(b).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, self.clip_norm or math.inf))
             value = float(loss.detach())
+            if world.parallel:
+                (value,) = distributed.average_gradients(params, value)
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, self.clip_norm or math.inf))
             if not (math.isfinite(value) and math.isfinite(gnorm)):
                 bar.close()
                 fit = self._fit(model, history, t0, start, step)
-                if checkpoint_dir is not None:
+                if checkpoint_dir is not None and world.is_main:
                     fit.save(checkpoint_dir)
                 raise NonFiniteLossError(
                     f"non-finite loss ({value}) or gradient norm ({gnorm}) at step {step}; the fit holds the "
@@ -138,7 +147,7 @@ class ScoreMatching(Engine):
                 history["val_step"].append(done)
             for cb in callbacks:
                 stop = bool(cb(done, {"loss": value, "grad_norm": gnorm})) or stop
-            if ckpt.due(done) or (stop and ckpt.every):
+            if world.is_main and (ckpt.due(done) or (stop and ckpt.every)):
                 ckpt.save(snapshot(done))
             bar.update(1)
             if done % post_every == 0:
