@@ -74,6 +74,17 @@ def test_nuts_chains_on_two_ranks_merge_into_one_inference_data(tmp_path):
     assert idata.posterior.sizes["chain"] == 2 and idata.log_likelihood["y"].dims == ("chain", "draw", "obs")
 
 
+@pytest.mark.parametrize("family", ["gan", "score"])
+def test_adversarial_and_score_matching_ranks_stay_in_sync(tmp_path, family):
+    r, _ = launch("train_gan_score_dist.py", tmp_path, family, nproc=2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
+    for name in a:  # broadcast start + averaged gradients keep every rank's weights identical
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+    la, lb = (torch.load(tmp_path / f"loss{i}.pt", weights_only=True) for i in (0, 1))
+    assert torch.isfinite(la).all() and torch.equal(la, lb)  # the history is the all-reduced loss
+
+
 def test_a_killed_rank_stops_the_job_and_a_rerun_resumes(tmp_path):
     out = tmp_path / "run"
     r, seconds = launch("train_dist.py", out, 40, 24, "--kill-rank", 1, "--kill-at", 25, nproc=2)
