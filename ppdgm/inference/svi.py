@@ -8,6 +8,7 @@ in Pyro's tutorials.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -233,16 +234,20 @@ class SVI(Engine):
 
         set_seed(self.seed)
         pyro.clear_param_store()
+        # off the CPU, tensors a plain model makes (torch.zeros(D) ...) land on the data's device;
+        # on the CPU the default device is right already and the mode's per-op cost is skipped
+        on_device = (lambda: torch.device(device)) if device.type != "cpu" else contextlib.nullcontext
         first = self._batch(data, 0, per_epoch, batch)
         autoguide = None
-        if guide is None:
-            with poutine.block(), poutine.trace() as tr:
-                model(*first, *args, **kwargs)
-            guide = AutoNormal(model) if latent_sites(tr.trace) else empty_guide
-            autoguide = "AutoNormal" if guide is not empty_guide else "empty"
-        check_guide_matches(model, guide, (*first, *args), kwargs)
-        if batch:
-            self._check_data_plate(model, first, args, kwargs)
+        with on_device():
+            if guide is None:
+                with poutine.block(), poutine.trace() as tr:
+                    model(*first, *args, **kwargs)
+                guide = AutoNormal(model) if latent_sites(tr.trace) else empty_guide
+                autoguide = "AutoNormal" if guide is not empty_guide else "empty"
+            check_guide_matches(model, guide, (*first, *args), kwargs)
+            if batch:
+                self._check_data_plate(model, first, args, kwargs)
 
         optim = self._make_optim()
         elbo = self._elbo
@@ -278,7 +283,7 @@ class SVI(Engine):
             scale = n / _length(b) if batch else None
             m, g = (model, guide) if scale is None else (ScaleDataPlate(self.data_plate, scale)(model),
                                                         ScaleDataPlate(self.data_plate, scale)(guide))
-            with poutine.trace(param_only=True) as cap:
+            with poutine.trace(param_only=True) as cap, on_device():
                 loss = elbo.loss_and_grads(m, g, *b, *args, **kwargs)
             params = [s["value"].unconstrained() for s in cap.trace.nodes.values()]
             if world.parallel:
@@ -307,7 +312,7 @@ class SVI(Engine):
             history["grad_norm"].append(gnorm)
             done = step + 1
             if val_data is not None and done % (self.eval_every or per_epoch) == 0:
-                with torch.no_grad():
+                with torch.no_grad(), on_device():
                     v = elbo.loss(model, guide, *val_data, *args, **kwargs)
                 history["val_loss"].append(v)
                 history["val_step"].append(done)

@@ -281,6 +281,10 @@ class FlowModel(nn.Module):
             if x is not None and self.levels:
                 pyro.factor("dequantization", x.new_full((n,), -self.dim * math.log(self.levels)))
                 x = self.dequantize(x)
+            elif x is not None:
+                # a fresh tensor each call: Pyro's transform caches key on tensor identity, and the same
+                # full batch passed again would replay the previous step's (freed) autograd graph
+                x = x.clone()
             return pyro.sample("x", self.distribution(y), obs=x)
 
     def dequantize(self, x) -> torch.Tensor:

@@ -176,3 +176,13 @@ def test_flow_on_cuda_follows_the_data():
     fit = SVI(num_steps=5, seed=0).run(flow.model, None, x)
     assert fit.num_steps == 5 and flow.base_loc.is_cuda
     assert flow.sample(4).is_cuda and torch.isfinite(flow.log_prob(x[:8])).all()
+
+
+@pytest.mark.parametrize("kind", ["nsf_coupling", "realnvp", "maf"])
+def test_full_batch_training_does_not_replay_a_cached_transform(kind):
+    # the same data tensor every step used to hit Pyro's identity-keyed transform cache and
+    # backpropagate through the previous step's freed graph
+    x = load_dataset("moons", "train", n=128).x
+    flow = FlowModel(dim=2, kind=kind, num_layers=2, hidden_dims=[16])
+    fit = SVI(num_steps=3, seed=0, progress=False).run(flow.model, None, x)
+    assert len(fit.history["loss"]) == 3 and all(math.isfinite(v) for v in fit.history["loss"])
