@@ -27,4 +27,19 @@ def engine_class(name: str):
     return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["Engine", "NonFiniteLossError", "SVI", "ENGINES", "engine_class"]
+_BY_CLASS = {target.split(":")[1]: name for name, target in ENGINES.items()}
+
+
+def __getattr__(attr):
+    """``from ppdgm.inference import NUTS, ChEES, PersistentCD ...`` imports the engine on first use."""
+    if attr in _BY_CLASS:
+        return engine_class(_BY_CLASS[attr])
+    if attr == "annealed_importance_sampling":
+        from ppdgm.inference.ais import annealed_importance_sampling
+
+        return annealed_importance_sampling
+    raise AttributeError(f"module 'ppdgm.inference' has no attribute {attr!r}")
+
+
+__all__ = ["Engine", "NonFiniteLossError", "ENGINES", "engine_class", "annealed_importance_sampling",
+           *_BY_CLASS]
