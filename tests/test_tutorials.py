@@ -1,6 +1,5 @@
 """Every notebook in tutorials/ runs top to bottom in short mode (PPDGM_SHORT=1 shrinks steps)."""
 
-import os
 from pathlib import Path
 
 import nbformat

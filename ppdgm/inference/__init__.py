@@ -6,7 +6,6 @@
 import importlib
 
 from ppdgm.inference.base import Engine, NonFiniteLossError
-from ppdgm.inference.svi import SVI
 
 ENGINES: dict[str, str] = {
     "svi": "ppdgm.inference.svi:SVI",

@@ -27,7 +27,16 @@ from pyro import poutine
 from ppdgm.data import check_data
 from ppdgm.fit import Fit, param_store_state, restore_param_store
 from ppdgm import distributed
-from ppdgm.inference.base import Checkpointer, Engine, NonFiniteLossError, progress_bar, resolve_device, set_seed
+from ppdgm.inference.base import (
+    Checkpointer,
+    Engine,
+    move_module,
+    non_finite_error,
+    progress_bar,
+    resolve_device,
+    set_seed,
+    step_timing,
+)
 
 LOSSES = ("nonsaturating", "wgan-gp")
 
@@ -121,9 +130,7 @@ class Adversarial(Engine):
                              f"{[tuple(c.shape) for c in cond]}")
         device = resolve_device(self.device, x)
         x, cond = x.to(device), tuple(c.to(device) for c in cond)
-        module = getattr(model, "__self__", None)
-        if isinstance(module, torch.nn.Module):
-            module.to(device)
+        move_module(model, device)
         critic.to(device)
 
         set_seed(self.seed)
@@ -302,11 +309,7 @@ class Adversarial(Engine):
     def _fail(self, step, which, value, history, t0, start, model, critic, checkpoint_dir, bar):
         bar.close()
         fit = self._fit(history, t0, start, step, model, critic)
-        if checkpoint_dir is not None:
-            fit.save(checkpoint_dir)
-        raise NonFiniteLossError(
-            f"non-finite {which} loss or gradient ({value}) at step {step}; the fit holds the parameters from "
-            f"step {step - 1}" + (f", saved to {checkpoint_dir}" if checkpoint_dir else ""), fit)
+        raise non_finite_error(step, value, None, fit, checkpoint_dir, what=f"{which} loss")
 
     def _fit(self, history, t0, start, end, model, critic) -> Fit:
         seconds = time.perf_counter() - t0
@@ -315,7 +318,7 @@ class Adversarial(Engine):
             engine=self.name,
             config=self.config,
             history=history,
-            timing={"seconds": seconds, "steps": steps, "ms_per_step": 1e3 * seconds / max(steps, 1)},
+            timing=step_timing(seconds, steps),
             params=param_store_state(),
             extra={"tensors": {"critic": {k: v.detach().clone() for k, v in critic.state_dict().items()}}},
             model=model,

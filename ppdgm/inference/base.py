@@ -144,3 +144,26 @@ class NonFiniteLossError(FloatingPointError):
     def __init__(self, message: str, fit: Fit | None = None):
         super().__init__(message)
         self.fit = fit
+
+
+def non_finite_error(step: int, loss, grad_norm, fit: Fit, checkpoint_dir=None, what: str = "loss"):
+    """Save the last finite ``fit`` (when a folder is given) and return the error that names the step."""
+    if checkpoint_dir is not None:
+        fit.save(checkpoint_dir)
+    return NonFiniteLossError(
+        f"non-finite {what} ({loss}) or gradient norm ({grad_norm}) at step {step}; the fit holds the parameters "
+        f"from step {step - 1}" + (f", saved to {checkpoint_dir}" if checkpoint_dir is not None else ""),
+        fit,
+    )
+
+
+def step_timing(seconds: float, steps: int) -> dict:
+    """The timing a training Fit reports."""
+    return {"seconds": seconds, "steps": steps, "ms_per_step": 1e3 * seconds / max(steps, 1)}
+
+
+def move_module(model, device) -> None:
+    """A zoo model's bound ``model``/``guide`` method takes its module (and parameters) to ``device``."""
+    module = getattr(model, "__self__", None)
+    if isinstance(module, torch.nn.Module):
+        module.to(device)

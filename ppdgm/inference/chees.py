@@ -30,7 +30,7 @@ from pyro.distributions.util import scale_and_mask
 from torch.distributions import biject_to
 
 from ppdgm.fit import Fit
-from ppdgm.inference.base import Engine, progress_bar, resolve_device, set_seed
+from ppdgm.inference.base import Engine, move_module, progress_bar, resolve_device, set_seed
 from ppdgm.inference.mcmc import (
     as_args,
     check_continuous_latents,
@@ -281,9 +281,7 @@ class ChEES(Engine):
             raise TypeError(f"model must be a callable Pyro program, got {type(model).__name__}")
         device = resolve_device(self.device, *args, *kwargs.values())
         args, kwargs = move_args(args, kwargs, device)
-        module = getattr(model, "__self__", None)
-        if isinstance(module, torch.nn.Module):
-            module.to(device)
+        move_module(model, device)
         set_seed(self.seed)
         with default_device(device):
             trace = prototype_trace(model, args, kwargs)

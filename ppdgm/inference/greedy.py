@@ -13,7 +13,7 @@ import time
 import torch
 
 from ppdgm.fit import Fit
-from ppdgm.inference.base import set_seed
+from ppdgm.inference.base import set_seed, step_timing
 from ppdgm.inference.pcd import PersistentCD
 
 
@@ -63,7 +63,7 @@ class GreedyLayerwise(PersistentCD):
             engine=self.name,
             config=self.config,
             history={"loss": [v for h in history.values() for v in h["loss"]], "layers": history},
-            timing={"seconds": seconds, "steps": steps, "ms_per_step": 1e3 * seconds / max(steps, 1)},
+            timing=step_timing(seconds, steps),
             samples={"chain_energy": fit.samples["chain_energy"]} if fit.samples else None,
             spec=getattr(model, "spec", None),
             extra={"tensors": {"chains": chains}},

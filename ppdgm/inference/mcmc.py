@@ -24,7 +24,7 @@ from pyro.poutine.util import site_is_subsample
 
 from ppdgm import distributed
 from ppdgm.fit import Fit
-from ppdgm.inference.base import Engine, progress_bar, resolve_device, set_seed
+from ppdgm.inference.base import Engine, move_module, progress_bar, resolve_device, set_seed
 
 # ---------------------------------------------------------------------------------------------
 # checks shared by the HMC engines
@@ -217,9 +217,7 @@ class NUTS(Engine):
             raise TypeError(f"model must be a callable Pyro program, got {type(model).__name__}")
         device = resolve_device(self.device, *args, *kwargs.values())
         args, kwargs = move_args(args, kwargs, device)
-        module = getattr(model, "__self__", None)
-        if isinstance(module, torch.nn.Module):
-            module.to(device)
+        move_module(model, device)
         set_seed(self.seed)
         t0 = time.perf_counter()
         with default_device(device):

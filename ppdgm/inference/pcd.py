@@ -42,7 +42,15 @@ import torch
 from ppdgm.data import check_data
 from ppdgm.fit import Fit
 from ppdgm import distributed
-from ppdgm.inference.base import Checkpointer, Engine, NonFiniteLossError, progress_bar, resolve_device, set_seed
+from ppdgm.inference.base import (
+    Checkpointer,
+    Engine,
+    non_finite_error,
+    progress_bar,
+    resolve_device,
+    set_seed,
+    step_timing,
+)
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = (None, "linear", "exponential")
@@ -301,13 +309,7 @@ class PersistentCD(Engine):
             if not (math.isfinite(loss_value) and (gnorm is None or math.isfinite(gnorm))):
                 bar.close()
                 fit = self._fit(model, history, recorded, chains, t0, start, step)
-                if checkpoint_dir is not None and world.is_main:
-                    fit.save(checkpoint_dir)
-                raise NonFiniteLossError(
-                    f"non-finite loss ({loss_value}) or gradient norm ({gnorm}) at step {step}; the fit holds "
-                    f"the parameters from step {step - 1}" + (f", saved to {checkpoint_dir}" if checkpoint_dir else ""),
-                    fit,
-                )
+                raise non_finite_error(step, loss_value, gnorm, fit, checkpoint_dir if world.is_main else None)
             optimizer.step()
             history["loss"].append(loss_value)
             history["positive"].append(pos_mean)
@@ -359,7 +361,7 @@ class PersistentCD(Engine):
             engine=self.name,
             config=self.config,
             history=history,
-            timing={"seconds": seconds, "steps": steps, "ms_per_step": 1e3 * seconds / max(steps, 1)},
+            timing=step_timing(seconds, steps),
             samples=samples,
             spec=spec if isinstance(spec, dict) else None,
             extra={"tensors": {"chains": _detach(chains)}},

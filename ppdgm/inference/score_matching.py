@@ -19,7 +19,15 @@ import torch
 from ppdgm.data import check_data
 from ppdgm.fit import Fit
 from ppdgm import distributed
-from ppdgm.inference.base import Checkpointer, Engine, NonFiniteLossError, progress_bar, resolve_device, set_seed
+from ppdgm.inference.base import (
+    Checkpointer,
+    Engine,
+    non_finite_error,
+    progress_bar,
+    resolve_device,
+    set_seed,
+    step_timing,
+)
 
 PROTOCOL = ("denoising_loss",)
 
@@ -128,12 +136,7 @@ class ScoreMatching(Engine):
             if not (math.isfinite(value) and math.isfinite(gnorm)):
                 bar.close()
                 fit = self._fit(model, history, t0, start, step)
-                if checkpoint_dir is not None and world.is_main:
-                    fit.save(checkpoint_dir)
-                raise NonFiniteLossError(
-                    f"non-finite loss ({value}) or gradient norm ({gnorm}) at step {step}; the fit holds the "
-                    f"parameters from step {step - 1}" + (f", saved to {checkpoint_dir}" if checkpoint_dir else ""),
-                    fit)
+                raise non_finite_error(step, value, gnorm, fit, checkpoint_dir if world.is_main else None)
             optimizer.step()
             if averaged is not None:
                 with torch.no_grad():
@@ -175,5 +178,5 @@ class ScoreMatching(Engine):
         steps = max(end - start, 0)
         spec = getattr(model, "spec", None)
         return Fit(engine=self.name, config=self.config, history=history,
-                   timing={"seconds": seconds, "steps": steps, "ms_per_step": 1e3 * seconds / max(steps, 1)},
+                   timing=step_timing(seconds, steps),
                    spec=spec if isinstance(spec, dict) else None, module=model)

@@ -23,15 +23,17 @@ from pyro.poutine.util import site_is_subsample
 from ppdgm import distributed
 from ppdgm.data import check_data
 from ppdgm.fit import Fit, param_store_state, restore_param_store
-from ppdgm.inference.param_optim import PyroOptim, StoreAdam
 from ppdgm.inference.base import (
     Checkpointer,
     Engine,
-    NonFiniteLossError,
+    move_module,
+    non_finite_error,
     progress_bar,
     resolve_device,
     set_seed,
+    step_timing,
 )
+from ppdgm.inference.param_optim import PyroOptim, StoreAdam
 
 LOSSES = ("elbo", "meanfield", "enum", "iwae")
 OPTIMIZERS = ("adam", "clipped_adam")
@@ -218,9 +220,7 @@ class SVI(Engine):
         device = resolve_device(self.device, *_as_tuple(data))
         data = self._prepare(data, "data", device)
         val_data = self._prepare(val_data, "val_data", device)
-        module = getattr(model, "__self__", None)
-        if isinstance(module, torch.nn.Module):
-            module.to(device)
+        move_module(model, device)
         n = _length(data)
         self._world = world = distributed.init_from_env(device)
         if world.parallel and n:
@@ -298,13 +298,7 @@ class SVI(Engine):
                 pyro.infer.util.zero_grads(set(params))
                 bar.close()
                 fit = self._fit(model, guide, autoguide, history, t0, start, step, fit_args, args, kwargs)
-                if checkpoint_dir is not None and world.is_main:
-                    fit.save(checkpoint_dir)
-                raise NonFiniteLossError(
-                    f"non-finite loss ({loss}) or gradient norm ({gnorm}) at step {step}; the fit holds "
-                    f"the parameters from step {step - 1}" + (f", saved to {checkpoint_dir}" if checkpoint_dir else ""),
-                    fit,
-                )
+                raise non_finite_error(step, loss, gnorm, fit, checkpoint_dir if world.is_main else None)
             optim(params)
             if self.lr_schedule is not None:
                 optim.set_lr(self._lr_at(step + 1, total))
@@ -347,7 +341,7 @@ class SVI(Engine):
             engine=self.name,
             config=self.config,
             history=history,
-            timing={"seconds": seconds, "steps": steps, "ms_per_step": 1e3 * seconds / max(steps, 1)},
+            timing=step_timing(seconds, steps),
             params=param_store_state(),
             extra={"autoguide": autoguide} if autoguide else {},
             model=model,
