@@ -1,6 +1,8 @@
 """ppdgm: deep generative models as Pyro programs, pluggable engines, ArviZ diagnostics."""
 
-from ppdgm import data, diagnostics, inference, models
+import importlib
+
+from ppdgm import data, inference, models
 from ppdgm.fit import Fit, load
 
 __all__ = ["Fit", "load", "data", "models", "inference", "diagnostics", "evaluate"]
@@ -8,8 +10,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    if name == "evaluate":
-        import importlib
-
-        return importlib.import_module("ppdgm.evaluate")
-    raise AttributeError(name)
+    # ArviZ and the metrics are heavy imports; load them on first use
+    if name in ("diagnostics", "evaluate"):
+        return importlib.import_module(f"ppdgm.{name}")
+    raise AttributeError(f"module 'ppdgm' has no attribute {name!r}")

@@ -314,13 +314,13 @@ class PersistentCD(Engine):
             history["loss"].append(loss_value)
             history["positive"].append(pos_mean)
             history["negative"].append(neg_mean)
-            if energy_of is not None:
-                with torch.no_grad():
-                    energy = energy_of(chains).detach()
-            else:
-                energy = -neg.detach()
-            history["chain_energy"].append(float(energy.mean()) if energy_of is not None else -neg_mean)
-            if due:
+            if due:  # chain energies cost a pass over the chains: measured at record steps only
+                if energy_of is not None:
+                    with torch.no_grad():
+                        energy = energy_of(chains).detach()
+                else:
+                    energy = -neg.detach()
+                history["chain_energy"].append(float(energy.mean()))
                 history["grad_norm"].append(gnorm)
                 history["lr"].append(now[0])
                 history["record_step"].append(done)
@@ -336,7 +336,8 @@ class PersistentCD(Engine):
                 with torch.no_grad():
                     history["val_positive"].append(float(model.positive_log_density(val_data).mean()))
                 history["val_step"].append(done)
-            info = {"loss": loss_value, "grad_norm": gnorm, "chain_energy": history["chain_energy"][-1]}
+            info = {"loss": loss_value, "grad_norm": gnorm,
+                    "chain_energy": history["chain_energy"][-1] if history["chain_energy"] else None}
             for cb in callbacks:
                 stop = bool(cb(done, info)) or stop
             if ckpt.due(done) or (stop and ckpt.every):
@@ -387,18 +388,22 @@ class PersistentCD(Engine):
         return parts if isinstance(data, (tuple, list)) else parts[0]
 
     def _batch(self, data, step, per_epoch, batch, order: dict, world):
-        """Minibatch ``step`` of this rank's shard of the epoch's order (``DistributedSampler``'s)."""
+        """Minibatch ``step`` of this rank's shard of the epoch's order (``DistributedSampler``'s).
+
+        The shard is gathered once per epoch; a minibatch is then a slice of it (a view, no copy),
+        which matters when an RBM step costs about as much as indexing its batch."""
         if batch is None:
             return data
         epoch, pos = divmod(step, per_epoch)
         if order.get("epoch") != epoch:
             device = data[0].device if isinstance(data, tuple) else data.device
+            perm = distributed.shard_order(_length(data), epoch, self.seed or 0, world).to(device)
             order["epoch"] = epoch
-            order["perm"] = distributed.shard_order(_length(data), epoch, self.seed or 0, world).to(device)
-        idx = order["perm"][pos * batch : (pos + 1) * batch]
-        if isinstance(data, tuple):
-            return tuple(d[idx] for d in data)
-        return data[idx]
+            order["data"] = tuple(d[perm] for d in data) if isinstance(data, tuple) else data[perm]
+        shard = order["data"]
+        if isinstance(shard, tuple):
+            return tuple(d[pos * batch : (pos + 1) * batch] for d in shard)
+        return shard[pos * batch : (pos + 1) * batch]
 
 
 class MomentumSGD:

@@ -43,7 +43,8 @@ def test_pcd_learns_a_teacher_rbm_to_its_entropy(teacher_data):
     best = exact_log_prob(teacher, x).mean()  # the teacher's own log-likelihood of its draws
     assert after > before + 1.0  # measured: -5.53 -> -1.183 nats (teacher: -1.176)
     assert after > best - 0.03, (after, best)  # within 0.03 nats of the data-generating model
-    assert fit.history["loss"] and len(fit.history["chain_energy"]) == fit.num_steps == 600
+    assert fit.history["loss"] and fit.num_steps == 600
+    assert len(fit.history["chain_energy"]) == len(fit.history["record_step"]) > 0
     assert fit.samples["chain_energy"].shape == (4, 600)
 
 
