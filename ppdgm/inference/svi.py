@@ -56,6 +56,25 @@ def empty_guide(*args, **kwargs):
     """The guide of a model without latent variables (maximum likelihood)."""
 
 
+class MaximumLikelihood:
+    """``-log p(x)`` of a model without latent sites, and its gradient.
+
+    With an empty guide every ELBO equals the model's log-density; this computes it from one
+    trace of the model instead of Pyro's guide-trace, replay and surrogate machinery, which on a
+    normalizing flow is a tenth of the step.
+    """
+
+    @staticmethod
+    def loss_and_grads(model, guide, *args, **kwargs) -> float:
+        loss = -poutine.trace(model).get_trace(*args, **kwargs).log_prob_sum()
+        loss.backward()
+        return loss.item()
+
+    @staticmethod
+    def loss(model, guide, *args, **kwargs) -> float:
+        return -poutine.trace(model).get_trace(*args, **kwargs).log_prob_sum().item()
+
+
 def make_elbo(loss, num_particles=1, vectorize_particles=False, max_plate_nesting=None) -> ELBO:
     if isinstance(loss, ELBO):
         return loss
@@ -251,6 +270,8 @@ class SVI(Engine):
 
         optim = self._make_optim()
         elbo = self._elbo
+        if guide is empty_guide and type(elbo) in (Trace_ELBO, TraceMeanField_ELBO) and self.num_particles == 1:
+            elbo = MaximumLikelihood()  # the same objective, without tracing a guide that has no sites
         history = {"loss": [], "grad_norm": []}
         if val_data is not None:
             history.update(val_loss=[], val_step=[])

@@ -37,6 +37,7 @@ from functools import partial
 
 import pyro
 import pyro.distributions as dist
+from pyro.params import param_with_module_name
 import pyro.distributions.transforms as T
 import torch
 from pyro.distributions import ConditionalTransformModule, TransformModule
@@ -207,6 +208,7 @@ class FlowModel(nn.Module):
         self.register_buffer("base_loc", torch.zeros(dim))
         self.register_buffer("base_scale", torch.ones(dim))
         self._unconditional = None
+        self._pyro_params: list | None = None
 
     # -- zoo protocol ------------------------------------------------------------------------
     @classmethod
@@ -272,7 +274,7 @@ class FlowModel(nn.Module):
     # -- Pyro program ------------------------------------------------------------------------
     def model(self, x=None, y=None, n: int | None = None):
         """``x ~ flow`` in a plate named ``data``; discrete pixels are dequantized first."""
-        pyro.module("flow", self)
+        self._register_params()
         if x is not None:
             x = self._check(x, "x")
             n = x.shape[0]
@@ -286,6 +288,15 @@ class FlowModel(nn.Module):
                 # full batch passed again would replay the previous step's (freed) autograd graph
                 x = x.clone()
             return pyro.sample("x", self.distribution(y), obs=x)
+
+    def _register_params(self) -> None:
+        """What ``pyro.module("flow", self)`` does, without walking the module tree every step
+        (the parameters are fixed once built; ``.to()`` and ``load_state_dict`` keep them)."""
+        if self._pyro_params is None:
+            self._pyro_params = [(param_with_module_name("flow", n), p)
+                                 for n, p in self.named_parameters() if p.requires_grad]
+        for name, p in self._pyro_params:
+            pyro.param(name, p)
 
     def dequantize(self, x) -> torch.Tensor:
         """Pixel values ``k / (levels - 1)`` -> ``(k + u) / levels`` with ``u ~ U(0, 1)``."""

@@ -168,3 +168,24 @@ def test_svi_on_cuda():
     fit = SVI(num_steps=200, lr=0.05, batch_size=100, device="cuda", progress=False).run(linear_regression, None, (X, y))
     assert fit.params["params"]["AutoNormal.locs.w"].device.type == "cuda"
     assert torch.allclose(fit.params["params"]["AutoNormal.locs.w"].cpu(), torch.tensor([1.0, -2.0, 0.5]), atol=0.2)
+
+
+def test_maximum_likelihood_fast_path_equals_the_elbo_of_an_empty_guide():
+    from ppdgm.inference.svi import MaximumLikelihood, ScaleDataPlate, empty_guide
+
+    X, y = regression_data()
+
+    def mle_model(X, y):
+        w = pyro.param("w", torch.tensor([0.5, -1.0, 0.0]))
+        pyro.factor("penalty", -0.1 * (w**2).sum())
+        with pyro.plate("data", X.shape[0]):
+            pyro.sample("y", dist.Normal((X * w).sum(-1), NOISE), obs=y)
+
+    scaled = ScaleDataPlate("data", 10.0)
+    for model in (mle_model, scaled(mle_model)):
+        expected = pyro.infer.Trace_ELBO().loss(model, empty_guide, X[:50], y[:50])
+        assert MaximumLikelihood.loss(model, empty_guide, X[:50], y[:50]) == pytest.approx(expected, rel=1e-6)
+    fit = SVI(num_steps=300, lr=0.05, batch_size=100, progress=False).run(mle_model, None, (X, y))
+    w_hat = fit.param("w")
+    ridge = torch.linalg.solve(X.T @ X / NOISE**2 + 0.2 * torch.eye(D), X.T @ y / NOISE**2)
+    assert torch.allclose(w_hat, ridge, atol=0.05)
