@@ -30,9 +30,9 @@ from pyro.distributions.util import scale_and_mask
 from torch.distributions import biject_to
 
 from ppdgm.fit import Fit
-from ppdgm.inference.base import Engine, move_module, progress_bar, resolve_device, set_seed
+from ppdgm.inference.base import move_module, progress_bar, resolve_device, set_seed
 from ppdgm.inference.mcmc import (
-    as_args,
+    Sampler,
     check_continuous_latents,
     default_device,
     latent_sites,
@@ -223,7 +223,7 @@ def warmup_windows(num_warmup: int) -> list[int]:
     return ends
 
 
-class ChEES(Engine):
+class ChEES(Sampler):
     """Vectorized many-chain HMC with ChEES trajectory-length adaptation.
 
     Args:
@@ -291,16 +291,6 @@ class ChEES(Engine):
             density = BatchedLogDensity(model, args, kwargs, trace)
             with pyro.validation_enabled(False), torch.no_grad(), frozen_params():
                 return self._sample(model, density, args, kwargs, device)
-
-    def run_zoo(self, obj, train_args, valid_args=None, checkpoint_dir=None, resume=False) -> Fit:
-        """What the CLI calls: sample ``obj.model(*train_args)``; the Fit is saved to ``checkpoint_dir``."""
-        fit = self.run(obj.model, *as_args(train_args))
-        fit.module, fit.spec = obj, getattr(obj, "spec", None)
-        if hasattr(obj, "attach_posterior"):  # models that predict from draws (e.g. the BNN) keep them
-            obj.attach_posterior(fit.samples)
-        if checkpoint_dir is not None:
-            fit.save(checkpoint_dir)
-        return fit
 
     # -----------------------------------------------------------------------------------------
     def _initial_points(self, density: BatchedLogDensity, device):

@@ -168,7 +168,21 @@ class RecordingHMC(_Recording, PyroHMC):
 # ---------------------------------------------------------------------------------------------
 
 
-class NUTS(Engine):
+class Sampler(Engine):
+    """A posterior sampler: ``run(model, *args, **kwargs)`` returns draws; the CLI drives it by ``run_zoo``."""
+
+    def run_zoo(self, obj, train_args, valid_args=None, checkpoint_dir=None, resume=False) -> Fit:
+        """What the CLI calls: sample ``obj.model(*train_args)``; the Fit is saved to ``checkpoint_dir``."""
+        fit = self.run(obj.model, *as_args(train_args))
+        fit.module, fit.spec = obj, getattr(obj, "spec", None)
+        if hasattr(obj, "attach_posterior"):  # models that predict from draws (e.g. the BNN) keep them
+            obj.attach_posterior(fit.samples)
+        if checkpoint_dir is not None:
+            fit.save(checkpoint_dir)
+        return fit
+
+
+class NUTS(Sampler):
     """The No-U-Turn sampler (Pyro's ``NUTS``) on any Pyro program with continuous latents.
 
     Args:
@@ -257,16 +271,6 @@ class NUTS(Engine):
         seconds = time.perf_counter() - t0
         samples = {k: torch.stack([ch[k] for ch in chains]) for k in chains[0]}
         return self._fit(model, samples, records, seconds, args, kwargs)
-
-    def run_zoo(self, obj, train_args, valid_args=None, checkpoint_dir=None, resume=False) -> Fit:
-        """What the CLI calls: sample ``obj.model(*train_args)``; the Fit is saved to ``checkpoint_dir``."""
-        fit = self.run(obj.model, *as_args(train_args))
-        fit.module, fit.spec = obj, getattr(obj, "spec", None)
-        if hasattr(obj, "attach_posterior"):  # models that predict from draws (e.g. the BNN) keep them
-            obj.attach_posterior(fit.samples)
-        if checkpoint_dir is not None:
-            fit.save(checkpoint_dir)
-        return fit
 
     def _fit(self, model, samples, records, seconds, args, kwargs) -> Fit:
         w = self.num_warmup

@@ -16,29 +16,9 @@ from pyro.infer.mcmc.util import initialize_model
 import ppdgm
 from ppdgm.inference.chees import BatchedLogDensity, ChEES, halton, warmup_windows
 
+from known_posteriors import COV, MEAN, NN_MEAN, NN_SD, X, correlated_gaussian, max_z_scores, normal_normal
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-# -- targets with analytic posteriors ---------------------------------------------------------
-X = torch.tensor([1.4, 0.2, 2.1, 0.9, 1.7, -0.3, 1.1, 0.6, 2.4, 1.0, 0.8, 1.9, 0.1, 1.3, 1.6, 0.4, 2.0, 0.7, 1.2, 1.5])
-NN_MEAN, NN_SD = float(X.sum() / (len(X) + 1)), math.sqrt(1 / (len(X) + 1))
-
-
-def normal_normal(x):
-    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
-    with pyro.plate("data", len(x)):
-        pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
-
-
-D = 10
-_i = torch.arange(D)
-SCALES = torch.linspace(0.5, 2.0, D, dtype=torch.float64)
-COV = SCALES[:, None] * SCALES[None, :] * 0.5 ** (_i[:, None] - _i[None, :]).abs()
-MEAN = torch.linspace(-1.0, 1.0, D)
-L = torch.linalg.cholesky(COV).float()
-
-
-def correlated_gaussian():
-    pyro.sample("z", dist.MultivariateNormal(MEAN, scale_tril=L))
 
 
 def eight_schools(sigma, y=None):
@@ -51,17 +31,6 @@ def eight_schools(sigma, y=None):
 
 SIGMA = torch.tensor([15.0, 10, 16, 11, 9, 11, 10, 18])
 Y = torch.tensor([28.0, 8, -3, 7, -1, 1, 18, 12])
-
-
-def max_z_scores(draws: np.ndarray, mean, sd):
-    """Largest |estimate - truth| / MCSE over dimensions, for the mean and for the sd."""
-    draws = draws.reshape(*draws.shape[:2], -1)
-    zm = zs = 0.0
-    for j in range(draws.shape[-1]):
-        a = draws[..., j]
-        zm = max(zm, abs(a.mean() - float(mean[j])) / float(az.mcse(a, method="mean")))
-        zs = max(zs, abs(a.std() - float(sd[j])) / float(az.mcse(a, method="sd")))
-    return zm, zs
 
 
 @pytest.mark.parametrize(
