@@ -116,6 +116,12 @@ def cmd_fit(args) -> int:
     fit.spec = spec
     if zoo:
         fit.module = obj
+        if hasattr(obj, "attach_posterior") and not fit.samples and fit.guide is not None:
+            # a model that predicts from posterior draws (the BNN) gets the guide's when fit by SVI
+            from ppdgm.diagnostics import guide_draws
+
+            fit.samples = guide_draws(fit.model, fit.guide, fit.args, fit.kwargs, num_samples=200)
+            obj.attach_posterior(fit.samples)
     elif fit.extra.get("autoguide"):
         fit.spec["autoguide"] = fit.extra["autoguide"]
     fit.config["data"] = args.data
@@ -167,9 +173,10 @@ def cmd_evaluate(args) -> int:
     data = args.data or fit.config.get("data")
     test = load_dataset(data, args.split)
     kwargs = _parse_assignments(args.opt, "--opt")
-    # conditional models (BNN, conditional flows) score x given their labels/targets y
-    if test.y is not None and "y" in inspect.signature(fit.module.log_likelihood).parameters:
-        kwargs.setdefault("y", test.y)
+    # conditional models (BNN, conditional flows) score x given the targets/labels their data_args use
+    args = fit.module.data_args(test) if hasattr(fit.module, "data_args") else (test.x,)
+    if len(args) > 1 and "y" in inspect.signature(fit.module.log_likelihood).parameters:
+        kwargs.setdefault("y", args[1])
     print(log_likelihood(fit.module, test.x, **kwargs))
     return 0
 

@@ -85,9 +85,14 @@ def write_fit_report(fit, out) -> list[str]:
         written.append("loss.png")
     module = fit.module
     if module is not None and hasattr(module, "sample"):
-        with torch.no_grad():
-            save_image_grid(module.sample(64), out / "samples.png")
-        written.append("samples.png")
+        try:
+            with torch.no_grad():
+                draws = module.sample(64)
+        except (TypeError, ValueError):  # a conditional model (a BNN needs inputs x) has no grid
+            draws = None
+        if draws is not None:
+            save_image_grid(draws, out / "samples.png")
+            written.append("samples.png")
     if fit.guide is not None or fit.samples:
         try:
             text = summary_text(fit)

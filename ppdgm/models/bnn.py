@@ -168,10 +168,18 @@ class BNN(PyroModule):
         S = next(iter(flat.values())).shape[0]
         from ppdgm.inference.chees import BatchedLogDensity
 
-        density = BatchedLogDensity(self.model, (x,))
+        # y observed (its value is irrelevant here): left out, a discrete y would count as a latent
+        density = BatchedLogDensity(self.model, (x, self._placeholder_targets(x)))
         tr = density.trace({k: v.to(x.device) for k, v in flat.items() if k in {s.name for s in density.sites}})
         fn = tr.nodes["y"]["fn"]
         return fn, S
+
+    def _placeholder_targets(self, x) -> torch.Tensor:
+        if self.likelihood == "categorical":
+            return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        if self.likelihood == "gaussian" and self.out_dim > 1:
+            return x.new_zeros(x.shape[0], self.out_dim)
+        return x.new_zeros(x.shape[0])
 
     @torch.no_grad()
     def function_draws(self, x, samples: dict | None = None) -> torch.Tensor:

@@ -137,3 +137,21 @@ def test_bnn_chees_cuda_smoke():
     fit = ChEES(num_chains=8, num_warmup=20, num_samples=10).run(bnn.model, XL.cuda(), YL.cuda())
     assert fit.samples["layers.0.weight"].device.type == "cuda"
     assert bnn.predict(XL.cuda(), fit.samples).device.type == "cuda"
+
+
+@pytest.mark.parametrize("likelihood, classes", [("categorical", 3), ("bernoulli", 2)])
+def test_classifier_bnn_predicts_from_guide_draws(likelihood, classes):
+    from ppdgm.diagnostics import guide_draws
+    from ppdgm.inference import SVI
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]])[:classes]
+    y = torch.arange(300) % classes
+    x = centres[y] + 0.5 * torch.randn(300, 2, generator=g)
+    bnn = BNN(in_dim=2, hidden=(8,), out_dim=classes if likelihood == "categorical" else 1, likelihood=likelihood)
+    fit = SVI(num_steps=400, lr=0.03, progress=False).run(bnn.model, None, (x, y))
+    bnn.attach_posterior(guide_draws(bnn.model, fit.guide, (x, y), num_samples=100))
+    probs = bnn.predict(x)
+    guess = probs.argmax(-1) if likelihood == "categorical" else (probs.squeeze(-1) > 0.5).long()
+    assert (guess == y).float().mean() > 0.9
+    assert bnn.log_likelihood(x, y).mean() > math.log(1 / classes) + 0.5  # far better than chance
