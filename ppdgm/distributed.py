@@ -54,6 +54,11 @@ def init_from_env(device=None) -> World:
     return World(dist.get_rank(), dist.get_world_size())
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a process group, or a plain single process: the one that writes files."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def shard_order(n: int, epoch: int, seed: int, world: World) -> torch.Tensor:
     """This rank's indices for ``epoch`` (all of them, in order, for a single process)."""
     sampler = DistributedSampler(range(n), num_replicas=world.size, rank=world.rank, shuffle=True, seed=seed)

@@ -177,7 +177,7 @@ class Sampler(Engine):
         fit.module, fit.spec = obj, getattr(obj, "spec", None)
         if hasattr(obj, "attach_posterior"):  # models that predict from draws (e.g. the BNN) keep them
             obj.attach_posterior(fit.samples)
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None and distributed.is_main_process():
             fit.save(checkpoint_dir)
         return fit
 
