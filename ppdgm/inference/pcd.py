@@ -422,20 +422,21 @@ class MomentumSGD:
     @torch.no_grad()
     def step(self) -> None:
         lr, momentum = self.param_groups[0]["lr"], self.param_groups[0]["momentum"]
-        for i, p in enumerate(self.params):
-            d = p.grad
-            if d is None:
-                continue
-            if self.weight_decay:
-                d = d.add(p, alpha=self.weight_decay)
-            if momentum:
-                buf = self.buffers[i]
-                if buf is None:
-                    buf = self.buffers[i] = d.clone()
-                else:
-                    buf.mul_(momentum).add_(d)
-                d = buf
-            p.add_(d, alpha=-lr)
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        params = [self.params[i] for i in live]
+        d = [p.grad for p in params]
+        if self.weight_decay:
+            d = torch._foreach_add(d, params, alpha=self.weight_decay)
+        if momentum:
+            if any(self.buffers[i] is None for i in live):
+                for i, g in zip(live, d):
+                    self.buffers[i] = g.clone() if self.buffers[i] is None else self.buffers[i].mul_(momentum).add_(g)
+            else:
+                bufs = [self.buffers[i] for i in live]
+                torch._foreach_mul_(bufs, momentum)
+                torch._foreach_add_(bufs, d)
+            d = [self.buffers[i] for i in live]
+        torch._foreach_add_(params, d, alpha=-lr)
 
     def state_dict(self) -> dict:
         return {"param_groups": [dict(g) for g in self.param_groups], "buffers": list(self.buffers)}
