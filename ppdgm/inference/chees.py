@@ -30,14 +30,12 @@ from pyro.distributions.util import scale_and_mask
 from torch.distributions import biject_to
 
 from ppdgm.fit import Fit
-from ppdgm.inference.base import move_module, progress_bar, resolve_device, set_seed
+from ppdgm.inference.base import progress_bar
 from ppdgm.inference.mcmc import (
     Sampler,
-    check_continuous_latents,
     default_device,
     latent_sites,
     max_plate_nesting,
-    move_args,
     prototype_trace,
 )
 
@@ -277,17 +275,8 @@ class ChEES(Sampler):
     # -----------------------------------------------------------------------------------------
     def run(self, model, *args, **kwargs) -> Fit:
         """Draw ``num_samples`` from each of ``num_chains`` chains of ``model(*args, **kwargs)``'s posterior."""
-        if not callable(model):
-            raise TypeError(f"model must be a callable Pyro program, got {type(model).__name__}")
-        device = resolve_device(self.device, *args, *kwargs.values())
-        args, kwargs = move_args(args, kwargs, device)
-        move_module(model, device)
-        set_seed(self.seed)
+        device, args, kwargs, trace = self._setup(model, args, kwargs, allow_enumerated=False)
         with default_device(device):
-            trace = prototype_trace(model, args, kwargs)
-            check_continuous_latents(trace, allow_enumerated=False)
-            if not latent_sites(trace):
-                raise ValueError("the model has no latent sample sites: there is nothing for HMC to sample")
             density = BatchedLogDensity(model, args, kwargs, trace)
             with pyro.validation_enabled(False), torch.no_grad(), frozen_params():
                 return self._sample(model, density, args, kwargs, device)

@@ -171,6 +171,21 @@ class RecordingHMC(_Recording, PyroHMC):
 class Sampler(Engine):
     """A posterior sampler: ``run(model, *args, **kwargs)`` returns draws; the CLI drives it by ``run_zoo``."""
 
+    def _setup(self, model, args, kwargs, allow_enumerated: bool):
+        """Checks and placement every sampler does first: ``(device, args, kwargs, prototype trace)``."""
+        if not callable(model):
+            raise TypeError(f"model must be a callable Pyro program, got {type(model).__name__}")
+        device = resolve_device(self.device, *args, *kwargs.values())
+        args, kwargs = move_args(args, kwargs, device)
+        move_module(model, device)
+        set_seed(self.seed)
+        with default_device(device):
+            trace = prototype_trace(model, args, kwargs)
+        check_continuous_latents(trace, allow_enumerated=allow_enumerated)
+        if not latent_sites(trace):
+            raise ValueError("the model has no latent sample sites: there is nothing for HMC to sample")
+        return device, args, kwargs, trace
+
     def run_zoo(self, obj, train_args, valid_args=None, checkpoint_dir=None, resume=False) -> Fit:
         """What the CLI calls: sample ``obj.model(*train_args)``; the Fit is saved to ``checkpoint_dir``."""
         fit = self.run(obj.model, *as_args(train_args))
@@ -227,18 +242,9 @@ class NUTS(Sampler):
 
     def run(self, model, *args, **kwargs) -> Fit:
         """Draw from the posterior of ``model(*args, **kwargs)``; returns a Fit with ``samples``."""
-        if not callable(model):
-            raise TypeError(f"model must be a callable Pyro program, got {type(model).__name__}")
-        device = resolve_device(self.device, *args, *kwargs.values())
-        args, kwargs = move_args(args, kwargs, device)
-        move_module(model, device)
-        set_seed(self.seed)
+        device, args, kwargs, trace = self._setup(model, args, kwargs, allow_enumerated=True)
         t0 = time.perf_counter()
         with default_device(device):
-            trace = prototype_trace(model, args, kwargs)
-            check_continuous_latents(trace, allow_enumerated=True)
-            if not latent_sites(trace):
-                raise ValueError("the model has no latent sample sites: there is nothing for HMC to sample")
             world = distributed.init_from_env(device)
             mine = [c for c in range(self.num_chains) if c % world.size == world.rank]
             chains, records = [], []
