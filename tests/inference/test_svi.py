@@ -185,6 +185,22 @@ def test_maximum_likelihood_fast_path_equals_the_elbo_of_an_empty_guide():
     for model in (mle_model, scaled(mle_model)):
         expected = pyro.infer.Trace_ELBO().loss(model, empty_guide, X[:50], y[:50])
         assert MaximumLikelihood.loss(model, empty_guide, X[:50], y[:50]) == pytest.approx(expected, rel=1e-6)
+
+    # the training step: the same loss and gradient as Trace_ELBO on the plate-scaled model,
+    # with the factor outside the data plate left unscaled
+    pyro.clear_param_store()
+    expected = pyro.infer.Trace_ELBO().loss_and_grads(scaled(mle_model), empty_guide, X[:50], y[:50])
+    w = pyro.param("w").unconstrained()
+    expected_grad, w.grad = w.grad.clone(), None
+    loss, params = MaximumLikelihood.loss_and_params(mle_model, "data", 10.0, X[:50], y[:50])
+    assert loss == pytest.approx(expected, rel=1e-6)
+    assert len(params) == 1 and params[0] is w and torch.allclose(w.grad, expected_grad)
+
+    def latent_model(X, y):
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="'z' is latent"):
+        MaximumLikelihood.loss_and_params(latent_model, "data", None, X, y)
     fit = SVI(num_steps=300, lr=0.05, batch_size=100, progress=False).run(mle_model, None, (X, y))
     w_hat = fit.param("w")
     ridge = torch.linalg.solve(X.T @ X / NOISE**2 + 0.2 * torch.eye(D), X.T @ y / NOISE**2)
