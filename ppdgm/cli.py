@@ -99,12 +99,14 @@ def cmd_fit(args) -> int:
     options = {"num_steps": args.steps, "num_epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                "seed": args.seed, "device": args.device, "progress": None if args.progress else False,
                "checkpoint_every": args.checkpoint_every}
-    # a model may need engine settings to be trained at all (e.g. M2's enumerated labels)
-    extra = {**(getattr(obj, "engine_config", {}) if zoo else {}), **_parse_assignments(args.engine_opt, "--engine-opt")}
+    # a model may need engine settings to be trained at all (M2's enumerated labels) or well (an
+    # RBM's Adam); they apply to its default engine, and flags given on the command line win
+    suggested = getattr(obj, "engine_config", {}) if zoo and engine_name == obj.default_engine else {}
+    extra = _parse_assignments(args.engine_opt, "--engine-opt")
     unknown = set(extra) - set(inspect.signature(cls.__init__).parameters)
     if unknown:
         raise UsageError(f"engine {engine_name!r} takes no option(s) {sorted(unknown)}")
-    engine = cls(**_accepted(cls, options), **extra)
+    engine = cls(**{**_accepted(cls, suggested), **_accepted(cls, options), **extra})
     out = Path(args.out)
     train_args = obj.data_args(train) if zoo and hasattr(obj, "data_args") else (train.x,)
     valid_args = (obj.data_args(valid) if zoo and hasattr(obj, "data_args") else (valid.x,)) if valid else None

@@ -80,3 +80,16 @@ def test_bad_arguments_print_no_traceback_from_the_shell():
     assert r.returncode == 2 and "Traceback" not in r.stderr and "error" in r.stderr
     r = subprocess.run([sys.executable, "-m", "ppdgm.cli", "fit", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--data" in r.stdout
+
+
+def test_a_familys_suggested_engine_settings_apply_and_flags_override_them(tmp_path):
+    from ppdgm.models.rbm import RBM
+
+    suggested = RBM.engine_config
+    assert main(["fit", "rbm", "--data", "digits-binary", "--out", str(tmp_path / "a"), "--steps", "3"]) == 0
+    config = ppdgm.load(tmp_path / "a").config
+    assert {k: config[k] for k in suggested} == suggested
+    assert main(["fit", "rbm", "--data", "digits-binary", "--out", str(tmp_path / "b"), "--steps", "3",
+                 "--lr", "0.5", "--engine-opt", "optim=sgd"]) == 0
+    config = ppdgm.load(tmp_path / "b").config
+    assert config["lr"] == 0.5 and config["optim"] == "sgd" and config["lr_schedule"] == suggested["lr_schedule"]

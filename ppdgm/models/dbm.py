@@ -43,6 +43,7 @@ class DBM(PyroModule):
     """
 
     default_engine = "pcd"
+    engine_config = {"optim": "adam", "lr": 0.01, "lr_schedule": "linear", "weight_decay": 1e-4, "k": 5}
     likelihood_method = "ais-importance-bound"
     support = "binary"
     registry_name = "dbm"
@@ -471,6 +472,7 @@ class MultimodalDBM(DBM):
     ``pixels -- pixels_h1 -- top -- label``)."""
 
     registry_name = "mdbm"
+    engine_config = {"optim": "adam", "lr": 3e-4}  # the settings its labelling test measures
 
     def __init__(self, graph=None, pixels: int = 64, hidden: int = 128, top: int = 64, classes: int = 10,
                  init_scale: float = 0.01, mean_field_steps: int = 10):

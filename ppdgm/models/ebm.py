@@ -46,6 +46,8 @@ class EBM(PyroModule):
     """
 
     default_engine = "pcd"
+    # Langevin chains need several steps per update, and the energy net Adam (Du & Mordatch 2019)
+    engine_config = {"optim": "adam", "k": 10, "num_chains": 256}
     support = "real"
     likelihood_method = "grid quadrature (d <= 2) / AIS"
 
