@@ -2,15 +2,17 @@
 
 Each family present in ``ppdgm.models.MODELS`` is built by ``from_data`` and trained by its default
 engine with that engine's defaults (only the number of steps is set here, to keep the run to a
-few minutes, and the EBM's Langevin settings, see ``ENGINE_OPTIONS``), the way ``ppdgm fit`` does. Binary families (VAE, MADE, RBM, DBM) see binarized
-digits; continuous ones (flows, GAN, EBM, score) see the 17-level intensities dequantized as
-``(k + u) / 17``, and their test NLL is the dequantization bound on the discrete image,
-``-log P(k) <= -log p(v) + 64 log 17`` (Theis et al. 2016), the flows' own convention. Sample
-quality is measured against the test split in each family's own representation: MMD^2 (Gaussian
-kernels around the median distance), k-NN precision/recall (k = 3) and the Fréchet distance in
-the features of the cached digits classifier; the "held-out data" rows (validation split vs test
-split) are the floor a perfect sampler would reach. Families missing from the repo are skipped
-with a note.
+few minutes) and the family's suggested settings (``engine_config``), the way ``ppdgm fit``
+does. Binary families (VAE, MADE, RBM, DBM) see binarized digits; continuous ones (GAN, EBM,
+score) see the 17-level intensities dequantized once as ``(k + u) / 17``, and their test NLL is
+the dequantization bound on the discrete image, ``-log P(k) <= -log p(v) + 64 log 17`` (Theis et
+al. 2016). Flows take the 17-level pixels and dequantize them with fresh noise every step; their
+NLL is the same bound, and their samples are dequantized like the data before they are scored.
+Sample quality is measured against the test split in each family's own representation: MMD^2
+(Gaussian kernels around the median distance), k-NN precision/recall (k = 3) and the Fréchet
+distance in the features of the cached digits classifier; the "held-out data" rows (validation
+split vs test split) are the floor a perfect sampler would reach. Families missing from the repo
+are skipped with a note.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_samplers.py [--quick] [--only gan,ebm,...]
 """
@@ -39,15 +41,18 @@ FAMILIES = [  # (MODELS name, data kind, steps)
     ("ebm", "dequantized", 1000),
     ("score", "dequantized", 3000),
 ]
-# The persistent-CD engine's defaults (SGD, one sampler step per update) are an RBM's; an EBM's
-# Langevin chains need several steps per update and Adam (Du & Mordatch 2019).
-ENGINE_OPTIONS = {"ebm": {"optim": "adam", "k": 10, "num_chains": 256}}
+# Families that dequantize 17-level pixels themselves (fresh noise every step, their NLL is the
+# same bound): they train on the discrete pixels, and their samples are dequantized like the data.
+DEQUANTIZE_THEMSELVES = {"flow"}
+
+
+def dequantize_pixels(x: torch.Tensor, seed: int) -> torch.Tensor:
+    k = (x * (LEVELS - 1)).round()
+    return (k + torch.rand(k.shape, generator=torch.Generator().manual_seed(seed))) / LEVELS
 
 
 def dequantize(ds: Dataset, seed: int) -> Dataset:
-    k = (ds.x * (LEVELS - 1)).round()
-    u = torch.rand(k.shape, generator=torch.Generator().manual_seed(seed))
-    return Dataset((k + u) / LEVELS, ds.y, ds.name.replace("continuous", "dequantized"), ds.image_shape)
+    return Dataset(dequantize_pixels(ds.x, seed), ds.y, ds.name.replace("continuous", "dequantized"), ds.image_shape)
 
 
 def categorical_baseline(train: torch.Tensor, test: torch.Tensor) -> float:
@@ -62,8 +67,14 @@ def data_for(kind):
     if kind == "binary":
         return load_digits("train", binarize=True), load_digits("valid", binarize=True), \
             load_digits("test", binarize=True)
+    if kind == "discrete":
+        return load_digits("train"), load_digits("valid"), load_digits("test")
     return (dequantize(load_digits("train"), 0), dequantize(load_digits("valid"), 1),
             dequantize(load_digits("test"), 2))
+
+
+def training_kind(name, kind):
+    return "discrete" if kind == "dequantized" and name in DEQUANTIZE_THEMSELVES else kind
 
 
 def train(name, kind, steps):
@@ -71,13 +82,14 @@ def train(name, kind, steps):
     from ppdgm.models import model_class
 
     cls = model_class(name)
-    tr, va, _ = data_for(kind)
+    tr, va, _ = data_for(training_kind(name, kind))
     torch.manual_seed(0)
     obj = cls.from_data(tr)
     engine_cls = engine_class(cls.default_engine)
     accepted = inspect.signature(engine_cls.__init__).parameters
-    options = {k: v for k, v in {"num_steps": steps, "seed": 0, "progress": False}.items() if k in accepted}
-    options.update(ENGINE_OPTIONS.get(name, {}))
+    # the family's suggested engine settings, as `ppdgm fit` applies them
+    options = dict(getattr(obj, "engine_config", {}))
+    options.update({k: v for k, v in {"num_steps": steps, "seed": 0, "progress": False}.items() if k in accepted})
     engine = engine_cls(**options)
     args = obj.data_args(tr) if hasattr(obj, "data_args") else (tr.x,)
     vargs = obj.data_args(va) if hasattr(obj, "data_args") else (va.x,)
@@ -148,7 +160,11 @@ def main():
             torch.manual_seed(1)
             with torch.no_grad():
                 fake = obj.sample(te.x.shape[0])
-            nll, why = test_nll(obj, kind, te)
+            if training_kind(name, kind) == "discrete":
+                fake = dequantize_pixels(fake, 3)
+                nll, why = test_nll(obj, "discrete", data_for("discrete")[2])
+            else:
+                nll, why = test_nll(obj, kind, te)
             note = f"{steps} steps" + (f"; {why}" if why else "")
             rows.append((name, engine, kind, nll, *quality(te.x, fake), seconds, note))
         except Exception as err:  # one family's failure must not hide the others' numbers

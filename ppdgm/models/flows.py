@@ -213,11 +213,14 @@ class FlowModel(nn.Module):
     # -- zoo protocol ------------------------------------------------------------------------
     @classmethod
     def from_data(cls, data, **kwargs):
-        """Size the flow from a ``Dataset``; digits get the dequantization levels of their pixels
-        and, with ``conditional=True``, a one-hot label context."""
+        """Size the flow from a ``Dataset``; digits whose pixels are on their grid of levels get
+        those levels (dequantized by the flow), and ``conditional=True`` adds a one-hot label context."""
         conditional = kwargs.pop("conditional", False)
         if "levels" not in kwargs and data.name.startswith("digits"):
-            kwargs["levels"] = 2 if "binary" in data.name else 17
+            levels = 2 if "binary" in data.name else 17
+            k = data.x * (levels - 1)
+            if torch.allclose(k, k.round(), atol=1e-4):  # pixels still on their grid: dequantize them here
+                kwargs["levels"] = levels
         if conditional:
             if data.y is None:
                 raise ValueError(f"conditional=True needs labels, but dataset {data.name!r} has none")

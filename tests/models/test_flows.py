@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ppdgm
-from ppdgm.data import load_dataset, load_digits
+from ppdgm.data import Dataset, load_dataset, load_digits
 from ppdgm.inference import SVI
 from ppdgm.models import model_class
 from ppdgm.models.flows import KINDS, FlowModel, SoftClampedScale
@@ -109,6 +109,9 @@ def test_dequantized_digits_bound_and_training_loss_agree(tmp_path):
     train, test = load_digits("train"), load_digits("test")
     flow = FlowModel.from_data(train, kind="realnvp", num_layers=2, hidden_dims=[64])
     assert flow.levels == 17 and flow.support == "unit_interval"
+    # pixels already dequantized off their grid are continuous data: no second dequantization
+    noisy = Dataset(train.x + torch.rand_like(train.x) / 17, train.y, "digits-dequantized-train", (8, 8))
+    assert FlowModel.from_data(noisy).levels is None
     untrained = -flow.log_likelihood(test.x).mean().item()
     fit = SVI(num_steps=60, lr=2e-3, batch_size=300, seed=0).run(flow.model, None, train.x)
     trained = -flow.log_likelihood(test.x, num_samples=4).mean().item()
