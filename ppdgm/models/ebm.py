@@ -198,7 +198,7 @@ class EBM(PyroModule):
         return self.sampler.run(x0, log_density=self.log_prob, num_steps=steps if num_steps is None else num_steps)
 
     @torch.no_grad()
-    def log_normalizer(self, grid: int = 400, num_chains: int = 256, num_temps: int = 200) -> float:
+    def log_normalizer(self, grid: int = 400, num_chains: int = 256, num_temps: int = 1000) -> float:
         """log Z = log ∫ exp(-E(x)) dx over the box: quadrature for d <= 2, else AIS from uniform."""
         if self.x_dim <= 2:
             p = next(self.energy.parameters())
@@ -211,30 +211,62 @@ class EBM(PyroModule):
 
     @torch.no_grad()
     def _ais_log_normalizer(self, num_chains, num_temps) -> float:
-        """Annealed importance sampling from the uniform box to exp(-E) with Metropolis-adjusted
-        Langevin moves, each leaving its intermediate density invariant. The step size adapts
-        between temperatures towards a 60% acceptance rate (a chain that never moves would turn
-        AIS into plain importance sampling from the box); ``self.last_ais`` keeps the diagnostics."""
-        betas = torch.linspace(0, 1, num_temps + 1).tolist()
-        x = self.noise(num_chains)
+        """Annealed importance sampling from a normalized base density to exp(-E) along the
+        geometric path, with Metropolis-adjusted Langevin moves that leave each intermediate
+        density invariant. The base is a diagonal Gaussian fitted to the replay buffer (the trained
+        model's own chains) and truncated to the box, or the uniform box before training: on
+        digits the buffer base finds log Z about 30 nats higher than the uniform one, whose
+        weights are dominated by chains that never reach the model's modes. The step size adapts
+        towards a 60% acceptance rate; ``self.last_ais`` keeps the diagnostics."""
+        base = _BoxBase(self.low, self.high, self.x_dim, next(self.energy.parameters()), self.buffer.states)
+        s = torch.sigmoid(torch.linspace(-6, 6, num_temps + 1, dtype=torch.float64))
+        betas = ((s - s[0]) / (s[-1] - s[0])).tolist()  # sigmoid spacing: finer at both ends
+        x = base.sample(num_chains)
         log_w = torch.zeros(num_chains, device=x.device, dtype=x.dtype)
-        log_vol = self.x_dim * math.log(self.high - self.low)
         eps, accepted = self.step_size, []
         for b0, b1 in zip(betas[:-1], betas[1:]):
-            log_w += (b1 - b0) * self.log_prob(x)
-            x, rate = _mala_step(lambda z, b=b1: b * self.log_prob(z), x, eps, self.low, self.high)
+            log_w += (b1 - b0) * (self.log_prob(x) - base.log_prob(x))
+            x, rate = _mala_step(lambda z, b=b1: b * self.log_prob(z) + (1 - b) * base.log_prob(z), x, eps,
+                                 self.low, self.high)
             eps *= math.exp(0.1 * (rate - 0.6))
             accepted.append(rate)
         ess = float(log_w.logsumexp(0).mul(2).sub((2 * log_w).logsumexp(0)).exp())
         self.last_ais = {"acceptance": sum(accepted) / len(accepted), "final_step_size": eps,
-                         "effective_sample_size": ess}
-        return float(torch.logsumexp(log_w, 0) - math.log(num_chains) + log_vol)
+                         "effective_sample_size": ess, "base": base.kind}
+        return float(torch.logsumexp(log_w, 0) - math.log(num_chains))
 
     @torch.no_grad()
     def log_likelihood(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
         """log p(x) = -E(x) - log Z in nats per point (Z by :meth:`log_normalizer`)."""
         x = self._check(check_data(x, "x", rank=2), "x").to(next(self.energy.parameters()).device)
         return self.log_prob(x) - self.log_normalizer(**kwargs)
+
+
+class _BoxBase:
+    """A normalized density on the box ``[low, high]^dim`` that AIS starts from: independent
+    Gaussians truncated to the box, or the uniform box when there are too few states to fit."""
+
+    def __init__(self, low: float, high: float, dim: int, like: torch.Tensor, states=None):
+        self.low, self.high, self.dim, self.like = low, high, dim, like
+        self.normal = None
+        if states is not None and states.shape[0] >= 2 * dim:
+            states = states.to(like)
+            self.normal = torch.distributions.Normal(states.mean(0), states.std(0).clamp_min(0.01 * (high - low)))
+            lo, hi = self.normal.cdf(like.new_tensor(low)), self.normal.cdf(like.new_tensor(high))
+            self.cdf_low, self.mass = lo, hi - lo
+        self.kind = "uniform box" if self.normal is None else "diagonal Gaussian fitted to the replay buffer"
+
+    def sample(self, n: int) -> torch.Tensor:
+        u = torch.rand(n, self.dim, device=self.like.device, dtype=self.like.dtype)
+        if self.normal is None:
+            return self.low + (self.high - self.low) * u
+        tiny = torch.finfo(u.dtype).eps
+        return self.normal.icdf((self.cdf_low + self.mass * u).clamp(tiny, 1 - tiny)).clamp(self.low, self.high)
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        if self.normal is None:
+            return x.new_full(x.shape[:1], -self.dim * math.log(self.high - self.low))
+        return (self.normal.log_prob(x) - self.mass.log()).sum(-1)
 
 
 def _mala_step(log_density, x, eps, low, high):

@@ -71,6 +71,17 @@ def test_ais_normalizer_agrees_with_quadrature():
     ais = ebm._ais_log_normalizer(num_chains=200, num_temps=50)
     assert ais == pytest.approx(exact, abs=0.05)
     assert 0.3 < ebm.last_ais["acceptance"] < 0.9 and ebm.last_ais["effective_sample_size"] > 50
+    assert ebm.last_ais["base"] == "uniform box"
+
+
+def test_ais_from_the_trained_models_replay_buffer_agrees_with_quadrature(trained):
+    ebm = trained[0]
+    assert len(ebm.buffer) >= 4
+    exact = ebm.log_normalizer()
+    torch.manual_seed(1)
+    ais = ebm._ais_log_normalizer(num_chains=200, num_temps=1000)
+    assert ebm.last_ais["base"].startswith("diagonal Gaussian")
+    assert ais == pytest.approx(exact, abs=0.1), ebm.last_ais  # measured: 17.379 vs 17.398
 
 
 def test_saved_fit_keeps_the_replay_buffer(tmp_path, trained):
