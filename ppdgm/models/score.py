@@ -127,6 +127,10 @@ class ScoreModel(PyroModule):
         num_scales, snr: default reverse-SDE discretization and corrector signal-to-noise ratio.
         loc, scale: the diffusion runs on ``(x - loc) / scale`` (``from_data`` standardizes the data,
             so one noise schedule suits data of any scale); likelihoods include the Jacobian.
+        gaussian_base: the score is the exact score of a Gaussian fitted to the data
+            (:meth:`fit_gaussian_base`; ``from_data`` does it for data of more than two dimensions)
+            plus the network's correction. An untrained model is that Gaussian, and the network
+            need not learn the data's small-variance directions, where likelihoods are decided.
     """
 
     default_engine = "score_matching"
@@ -136,7 +140,8 @@ class ScoreModel(PyroModule):
     def __init__(self, x_dim: int = 2, hidden=(256, 256), activation: str = "silu", embed_dim: int = 16,
                  sde: str = "vp", sigma_min: float = 0.01, sigma_max: float = 5.0, beta_min: float = 0.1,
                  beta_max: float = 20.0, eps: float = 1e-3, low: float | None = None, high: float | None = None,
-                 num_scales: int = 500, snr: float = 0.16, loc: float = 0.0, scale: float = 1.0):
+                 num_scales: int = 500, snr: float = 0.16, loc: float = 0.0, scale: float = 1.0,
+                 gaussian_base: bool = False):
         super().__init__()
         if isinstance(x_dim, bool) or not isinstance(x_dim, int) or x_dim < 1:
             raise ValueError(f"x_dim must be a positive int, got {x_dim!r}")
@@ -160,6 +165,11 @@ class ScoreModel(PyroModule):
         self.loc, self.scale = float(loc), float(scale)
         self.embed = TimeEmbedding(embed_dim)
         self.net = MLP(x_dim + embed_dim, self.hidden, x_dim, activation)
+        self.gaussian_base = bool(gaussian_base)
+        if self.gaussian_base:  # N(mean, U diag(eigvals) U^T) in standardized units, set by fit_gaussian_base
+            self.register_buffer("base_mean", torch.zeros(x_dim))
+            self.register_buffer("base_eigvecs", torch.eye(x_dim))
+            self.register_buffer("base_eigvals", torch.ones(x_dim))
 
     @classmethod
     def from_data(cls, data, **kwargs):
@@ -173,7 +183,25 @@ class ScoreModel(PyroModule):
             kwargs.setdefault("high", 1.0)
         kwargs.setdefault("loc", float(x.mean()))
         kwargs.setdefault("scale", float(x.std()))
-        return cls(x_dim=x.shape[1], **kwargs)
+        kwargs.setdefault("gaussian_base", x.shape[1] > 2)
+        model = cls(x_dim=x.shape[1], **kwargs)
+        if model.gaussian_base:
+            model.fit_gaussian_base(x)
+        return model
+
+    @torch.no_grad()
+    def fit_gaussian_base(self, x: torch.Tensor) -> None:
+        """Set the Gaussian whose exact diffused score the network corrects: the mean and
+        covariance of ``x`` (standardized), so an untrained model is already that Gaussian."""
+        if not self.gaussian_base:
+            raise ValueError("this model was built with gaussian_base=False")
+        z = (self.check_data(x, "x").double() - self.loc) / self.scale
+        if z.shape[0] < 2:
+            raise ValueError(f"x: a Gaussian base needs at least 2 points, got {z.shape[0]}")
+        eigvals, eigvecs = torch.linalg.eigh(torch.atleast_2d(torch.cov(z.T)))
+        self.base_mean.copy_(z.mean(0))
+        self.base_eigvecs.copy_(eigvecs)
+        self.base_eigvals.copy_(eigvals.clamp_min(1e-6))
 
     @property
     def spec(self) -> dict:
@@ -182,7 +210,7 @@ class ScoreModel(PyroModule):
             "embed_dim": self.embed_dim, "sde": self.sde_kind, "sigma_min": self.sigma_min,
             "sigma_max": self.sigma_max, "beta_min": self.beta_min, "beta_max": self.beta_max, "eps": self.eps,
             "low": self.low, "high": self.high, "num_scales": self.num_scales, "snr": self.snr, "loc": self.loc,
-            "scale": self.scale}}
+            "scale": self.scale, "gaussian_base": self.gaussian_base}}
 
     def _param(self):
         return next(self.net.parameters())
@@ -202,8 +230,14 @@ class ScoreModel(PyroModule):
     def score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``grad_x log p_t(x)`` for states ``x`` (n, d) at times ``t`` (n,) or a scalar."""
         t = torch.as_tensor(t, device=x.device, dtype=x.dtype).expand(x.shape[0])
-        std = self.sde.marginal(t)[1].unsqueeze(-1)
-        return self.net(torch.cat([x, self.embed(t)], -1)) / std
+        mean, std = (v.unsqueeze(-1) for v in self.sde.marginal(t))
+        out = self.net(torch.cat([x, self.embed(t)], -1)) / std
+        if self.gaussian_base:
+            # the exact score of the base Gaussian diffused to time t, N(m mu, m^2 Sigma + std^2 I),
+            # in Sigma's eigenbasis; the network learns only what the data adds to it
+            y = (x - mean * self.base_mean) @ self.base_eigvecs
+            out = out - (y / (mean**2 * self.base_eigvals + std**2)) @ self.base_eigvecs.T
+        return out
 
     def denoising_loss(self, x: torch.Tensor) -> torch.Tensor:
         """Denoising score matching per point, weighted by ``std(t)^2``: ``|std s(x_t, t) + z|^2``."""
