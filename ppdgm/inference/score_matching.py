@@ -40,6 +40,9 @@ class ScoreMatching(Engine):
         clip_norm: optional gradient-norm clip.
         ema: decay of an exponential moving average of the weights (None: off).
         eval_every: steps between validation losses (with ``val_data``).
+        patience: stop after this many validation losses without improvement and keep the
+            weights of the best one (score models on small data grow overconfident with long
+            training: their test likelihood falls apart while the training loss still improves).
         checkpoint_every: steps between checkpoints (with ``checkpoint_dir`` in ``run``).
     """
 
@@ -47,11 +50,11 @@ class ScoreMatching(Engine):
 
     def __init__(self, num_steps: int = 2000, batch_size: int | None = 256, lr: float = 1e-3,
                  clip_norm: float | None = None, ema: float | None = None, eval_every: int | None = None,
-                 checkpoint_every: int | None = None, seed: int | None = 0, device=None,
-                 progress: bool | None = None):
+                 patience: int | None = None, checkpoint_every: int | None = None, seed: int | None = 0,
+                 device=None, progress: bool | None = None):
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
-        for arg, val in (("batch_size", batch_size), ("eval_every", eval_every),
+        for arg, val in (("batch_size", batch_size), ("eval_every", eval_every), ("patience", patience),
                          ("checkpoint_every", checkpoint_every)):
             if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
                 raise ValueError(f"{arg} must be a positive int or None, got {val!r}")
@@ -63,7 +66,7 @@ class ScoreMatching(Engine):
             raise ValueError(f"ema must be a decay in (0, 1) or None, got {ema!r}")
         self.num_steps, self.batch_size, self.lr, self.clip_norm, self.ema = num_steps, batch_size, float(lr), \
             clip_norm, ema
-        self.eval_every, self.checkpoint_every = eval_every, checkpoint_every
+        self.eval_every, self.patience, self.checkpoint_every = eval_every, patience, checkpoint_every
         self.seed, self.device, self.progress = seed, device, progress
 
     def run_zoo(self, obj, train_args, valid_args=None, checkpoint_dir=None, resume: bool = False) -> Fit:
@@ -100,7 +103,7 @@ class ScoreMatching(Engine):
         history = {"loss": [], "grad_norm": []}
         if val_data is not None:
             history.update(val_loss=[], val_step=[])
-        start = 0
+        start, best, bad_evals = 0, None, 0
         ckpt = Checkpointer(checkpoint_dir, self.checkpoint_every)
         state = ckpt.load() if resume else None
         if state is not None:
@@ -109,10 +112,12 @@ class ScoreMatching(Engine):
             if averaged is not None and state.get("ema") is not None:
                 averaged.load_state_dict(state["ema"])
             history, start = state["history"], state["step"]
+            best, bad_evals = state.get("best"), state.get("bad_evals", 0)
 
         def snapshot(step):
             return {"step": step, "module": model.state_dict(), "optim": optimizer.state_dict(), "history": history,
-                    "ema": averaged.state_dict() if averaged is not None else None}
+                    "ema": averaged.state_dict() if averaged is not None else None, "best": best,
+                    "bad_evals": bad_evals}
 
         t0 = time.perf_counter()
         bar = progress_bar(self.num_steps, "score matching", self.progress)
@@ -146,8 +151,15 @@ class ScoreMatching(Engine):
             history["loss"].append(value)
             history["grad_norm"].append(gnorm)
             if val_data is not None and done % eval_every == 0:
-                history["val_loss"].append(self._val_loss(averaged or model, val_data, done))
+                v = self._val_loss(averaged or model, val_data, done)
+                history["val_loss"].append(v)
                 history["val_step"].append(done)
+                if best is None or v < best["loss"]:
+                    weights = {k: t.detach().clone() for k, t in (averaged or model).state_dict().items()}
+                    best, bad_evals = {"loss": v, "step": done, "module": weights}, 0
+                else:
+                    bad_evals += 1
+                    stop = self.patience is not None and bad_evals >= self.patience
             for cb in callbacks:
                 stop = bool(cb(done, {"loss": value, "grad_norm": gnorm})) or stop
             if world.is_main and (ckpt.due(done) or (stop and ckpt.every)):
@@ -160,7 +172,12 @@ class ScoreMatching(Engine):
         bar.close()
         if averaged is not None:
             model.load_state_dict(averaged.state_dict())
-        return self._fit(model, history, t0, start, step + 1)
+        if best is not None and self.patience is not None:
+            model.load_state_dict(best["module"])
+        fit = self._fit(model, history, t0, start, step + 1)
+        if best is not None:
+            fit.extra["best_val"] = {"loss": best["loss"], "step": best["step"]}
+        return fit
 
     @staticmethod
     def _val_loss(model, val_data, step) -> float:
