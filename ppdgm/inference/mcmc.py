@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import Path
 
 import pyro
 import torch
@@ -24,7 +25,7 @@ from pyro.poutine.util import site_is_subsample
 
 from ppdgm import distributed
 from ppdgm.fit import Fit
-from ppdgm.inference.base import Engine, move_module, progress_bar, resolve_device, set_seed
+from ppdgm.inference.base import Checkpointer, Engine, move_module, progress_bar, resolve_device, set_seed
 
 # ---------------------------------------------------------------------------------------------
 # checks shared by the HMC engines
@@ -188,7 +189,7 @@ class Sampler(Engine):
 
     def run_zoo(self, obj, train_args, valid_args=None, checkpoint_dir=None, resume=False) -> Fit:
         """What the CLI calls: sample ``obj.model(*train_args)``; the Fit is saved to ``checkpoint_dir``."""
-        fit = self.run(obj.model, *as_args(train_args))
+        fit = self.run(obj.model, *as_args(train_args), checkpoint_dir=checkpoint_dir, resume=resume)
         fit.module, fit.spec = obj, getattr(obj, "spec", None)
         if hasattr(obj, "attach_posterior"):  # models that predict from draws (e.g. the BNN) keep them
             obj.attach_posterior(fit.samples)
@@ -240,16 +241,28 @@ class NUTS(Sampler):
                                  full_mass=self.dense_mass, jit_compile=self.jit_compile,
                                  ignore_jit_warnings=True, init_strategy=self._init_strategy)
 
-    def run(self, model, *args, **kwargs) -> Fit:
-        """Draw from the posterior of ``model(*args, **kwargs)``; returns a Fit with ``samples``."""
+    def run(self, model, *args, checkpoint_dir=None, resume: bool = False, **kwargs) -> Fit:
+        """Draw from the posterior of ``model(*args, **kwargs)``; returns a Fit with ``samples``.
+
+        With ``checkpoint_dir`` every finished chain is saved; ``resume=True`` keeps the chains a
+        killed run finished and runs only the others (each chain is seeded by its index, so the
+        result is the uninterrupted run's).
+        """
         device, args, kwargs, trace = self._setup(model, args, kwargs, allow_enumerated=True)
         t0 = time.perf_counter()
         with default_device(device):
             world = distributed.init_from_env(device)
             mine = [c for c in range(self.num_chains) if c % world.size == world.rank]
+            ckpt = Checkpointer(_rank_dir(checkpoint_dir, world), 1)
+            finished = self._finished_chains(ckpt) if resume else {}
             chains, records = [], []
             bar = progress_bar(len(mine) * (self.num_warmup + self.num_samples), self.name, self.progress)
             for c in mine:
+                if c in finished:
+                    chains.append(_to_device(finished[c]["samples"], device))
+                    records.append(finished[c]["record"])
+                    bar.update(self.num_warmup + self.num_samples)
+                    continue
                 if self.seed is not None:  # chain c's draws do not depend on which process runs it
                     pyro.set_rng_seed(self.seed * 1_000_003 + c)
                 kernel = self._kernel(model)
@@ -267,6 +280,8 @@ class NUTS(Sampler):
                     raise initial_point_error(model, args, kwargs, self._init_strategy, self.max_init_tries) from None
                 chains.append({k: v.detach() for k, v in mcmc.get_samples().items()})
                 records.append(kernel.record)
+                finished[c] = {"samples": _cpu(chains[-1]), "record": kernel.record}
+                ckpt.save({"settings": self._settings(), "chains": finished})
             bar.close()
             if world.parallel:  # chains ran on ranks c % world; put them back in chain order
                 gathered = [None] * world.size
@@ -277,6 +292,20 @@ class NUTS(Sampler):
         seconds = time.perf_counter() - t0
         samples = {k: torch.stack([ch[k] for ch in chains]) for k in chains[0]}
         return self._fit(model, samples, records, seconds, args, kwargs)
+
+    def _settings(self) -> dict:
+        """What decides the draws: a checkpoint from other settings cannot be resumed."""
+        return {k: v for k, v in self.config.items() if k not in ("device", "progress")}
+
+    def _finished_chains(self, ckpt: Checkpointer) -> dict:
+        state = ckpt.load()
+        if state is None:
+            return {}
+        if state["settings"] != self._settings():
+            changed = sorted(k for k in self._settings() if state["settings"].get(k) != self._settings()[k])
+            raise ValueError(f"{ckpt.path}: the checkpoint was written with other sampler settings ({changed}); "
+                             "rerun without resume or with the same settings")
+        return state["chains"]
 
     def _fit(self, model, samples, records, seconds, args, kwargs) -> Fit:
         w = self.num_warmup
@@ -302,6 +331,13 @@ class NUTS(Sampler):
             args=args,
             kwargs=kwargs,
         )
+
+
+def _rank_dir(directory, world):
+    """Each process of a multi-process run checkpoints its own chains."""
+    if directory is None or not world.parallel:
+        return directory
+    return Path(directory) / f"rank{world.rank}"
 
 
 def _cpu(d: dict) -> dict:

@@ -57,6 +57,29 @@ def test_save_load_round_trip(tmp_path):
     assert idata.log_likelihood["x"].dims == ("chain", "draw", "data")
 
 
+def test_a_killed_run_resumes_from_its_finished_chains(tmp_path, monkeypatch):
+    engine = NUTS(num_samples=40, num_warmup=40, num_chains=3, seed=1)
+    whole = engine.run(normal_normal, X)
+    runs, original = [], pyro.infer.mcmc.MCMC.run
+
+    def dies_on_the_third_chain(self, *args, **kwargs):
+        runs.append(1)
+        if len(runs) == 3:
+            raise KeyboardInterrupt  # the process is stopped while the third chain runs
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr("ppdgm.inference.mcmc.MCMC.run", dies_on_the_third_chain)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run(normal_normal, X, checkpoint_dir=tmp_path)
+    monkeypatch.setattr("ppdgm.inference.mcmc.MCMC.run", original)
+    resumed = engine.run(normal_normal, X, checkpoint_dir=tmp_path, resume=True)
+    assert torch.equal(resumed.samples["mu"], whole.samples["mu"])
+    assert resumed.history["step_size"] == whole.history["step_size"]
+    with pytest.raises(ValueError, match=r"other sampler settings \(\['num_samples'\]\)"):
+        NUTS(num_samples=41, num_warmup=40, num_chains=3, seed=1).run(normal_normal, X, checkpoint_dir=tmp_path,
+                                                                       resume=True)
+
+
 # -- bad input ---------------------------------------------------------------------------------
 def test_discrete_latent_named():
     def model():
