@@ -232,16 +232,23 @@ def fit_to_inference_data(fit, num_samples: int = 500, log_likelihood: bool = Tr
     """What ``Fit.to_arviz()`` returns (draws from ``fit.samples`` or from the guide)."""
     if fit.engine in ("pcd", "greedy"):
         return chain_energy_inference_data(fit)
-    if fit.model is None:
+    # a model with no posterior to draw from (a GAN, a score model, a flow or MADE fit by maximum
+    # likelihood) but a sampler converts to its draws of the data
+    drawable = callable(getattr(fit.module, "sample", None))
+    if fit.model is None and not drawable:
         raise ValueError("this Fit has no model attached; pass model= (and guide=) to ppdgm.load")
-    if fit.samples:
+    if fit.samples and fit.model is not None:
         samples = fit.samples
-    elif fit.guide is not None:
+    elif fit.guide is not None and fit.model is not None:
         fit.restore()
         samples = guide_draws(fit.model, fit.guide, fit.args, fit.kwargs, num_samples)
+    elif drawable:
+        return predictive_inference_data(fit, num_samples)
     else:
         raise ValueError(f"this {fit.engine} Fit holds neither draws nor a guide to draw from")
     if not samples:
+        if drawable:
+            return predictive_inference_data(fit, num_samples)
         raise ValueError("the model has no latent sites: there is no posterior to convert")
     stats = (fit.extra.get("tensors") or {}).get("sample_stats") if fit.samples else None
     return samples_to_inference_data(
@@ -252,6 +259,20 @@ def fit_to_inference_data(fit, num_samples: int = 500, log_likelihood: bool = Tr
 
 # ---------------------------------------------------------------------------------------------
 # persistent chains (the PersistentCD engine)
+
+
+def predictive_inference_data(fit, num_samples: int = 500) -> az.InferenceData:
+    """A model without a posterior (a flow, MADE, GAN or score model) as its draws of the data:
+    ``posterior_predictive.x`` shaped ``(1, num_samples, feature)``, beside ``observed_data.x``
+    when the Fit holds its training data, so ``az.plot_ppc`` compares the two."""
+    with torch.no_grad():
+        draws = fit.module.sample(num_samples)
+    dims = {"x": ["feature"]}
+    groups = {"posterior_predictive": {"x": _np(draws)[None]}}
+    observed = fit.args[0] if fit.args and torch.is_tensor(fit.args[0]) else None
+    if observed is not None and observed.shape[1:] == draws.shape[1:]:
+        groups["observed_data"] = {"x": _np(observed)}
+    return az.from_dict(**groups, dims=dims)
 
 
 def chain_energy_inference_data(fit) -> az.InferenceData:

@@ -147,3 +147,22 @@ def test_amortized_check_on_a_trained_vae():
     assert (chk.log_evidence - chk.iwae).abs().max() < 0.5
     # a decoder param is still trainable after HMC froze it
     assert all(p.requires_grad for p in vae.parameters())
+
+
+def test_models_without_a_posterior_convert_to_their_draws_of_the_data():
+    from ppdgm.inference import SVI
+    from ppdgm.inference.score_matching import ScoreMatching
+    from ppdgm.models.flows import FlowModel
+    from ppdgm.models.score import ScoreModel
+
+    x = torch.randn(200, 2) * torch.tensor([1.0, 0.2])
+    score = ScoreModel(x_dim=2, hidden=[8], num_scales=20)
+    flow = FlowModel(dim=2, num_layers=1, hidden_dims=[8])
+    fits = [ScoreMatching(num_steps=5, progress=False).run(score, x),
+            SVI(num_steps=5, progress=False).run(flow.model, None, x)]
+    fits[1].module = flow  # what `ppdgm fit` attaches
+    for fit in fits:
+        idata = fit.to_arviz(num_samples=30)
+        assert idata.posterior_predictive["x"].dims == ("chain", "draw", "feature")
+        assert idata.posterior_predictive["x"].shape == (1, 30, 2)
+        assert np.array_equal(idata.observed_data["x"].values, x.numpy())

@@ -231,6 +231,7 @@ class Adversarial(Engine):
         bar.close()
         fit = self._fit(history, t0, start, step + 1 if self.num_steps else 0, model, critic)
         fit.extra["warnings"] = alerts
+        fit.args = (x, *cond)
         return fit
 
     # -----------------------------------------------------------------------------------------

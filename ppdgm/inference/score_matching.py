@@ -175,6 +175,7 @@ class ScoreMatching(Engine):
         if best is not None and self.patience is not None:
             model.load_state_dict(best["module"])
         fit = self._fit(model, history, t0, start, step + 1)
+        fit.args = (data,)
         if best is not None:
             fit.extra["best_val"] = {"loss": best["loss"], "step": best["step"]}
         return fit
