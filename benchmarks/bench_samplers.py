@@ -36,6 +36,8 @@ FAMILIES = [  # (MODELS name, data kind, steps)
     ("made", "binary", 2000),
     ("rbm", "binary", 3000),
     ("dbm", "binary", 2000),
+    ("dbn", "binary", 2000),
+    ("nade", "binary", 2000),
     ("flow", "dequantized", 1500),
     ("gan", "dequantized", 1000),
     ("ebm", "dequantized", 1000),

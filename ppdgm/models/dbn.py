@@ -28,6 +28,7 @@ class DBN(PyroModule):
     become directed layers. Bernoulli units everywhere (visible units may be gaussian)."""
 
     default_engine = "greedy"
+    engine_config = {"optim": "adam", "lr": 0.01, "lr_schedule": "linear", "weight_decay": 1e-4}  # each RBM's
     likelihood_method = "ais-importance-weighted-bound"
     support = "binary"
 
