@@ -199,7 +199,8 @@ class EBM(PyroModule):
 
     @torch.no_grad()
     def log_normalizer(self, grid: int = 400, num_chains: int = 256, num_temps: int = 1000) -> float:
-        """log Z = log ∫ exp(-E(x)) dx over the box: quadrature for d <= 2, else AIS from uniform."""
+        """log Z = log ∫ exp(-E(x)) dx over the box: quadrature for d <= 2, else AIS (from the replay
+        buffer's Gaussian once trained)."""
         if self.x_dim <= 2:
             p = next(self.energy.parameters())
             axis = torch.linspace(self.low, self.high, grid + 1, device=p.device, dtype=p.dtype)
