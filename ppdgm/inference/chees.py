@@ -273,8 +273,13 @@ class ChEES(Sampler):
         self.seed, self.device, self.progress = seed, device, progress
 
     # -----------------------------------------------------------------------------------------
-    def run(self, model, *args, **kwargs) -> Fit:
-        """Draw ``num_samples`` from each of ``num_chains`` chains of ``model(*args, **kwargs)``'s posterior."""
+    def run(self, model, *args, checkpoint_dir=None, resume: bool = False, **kwargs) -> Fit:
+        """Draw ``num_samples`` from each of ``num_chains`` chains of ``model(*args, **kwargs)``'s posterior.
+
+        The chains move as one batch, so there is no finished chain to checkpoint: ``checkpoint_dir``
+        and ``resume`` (passed by ``run_zoo``) are accepted, and a resumed run reruns from the start
+        (same seed, same draws).
+        """
         device, args, kwargs, trace = self._setup(model, args, kwargs, allow_enumerated=False)
         with default_device(device):
             density = BatchedLogDensity(model, args, kwargs, trace)
@@ -289,7 +294,8 @@ class ChEES(Sampler):
             if self.init == "uniform":
                 return torch.rand(n, D, device=device, dtype=density.dtype) * 4 - 2
             if self.init == "prior":
-                with pyro.plate("_init", n, dim=-(density.nesting + 1)), poutine.block():
+                # block outside the plate: the plate must see the sites to batch them
+                with poutine.block(), pyro.plate("_init", n, dim=-(density.nesting + 1)):
                     tr = poutine.trace(density.model).get_trace(*density.args, **density.kwargs)
                 return density.unconstrain({s.name: tr.nodes[s.name]["value"].reshape(n, *s.shape)
                                             for s in density.sites})

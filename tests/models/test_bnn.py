@@ -111,6 +111,37 @@ def test_weight_draws_broadcast_against_data(batch, n, hidden):
     assert torch.allclose(single.nodes["y"]["fn"].logits, logits[B - 1], atol=1e-5)
 
 
+def test_layer_is_one_matrix_product_per_draw():
+    """Draws padded to the data plate ``(B, 1, out, in)`` and weights that vary along the data
+    ``(n, out, in)`` both give ``y[b, i] = W_b x_i + b_b``."""
+    from ppdgm.models.bnn import BayesianLinear
+
+    g = torch.Generator().manual_seed(0)
+    layer, x = BayesianLinear(3, 2), torch.randn(5, 3, generator=g)
+    for w, b in ((torch.randn(4, 1, 2, 3, generator=g), torch.randn(4, 1, 2, generator=g)),
+                 (torch.randn(5, 2, 3, generator=g), torch.randn(2, generator=g)), (torch.randn(2, 3), torch.zeros(2))):
+        layer.weight, layer.bias = w, b
+        want = torch.einsum("...oi,...i->...o", w, x) + b
+        assert torch.allclose(layer(x), want, atol=1e-6)
+
+
+def test_suggested_engine_settings_sample_a_classifier():
+    """The CLI's ChEES settings for the BNN family: a three-class problem is learned and the
+    chains agree on the predicted probabilities (function-space R-hat)."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]])
+    y = torch.arange(150) % 3
+    x = centres[y] + 0.7 * torch.randn(150, 2, generator=g)
+    bnn = BNN(in_dim=2, hidden=(4,), out_dim=3, likelihood="categorical")
+    fit = ChEES(**BNN.engine_config, progress=False).run(bnn.model, x, y)
+    assert fit.samples["layers.0.weight"].shape[:2] == (32, 200) and fit.extra["divergences"] == 0
+    xt = centres[y] + 0.7 * torch.randn(150, 2, generator=g)
+    assert (bnn.predict(xt, fit.samples).argmax(-1) == y).float().mean() > 0.9
+    assert bnn.log_likelihood(xt, y, fit.samples).mean() > math.log(1 / 3) + 0.7
+    probs = bnn.function_draws(xt[:20], fit.samples).double().numpy()
+    assert float(az.rhat(az.convert_to_dataset({"p": probs}))["p"].max()) < 1.02
+
+
 @pytest.mark.parametrize("kw,match", [({"hidden": (0,)}, "hidden"), ({"likelihood": "poisson"}, "likelihood"),
                                       ({"likelihood": "bernoulli", "out_dim": 2}, "out_dim"),
                                       ({"noise_scale": -1.0}, "noise_scale"), ({"activation": "gelu2"}, "activation")])
