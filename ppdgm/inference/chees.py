@@ -30,7 +30,7 @@ from pyro.distributions.util import scale_and_mask
 from torch.distributions import biject_to
 
 from ppdgm.fit import Fit
-from ppdgm.inference.base import progress_bar
+from ppdgm.inference.base import Checkpointer, progress_bar
 from ppdgm.inference.mcmc import (
     Sampler,
     default_device,
@@ -238,6 +238,8 @@ class ChEES(Sampler):
         jit_compile: trace the batched log density with the PyTorch JIT once the chains have a
             finite starting point (about 3x faster per step for small models; the model must
             then take the same path through its Python on every call).
+        checkpoint_every: iterations between checkpoints (with ``checkpoint_dir`` in ``run``); a
+            resumed run continues from the last one and ends with the uninterrupted run's draws.
     """
 
     name = "chees"
@@ -245,8 +247,8 @@ class ChEES(Sampler):
     def __init__(self, num_chains: int = 64, num_samples: int = 500, num_warmup: int = 500,
                  target_accept: float = 0.651, trajectory_lr: float = 0.025, max_leapfrog_steps: int = 1000,
                  adapt_mass: bool = True, init="uniform", init_step_size: float | None = None,
-                 max_init_tries: int = 100, jit_compile: bool = False, seed: int | None = 0, device=None,
-                 progress: bool | None = None):
+                 max_init_tries: int = 100, jit_compile: bool = False, checkpoint_every: int | None = None,
+                 seed: int | None = 0, device=None, progress: bool | None = None):
         if not isinstance(num_chains, int) or isinstance(num_chains, bool) or num_chains < 2:
             raise ValueError(f"num_chains must be an int >= 2 for ChEES (its adaptation and R-hat compare "
                              f"chains), got {num_chains!r}")
@@ -268,6 +270,8 @@ class ChEES(Sampler):
         self.target_accept, self.trajectory_lr, self.max_leapfrog_steps = target_accept, float(trajectory_lr), max_leapfrog_steps
         self.adapt_mass, self.init_step_size, self.max_init_tries = adapt_mass, init_step_size, max_init_tries
         self.jit_compile = bool(jit_compile)
+        Checkpointer(None, checkpoint_every)  # validates it
+        self.checkpoint_every = checkpoint_every
         self.init = init if isinstance(init, str) else "values"
         self._init_values = init if isinstance(init, dict) else None
         self.seed, self.device, self.progress = seed, device, progress
@@ -276,15 +280,16 @@ class ChEES(Sampler):
     def run(self, model, *args, checkpoint_dir=None, resume: bool = False, **kwargs) -> Fit:
         """Draw ``num_samples`` from each of ``num_chains`` chains of ``model(*args, **kwargs)``'s posterior.
 
-        The chains move as one batch, so there is no finished chain to checkpoint: ``checkpoint_dir``
-        and ``resume`` (passed by ``run_zoo``) are accepted, and a resumed run reruns from the start
-        (same seed, same draws).
+        With ``checkpoint_dir`` and ``checkpoint_every`` the whole sampler state (chains, adaptation,
+        draws so far, random state) is saved every ``checkpoint_every`` iterations; ``resume=True``
+        continues from the last save and ends with the draws of an uninterrupted run.
         """
         device, args, kwargs, trace = self._setup(model, args, kwargs, allow_enumerated=False)
         with default_device(device):
             density = BatchedLogDensity(model, args, kwargs, trace)
             with pyro.validation_enabled(False), torch.no_grad(), frozen_params():
-                return self._sample(model, density, args, kwargs, device)
+                ckpt = Checkpointer(checkpoint_dir, self.checkpoint_every)
+                return self._sample(model, density, args, kwargs, device, ckpt, resume)
 
     # -----------------------------------------------------------------------------------------
     def _initial_points(self, density: BatchedLogDensity, device):
@@ -354,30 +359,50 @@ class ChEES(Sampler):
             step_size = step_size * 2 if up else step_size / 2
         return step_size
 
-    def _sample(self, model, density: BatchedLogDensity, args, kwargs, device) -> Fit:
+    def _sample(self, model, density: BatchedLogDensity, args, kwargs, device, ckpt: Checkpointer,
+                resume: bool) -> Fit:
         C, D, W = self.num_chains, density.dim, self.num_warmup
         t_start = time.perf_counter()
-        q, potential, grad = self._initial_points(density, device)
+        beta2 = 0.95
+        windows = warmup_windows(W) if self.adapt_mass else []
+        state = self._load(ckpt) if resume else None
+        if state is None:
+            q, potential, grad = self._initial_points(density, device)
+            inv_mass = torch.ones(D, device=device, dtype=q.dtype)
+            step_size = self._find_step_size(density, q, potential, grad, inv_mass)
+            averager = DualAveraging(step_size, self.target_accept)
+            log_T = math.log(max(step_size, 1e-8) * 5)
+            adam_v, log_T_sum, log_T_n = 0.0, 0.0, 0
+            window_start, w_mean, w_m2, w_n = int(0.15 * W), torch.zeros_like(inv_mass), torch.zeros_like(inv_mass), 0
+            history = {k: [] for k in ("step_size", "trajectory_length", "num_steps", "accept_harmonic",
+                                       "accept_mean", "divergences")}
+            draws = {s.name: [] for s in density.sites}
+            stats = {k: [] for k in ("diverging", "acceptance_rate", "energy", "lp")}
+            grad_evals, start = 0, 0
+        else:
+            state = {k: v.to(device) if torch.is_tensor(v) else v for k, v in state.items()}
+            (q, potential, grad, inv_mass, step_size, log_T, adam_v, log_T_sum, log_T_n, window_start, w_mean,
+             w_m2, w_n, history, draws, stats, grad_evals, start) = (state[k] for k in _STATE)
+            draws = {k: [t.to(device) for t in v] for k, v in draws.items()}
+            stats = {k: [t.to(device) for t in v] for k, v in stats.items()}
+            averager = DualAveraging(1.0, self.target_accept)
+            vars(averager).update(state["averager"])
         if self.jit_compile:
             density.compile(q)
-        inv_mass = torch.ones(D, device=device, dtype=q.dtype)
-        step_size = self._find_step_size(density, q, potential, grad, inv_mass)
-        averager = DualAveraging(step_size, self.target_accept)
-        log_T = math.log(max(step_size, 1e-8) * 5)
-        adam_v, beta2, log_T_sum, log_T_n = 0.0, 0.95, 0.0, 0
-        windows = warmup_windows(W) if self.adapt_mass else []
-        window_start, w_mean, w_m2, w_n = int(0.15 * W), torch.zeros_like(inv_mass), torch.zeros_like(inv_mass), 0
         t_init = time.perf_counter() - t_start
 
-        history = {k: [] for k in ("step_size", "trajectory_length", "num_steps", "accept_harmonic",
-                                   "accept_mean", "divergences")}
-        draws = {s.name: [] for s in density.sites}
-        stats = {k: [] for k in ("diverging", "acceptance_rate", "energy", "lp")}
-        grad_evals = 0
+        def snapshot(next_it):
+            local = {"q": q, "potential": potential, "grad": grad, "inv_mass": inv_mass, "step_size": step_size,
+                     "log_T": log_T, "adam_v": adam_v, "log_T_sum": log_T_sum, "log_T_n": log_T_n,
+                     "window_start": window_start, "w_mean": w_mean, "w_m2": w_m2, "w_n": w_n, "history": history,
+                     "draws": draws, "stats": stats, "grad_evals": grad_evals, "start": next_it}
+            return {**local, "averager": dict(vars(averager)), "settings": self._settings()}
+
         bar = progress_bar(W + self.num_samples, self.name, self.progress)
+        bar.update(start)
         t_warm = time.perf_counter()
         t_sample = None
-        for it in range(W + self.num_samples):
+        for it in range(start, W + self.num_samples):
             warm = it < W
             if it == W:
                 step_size = averager.final if W else step_size
@@ -444,6 +469,8 @@ class ChEES(Sampler):
             history["num_steps"].append(n_steps)
             history["accept_mean"].append(float(accept_prob.mean()))
             history["divergences"].append(int(diverging.sum()))
+            if ckpt.due(it + 1):
+                ckpt.save(snapshot(it + 1))
             bar.update(1)
             if it % 20 == 0:
                 bar.set_postfix(eps=f"{step_size:.3g}", L=n_steps, acc=f"{history['accept_mean'][-1]:.2f}")
@@ -470,6 +497,10 @@ class ChEES(Sampler):
             args=args,
             kwargs=kwargs,
         )
+
+
+_STATE = ("q", "potential", "grad", "inv_mass", "step_size", "log_T", "adam_v", "log_T_sum", "log_T_n",
+          "window_start", "w_mean", "w_m2", "w_n", "history", "draws", "stats", "grad_evals", "start")
 
 
 def _harmonic_accept(h0, h1) -> float:

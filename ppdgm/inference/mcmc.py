@@ -187,6 +187,21 @@ class Sampler(Engine):
             raise ValueError("the model has no latent sample sites: there is nothing for HMC to sample")
         return device, args, kwargs, trace
 
+    def _settings(self) -> dict:
+        """What decides the draws: a checkpoint from other settings cannot be resumed."""
+        return {k: v for k, v in self.config.items() if k not in ("device", "progress", "checkpoint_every")}
+
+    def _load(self, ckpt: Checkpointer) -> dict | None:
+        """The saved state (and random state) to resume from, or None when there is none."""
+        state = ckpt.load()
+        if state is None:
+            return None
+        if state["settings"] != self._settings():
+            changed = sorted(k for k in self._settings() if state["settings"].get(k) != self._settings()[k])
+            raise ValueError(f"{ckpt.path}: the checkpoint was written with other sampler settings ({changed}); "
+                             "rerun without resume or with the same settings")
+        return state
+
     def run_zoo(self, obj, train_args, valid_args=None, checkpoint_dir=None, resume=False) -> Fit:
         """What the CLI calls: sample ``obj.model(*train_args)``; the Fit is saved to ``checkpoint_dir``."""
         fit = self.run(obj.model, *as_args(train_args), checkpoint_dir=checkpoint_dir, resume=resume)
@@ -293,19 +308,9 @@ class NUTS(Sampler):
         samples = {k: torch.stack([ch[k] for ch in chains]) for k in chains[0]}
         return self._fit(model, samples, records, seconds, args, kwargs)
 
-    def _settings(self) -> dict:
-        """What decides the draws: a checkpoint from other settings cannot be resumed."""
-        return {k: v for k, v in self.config.items() if k not in ("device", "progress")}
-
     def _finished_chains(self, ckpt: Checkpointer) -> dict:
-        state = ckpt.load()
-        if state is None:
-            return {}
-        if state["settings"] != self._settings():
-            changed = sorted(k for k in self._settings() if state["settings"].get(k) != self._settings()[k])
-            raise ValueError(f"{ckpt.path}: the checkpoint was written with other sampler settings ({changed}); "
-                             "rerun without resume or with the same settings")
-        return state["chains"]
+        state = self._load(ckpt)
+        return state["chains"] if state is not None else {}
 
     def _fit(self, model, samples, records, seconds, args, kwargs) -> Fit:
         w = self.num_warmup
