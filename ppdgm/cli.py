@@ -136,8 +136,13 @@ def cmd_fit(args) -> int:
     from ppdgm.reports import write_fit_report
 
     written = write_fit_report(fit, out)
-    print(f"saved {fit.engine} fit of {args.model} to {out} ({fit.num_steps} steps, "
-          f"{fit.timing.get('seconds', 0):.1f} s); wrote {', '.join(written)}")
+    if fit.num_steps or not fit.samples:
+        work = f"{fit.num_steps} steps"
+    else:  # a sampler: draws shaped (chain, draw, ...)
+        chains, draws = next(iter(fit.samples.values())).shape[:2]
+        work = f"{chains} chains x {draws} draws"
+    print(f"saved {fit.engine} fit of {args.model} to {out} ({work}, {fit.timing.get('seconds', 0):.1f} s); "
+          f"wrote {', '.join(written)}")
     return 0
 
 

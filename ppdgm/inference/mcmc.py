@@ -203,13 +203,11 @@ class Sampler(Engine):
         return state
 
     def run_zoo(self, obj, train_args, valid_args=None, checkpoint_dir=None, resume=False) -> Fit:
-        """What the CLI calls: sample ``obj.model(*train_args)``; the Fit is saved to ``checkpoint_dir``."""
+        """What the CLI calls: sample ``obj.model(*train_args)``, checkpointing to ``checkpoint_dir``."""
         fit = self.run(obj.model, *as_args(train_args), checkpoint_dir=checkpoint_dir, resume=resume)
         fit.module, fit.spec = obj, getattr(obj, "spec", None)
         if hasattr(obj, "attach_posterior"):  # models that predict from draws (e.g. the BNN) keep them
             obj.attach_posterior(fit.samples)
-        if checkpoint_dir is not None and distributed.is_main_process():
-            fit.save(checkpoint_dir)
         return fit
 
 
