@@ -10,12 +10,18 @@ context, then feeds its own draws back as lags; :meth:`DeepAR.forecast` runs the
 which predictive intervals are quantiles.
 
 Values are standardized with the training series' mean and standard deviation (``loc``,
-``scale``, kept in ``spec``), and likelihoods are reported in the series' own units.
+``scale``, kept in ``spec``), and likelihoods are reported in the series' own units. With
+``transform="sqrt1p"`` or ``"log1p"`` the Normal/Student-t is put on the transformed values (the
+variance-stabilizing square root suits skewed positive series such as sunspots); the sample sites
+stay in the series' units as ``TransformedDistribution``s, so forecasts and log-likelihoods are in
+those units, Jacobian included. ``weight_decay`` adds an L2 penalty on the weights (MAP under a
+Gaussian prior): one short series is too little data for an unregularized GRU, which memorizes it.
 
 Evaluation follows ``pyro.contrib.forecast``: :func:`crps` (continuous ranked probability
 score of the sample forecast, via ``pyro.ops.stats.crps_empirical``), :func:`mae` of the
 median forecast, and :func:`backtest`, which refits at each forecast origin and scores the next
-``horizon`` values against the seasonal-naive forecast.
+``horizon`` values against the seasonal-naive forecast and, with ``ar_order``, a least-squares
+autoregression (:func:`ar_forecast`).
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ from collections.abc import Callable, Sequence
 
 import pyro
 import pyro.distributions as dist
+import pyro.distributions.transforms as T
 import torch
+from pyro.distributions import constraints
 from pyro.infer import Predictive
 from pyro.ops.stats import crps_empirical
 from torch import nn
@@ -34,6 +42,41 @@ from torch.nn import functional as F
 from ppdgm.data import check_data
 
 LIKELIHOODS = ("normal", "studentt")
+TRANSFORMS = (None, "sqrt1p", "log1p")
+
+
+class Sqrt1pInverse(T.Transform):
+    """y = u (|u| + 2), the inverse of u = sign(y) (sqrt(1 + |y|) - 1): a bijection of the reals."""
+
+    domain = codomain = constraints.real
+    bijective = True
+    sign = 1
+
+    def _call(self, u):
+        return u * (u.abs() + 2)
+
+    def _inverse(self, y):
+        return y.sign() * ((1 + y.abs()).sqrt() - 1)
+
+    def log_abs_det_jacobian(self, u, y):
+        return (2 * (u.abs() + 1)).log()
+
+
+def untransform(transform: str | None):
+    """The map from the modelled scale back to the series' units (None: no transform)."""
+    if transform not in TRANSFORMS:
+        raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
+    if transform == "sqrt1p":
+        return Sqrt1pInverse()
+    if transform == "log1p":
+        return T.ComposeTransform([T.ExpTransform(), T.AffineTransform(-1.0, 1.0)])
+    return None
+
+
+def _check_domain(series, transform, name):
+    if transform == "log1p" and bool((series <= -1).any()):
+        raise ValueError(f"{name}: transform='log1p' needs values > -1, got a minimum of {float(series.min())}")
+    return series
 
 
 def check_series(series, name: str = "series") -> torch.Tensor:
@@ -77,6 +120,31 @@ def mae(samples: torch.Tensor, truth: torch.Tensor) -> float:
     return float((samples.median(0).values - truth.to(samples)).abs().mean())
 
 
+def ar_forecast(history, horizon: int, order: int, num_samples: int = 200, seed: int = 0) -> torch.Tensor:
+    """A least-squares AR(``order``) with intercept fitted to ``history``: ``num_samples`` simulated
+    paths of the next ``horizon`` values, ``(num_samples, horizon)``, with Gaussian noise of the
+    residuals' standard deviation (parameter uncertainty ignored)."""
+    history = check_series(history, "history")
+    _check_horizon(horizon)
+    if not isinstance(order, int) or isinstance(order, bool) or order < 1:
+        raise ValueError(f"order must be a positive int, got {order!r}")
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    if len(history) < 2 * order + 2:
+        raise ValueError(f"history: AR({order}) needs at least {2 * order + 2} values, got {len(history)}")
+    x = history.double()
+    X = torch.stack([x[order - l : len(x) - l] for l in range(1, order + 1)] + [torch.ones_like(x[order:])], -1)
+    coef = torch.linalg.lstsq(X, x[order:, None]).solution[:, 0]
+    sd = ((x[order:] - X @ coef).pow(2).sum() / (len(X) - order - 1)).sqrt()
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    path = x[-order:].expand(num_samples, order)
+    for _ in range(horizon):
+        noise = torch.randn(num_samples, generator=gen, device=x.device, dtype=x.dtype)
+        step = path[:, -order:].flip(-1) @ coef[:-1] + coef[-1] + sd * noise
+        path = torch.cat([path, step[:, None]], -1)
+    return path[:, order:].to(history.dtype)
+
+
 def _check_horizon(horizon):
     if not isinstance(horizon, int) or isinstance(horizon, bool) or horizon < 1:
         raise ValueError(f"horizon must be an int >= 1, got {horizon!r}")
@@ -92,7 +160,13 @@ class DeepAR(nn.Module):
         period: season length; adds sin/cos of the phase as inputs (None: no seasonal features).
         hidden_dim, num_layers: GRU size.
         likelihood: ``"normal"`` or ``"studentt"`` (learned degrees of freedom > 2).
-        loc, scale: standardization of the values (set by :meth:`from_series`).
+        loc, scale: standardization of the (transformed) values (set by :meth:`from_series`).
+        weight_decay: L2 penalty on the weights per scored value, so its strength does not depend
+            on the number of windows (MAP under a Gaussian prior on the weights). Without it the
+            GRU memorizes a short series: on sunspots, 0 forecasts worse than seasonal-naive.
+        transform: None, ``"sqrt1p"`` (u = sign(y) (sqrt(1 + |y|) - 1)) or ``"log1p"``
+            (u = log(1 + y), values > -1): the likelihood is put on u; sample sites, forecasts and
+            log-likelihoods stay in the series' units.
     """
 
     default_engine = "svi"
@@ -102,7 +176,8 @@ class DeepAR(nn.Module):
 
     def __init__(self, context: int = 24, window: int | None = None, lags: Sequence[int] = (1,),
                  period: int | None = None, hidden_dim: int = 32, num_layers: int = 1,
-                 likelihood: str = "normal", loc: float = 0.0, scale: float = 1.0):
+                 likelihood: str = "normal", loc: float = 0.0, scale: float = 1.0,
+                 weight_decay: float = 0.1, transform: str | None = None):
         super().__init__()
         lags = [lags] if isinstance(lags, int) else list(lags)
         if not lags or any(not isinstance(l, int) or l < 1 for l in lags):
@@ -121,9 +196,13 @@ class DeepAR(nn.Module):
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
         if not (math.isfinite(scale) and scale > 0 and math.isfinite(loc)):
             raise ValueError(f"loc must be finite and scale positive, got loc={loc!r}, scale={scale!r}")
+        if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
         self.context, self.window, self.lags, self.period = context, window, lags, period
         self.hidden_dim, self.num_layers, self.likelihood = hidden_dim, num_layers, likelihood
         self.loc, self.scale = float(loc), float(scale)
+        self.weight_decay, self.transform = float(weight_decay), transform
+        self._untransform = untransform(transform)
         self.max_lag = max(lags)
         num_features = len(lags) + (2 if period else 0)
         self.rnn = nn.GRU(num_features, hidden_dim, num_layers, batch_first=True)
@@ -132,10 +211,12 @@ class DeepAR(nn.Module):
     # -- zoo protocol ------------------------------------------------------------------------
     @classmethod
     def from_series(cls, series, **kwargs) -> DeepAR:
-        """A model standardized to ``series`` (its mean and standard deviation)."""
-        series = check_series(series)
-        kwargs.setdefault("loc", float(series.mean()))
-        kwargs.setdefault("scale", float(series.std().clamp_min(1e-6)))
+        """A model standardized to ``series`` (mean and standard deviation of its transformed values)."""
+        series = _check_domain(check_series(series), kwargs.get("transform"), "series")
+        inv = untransform(kwargs.get("transform"))
+        u = series if inv is None else inv.inv(series)
+        kwargs.setdefault("loc", float(u.mean()))
+        kwargs.setdefault("scale", float(u.std().clamp_min(1e-6)))
         return cls(**kwargs)
 
     @classmethod
@@ -150,12 +231,13 @@ class DeepAR(nn.Module):
         return {"name": "timeseries", "kwargs": {
             "context": self.context, "window": self.window, "lags": self.lags, "period": self.period,
             "hidden_dim": self.hidden_dim, "num_layers": self.num_layers, "likelihood": self.likelihood,
-            "loc": self.loc, "scale": self.scale}}
+            "loc": self.loc, "scale": self.scale,
+            "weight_decay": self.weight_decay, "transform": self.transform}}
 
     def windows(self, series, stride: int = 1, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """All length-``window`` slices of ``series`` and their start times (``start`` + offset):
         the training data ``(y, t0)`` for ``model``."""
-        series = check_series(series)
+        series = _check_domain(check_series(series), self.transform, "series")
         if len(series) < self.window:
             raise ValueError(f"series: expected at least window={self.window} values to train on, got {len(series)}")
         y = series.unfold(0, self.window, stride)
@@ -174,8 +256,14 @@ class DeepAR(nn.Module):
         out = self.head(h)
         loc, scale = out[..., 0], F.softplus(out[..., 1]) + 1e-3
         if self.likelihood == "studentt":
-            return dist.StudentT(2.0 + F.softplus(out[..., 2]), self.loc + self.scale * loc, self.scale * scale)
-        return dist.Normal(self.loc + self.scale * loc, self.scale * scale)
+            d = dist.StudentT(2.0 + F.softplus(out[..., 2]), self.loc + self.scale * loc, self.scale * scale)
+        else:
+            d = dist.Normal(self.loc + self.scale * loc, self.scale * scale)
+        return d if self._untransform is None else dist.TransformedDistribution(d, self._untransform)
+
+    def _forward(self, y):
+        """Series values on the modelled scale (the inverse of ``_untransform``)."""
+        return y if self._untransform is None else self._untransform.inv(y)
 
     def _step(self, features, state):
         """One GRU step for inputs with any leading dims ``(..., F)`` and state ``(L, ..., H)``."""
@@ -202,13 +290,16 @@ class DeepAR(nn.Module):
         if t0.shape != (N,):
             raise ValueError(f"t0: expected one start time per window, shape ({N},), got {tuple(t0.shape)}")
         t0 = t0.to(p.dtype)
-        z = (y - self.loc) / self.scale
+        z = (self._forward(y) - self.loc) / self.scale
         m = self.max_lag
         steps = torch.arange(m, L, device=p.device, dtype=p.dtype)
         feats = torch.stack([z[:, m - l : L - l] for l in self.lags]
                             + self._time_features(t0[:, None] + steps), -1)
         out, state = self.rnn(feats)
         with pyro.plate("data", N):
+            if self.weight_decay:
+                sq = sum(w.pow(2).sum() for name, w in self.named_parameters() if "bias" not in name)
+                pyro.factor("weight_decay", -0.5 * self.weight_decay * (L - m) * sq.expand(N))
             pyro.sample("y", self._output(out).to_event(1), obs=y[:, m:])
             if not horizon:
                 return None
@@ -220,7 +311,7 @@ class DeepAR(nn.Module):
                 h, state = self._step(torch.stack(f, -1), state)
                 value = pyro.sample(f"y_{t}", self._output(h))
                 future.append(value)
-                hist.append((value - self.loc) / self.scale)
+                hist.append((self._forward(value) - self.loc) / self.scale)
             return pyro.deterministic("forecast", torch.stack(torch.broadcast_tensors(*future), -1))
 
     # -- forecasting and evaluation ----------------------------------------------------------------
@@ -232,7 +323,7 @@ class DeepAR(nn.Module):
         _check_horizon(horizon)
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-        history = check_series(history, "history")
+        history = _check_domain(check_series(history, "history"), self.transform, "history")
         if len(history) < self.context:
             raise ValueError(f"history: expected at least context={self.context} values, got {len(history)}")
         ctx = history[-self.context :][None]
@@ -242,22 +333,25 @@ class DeepAR(nn.Module):
 
     @torch.no_grad()
     def log_likelihood(self, y, t0=None) -> torch.Tensor:
-        """Exact one-step-ahead log p(y_t | y_{<t}) summed over each window's scored steps
-        (steps ``max_lag`` onwards); a whole series (``(T,)`` or ``(T, 1)``) counts as one window."""
+        """Exact one-step-ahead log p(y_t | y_{<t}) in the series' units, summed over each window's
+        scored steps (steps ``max_lag`` onwards); a whole series (``(T,)`` or ``(T, 1)``) counts as
+        one window."""
         y = check_data(y, "y")
         if y.dim() == 1 or (y.dim() == 2 and y.shape[1] == 1):
             y = y.reshape(1, -1)
         if y.dim() != 2:
             raise ValueError(f"y: expected windows (N, L) or a series (T,), got shape {tuple(y.shape)}")
+        _check_domain(y, self.transform, "y")
         tr = pyro.poutine.trace(self.model).get_trace(y, t0)
         return tr.nodes["y"]["fn"].log_prob(tr.nodes["y"]["value"])
 
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:
-        """``n`` synthetic windows: start from the series mean for ``max_lag`` steps and roll on."""
+        """``n`` synthetic windows: start from the series mean (on the modelled scale) and roll on."""
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
         seed = torch.full((1, self.context), self.loc)
+        seed = seed if self._untransform is None else self._untransform(seed)
         draws = self.forecast(seed[0], self.window, num_samples=n)
         return draws
 
@@ -270,13 +364,16 @@ class DeepAR(nn.Module):
 
 def backtest(series, make_model: Callable[[torch.Tensor], DeepAR], *, horizon: int, origins: Sequence[int],
              train: Callable[[DeepAR, torch.Tensor], object] | None = None, period: int | None = None,
-             num_samples: int = 200) -> list[dict]:
+             ar_order: int | None = None, num_samples: int = 200) -> list[dict]:
     """Rolling-origin evaluation: for each origin T, build ``make_model(series[:T])``, train it on
     ``series[:T]`` (``train(model, train_series)``; default ``model.fit(train_series)``), forecast
-    ``series[T:T + horizon]`` and score it. Rows hold ``origin``, ``crps``, ``mae`` and, with
-    ``period``, the seasonal-naive ``naive_mae``."""
+    ``series[T:T + horizon]`` and score it. Rows hold ``origin``, ``crps``, ``mae``; with
+    ``period``, the seasonal-naive ``naive_mae`` (a point forecast: its CRPS is its MAE); with
+    ``ar_order``, ``ar_mae`` and ``ar_crps`` of :func:`ar_forecast`."""
     series = check_series(series)
     _check_horizon(horizon)
+    if ar_order is not None and (not isinstance(ar_order, int) or isinstance(ar_order, bool) or ar_order < 1):
+        raise ValueError(f"ar_order must be None or a positive int, got {ar_order!r}")
     rows = []
     for origin in origins:
         if not isinstance(origin, int) or not 0 < origin <= len(series) - horizon:
@@ -290,5 +387,8 @@ def backtest(series, make_model: Callable[[torch.Tensor], DeepAR], *, horizon: i
         row = {"origin": origin, "crps": crps(samples, truth), "mae": mae(samples, truth)}
         if period:
             row["naive_mae"] = float((seasonal_naive(past, horizon, period) - truth).abs().mean())
+        if ar_order:
+            ar = ar_forecast(past, horizon, ar_order, num_samples=num_samples)
+            row["ar_mae"], row["ar_crps"] = mae(ar, truth), crps(ar, truth)
         rows.append(row)
     return rows
