@@ -109,6 +109,17 @@ def progress_bar(total: int, desc: str, enabled: bool | None):
 # checkpoints
 
 
+def track_validation(best, bad_evals: int, value: float, step: int, patience, weights):
+    """Early-stopping bookkeeping after one validation loss: ``(best, bad_evals, stop)``.
+
+    ``best`` is None or ``{"loss", "step", **weights()}``; ``weights`` snapshots what to keep and is
+    called only when ``value`` improves on it."""
+    if best is None or value < best["loss"]:
+        return {"loss": value, "step": step, **weights()}, 0, False
+    bad_evals += 1
+    return best, bad_evals, patience is not None and bad_evals >= patience
+
+
 class Checkpointer:
     """Saves and restores an engine's state in ``directory/checkpoint.pt``, atomically."""
 

@@ -27,6 +27,7 @@ from ppdgm.inference.base import (
     resolve_device,
     set_seed,
     step_timing,
+    track_validation,
 )
 
 PROTOCOL = ("denoising_loss",)
@@ -154,12 +155,9 @@ class ScoreMatching(Engine):
                 v = self._val_loss(averaged or model, val_data, done)
                 history["val_loss"].append(v)
                 history["val_step"].append(done)
-                if best is None or v < best["loss"]:
-                    weights = {k: t.detach().clone() for k, t in (averaged or model).state_dict().items()}
-                    best, bad_evals = {"loss": v, "step": done, "module": weights}, 0
-                else:
-                    bad_evals += 1
-                    stop = self.patience is not None and bad_evals >= self.patience
+                best, bad_evals, stop = track_validation(
+                    best, bad_evals, v, done, self.patience,
+                    lambda: {"module": {k: t.detach().clone() for k, t in (averaged or model).state_dict().items()}})
             for cb in callbacks:
                 stop = bool(cb(done, {"loss": value, "grad_norm": gnorm})) or stop
             if world.is_main and (ckpt.due(done) or (stop and ckpt.every)):

@@ -33,6 +33,7 @@ from ppdgm.inference.base import (
     resolve_device,
     set_seed,
     step_timing,
+    track_validation,
 )
 from ppdgm.inference.param_optim import PyroOptim, StoreAdam
 
@@ -362,11 +363,8 @@ class SVI(Engine):
                     v = elbo.loss(model, guide, *val_data, *args, **kwargs)
                 history["val_loss"].append(v)
                 history["val_step"].append(done)
-                if best is None or v < best["loss"]:
-                    best, bad_evals = {"loss": v, "step": done, "params": param_store_state()}, 0
-                else:
-                    bad_evals += 1
-                    stop = self.patience is not None and bad_evals >= self.patience
+                best, bad_evals, stop = track_validation(best, bad_evals, v, done, self.patience,
+                                                         lambda: {"params": param_store_state()})
             info = {"loss": loss, "grad_norm": gnorm}
             for cb in callbacks:
                 stop = bool(cb(done, info)) or stop
