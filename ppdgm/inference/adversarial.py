@@ -66,6 +66,7 @@ class Adversarial(Engine):
     """
 
     name = "adversarial"
+    input = "adversarial"
 
     def __init__(self, loss: str = "wgan-gp", num_steps: int = 2000, batch_size: int = 128,
                  lr: float = 5e-4, critic_lr: float | None = None, betas=None, n_critic: int | None = None,

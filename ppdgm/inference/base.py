@@ -31,6 +31,11 @@ class Engine(ABC):
     """Base of all engines: ``Engine(**config).run(model, ...) -> Fit``."""
 
     name: str = "engine"
+    input: str = "program"
+    """What ``run`` takes, as :mod:`ppdgm.families` hands it over: ``"program"`` (a Pyro model,
+    a guide or None, the data), ``"posterior"`` (a Pyro model and its arguments), or a module
+    implementing the protocol of that name in :mod:`ppdgm.models.family`: ``"energy"``,
+    ``"denoising"``, ``"adversarial"``, ``"layers"``."""
 
     @abstractmethod
     def run(self, model, *args, **kwargs) -> Fit:  # pragma: no cover - protocol

@@ -21,6 +21,7 @@ class GreedyLayerwise(PersistentCD):
     """``GreedyLayerwise(**PersistentCD arguments)``: the same PCD settings for every layer."""
 
     name = "greedy"
+    input = "layers"
 
     def _pcd_arguments(self) -> dict:
         import inspect

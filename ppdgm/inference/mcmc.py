@@ -172,6 +172,8 @@ class RecordingHMC(_Recording, PyroHMC):
 class Sampler(Engine):
     """A posterior sampler: ``run(model, *args, **kwargs)`` returns draws; the CLI drives it by ``run_zoo``."""
 
+    input = "posterior"
+
     def _setup(self, model, args, kwargs, allow_enumerated: bool):
         """Checks and placement every sampler does first: ``(device, args, kwargs, prototype trace)``."""
         if not callable(model):

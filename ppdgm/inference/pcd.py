@@ -83,6 +83,7 @@ class PersistentCD(Engine):
     """
 
     name = "pcd"
+    input = "energy"
 
     def __init__(
         self,

@@ -48,6 +48,7 @@ class ScoreMatching(Engine):
     """
 
     name = "score_matching"
+    input = "denoising"
 
     def __init__(self, num_steps: int = 2000, batch_size: int | None = 256, lr: float = 1e-3,
                  clip_norm: float | None = None, ema: float | None = None, eval_every: int | None = None,
