@@ -160,6 +160,7 @@ class MADE(_BinaryAutoregressive):
         order: ``"natural"`` (0..D-1) or ``"random"`` for the first (or only) ordering.
         seed: seeds the orderings and masks, so ``spec`` rebuilds the same network.
     """
+    datasets = ('digits-binary',)
 
     name = "made"
     # minibatches: 2,000 steps on the digits give 17.69 nats in 3.5 s (full batch: 18.91 in 7.8 s)
@@ -237,6 +238,7 @@ class MADE(_BinaryAutoregressive):
 
 class NADE(_BinaryAutoregressive):
     """Neural autoregressive distribution estimator over binary vectors (natural order)."""
+    datasets = ('digits-binary',)
 
     name = "nade"
     # a step costs O(batch x dim x hidden) element-wise work (no matmul to hide it in): 2,000 full-batch

@@ -55,6 +55,7 @@ class BNN(PyroModule):
         noise_scale: the Gaussian noise sd; None puts a HalfNormal(1) prior on it (site ``sigma``).
         prior_scale: prior sd scale of weights and biases.
     """
+    datasets = ('digits',)
 
     default_engine = "chees"
     # every leapfrog step runs the net on all the data for every chain, so the budget is chains x

@@ -41,6 +41,7 @@ class DBM(PyroModule):
         init_scale: standard deviation of the initial weights.
         mean_field_steps: fixed-point sweeps of the mean-field guide.
     """
+    datasets = ('digits-binary',)
 
     default_engine = "pcd"
     engine_config = {"optim": "adam", "lr": 0.01, "lr_schedule": "linear", "weight_decay": 1e-4, "k": 5}
@@ -470,6 +471,7 @@ def _cd_pretrain(parts, c, up, epochs, lr, batch_size, momentum, gen) -> float:
 class MultimodalDBM(DBM):
     """Digit pixels and a one-hot label joined at a shared top (``graph`` overrides the default
     ``pixels -- pixels_h1 -- top -- label``)."""
+    datasets = ('digits-binary',)
 
     registry_name = "mdbm"
     engine_config = {"optim": "adam", "lr": 3e-4}  # the settings its labelling test measures

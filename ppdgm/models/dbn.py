@@ -26,6 +26,7 @@ from ppdgm.models.rbm import RBM
 class DBN(PyroModule):
     """``DBN(sizes=[64, 128, 64])`` or ``DBN(graph=nx_digraph)``: a stack of RBMs whose lower ones
     become directed layers. Bernoulli units everywhere (visible units may be gaussian)."""
+    datasets = ('digits-binary',)
 
     default_engine = "greedy"
     engine_config = {"optim": "adam", "lr": 0.01, "lr_schedule": "linear", "weight_decay": 1e-4}  # each RBM's

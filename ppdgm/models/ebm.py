@@ -44,6 +44,7 @@ class EBM(PyroModule):
         image_shape: ``(height, width)`` makes the energy a small conv net on the flat images
             (:class:`ppdgm.nn.ConvEncoder` with ``hidden[0]`` and ``hidden[-1]`` channels) instead of an MLP.
     """
+    datasets = ('moons', 'digits')
 
     default_engine = "pcd"
     # Langevin chains need several steps per update, and the energy net Adam (Du & Mordatch 2019)

@@ -21,6 +21,8 @@ class Family(Protocol):
     - ``default_engine``: the name (in ``ppdgm.inference.ENGINES``) of the engine it trains with.
     - ``engine_config``: settings that engine trains it well with (``{}`` when none); explicit
       options given by a user win over them.
+    - ``datasets``: the bundled datasets (``ppdgm.data.DATASETS``) it suits, the quickest first;
+      ``ppdgm list`` shows them and the command-line tests fit each family on the first.
     - ``support``: what its data must be (``"binary"``, ``"unit_interval"``, ``"real"`` ...), as
       :func:`ppdgm.data.check_data` understands it.
     - ``from_data(dataset, **kwargs)``: an instance sized from a :class:`ppdgm.data.Dataset`.
@@ -33,6 +35,7 @@ class Family(Protocol):
 
     default_engine: ClassVar[str]
     engine_config: ClassVar[dict]
+    datasets: ClassVar[tuple[str, ...]]
     support: str
 
     @classmethod

@@ -48,6 +48,7 @@ class GAN(PyroModule):
         output: ``"identity"`` for real data, ``"sigmoid"`` for data in [0, 1] (digit intensities).
         num_classes: > 0 makes both networks conditional on a label ``y``.
     """
+    datasets = ('moons', 'digits')
 
     default_engine = "adversarial"
     support = "real"

@@ -18,6 +18,7 @@ from ppdgm.data import check_data
 
 
 class PPCA(PyroModule):
+    datasets = ('digits',)
     default_engine = "svi"
     support = "real"
 

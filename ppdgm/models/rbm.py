@@ -41,6 +41,7 @@ class RBM(PyroModule):
             ``min_beta``, swapped between neighbours after each Gibbs sweep (parallel tempering,
             Desjardins et al. 2010); the negative phase uses the ``beta = 1`` replicas.
     """
+    datasets = ('digits-binary',)
 
     default_engine = "pcd"
     # Adam with a decaying rate learns digits in a few thousand updates; PCD's plain-SGD default

@@ -132,6 +132,7 @@ class ScoreModel(PyroModule):
             plus the network's correction. An untrained model is that Gaussian, and the network
             need not learn the data's small-variance directions, where likelihoods are decided.
     """
+    datasets = ('moons', 'digits')
 
     default_engine = "score_matching"
     support = "real"

@@ -38,6 +38,7 @@ class SemiSupervisedVAE(PyroModule):
             choice, ``label_seed``) and hides the rest as ``-1``, so ``ppdgm fit ssvae`` runs the
             semi-supervised setting from a fully labelled dataset.
     """
+    datasets = ('digits-binary', 'digits')
 
     default_engine = "svi"
     engine_config = {"loss": "enum", "max_plate_nesting": 1}

@@ -168,6 +168,7 @@ class DeepAR(nn.Module):
             (u = log(1 + y), values > -1): the likelihood is put on u; sample sites, forecasts and
             log-likelihoods stay in the series' units.
     """
+    datasets = ('sunspots',)
 
     default_engine = "svi"
     support = "real"

@@ -61,6 +61,7 @@ class VAE(PyroModule):
         prior: ``"normal"`` (standard) or ``"flow"`` (``num_flows`` masked autoregressive layers).
         beta: weight of the KL term (1 is the ELBO).
     """
+    datasets = ('digits-binary', 'digits')
 
     default_engine = "svi"
     support = "binary"
@@ -292,6 +293,7 @@ class ConditionalVAE(VAE):
     ``model(x, y)`` and ``guide(x, y)`` take integer labels in ``[0, num_classes)``;
     ``sample(n, y)`` draws digits of chosen classes; ``log_likelihood(x, y)`` is log p(x | y).
     """
+    datasets = ('digits-binary',)
 
     def __init__(self, x_dim: int = 64, num_classes: int = 10, latent_dim: int = 16, hidden=(256,),
                  likelihood: str = "bernoulli", network: str = "mlp", image_shape=None,
