@@ -1,12 +1,13 @@
 # Two commands do all the set-up on a fresh machine with nothing but Python:
 #   make demo   - create .venv, install, train the demo model on the bundled digits, write runs/demo
 #   make test   - create .venv, install, run the test suite (what .ci/run calls)
+#   make tutorials - run every notebook in tutorials/ and store its outputs and figures in it
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench tutorials clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +22,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2
+
+tutorials: $(STAMP)
+	$(BIN)/python tutorials/execute.py
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench,series]'
