@@ -83,7 +83,7 @@ class DBM(ConstructorSpec, PyroModule):
 
     @classmethod
     def from_data(cls, data, hidden_units=(128, 64), **kwargs):
-        """A chain ``[columns, *hidden]``, or ``graph=`` (networkx, node-link dict or .json path)
+        """A chain ``[columns, *hidden_units]``, or ``graph=`` (networkx, node-link dict or .json path)
         whose first visible layer must match the data's columns."""
         if kwargs.get("graph") is not None:
             obj = cls(**kwargs)

@@ -56,7 +56,7 @@ class DBN(ConstructorSpec, PyroModule):
 
     @classmethod
     def from_data(cls, data, hidden_units=(128, 64), **kwargs):
-        """A stack ``[columns, *hidden]``, or ``graph=`` (a DiGraph, node-link dict or .json path)."""
+        """A stack ``[columns, *hidden_units]``, or ``graph=`` (a DiGraph, node-link dict or .json path)."""
         if kwargs.get("graph") is not None:
             obj = cls(**kwargs)
             if obj.sizes[0] != data.x.shape[1]:
