@@ -29,7 +29,7 @@ def worker(args):
     x = load_digits("train", binarize=True).x
     batch = args.batch * 2 // world.size
     torch.manual_seed(0)
-    vae = VAE(x_dim=64, latent_dim=16, hidden=(args.hidden, args.hidden))
+    vae = VAE(features=64, latent_features=16, hidden_features=(args.hidden, args.hidden))
     SVI(num_epochs=1, batch_size=batch, lr=1e-3, progress=False).run(vae.model, vae.guide, x)  # warm-up
     fit = SVI(num_epochs=args.epochs, batch_size=batch, lr=1e-3, progress=False).run(vae.model, vae.guide, x)
     finish()

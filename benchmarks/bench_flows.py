@@ -65,7 +65,7 @@ def dequantize(x, levels, gen):
 
 def run_ppdgm_svi(train, test, cfg):
     pyro.set_rng_seed(0)
-    flow = FlowModel(dim=train.shape[1], kind="maf", num_layers=cfg["layers"], hidden_dims=cfg["hidden"],
+    flow = FlowModel(features=train.shape[1], kind="maf", num_layers=cfg["layers"], hidden_features=cfg["hidden"],
                      levels=cfg["levels"])
     svi = SVI(num_steps=cfg["steps"], lr=cfg["lr"], batch_size=cfg["batch"], seed=0, progress=False)
     with Timer(cfg["steps"]) as timer:
@@ -77,7 +77,7 @@ def run_ppdgm_svi(train, test, cfg):
 
 def run_ppdgm_torch(train, test, cfg):
     torch.manual_seed(0)
-    flow = FlowModel(dim=train.shape[1], kind="maf", num_layers=cfg["layers"], hidden_dims=cfg["hidden"],
+    flow = FlowModel(features=train.shape[1], kind="maf", num_layers=cfg["layers"], hidden_features=cfg["hidden"],
                      levels=cfg["levels"])
     opt = torch.optim.Adam(flow.parameters(), lr=cfg["lr"])
     with Timer(cfg["steps"]) as timer:

@@ -31,7 +31,7 @@ def train_sklearn(x, hidden, lr, batch_size, epochs, seed):
 
 def train_ppdgm(x, hidden, lr, batch_size, epochs, seed):
     torch.manual_seed(seed)
-    rbm = RBM(visible=x.shape[1], hidden=hidden)
+    rbm = RBM(features=x.shape[1], hidden_units=hidden)
     engine = PersistentCD(num_epochs=epochs, batch_size=batch_size, lr=lr, optim="sgd", momentum=0.0,
                           num_chains=batch_size, k=1, seed=seed, progress=False)
     t0 = time.perf_counter()
@@ -40,7 +40,7 @@ def train_ppdgm(x, hidden, lr, batch_size, epochs, seed):
 
 
 def as_ppdgm(sk: BernoulliRBM) -> RBM:
-    rbm = RBM(visible=sk.components_.shape[1], hidden=sk.components_.shape[0])
+    rbm = RBM(features=sk.components_.shape[1], hidden_units=sk.components_.shape[0])
     with torch.no_grad():
         rbm.W.copy_(torch.as_tensor(sk.components_.T))
         rbm.b.copy_(torch.as_tensor(sk.intercept_visible_))

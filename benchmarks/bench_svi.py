@@ -23,7 +23,7 @@ from ppdgm.models.ppca import PPCA
 def hand_written(x, steps, batch, seed):
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    model = PPCA(x_dim=64, latent_dim=8)
+    model = PPCA(features=64, latent_features=8)
     svi = pyro.infer.SVI(model.model, model.guide, pyro.optim.Adam({"lr": 0.01}), pyro.infer.Trace_ELBO())
     n = x.shape[0]
     per_epoch = n // batch
@@ -42,7 +42,7 @@ def hand_written(x, steps, batch, seed):
 
 def with_ppdgm(x, steps, batch, seed):
     pyro.set_rng_seed(seed)
-    model = PPCA(x_dim=64, latent_dim=8)
+    model = PPCA(features=64, latent_features=8)
     fit = SVI(num_steps=steps, batch_size=batch, lr=0.01, seed=seed, progress=False).run(model.model, model.guide, x)
     return fit.timing["seconds"], fit
 

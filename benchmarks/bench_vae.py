@@ -129,7 +129,7 @@ def vae_table(steps, repeats, seed):
         rows.setdefault("Pyro tutorial VAE, ppdgm SVI engine", []).append((t, same.model, same.guide))
 
         torch.manual_seed(seed)
-        zoo = VAE(x_dim=64, latent_dim=16, hidden=[256])
+        zoo = VAE(features=64, latent_features=16, hidden_features=[256])
         engine = SVI(num_steps=steps, batch_size=batch, lr=lr, seed=seed, progress=False)
         t = timed(lambda: engine.run(zoo.model, zoo.guide, x))
         rows.setdefault("ppdgm.models.vae.VAE (64-256-16), ppdgm SVI engine", []).append((t, zoo.model, zoo.guide))

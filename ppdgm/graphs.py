@@ -7,9 +7,11 @@ DBM; a ``nx.DiGraph`` describes a DBN: directed edges point downwards (towards t
 top pair is joined in both directions (the undirected RBM at the top).
 
 Validation happens before anything is built: every layer's depth is its distance from the
-nearest visible layer, and the graph must be 2-colourable, which rules out self-loops, edges
-inside a block and odd cycles that break the layering. The 2-colouring gives the blocks of block
-Gibbs: layers of one colour are conditionally independent given the other.
+nearest visible layer, every layer has an edge, and the graph must be 2-colourable, which rules
+out self-loops, edges inside a block and odd cycles that break the layering. The 2-colouring
+gives the blocks of block Gibbs: layers of one colour are conditionally independent given the
+other. A graph may have several components (each must hold a visible layer); each is coloured
+from its first visible layer.
 """
 
 from __future__ import annotations
@@ -68,9 +70,15 @@ class LayerGraph:
         lonely = [n for n in g.nodes if n not in depth]
         if lonely:
             raise ValueError(f"graph: layer(s) {lonely} are not connected to any visible layer")
-        colour = {visible[0]: 0}
-        for u, v in nx.bfs_edges(und, visible[0]):
-            colour[v] = 1 - colour[u]
+        isolated = [n for n in g.nodes if und.degree(n) == 0]
+        if isolated:
+            raise ValueError(f"graph: layer(s) {isolated} have no edge; every layer joins another by a weight matrix")
+        colour = {}
+        for component in nx.connected_components(und):  # each holds a visible layer (checked above)
+            start = next(n for n in visible if n in component)
+            colour[start] = 0
+            for u, v in nx.bfs_edges(und, start):
+                colour[v] = 1 - colour[u]
         for u, v in und.edges():
             if colour[u] == colour[v]:
                 raise ValueError(
@@ -138,7 +146,7 @@ class LayerGraph:
 
     @property
     def blocks(self) -> tuple[list, list]:
-        """The two Gibbs blocks (the 2-colouring; colour 0 holds the first visible layer)."""
+        """The two Gibbs blocks (the 2-colouring; colour 0 holds each component's first visible layer)."""
         return ([n for n in self.layers if self.colour(n) == 0], [n for n in self.layers if self.colour(n) == 1])
 
     @property

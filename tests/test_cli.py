@@ -45,7 +45,7 @@ def test_fit_a_users_own_pyro_file_on_csv_data_then_diagnose(tmp_path, capsys):
 def test_zoo_fit_sample_evaluate(tmp_path, capsys):
     out = tmp_path / "ppca"
     assert main(["fit", "ppca", "--data", "digits", "--out", str(out), "--steps", "60", "--lr", "0.02",
-                 "--batch-size", "200", "--set", "latent_dim=4"]) == 0
+                 "--batch-size", "200", "--set", "latent_features=4"]) == 0
     assert main(["sample", str(out), "-n", "9", "-o", str(tmp_path / "g.png")]) == 0
     assert (tmp_path / "g.png").stat().st_size > 0
     capsys.readouterr()
@@ -58,7 +58,7 @@ def test_zoo_fit_sample_evaluate(tmp_path, capsys):
     [
         (["fit", "nomodel", "--data", "digits", "--out", "x"], "unknown model"),
         (["fit", "ppca", "--data", "imagenet", "--out", "x"], "data must be one of"),
-        (["fit", "ppca", "--data", "digits", "--out", "x", "--set", "latent_dim=0"], "latent_dim"),
+        (["fit", "ppca", "--data", "digits", "--out", "x", "--set", "latent_features=0"], "latent_features"),
         (["fit", "ppca", "--data", "digits", "--out", "x", "--engine", "warp"], "unknown engine"),
         (["fit", "ppca", "--data", "digits", "--out", "x", "--engine-opt", "bogus=1"], "takes no option"),
         (["fit", "ppca", "--data", "digits", "--out", "x", "--steps", "0"], "num_steps"),

@@ -137,7 +137,7 @@ def test_amortized_check_on_a_trained_vae():
     from ppdgm.data import load_digits
 
     x = load_digits("train", binarize=True).x
-    vae = vae_module.VAE(x_dim=64, latent_dim=2, hidden=(32,))
+    vae = vae_module.VAE(features=64, latent_features=2, hidden_features=(32,))
     SVI(num_steps=200, batch_size=100, lr=3e-3).run(vae.model, vae.guide, x)
     chk = amortized_posterior_check(vae.model, vae.guide, x, points=[0, 1, 2], num_chains=16, num_warmup=120,
                                     num_samples=60, num_importance=1000)
@@ -156,8 +156,8 @@ def test_models_without_a_posterior_convert_to_their_draws_of_the_data():
     from ppdgm.models.score import ScoreModel
 
     x = torch.randn(200, 2) * torch.tensor([1.0, 0.2])
-    score = ScoreModel(x_dim=2, hidden=[8], num_scales=20)
-    flow = FlowModel(dim=2, num_layers=1, hidden_dims=[8])
+    score = ScoreModel(features=2, hidden_features=[8], num_scales=20)
+    flow = FlowModel(features=2, num_layers=1, hidden_features=[8])
     fits = [ScoreMatching(num_steps=5, progress=False).run(score, x),
             SVI(num_steps=5, progress=False).run(flow.model, None, x)]
     fits[1].module = flow  # what `ppdgm fit` attaches

@@ -41,7 +41,7 @@ def test_save_load_round_trip_rebuilds_zoo_model(tmp_path):
     from ppdgm.models.ppca import PPCA
 
     x = load_digits("train").x[:300]
-    model = PPCA(x_dim=64, latent_dim=3)
+    model = PPCA(features=64, latent_features=3)
     fit = SVI(num_steps=30, lr=0.02, progress=False).run(model.model, model.guide, x)
     fit.module, fit.spec = model, model.spec
     before = model.log_likelihood(x[:20])

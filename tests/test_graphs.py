@@ -112,3 +112,88 @@ def test_wrong_types_and_dbn_structure():
         LayerGraph(up)
     with pytest.raises(ValueError, match="at least two layer sizes"):
         dbm_graph([5])
+
+
+def two_rbms():
+    g = nx.Graph()
+    for name, size, visible in [("v1", 5, True), ("h1", 3, False), ("v2", 4, True), ("h2", 2, False)]:
+        g.add_node(name, size=size, visible=visible)
+    g.add_edges_from([("v1", "h1"), ("v2", "h2")])
+    return g
+
+
+def test_components_that_each_hold_a_visible_layer_are_coloured_one_by_one():
+    g = LayerGraph(two_rbms())
+    assert g.blocks == (["v1", "v2"], ["h1", "h2"])
+    assert all(g.colour(a) != g.colour(b) for a, b in g.edges)
+
+
+def test_a_dbm_of_two_components_is_the_product_of_their_models():
+    """log p(v1, v2) of two unconnected RBMs is log p(v1) + log p(v2), each by exact enumeration."""
+    import torch
+
+    from ppdgm.models.dbm import DBM
+
+    torch.manual_seed(0)
+    both = DBM(graph=two_rbms(), init_scale=0.5)
+    parts = [DBM(sizes=[5, 3], init_scale=0.5), DBM(sizes=[4, 2], init_scale=0.5)]
+    layers = {name: i for i, name in enumerate(both.layers)}
+    for part, (v, h) in zip(parts, [("v1", "h1"), ("v2", "h2")]):
+        part.weights[0].data.copy_(both.weights[both.edge_index.index((layers[v], layers[h]))])
+        part.biases[0].data.copy_(both.biases[layers[v]])
+        part.biases[1].data.copy_(both.biases[layers[h]])
+    x1, x2 = torch.bernoulli(torch.full((6, 5), 0.5)), torch.bernoulli(torch.full((6, 4), 0.5))
+    joint = both.log_likelihood((x1, x2), method="exact")
+    separate = parts[0].log_likelihood(x1, method="exact") + parts[1].log_likelihood(x2, method="exact")
+    assert torch.allclose(joint, separate, atol=1e-4)
+
+
+def test_a_layer_without_edges_is_refused_before_building():
+    g = two_rbms()
+    g.add_node("v3", size=2, visible=True)  # a visible layer beside connected pairs
+    with pytest.raises(ValueError, match=r"\['v3'\] have no edge"):
+        LayerGraph(g)
+    lone = nx.Graph()
+    lone.add_node("v", size=3, visible=True)
+    with pytest.raises(ValueError, match="no edge"):
+        LayerGraph(lone)
+
+
+@st.composite
+def layer_graph_specs(draw):
+    """Any small spec: layer sizes (some invalid), units (some unknown), visible flags, any edges."""
+    n = draw(st.integers(1, 6))
+    directed = draw(st.booleans())
+    g = nx.DiGraph() if directed else nx.Graph()
+    for i in range(n):
+        g.add_node(f"l{i}", size=draw(st.sampled_from([1, 2, 3, 5, 0, -1])),
+                   units=draw(st.sampled_from(["bernoulli", "bernoulli", "gaussian", "softmax", "relu"])),
+                   visible=draw(st.booleans()))
+    pairs = [(f"l{i}", f"l{j}") for i in range(n) for j in range(n)]
+    g.add_edges_from(draw(st.lists(st.sampled_from(pairs), max_size=8)))
+    return g
+
+
+@settings(max_examples=200, deadline=None)
+@given(g=layer_graph_specs())
+def test_every_layer_graph_spec_builds_properly_coloured_or_raises_value_error(g):
+    try:
+        lg = LayerGraph(g)
+    except ValueError as e:
+        assert str(e).startswith("graph: ")
+        return
+    und = g.to_undirected(as_view=True) if g.is_directed() else g
+    assert all(lg.colour(a) != lg.colour(b) for a, b in und.edges())  # a proper 2-colouring
+    for component in nx.connected_components(und):
+        assert any(lg.is_visible(n) for n in component)
+        assert {lg.colour(n) for n in component} == {0, 1}
+    assert sorted(lg.layers) == sorted(g.nodes) and set(lg.blocks[0]) | set(lg.blocks[1]) == set(g.nodes)
+    from ppdgm.models.dbm import DBM
+    from ppdgm.models.dbn import DBN
+
+    try:  # the model on a valid graph builds too, or names what it cannot take
+        model = DBN(graph=g) if g.is_directed() else DBM(graph=g)
+    except ValueError as e:
+        assert str(e).startswith("graph: ")
+        return
+    assert model.spec["kwargs"]["graph"] == nx.node_link_data(g, edges="edges")

@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ppdgm.data import check_data
+from ppdgm.models.spec import ConstructorSpec
 
 # ---------------------------------------------------------------------------------------------
 # the distribution both models hand to pyro.sample
@@ -46,7 +47,7 @@ class AutoregressiveBernoulli(TorchDistribution):
 
     def __init__(self, owner, batch_size: int, validate_args=None):
         self.owner = owner
-        super().__init__(torch.Size([batch_size]), torch.Size([owner.dim]), validate_args=validate_args)
+        super().__init__(torch.Size([batch_size]), torch.Size([owner.features]), validate_args=validate_args)
 
     def log_prob(self, value):
         return self.owner._log_prob(value)
@@ -55,7 +56,7 @@ class AutoregressiveBernoulli(TorchDistribution):
         n = int(torch.Size(sample_shape).numel()) * self.batch_shape.numel()
         with torch.no_grad():
             x = self.owner._sample(n)
-        return x.reshape(*sample_shape, *self.batch_shape, self.owner.dim)
+        return x.reshape(*sample_shape, *self.batch_shape, self.owner.features)
 
     def expand(self, batch_shape, _instance=None):
         if len(batch_shape) != 1:
@@ -63,7 +64,7 @@ class AutoregressiveBernoulli(TorchDistribution):
         return AutoregressiveBernoulli(self.owner, batch_shape[0])
 
 
-class _BinaryAutoregressive(nn.Module):
+class _BinaryAutoregressive(ConstructorSpec, nn.Module):
     """What MADE and NADE share: the zoo protocol, input checks, the Pyro program, sampling."""
 
     default_engine = "svi"
@@ -74,15 +75,18 @@ class _BinaryAutoregressive(nn.Module):
 
     @classmethod
     def from_data(cls, data, **kwargs):
-        return cls(dim=data.x.shape[1], **kwargs)
+        return cls(features=data.x.shape[1], **kwargs)
+
+    def data_args(self, dataset) -> tuple:
+        return (self._check(dataset.x),)
 
     def _device_tensor(self) -> torch.Tensor:
         return next(self.parameters())
 
     def _check(self, x, name="x") -> torch.Tensor:
         x = check_data(x, name, support="binary", rank=2)
-        if x.shape[1] != self.dim:
-            raise ValueError(f"{name}: this model has dim={self.dim} features, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.features:
+            raise ValueError(f"{name}: this model has {self.features} features, got shape {tuple(x.shape)}")
         p = self._device_tensor()
         return x.to(p.device, p.dtype)
 
@@ -127,17 +131,17 @@ class MaskedLinear(nn.Linear):
         return F.linear(x, self.weight * self.masks[self.mask_index], self.bias)
 
 
-def made_degrees(dim: int, hidden_dims, order: torch.Tensor, generator: torch.Generator | None):
+def made_degrees(features: int, hidden_features, order: torch.Tensor, generator: torch.Generator | None):
     """MADE's degrees: inputs get their position in ``order`` (1..D); hidden units get degrees
     in [min of previous layer, D - 1], cycled when ``generator`` is None, drawn otherwise."""
-    degrees = [torch.empty(dim, dtype=torch.long)]
-    degrees[0][order] = torch.arange(1, dim + 1)
-    for h in hidden_dims:
+    degrees = [torch.empty(features, dtype=torch.long)]
+    degrees[0][order] = torch.arange(1, features + 1)
+    for h in hidden_features:
         low = int(degrees[-1].min())
         if generator is None:
-            degrees.append(low + torch.arange(h) % (dim - low))
+            degrees.append(low + torch.arange(h) % (features - low))
         else:
-            degrees.append(torch.randint(low, dim, (h,), generator=generator))
+            degrees.append(torch.randint(low, features, (h,), generator=generator))
     return degrees
 
 
@@ -153,8 +157,8 @@ class MADE(_BinaryAutoregressive):
     """Masked autoencoder for distribution estimation over binary vectors.
 
     Args:
-        dim: number of binary features.
-        hidden_dims: widths of the masked hidden layers.
+        features: number of binary features.
+        hidden_features: widths of the masked hidden layers.
         num_masks: 1 for a single ordering; > 1 for order/connectivity-agnostic training over
             that many (ordering, mask) pairs, scored as their uniform mixture.
         order: ``"natural"`` (0..D-1) or ``"random"`` for the first (or only) ordering.
@@ -166,36 +170,31 @@ class MADE(_BinaryAutoregressive):
     # minibatches: 2,000 steps on the digits give 17.69 nats in 3.5 s (full batch: 18.91 in 7.8 s)
     engine_config = {"batch_size": 100, "lr": 3e-3}
 
-    def __init__(self, dim: int = 64, hidden_dims=(256,), num_masks: int = 1, order: str = "natural",
+    def __init__(self, features: int = 64, hidden_features=(256,), num_masks: int = 1, order: str = "natural",
                  seed: int = 0):
         super().__init__()
-        if not isinstance(dim, int) or dim < 2:
-            raise ValueError(f"dim must be an int >= 2, got {dim!r}")
-        hidden_dims = [hidden_dims] if isinstance(hidden_dims, int) else list(hidden_dims)
-        if not hidden_dims or any(not isinstance(h, int) or h < 1 for h in hidden_dims):
-            raise ValueError(f"hidden_dims must be a non-empty list of positive ints, got {hidden_dims!r}")
+        if not isinstance(features, int) or features < 2:
+            raise ValueError(f"features must be an int >= 2, got {features!r}")
+        hidden_features = [hidden_features] if isinstance(hidden_features, int) else list(hidden_features)
+        if not hidden_features or any(not isinstance(h, int) or h < 1 for h in hidden_features):
+            raise ValueError(f"hidden_features must be a non-empty list of positive ints, got {hidden_features!r}")
         if not isinstance(num_masks, int) or num_masks < 1:
             raise ValueError(f"num_masks must be a positive int, got {num_masks!r}")
         if order not in ("natural", "random"):
             raise ValueError(f"order must be 'natural' or 'random', got {order!r}")
-        self.dim, self.hidden_dims, self.num_masks, self.order, self.seed = dim, hidden_dims, num_masks, order, seed
+        self.features, self.hidden_features, self.num_masks, self.order, self.seed = features, hidden_features, num_masks, order, seed
 
-        sizes = [dim, *hidden_dims, dim]
+        sizes = [features, *hidden_features, features]
         self.layers = nn.ModuleList(MaskedLinear(a, b, num_masks) for a, b in pairwise(sizes))
-        self.register_buffer("orders", torch.empty(num_masks, dim, dtype=torch.long))
+        self.register_buffer("orders", torch.empty(num_masks, features, dtype=torch.long))
         gen = torch.Generator().manual_seed(seed)
         for k in range(num_masks):
             agnostic = num_masks > 1
-            perm = torch.randperm(dim, generator=gen) if (order == "random" or k > 0) else torch.arange(dim)
-            masks = made_masks(made_degrees(dim, hidden_dims, perm, gen if agnostic else None))
+            perm = torch.randperm(features, generator=gen) if (order == "random" or k > 0) else torch.arange(features)
+            masks = made_masks(made_degrees(features, hidden_features, perm, gen if agnostic else None))
             for layer, mask in zip(self.layers, masks):
                 layer.masks[k] = mask
             self.orders[k] = perm
-
-    @property
-    def spec(self) -> dict:
-        return {"name": "made", "kwargs": {"dim": self.dim, "hidden_dims": self.hidden_dims,
-                                           "num_masks": self.num_masks, "order": self.order, "seed": self.seed}}
 
     def logits(self, x, mask: int = 0) -> torch.Tensor:
         """Bernoulli logits of every coordinate given the coordinates before it under ``mask``."""
@@ -222,7 +221,7 @@ class MADE(_BinaryAutoregressive):
     def _sample(self, n):
         p = self._device_tensor()
         ks = torch.randint(self.num_masks, (n,), device=p.device)
-        x = p.new_zeros(n, self.dim)
+        x = p.new_zeros(n, self.features)
         for k in ks.unique().tolist():
             rows = (ks == k).nonzero().squeeze(-1)
             xk = x[rows]
@@ -241,25 +240,21 @@ class NADE(_BinaryAutoregressive):
     datasets = ('digits-binary',)
 
     name = "nade"
-    # a step costs O(batch x dim x hidden) element-wise work (no matmul to hide it in): 2,000 full-batch
+    # a step costs O(batch x features x hidden) element-wise work (no matmul to hide it in): 2,000 full-batch
     # steps on the digits took 400 s for 17.29 nats, 2,000 minibatches of 100 take 14 s for 17.16
     engine_config = {"batch_size": 100, "lr": 3e-3}
 
-    def __init__(self, dim: int = 64, hidden_dim: int = 100):
+    def __init__(self, features: int = 64, hidden_features: int = 100):
         super().__init__()
-        if not isinstance(dim, int) or dim < 2:
-            raise ValueError(f"dim must be an int >= 2, got {dim!r}")
-        if not isinstance(hidden_dim, int) or hidden_dim < 1:
-            raise ValueError(f"hidden_dim must be a positive int, got {hidden_dim!r}")
-        self.dim, self.hidden_dim = dim, hidden_dim
-        self.W = nn.Parameter(torch.randn(hidden_dim, dim) / math.sqrt(dim))
-        self.c = nn.Parameter(torch.zeros(hidden_dim))
-        self.V = nn.Parameter(torch.randn(dim, hidden_dim) / math.sqrt(hidden_dim))
-        self.b = nn.Parameter(torch.zeros(dim))
-
-    @property
-    def spec(self) -> dict:
-        return {"name": "nade", "kwargs": {"dim": self.dim, "hidden_dim": self.hidden_dim}}
+        if not isinstance(features, int) or features < 2:
+            raise ValueError(f"features must be an int >= 2, got {features!r}")
+        if not isinstance(hidden_features, int) or hidden_features < 1:
+            raise ValueError(f"hidden_features must be a positive int, got {hidden_features!r}")
+        self.features, self.hidden_features = features, hidden_features
+        self.W = nn.Parameter(torch.randn(hidden_features, features) / math.sqrt(features))
+        self.c = nn.Parameter(torch.zeros(hidden_features))
+        self.V = nn.Parameter(torch.randn(features, hidden_features) / math.sqrt(hidden_features))
+        self.b = nn.Parameter(torch.zeros(features))
 
     def logits(self, x) -> torch.Tensor:
         """All D conditional logits in one pass: a_d = c + sum_{j<d} W_j x_j by an exclusive cumsum."""
@@ -272,9 +267,9 @@ class NADE(_BinaryAutoregressive):
         return -F.binary_cross_entropy_with_logits(self.logits(x), x, reduction="none").sum(-1)
 
     def _sample(self, n):
-        x = self.W.new_zeros(n, self.dim)
-        a = self.c.expand(n, self.hidden_dim).clone()
-        for d in range(self.dim):
+        x = self.W.new_zeros(n, self.features)
+        a = self.c.expand(n, self.hidden_features).clone()
+        for d in range(self.features):
             h = torch.sigmoid(a)
             p = torch.sigmoid(h @ self.V[d] + self.b[d])
             x[:, d] = torch.bernoulli(p)

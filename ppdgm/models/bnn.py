@@ -4,7 +4,7 @@ The layers multiply as ``x @ W^T`` with a batch of weight draws ``(*batch, 1, ou
 left (the 1 is the data plate), one matrix product per draw, so the draws broadcast against the
 data: the same model runs under Pyro's NUTS (one draw at a time), under ChEES (all chains as one
 batch) and under ``Predictive(parallel=True)``. Priors are N(0, prior_scale^2 / fan_in) on weights
-and N(0, prior_scale^2) on biases. ``hidden=()`` is Bayesian linear (or logistic) regression.
+and N(0, prior_scale^2) on biases. ``hidden_features=()`` is Bayesian linear (or logistic) regression.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.nn import PyroModule, PyroSample
 
 from ppdgm.data import check_data
+from ppdgm.models.spec import ConstructorSpec
 
 LIKELIHOODS = ("gaussian", "bernoulli", "categorical")
 ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "silu": torch.nn.functional.silu}
@@ -27,12 +28,12 @@ ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "silu": torch.nn.function
 class BayesianLinear(PyroModule):
     """``y = W x + b`` with Normal priors; weight draws ``(*batch, out, in)`` broadcast over data."""
 
-    def __init__(self, in_dim: int, out_dim: int, prior_scale: float = 1.0):
+    def __init__(self, in_features: int, out_features: int, prior_scale: float = 1.0):
         super().__init__()
-        self.in_dim, self.out_dim = in_dim, out_dim
-        self.weight = PyroSample(lambda m: dist.Normal(m._zero, prior_scale / math.sqrt(in_dim))
-                                 .expand([out_dim, in_dim]).to_event(2))
-        self.bias = PyroSample(lambda m: dist.Normal(m._zero, prior_scale).expand([out_dim]).to_event(1))
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = PyroSample(lambda m: dist.Normal(m._zero, prior_scale / math.sqrt(in_features))
+                                 .expand([out_features, in_features]).to_event(2))
+        self.bias = PyroSample(lambda m: dist.Normal(m._zero, prior_scale).expand([out_features]).to_event(1))
         self.register_buffer("_zero", torch.zeros(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -45,12 +46,12 @@ class BayesianLinear(PyroModule):
         return x @ w.transpose(-1, -2) + self.bias
 
 
-class BNN(PyroModule):
+class BNN(ConstructorSpec, PyroModule):
     """An MLP with priors on its weights, for regression or classification.
 
     Args:
-        in_dim, out_dim: input features; outputs (1 for regression/binary, classes for categorical).
-        hidden: hidden layer widths; ``()`` gives a Bayesian linear model.
+        features, out_features: input features; outputs (1 for regression/binary, classes for categorical).
+        hidden_features: hidden layer widths; ``()`` gives a Bayesian linear model.
         likelihood: ``"gaussian"`` (real ``y``), ``"bernoulli"`` ({0, 1} ``y``) or ``"categorical"``.
         noise_scale: the Gaussian noise sd; None puts a HalfNormal(1) prior on it (site ``sigma``).
         prior_scale: prior sd scale of weights and biases.
@@ -66,28 +67,28 @@ class BNN(PyroModule):
     support = "real"
     likelihood_method = "posterior-predictive"
 
-    def __init__(self, in_dim: int = 1, hidden=(16,), out_dim: int = 1, likelihood: str = "gaussian",
+    def __init__(self, features: int = 1, hidden_features=(16,), out_features: int = 1, likelihood: str = "gaussian",
                  noise_scale: float | None = None, prior_scale: float = 1.0, activation: str = "tanh"):
         super().__init__()
-        hidden = tuple(hidden)
-        for arg, val in (("in_dim", in_dim), ("out_dim", out_dim), *((f"hidden[{i}]", h) for i, h in enumerate(hidden))):
+        hidden_features = tuple(hidden_features)
+        for arg, val in (("features", features), ("out_features", out_features), *((f"hidden_features[{i}]", h) for i, h in enumerate(hidden_features))):
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ValueError(f"{arg} must be a positive int, got {val!r}")
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
-        if likelihood == "bernoulli" and out_dim != 1:
-            raise ValueError(f"a bernoulli BNN has out_dim=1, got out_dim={out_dim}")
-        if likelihood == "categorical" and out_dim < 2:
-            raise ValueError(f"a categorical BNN needs out_dim >= 2 classes, got {out_dim}")
+        if likelihood == "bernoulli" and out_features != 1:
+            raise ValueError(f"a bernoulli BNN has out_features=1, got out_features={out_features}")
+        if likelihood == "categorical" and out_features < 2:
+            raise ValueError(f"a categorical BNN needs out_features >= 2 classes, got {out_features}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         if noise_scale is not None and not noise_scale > 0:
             raise ValueError(f"noise_scale must be positive or None, got {noise_scale!r}")
         if not prior_scale > 0:
             raise ValueError(f"prior_scale must be positive, got {prior_scale!r}")
-        self.in_dim, self.hidden, self.out_dim, self.likelihood = in_dim, hidden, out_dim, likelihood
+        self.features, self.hidden_features, self.out_features, self.likelihood = features, hidden_features, out_features, likelihood
         self.noise_scale, self.prior_scale, self.activation = noise_scale, prior_scale, activation
-        sizes = (in_dim, *hidden, out_dim)
+        sizes = (features, *hidden_features, out_features)
         self.layers = PyroModule[torch.nn.ModuleList](
             [BayesianLinear(a, b, prior_scale) for a, b in itertools.pairwise(sizes)])
         self.guide = AutoNormal(self.model, init_scale=0.01)
@@ -99,14 +100,8 @@ class BNN(PyroModule):
         if y is not None and not y.is_floating_point():
             classes = int(y.max()) + 1
             kwargs.setdefault("likelihood", "bernoulli" if classes <= 2 else "categorical")
-            kwargs.setdefault("out_dim", 1 if classes <= 2 else classes)
-        return cls(in_dim=data.x.shape[1], **kwargs)
-
-    @property
-    def spec(self) -> dict:
-        return {"name": "bnn", "kwargs": {"in_dim": self.in_dim, "hidden": list(self.hidden), "out_dim": self.out_dim,
-                                          "likelihood": self.likelihood, "noise_scale": self.noise_scale,
-                                          "prior_scale": self.prior_scale, "activation": self.activation}}
+            kwargs.setdefault("out_features", 1 if classes <= 2 else classes)
+        return cls(features=data.x.shape[1], **kwargs)
 
     def data_args(self, dataset) -> tuple:
         if dataset.y is None:
@@ -115,7 +110,7 @@ class BNN(PyroModule):
 
     # -- the Pyro program ---------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Network output ``(*weight_batch, n, out_dim)`` at the current weight draws."""
+        """Network output ``(*weight_batch, n, out_features)`` at the current weight draws."""
         act = ACTIVATIONS[self.activation]
         h = x
         for i, layer in enumerate(self.layers):
@@ -126,17 +121,17 @@ class BNN(PyroModule):
 
     def _check(self, x, y):
         x = check_data(x, "x", rank=2)
-        if x.shape[1] != self.in_dim:
-            raise ValueError(f"x: expected {self.in_dim} features (in_dim), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.features:
+            raise ValueError(f"x: expected {self.features} features, got shape {tuple(x.shape)}")
         if y is not None:
             if not isinstance(y, torch.Tensor):
                 raise TypeError(f"y: expected a torch.Tensor, got {type(y).__name__}")
-            if y.shape[0] != x.shape[0] or (self.likelihood != "gaussian" or self.out_dim == 1) and y.dim() != 1:
+            if y.shape[0] != x.shape[0] or (self.likelihood != "gaussian" or self.out_features == 1) and y.dim() != 1:
                 raise ValueError(f"y: expected shape ({x.shape[0]},) to match x {tuple(x.shape)}, got {tuple(y.shape)}")
             if self.likelihood == "bernoulli" and not ((y == 0) | (y == 1)).all():
                 raise ValueError("y: a bernoulli BNN expects targets in {0, 1}")
-            if self.likelihood == "categorical" and (y.is_floating_point() or y.min() < 0 or y.max() >= self.out_dim):
-                raise ValueError(f"y: a categorical BNN expects integer classes in [0, {self.out_dim}), got "
+            if self.likelihood == "categorical" and (y.is_floating_point() or y.min() < 0 or y.max() >= self.out_features):
+                raise ValueError(f"y: a categorical BNN expects integer classes in [0, {self.out_features}), got "
                                  f"dtype {y.dtype}, range [{y.min().item()}, {y.max().item()}]")
         return x, y
 
@@ -148,7 +143,7 @@ class BNN(PyroModule):
                      if self.noise_scale is None else torch.tensor(self.noise_scale, device=x.device))
             y = y.to(f.dtype) if y is not None else None
             with pyro.plate("data", x.shape[0]):
-                if self.out_dim == 1:
+                if self.out_features == 1:
                     return pyro.sample("y", dist.Normal(f.squeeze(-1), sigma), obs=y)
                 return pyro.sample("y", dist.Normal(f, sigma.unsqueeze(-1) if sigma.dim() else sigma).to_event(1), obs=y)
         with pyro.plate("data", x.shape[0]):
@@ -189,8 +184,8 @@ class BNN(PyroModule):
     def _placeholder_targets(self, x) -> torch.Tensor:
         if self.likelihood == "categorical":
             return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        if self.likelihood == "gaussian" and self.out_dim > 1:
-            return x.new_zeros(x.shape[0], self.out_dim)
+        if self.likelihood == "gaussian" and self.out_features > 1:
+            return x.new_zeros(x.shape[0], self.out_features)
         return x.new_zeros(x.shape[0])
 
     @torch.no_grad()

@@ -28,11 +28,12 @@ from torch.distributions import constraints
 from ppdgm.data import check_data
 from ppdgm.graphs import LayerGraph, dbm_graph, multimodal_graph
 from ppdgm.models.boltzmann import LayeredEnergy, bernoulli
+from ppdgm.models.spec import ConstructorSpec
 
 SUPPORT_OF_UNITS = {"bernoulli": "binary", "gaussian": "real", "softmax": "counts"}
 
 
-class DBM(PyroModule):
+class DBM(ConstructorSpec, PyroModule):
     """``DBM(sizes=[64, 128, 64])`` or ``DBM(graph=nx_graph)`` (hidden layers bernoulli).
 
     Args:
@@ -47,7 +48,6 @@ class DBM(PyroModule):
     engine_config = {"optim": "adam", "lr": 0.01, "lr_schedule": "linear", "weight_decay": 1e-4, "k": 5}
     likelihood_method = "ais-importance-bound"
     support = "binary"
-    registry_name = "dbm"
 
     def __init__(self, graph=None, sizes=None, units: str = "bernoulli", init_scale: float = 0.01,
                  mean_field_steps: int = 10):
@@ -82,25 +82,23 @@ class DBM(PyroModule):
         self.support = supports.pop() if len(supports) == 1 else "real"
 
     @classmethod
-    def from_data(cls, data, hidden=(128, 64), **kwargs):
-        """A chain ``[columns, *hidden]``, or ``graph=`` (networkx, node-link dict or .json path)
+    def from_data(cls, data, hidden_units=(128, 64), **kwargs):
+        """A chain ``[columns, *hidden_units]``, or ``graph=`` (networkx, node-link dict or .json path)
         whose first visible layer must match the data's columns."""
         if kwargs.get("graph") is not None:
             obj = cls(**kwargs)
             _check_visible_size(obj.sizes[obj.visible_index[0]], data)
             return obj
-        return cls(sizes=[int(data.x.shape[1]), *hidden], **kwargs)
-
-    @property
-    def spec(self) -> dict:
-        return {"name": self.registry_name, "kwargs": {"graph": self.layer_graph.to_json(), "init_scale": self.init_scale,
-                                                       "mean_field_steps": self.mean_field_steps}}
+        return cls(sizes=[int(data.x.shape[1]), *hidden_units], **kwargs)
 
     # -- energy -----------------------------------------------------------------------------
     def energy_graph(self) -> LayeredEnergy:
         sigmas = [self.log_sigma[: s] if u == "gaussian" else None for s, u in zip(self.sizes, self.units)]
         return LayeredEnergy(list(self.layers), list(self.units), list(self.is_visible), list(self.biases),
                              [(a, b, W) for (a, b), W in zip(self.edge_index, self.weights)], sigmas)
+
+    def data_args(self, dataset) -> tuple:
+        return (self.check_data(dataset.x, "x"),)
 
     def check_data(self, data, name: str = "data"):
         """One tensor per visible layer (a tuple in :attr:`visible_layers` order when there are
@@ -473,13 +471,12 @@ class MultimodalDBM(DBM):
     ``pixels -- pixels_h1 -- top -- label``)."""
     datasets = ('digits-binary',)
 
-    registry_name = "mdbm"
     engine_config = {"optim": "adam", "lr": 3e-4}  # the settings its labelling test measures
 
-    def __init__(self, graph=None, pixels: int = 64, hidden: int = 128, top: int = 64, classes: int = 10,
+    def __init__(self, graph=None, features: int = 64, hidden_units: int = 128, top_units: int = 64, classes: int = 10,
                  init_scale: float = 0.01, mean_field_steps: int = 10):
         if graph is None:
-            graph = multimodal_graph([pixels, hidden], [classes], top).graph
+            graph = multimodal_graph([features, hidden_units], [classes], top_units).graph
         super().__init__(graph=graph, init_scale=init_scale, mean_field_steps=mean_field_steps)
         if len(self.visible_index) != 2:
             raise ValueError(f"graph: a multimodal DBM has two visible layers, got {self.visible_layers}")
@@ -492,11 +489,13 @@ class MultimodalDBM(DBM):
             obj = cls(**kwargs)
             _check_visible_size(obj.sizes[obj.visible_index[0]], data)
             return obj
-        return cls(pixels=int(data.x.shape[1]), classes=int(data.y.max()) + 1, **kwargs)
+        return cls(features=int(data.x.shape[1]), classes=int(data.y.max()) + 1, **kwargs)
 
-    @staticmethod
-    def data_args(dataset) -> tuple:
-        return (dataset.x, dataset.y)
+    def data_args(self, dataset) -> tuple:
+        """Both modalities: the pixels and the labels (one-hot rows of the softmax layer)."""
+        if dataset.y is None:
+            raise ValueError(f"{dataset.name}: a multimodal DBM needs labels (dataset.y), got None")
+        return self.check_data((dataset.x, dataset.y), "data")
 
     @torch.no_grad()
     def sample(self, n: int, steps: int = 1000) -> torch.Tensor:

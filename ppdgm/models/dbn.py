@@ -21,9 +21,10 @@ from torch import nn
 
 from ppdgm.graphs import LayerGraph, dbn_graph
 from ppdgm.models.rbm import RBM
+from ppdgm.models.spec import ConstructorSpec
 
 
-class DBN(PyroModule):
+class DBN(ConstructorSpec, PyroModule):
     """``DBN(sizes=[64, 128, 64])`` or ``DBN(graph=nx_digraph)``: a stack of RBMs whose lower ones
     become directed layers. Bernoulli units everywhere (visible units may be gaussian)."""
     datasets = ('digits-binary',)
@@ -49,28 +50,27 @@ class DBN(PyroModule):
         self.units = g.units(g.layers[0])
         self.support = "real" if self.units == "gaussian" else "binary"
         self.stack = nn.ModuleList([
-            RBM(visible=a, hidden=b, units=self.units if k == 0 else "bernoulli", init_scale=init_scale)
+            RBM(features=a, hidden_units=b, units=self.units if k == 0 else "bernoulli", init_scale=init_scale)
             for k, (a, b) in enumerate(zip(self.sizes, self.sizes[1:]))
         ])
 
     @classmethod
-    def from_data(cls, data, hidden=(128, 64), **kwargs):
-        """A stack ``[columns, *hidden]``, or ``graph=`` (a DiGraph, node-link dict or .json path)."""
+    def from_data(cls, data, hidden_units=(128, 64), **kwargs):
+        """A stack ``[columns, *hidden_units]``, or ``graph=`` (a DiGraph, node-link dict or .json path)."""
         if kwargs.get("graph") is not None:
             obj = cls(**kwargs)
             if obj.sizes[0] != data.x.shape[1]:
                 raise ValueError(f"graph: the visible layer has {obj.sizes[0]} units but {data.name} has "
                                  f"{data.x.shape[1]} columns")
             return obj
-        return cls(sizes=[int(data.x.shape[1]), *hidden], **kwargs)
-
-    @property
-    def spec(self) -> dict:
-        return {"name": "dbn", "kwargs": {"sizes": self.sizes, "units": self.units, "init_scale": self.init_scale}}
+        return cls(sizes=[int(data.x.shape[1]), *hidden_units], **kwargs)
 
     @property
     def top(self) -> RBM:
         return self.stack[-1]
+
+    def data_args(self, dataset) -> tuple:
+        return (self.check_data(dataset.x, "x"),)
 
     def check_data(self, x, name: str = "x") -> torch.Tensor:
         return self.stack[0].check_data(x, name)
@@ -106,9 +106,9 @@ class DBN(PyroModule):
         L = len(self.stack)
         with pyro.plate("data", n):
             top = self.top
-            below = pyro.sample(f"h{L - 1}" if L > 1 else "v", _uniform(top.visible, top.b),
+            below = pyro.sample(f"h{L - 1}" if L > 1 else "v", _uniform(top.features, top.b),
                                 obs=v if L == 1 else None)
-            above = pyro.sample(f"h{L}", _uniform(top.hidden, top.c))
+            above = pyro.sample(f"h{L}", _uniform(top.hidden_units, top.c))
             pyro.factor("energy", -top.energy(below, above))
             for k in range(L - 2, -1, -1):
                 rbm = self.stack[k]

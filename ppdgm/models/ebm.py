@@ -25,15 +25,16 @@ from pyro.nn import PyroModule
 
 from ppdgm.data import check_data
 from ppdgm.inference.langevin import Langevin, ReplayBuffer, check_step_size
+from ppdgm.models.spec import ConstructorSpec
 from ppdgm.nn import MLP, ConvEncoder
 
 
-class EBM(PyroModule):
-    """``p(x) ∝ exp(-E(x))`` with ``E`` an MLP on ``x_dim`` inputs.
+class EBM(ConstructorSpec, PyroModule):
+    """``p(x) ∝ exp(-E(x))`` with ``E`` an MLP on ``features`` inputs.
 
     Args:
-        x_dim: data dimension.
-        hidden, activation: the energy network (a smooth activation keeps Langevin gradients smooth).
+        features: data dimension.
+        hidden_features, activation: the energy network (a smooth activation keeps Langevin gradients smooth).
         low, high: the box that noise chains start in and Langevin states are clamped to.
         step_size, noise_scale, grad_clip: Langevin settings for training chains (noise_scale
             None means ``sqrt(2 * step_size)``, i.e. unadjusted Langevin).
@@ -42,7 +43,7 @@ class EBM(PyroModule):
         alpha: weight of the energy-magnitude penalty.
         buffer_size: capacity of the replay buffer of chain states that :meth:`sample` starts from.
         image_shape: ``(height, width)`` makes the energy a small conv net on the flat images
-            (:class:`ppdgm.nn.ConvEncoder` with ``hidden[0]`` and ``hidden[-1]`` channels) instead of an MLP.
+            (:class:`ppdgm.nn.ConvEncoder` with ``hidden_features[0]`` and ``hidden_features[-1]`` channels) instead of an MLP.
     """
     datasets = ('moons', 'digits')
 
@@ -52,13 +53,13 @@ class EBM(PyroModule):
     support = "real"
     likelihood_method = "grid quadrature (d <= 2) / AIS"
 
-    def __init__(self, x_dim: int = 2, hidden=(128, 128), activation: str = "silu", low: float = -4.0,
+    def __init__(self, features: int = 2, hidden_features=(128, 128), activation: str = "silu", low: float = -4.0,
                  high: float = 4.0, step_size: float = 0.01, noise_scale: float | None = None,
                  grad_clip: float | None = None, sample_steps: int = 500, reinit_prob: float = 0.05,
                  alpha: float = 1e-3, buffer_size: int = 10000, image_shape: tuple[int, int] | None = None):
         super().__init__()
-        if isinstance(x_dim, bool) or not isinstance(x_dim, int) or x_dim < 1:
-            raise ValueError(f"x_dim must be a positive int, got {x_dim!r}")
+        if isinstance(features, bool) or not isinstance(features, int) or features < 1:
+            raise ValueError(f"features must be a positive int, got {features!r}")
         if not low < high:
             raise ValueError(f"low must be below high, got low={low!r}, high={high!r}")
         check_step_size(step_size)
@@ -68,17 +69,17 @@ class EBM(PyroModule):
             raise ValueError(f"reinit_prob must be in [0, 1], got {reinit_prob!r}")
         if not alpha >= 0:
             raise ValueError(f"alpha must be >= 0, got {alpha!r}")
-        self.x_dim, self.hidden, self.activation = x_dim, list(hidden), activation
+        self.features, self.hidden_features, self.activation = features, list(hidden_features), activation
         self.low, self.high = float(low), float(high)
         self.step_size, self.noise_scale, self.grad_clip = float(step_size), noise_scale, grad_clip
         self.sample_steps, self.reinit_prob, self.alpha = sample_steps, float(reinit_prob), float(alpha)
         self.image_shape = tuple(image_shape) if image_shape is not None else None
         if self.image_shape is not None:
-            if self.image_shape[0] * self.image_shape[1] != x_dim:
-                raise ValueError(f"image_shape {self.image_shape} does not hold x_dim={x_dim} pixels")
-            self.energy = ConvEncoder(self.image_shape, 1, (self.hidden[0], self.hidden[-1]), activation=activation)
+            if self.image_shape[0] * self.image_shape[1] != features:
+                raise ValueError(f"image_shape {self.image_shape} does not hold features={features} pixels")
+            self.energy = ConvEncoder(self.image_shape, 1, (self.hidden_features[0], self.hidden_features[-1]), activation=activation)
         else:
-            self.energy = MLP(x_dim, self.hidden, 1, activation)
+            self.energy = MLP(features, self.hidden_features, 1, activation)
         self._energies: list[torch.Tensor] = []
         self.buffer_size = buffer_size
         self.buffer = ReplayBuffer(self.noise, capacity=buffer_size, reinit_prob=0.0)
@@ -91,20 +92,11 @@ class EBM(PyroModule):
         pad = 0.1 * (hi - lo)
         kwargs.setdefault("low", lo - pad if lo < 0 or hi > 1 else lo)
         kwargs.setdefault("high", hi + pad if lo < 0 or hi > 1 else hi)
-        return cls(x_dim=x.shape[1], **kwargs)
-
-    @property
-    def spec(self) -> dict:
-        return {"name": "ebm", "kwargs": {
-            "x_dim": self.x_dim, "hidden": self.hidden, "activation": self.activation, "low": self.low,
-            "high": self.high, "step_size": self.step_size, "noise_scale": self.noise_scale,
-            "grad_clip": self.grad_clip, "sample_steps": self.sample_steps, "reinit_prob": self.reinit_prob,
-            "alpha": self.alpha, "buffer_size": self.buffer_size,
-            "image_shape": list(self.image_shape) if self.image_shape else None}}
+        return cls(features=x.shape[1], **kwargs)
 
     def get_extra_state(self):
         states = self.buffer.states
-        return {"replay": states.detach() if states is not None else torch.zeros(0, self.x_dim),
+        return {"replay": states.detach() if states is not None else torch.zeros(0, self.features),
                 "chain_steps": self.chain_steps}
 
     def set_extra_state(self, state):
@@ -132,20 +124,23 @@ class EBM(PyroModule):
 
     # -- persistent-CD protocol -------------------------------------------------------------------
     def _check(self, x, name):
-        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.x_dim:
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.features:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"{name}: expected a tensor shaped (n, {self.x_dim}), got {shape}")
+            raise ValueError(f"{name}: expected a tensor shaped (n, {self.features}), got {shape}")
         return x
 
+    def data_args(self, dataset) -> tuple:
+        return (self.check_data(dataset.x, "x"),)
+
     def check_data(self, x, name: str = "data") -> torch.Tensor:
-        """Validate training data before the engine runs: finite values shaped ``(n, x_dim)``."""
+        """Validate training data before the engine runs: finite values shaped ``(n, features)``."""
         return self._check(check_data(x, name, rank=2), name)
 
     def noise(self, n: int, like: torch.Tensor | None = None) -> torch.Tensor:
         """``n`` states drawn uniformly in the ``[low, high]`` box."""
         p = next(self.energy.parameters())
         device = like.device if like is not None else p.device
-        return self.low + (self.high - self.low) * torch.rand(n, self.x_dim, device=device, dtype=p.dtype)
+        return self.low + (self.high - self.low) * torch.rand(n, self.features, device=device, dtype=p.dtype)
 
     def positive_log_density(self, batch: torch.Tensor) -> torch.Tensor:
         lp = self.log_prob(self._check(batch, "batch"))
@@ -202,12 +197,12 @@ class EBM(PyroModule):
     def log_normalizer(self, grid: int = 400, num_chains: int = 256, num_temps: int = 1000) -> float:
         """log Z = log ∫ exp(-E(x)) dx over the box: quadrature for d <= 2, else AIS (from the replay
         buffer's Gaussian once trained)."""
-        if self.x_dim <= 2:
+        if self.features <= 2:
             p = next(self.energy.parameters())
             axis = torch.linspace(self.low, self.high, grid + 1, device=p.device, dtype=p.dtype)
             mid = 0.5 * (axis[1:] + axis[:-1])
-            pts = torch.cartesian_prod(*[mid] * self.x_dim).reshape(-1, self.x_dim)
-            cell = ((self.high - self.low) / grid) ** self.x_dim
+            pts = torch.cartesian_prod(*[mid] * self.features).reshape(-1, self.features)
+            cell = ((self.high - self.low) / grid) ** self.features
             return float(torch.logsumexp(self.log_prob(pts), 0) + math.log(cell))
         return self._ais_log_normalizer(num_chains, num_temps)
 
@@ -220,7 +215,7 @@ class EBM(PyroModule):
         digits the buffer base finds log Z about 30 nats higher than the uniform one, whose
         weights are dominated by chains that never reach the model's modes. The step size adapts
         towards a 60% acceptance rate; ``self.last_ais`` keeps the diagnostics."""
-        base = _BoxBase(self.low, self.high, self.x_dim, next(self.energy.parameters()), self.buffer.states)
+        base = _BoxBase(self.low, self.high, self.features, next(self.energy.parameters()), self.buffer.states)
         s = torch.sigmoid(torch.linspace(-6, 6, num_temps + 1, dtype=torch.float64))
         betas = ((s - s[0]) / (s[-1] - s[0])).tolist()  # sigmoid spacing: finer at both ends
         x = base.sample(num_chains)

@@ -4,13 +4,13 @@
 
 - ``realnvp``: affine coupling layers with batch normalization between them (Dinh et al. 2017);
 - ``maf``: masked autoregressive flow (Papamakarios et al. 2017), one pass to score data,
-  ``dim`` passes to sample;
-- ``iaf``: inverse autoregressive flow (Kingma et al. 2016), one pass to sample, ``dim`` passes
+  ``features`` passes to sample;
+- ``iaf``: inverse autoregressive flow (Kingma et al. 2016), one pass to sample, ``features`` passes
   to score data (it is the MAF layer used the other way round);
 - ``nsf_coupling`` / ``nsf_ar``: neural spline flows (Durkan et al. 2019) with Pyro's monotonic
   linear-rational splines (Dolatabadi et al. 2020), coupling or autoregressive conditioners.
 
-With ``context_dim > 0`` every layer is conditioned on a context vector ``y`` and the model is
+With ``context > 0`` every layer is conditioned on a context vector ``y`` and the model is
 p(x | y). Maximum likelihood is SVI with an empty guide: ``model(x)`` has no latent sites.
 
 **Dequantization.** Pixels that take ``levels`` values ``k / (levels - 1)`` (17 for the 0..16
@@ -50,6 +50,7 @@ from pyro.nn import (
 from torch import nn
 
 from ppdgm.data import check_data
+from ppdgm.models.spec import ConstructorSpec
 
 KINDS = ("realnvp", "maf", "iaf", "nsf_coupling", "nsf_ar")
 # Which kinds put Pyro's autoregressive module into the generative direction inverted: Pyro's
@@ -121,47 +122,47 @@ def _spline_param_dims(width: int, count_bins: int) -> list[int]:
     return [width * count_bins, width * count_bins, width * (count_bins - 1), width * count_bins]
 
 
-def build_layer(kind: str, dim: int, hidden_dims: list[int], context_dim: int, count_bins: int, bound: float):
+def build_layer(kind: str, features: int, hidden_features: list[int], context: int, count_bins: int, bound: float):
     """One flow layer of ``kind`` (a Pyro ``TransformModule`` or ``ConditionalTransformModule``)."""
-    split = dim // 2
-    order = torch.arange(dim)  # fixed order; the flips between layers mix the dimensions
+    split = features // 2
+    order = torch.arange(features)  # fixed order; the flips between layers mix the dimensions
     if kind == "realnvp":
-        dims = [dim - split, dim - split]
-        if context_dim:
+        dims = [features - split, features - split]
+        if context:
             return T.ConditionalAffineCoupling(
-                split, SoftClampedScale(ConditionalDenseNN(split, context_dim, hidden_dims, dims)))
-        return T.AffineCoupling(split, SoftClampedScale(DenseNN(split, hidden_dims, dims)))
+                split, SoftClampedScale(ConditionalDenseNN(split, context, hidden_features, dims)))
+        return T.AffineCoupling(split, SoftClampedScale(DenseNN(split, hidden_features, dims)))
     if kind in ("maf", "iaf"):
-        if context_dim:
+        if context:
             return T.ConditionalAffineAutoregressive(
-                SoftClampedScale(ConditionalAutoRegressiveNN(dim, context_dim, hidden_dims, permutation=order)))
-        return T.AffineAutoregressive(SoftClampedScale(AutoRegressiveNN(dim, hidden_dims, permutation=order)))
+                SoftClampedScale(ConditionalAutoRegressiveNN(features, context, hidden_features, permutation=order)))
+        return T.AffineAutoregressive(SoftClampedScale(AutoRegressiveNN(features, hidden_features, permutation=order)))
     if kind == "nsf_coupling":
-        dims = _spline_param_dims(dim - split, count_bins)
-        if context_dim:
-            return ConditionalSplineCoupling(dim, split, ConditionalDenseNN(split, context_dim, hidden_dims, dims),
+        dims = _spline_param_dims(features - split, count_bins)
+        if context:
+            return ConditionalSplineCoupling(features, split, ConditionalDenseNN(split, context, hidden_features, dims),
                                              count_bins, bound)
-        return T.SplineCoupling(dim, split, DenseNN(split, hidden_dims, dims), count_bins, bound)
+        return T.SplineCoupling(features, split, DenseNN(split, hidden_features, dims), count_bins, bound)
     if kind == "nsf_ar":
         dims = _spline_param_dims(1, count_bins)
-        if context_dim:
-            arn = ConditionalAutoRegressiveNN(dim, context_dim, hidden_dims, param_dims=dims, permutation=order)
-            return T.ConditionalSplineAutoregressive(dim, arn, count_bins=count_bins, bound=bound)
-        arn = AutoRegressiveNN(dim, hidden_dims, param_dims=dims, permutation=order)
-        return T.SplineAutoregressive(dim, arn, count_bins=count_bins, bound=bound)
+        if context:
+            arn = ConditionalAutoRegressiveNN(features, context, hidden_features, param_dims=dims, permutation=order)
+            return T.ConditionalSplineAutoregressive(features, arn, count_bins=count_bins, bound=bound)
+        arn = AutoRegressiveNN(features, hidden_features, param_dims=dims, permutation=order)
+        return T.SplineAutoregressive(features, arn, count_bins=count_bins, bound=bound)
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 
-class FlowModel(nn.Module):
-    """A normalizing flow p(x) (or p(x | y) with ``context_dim``) trained by maximum likelihood.
+class FlowModel(ConstructorSpec, nn.Module):
+    """A normalizing flow p(x) (or p(x | y) with ``context``) trained by maximum likelihood.
 
     Args:
-        dim: data dimension (>= 2).
+        features: data dimension (>= 2).
         kind: one of ``realnvp``, ``maf``, ``iaf``, ``nsf_coupling``, ``nsf_ar``.
         num_layers: number of coupling/autoregressive layers (a flip of the dimensions between
             consecutive layers; RealNVP adds a batch-norm layer after each coupling but the last).
-        hidden_dims: hidden widths of each layer's conditioner network.
-        context_dim: size of the conditioning vector ``y`` (0: unconditional).
+        hidden_features: hidden widths of each layer's conditioner network.
+        context: size of the conditioning vector ``y`` (0: unconditional).
         levels: number of discrete pixel levels to dequantize (None: continuous data).
         count_bins, bound: spline bins and the half-width of the spline's box (identity outside).
         alpha: the logit squeeze used with ``levels``.
@@ -175,41 +176,41 @@ class FlowModel(nn.Module):
     likelihood_method = "exact"
     guide = None  # no latent sites: SVI runs it with an empty guide (maximum likelihood)
 
-    def __init__(self, dim: int = 2, kind: str = "maf", num_layers: int = 5, hidden_dims=(64, 64),
-                 context_dim: int = 0, levels: int | None = None, count_bins: int = 8, bound: float = 3.0,
+    def __init__(self, features: int = 2, kind: str = "maf", num_layers: int = 5, hidden_features=(64, 64),
+                 context: int = 0, levels: int | None = None, count_bins: int = 8, bound: float = 3.0,
                  alpha: float = 0.05):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        for arg, val, low in (("dim", dim, 2), ("num_layers", num_layers, 1), ("count_bins", count_bins, 2)):
+        for arg, val, low in (("features", features, 2), ("num_layers", num_layers, 1), ("count_bins", count_bins, 2)):
             if not isinstance(val, int) or isinstance(val, bool) or val < low:
                 raise ValueError(f"{arg} must be an int >= {low}, got {val!r}")
-        if not isinstance(context_dim, int) or context_dim < 0:
-            raise ValueError(f"context_dim must be a non-negative int, got {context_dim!r}")
-        hidden_dims = [hidden_dims] if isinstance(hidden_dims, int) else list(hidden_dims)
-        if not hidden_dims or any(not isinstance(h, int) or h < 1 for h in hidden_dims):
-            raise ValueError(f"hidden_dims must be a non-empty list of positive ints, got {hidden_dims!r}")
+        if not isinstance(context, int) or context < 0:
+            raise ValueError(f"context must be a non-negative int, got {context!r}")
+        hidden_features = [hidden_features] if isinstance(hidden_features, int) else list(hidden_features)
+        if not hidden_features or any(not isinstance(h, int) or h < 1 for h in hidden_features):
+            raise ValueError(f"hidden_features must be a non-empty list of positive ints, got {hidden_features!r}")
         if levels is not None and (not isinstance(levels, int) or levels < 2):
             raise ValueError(f"levels must be None or an int >= 2 (number of pixel values), got {levels!r}")
         if not (isinstance(bound, (int, float)) and bound > 0):
             raise ValueError(f"bound must be a positive number, got {bound!r}")
         if not 0 < alpha < 0.5:
             raise ValueError(f"alpha must be in (0, 0.5), got {alpha!r}")
-        self.dim, self.kind, self.num_layers, self.hidden_dims = dim, kind, num_layers, hidden_dims
-        self.context_dim, self.levels, self.count_bins, self.bound, self.alpha = (
-            context_dim, levels, count_bins, float(bound), float(alpha))
+        self.features, self.kind, self.num_layers, self.hidden_features = features, kind, num_layers, hidden_features
+        self.context, self.levels, self.count_bins, self.bound, self.alpha = (
+            context, levels, count_bins, float(bound), float(alpha))
         self.support = "unit_interval" if levels else "real"
         if levels:
             self.likelihood_method = f"uniform-dequantization bound ({levels} levels)"
 
         self.layers = nn.ModuleList()
         for i in range(num_layers):
-            self.layers.append(build_layer(kind, dim, hidden_dims, context_dim, count_bins, float(bound)))
+            self.layers.append(build_layer(kind, features, hidden_features, context, count_bins, float(bound)))
             if kind == "realnvp" and i < num_layers - 1:
-                self.layers.append(T.BatchNorm(dim))
-        self.register_buffer("flip", torch.arange(dim - 1, -1, -1))
-        self.register_buffer("base_loc", torch.zeros(dim))
-        self.register_buffer("base_scale", torch.ones(dim))
+                self.layers.append(T.BatchNorm(features))
+        self.register_buffer("flip", torch.arange(features - 1, -1, -1))
+        self.register_buffer("base_loc", torch.zeros(features))
+        self.register_buffer("base_scale", torch.ones(features))
         self._unconditional = None
         self._pyro_params: list | None = None
 
@@ -227,22 +228,15 @@ class FlowModel(nn.Module):
         if conditional:
             if data.y is None:
                 raise ValueError(f"conditional=True needs labels, but dataset {data.name!r} has none")
-            kwargs.setdefault("context_dim", int(data.y.max()) + 1)
-        return cls(dim=data.x.shape[1], **kwargs)
+            kwargs.setdefault("context", int(data.y.max()) + 1)
+        return cls(features=data.x.shape[1], **kwargs)
 
     def data_args(self, data) -> tuple:
-        if not self.context_dim:
+        if not self.context:
             return (data.x,)
         if data.y is None:
-            raise ValueError(f"this flow is conditional (context_dim={self.context_dim}) but {data.name!r} has no labels")
-        return (data.x, nn.functional.one_hot(data.y.long(), self.context_dim).float())
-
-    @property
-    def spec(self) -> dict:
-        return {"name": "flow", "kwargs": {
-            "dim": self.dim, "kind": self.kind, "num_layers": self.num_layers, "hidden_dims": self.hidden_dims,
-            "context_dim": self.context_dim, "levels": self.levels, "count_bins": self.count_bins,
-            "bound": self.bound, "alpha": self.alpha}}
+            raise ValueError(f"this flow is conditional (context={self.context}) but {data.name!r} has no labels")
+        return (data.x, nn.functional.one_hot(data.y.long(), self.context).float())
 
     # -- the distribution --------------------------------------------------------------------
     def transforms(self, y=None) -> list:
@@ -287,7 +281,7 @@ class FlowModel(nn.Module):
         y = self._check_context(y, n)
         with pyro.plate("data", n):
             if x is not None and self.levels:
-                pyro.factor("dequantization", x.new_full((n,), -self.dim * math.log(self.levels)))
+                pyro.factor("dequantization", x.new_full((n,), -self.features * math.log(self.levels)))
                 x = self.dequantize(x)
             elif x is not None:
                 # a fresh tensor each call: Pyro's transform caches key on tensor identity, and the same
@@ -330,20 +324,20 @@ class FlowModel(nn.Module):
         if not self.levels:
             return self.log_prob(x, y)
         draws = torch.stack([self.log_prob(self.dequantize(x), y) for _ in range(num_samples)])
-        return torch.logsumexp(draws, 0) - math.log(num_samples) - self.dim * math.log(self.levels)
+        return torch.logsumexp(draws, 0) - math.log(num_samples) - self.features * math.log(self.levels)
 
     @torch.no_grad()
     def sample(self, n: int, y=None) -> torch.Tensor:
         """``n`` draws; discrete pixels come back quantized to ``k / (levels - 1)``.
 
         A conditional flow given no ``y`` cycles through the one-hot contexts 0, 1, ...,
-        ``context_dim - 1`` (the class labels that ``from_data(conditional=True)`` encodes).
+        ``context - 1`` (the class labels that ``from_data(conditional=True)`` encodes).
         """
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
-        if y is None and self.context_dim:
-            classes = torch.arange(n, device=self.base_loc.device) % self.context_dim
-            y = nn.functional.one_hot(classes, self.context_dim).to(self.base_loc.dtype)
+        if y is None and self.context:
+            classes = torch.arange(n, device=self.base_loc.device) % self.context
+            y = nn.functional.one_hot(classes, self.context).to(self.base_loc.dtype)
         y = self._check_context(y, n)
         with _eval_mode(self):
             d = self.distribution(y)
@@ -355,20 +349,20 @@ class FlowModel(nn.Module):
     # -- input checks ----------------------------------------------------------------------------
     def _check(self, x, name, support=None):
         x = check_data(x, name, support=support or self.support, rank=2)
-        if x.shape[1] != self.dim:
-            raise ValueError(f"{name}: this flow models dim={self.dim} features, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.features:
+            raise ValueError(f"{name}: this flow models {self.features} features, got shape {tuple(x.shape)}")
         return x.to(self.base_loc.device, self.base_loc.dtype)
 
     def _check_context(self, y, n):
-        if not self.context_dim:
+        if not self.context:
             if y is not None:
-                raise ValueError("y: this flow is unconditional (context_dim=0), got a context")
+                raise ValueError("y: this flow is unconditional (context=0), got a context")
             return None
         if y is None:
-            raise ValueError(f"y: this flow is conditional; expected a context of shape ({n}, {self.context_dim})")
+            raise ValueError(f"y: this flow is conditional; expected a context of shape ({n}, {self.context})")
         y = check_data(y, "y", rank=2)
-        if y.shape != (n, self.context_dim):
-            raise ValueError(f"y: expected shape ({n}, {self.context_dim}), got {tuple(y.shape)}")
+        if y.shape != (n, self.context):
+            raise ValueError(f"y: expected shape ({n}, {self.context}), got {tuple(y.shape)}")
         return y.to(self.base_loc.device, self.base_loc.dtype)
 
 

@@ -3,17 +3,22 @@
 The generator is the Pyro program :meth:`GAN.model` (``pyro.deterministic("x", G(z))`` in the
 data plate, optionally conditioned on a class label ``y``); the discriminator (critic) is a plain
 module that :class:`ppdgm.inference.adversarial.Adversarial` trains against it. A GAN has no
-density, so it has no ``log_likelihood``: compare it to likelihood models with the sample-quality
-metrics of :mod:`ppdgm.evaluate`.
+density of its own: :meth:`GAN.log_likelihood` is the Parzen-window estimate of Goodfellow et al.
+(2014), a Gaussian kernel density on generator draws. It is biased and loose in high dimensions;
+compare GANs with the sample-quality metrics of :mod:`ppdgm.evaluate` as well.
 """
 
 from __future__ import annotations
+
+import math
 
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 
+from ppdgm.data import check_data
+from ppdgm.models.spec import ConstructorSpec
 from ppdgm.nn import MLP, concat
 
 OUTPUTS = ("identity", "sigmoid")
@@ -22,51 +27,53 @@ OUTPUTS = ("identity", "sigmoid")
 class Critic(torch.nn.Module):
     """``(x, y) -> logit``: an MLP on ``x`` (and the one-hot label, when conditional)."""
 
-    def __init__(self, x_dim: int, hidden, num_classes: int = 0, activation: str = "leaky_relu"):
+    def __init__(self, features: int, hidden_features, classes: int = 0, activation: str = "leaky_relu"):
         super().__init__()
-        self.x_dim, self.num_classes = x_dim, num_classes
-        self.net = MLP(x_dim + num_classes, list(hidden), 1, activation)
+        self.features, self.classes = features, classes
+        self.net = MLP(features + classes, list(hidden_features), 1, activation)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        if self.num_classes:
-            x = concat(x, _one_hot(y, self.num_classes, x))
+        if self.classes:
+            x = concat(x, _one_hot(y, self.classes, x))
         return self.net(x).squeeze(-1)
 
 
-def _one_hot(y, num_classes, like):
+def _one_hot(y, classes, like):
     if y is None:
-        raise ValueError(f"this model is conditional on a label y in [0, {num_classes}); got y=None")
-    return torch.nn.functional.one_hot(y.long(), num_classes).to(like.dtype)
+        raise ValueError(f"this model is conditional on a label y in [0, {classes}); got y=None")
+    return torch.nn.functional.one_hot(y.long(), classes).to(like.dtype)
 
 
-class GAN(PyroModule):
+class GAN(ConstructorSpec, PyroModule):
     """A GAN with MLP generator and critic.
 
     Args:
-        x_dim, latent_dim: data and noise dimensions.
-        hidden, critic_hidden: hidden widths of the generator and the critic.
+        features, latent_features: data and noise dimensions.
+        hidden_features, critic_hidden_features: hidden widths of the generator and the critic.
         output: ``"identity"`` for real data, ``"sigmoid"`` for data in [0, 1] (digit intensities).
-        num_classes: > 0 makes both networks conditional on a label ``y``.
+        classes: > 0 makes both networks conditional on a label ``y``.
     """
     datasets = ('moons', 'digits')
 
     default_engine = "adversarial"
+    engine_config: dict = {}
     support = "real"
+    likelihood_method = "Parzen window on generator draws (Goodfellow et al. 2014)"
 
-    def __init__(self, x_dim: int = 2, latent_dim: int = 2, hidden=(128, 128), critic_hidden=(128, 128),
-                 activation: str = "relu", output: str = "identity", num_classes: int = 0):
+    def __init__(self, features: int = 2, latent_features: int = 2, hidden_features=(128, 128), critic_hidden_features=(128, 128),
+                 activation: str = "relu", output: str = "identity", classes: int = 0):
         super().__init__()
-        for arg, val in (("x_dim", x_dim), ("latent_dim", latent_dim)):
+        for arg, val in (("features", features), ("latent_features", latent_features)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 raise ValueError(f"{arg} must be a positive int, got {val!r}")
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
-        self.x_dim, self.latent_dim, self.output, self.num_classes = x_dim, latent_dim, output, num_classes
-        self.hidden, self.critic_hidden, self.activation = list(hidden), list(critic_hidden), activation
-        self.generator = MLP(latent_dim + num_classes, self.hidden, x_dim, activation)
-        self.critic = Critic(x_dim, self.critic_hidden, num_classes)
+        if isinstance(classes, bool) or not isinstance(classes, int) or classes < 0:
+            raise ValueError(f"classes must be a non-negative int, got {classes!r}")
+        self.features, self.latent_features, self.output, self.classes = features, latent_features, output, classes
+        self.hidden_features, self.critic_hidden_features, self.activation = list(hidden_features), list(critic_hidden_features), activation
+        self.generator = MLP(latent_features + classes, self.hidden_features, features, activation)
+        self.critic = Critic(features, self.critic_hidden_features, classes)
 
     @classmethod
     def from_data(cls, data, conditional: bool = False, **kwargs):
@@ -76,22 +83,15 @@ class GAN(PyroModule):
         if conditional:
             if data.y is None:
                 raise ValueError("conditional=True needs labels, but the dataset has y=None")
-            kwargs.setdefault("num_classes", int(data.y.max()) + 1)
-        kwargs.setdefault("latent_dim", min(32, max(2, x.shape[1] // 4)))
-        return cls(x_dim=x.shape[1], **kwargs)
-
-    @property
-    def spec(self) -> dict:
-        return {"name": "gan", "kwargs": {
-            "x_dim": self.x_dim, "latent_dim": self.latent_dim, "hidden": self.hidden,
-            "critic_hidden": self.critic_hidden, "activation": self.activation, "output": self.output,
-            "num_classes": self.num_classes}}
+            kwargs.setdefault("classes", int(data.y.max()) + 1)
+        kwargs.setdefault("latent_features", min(32, max(2, x.shape[1] // 4)))
+        return cls(features=x.shape[1], **kwargs)
 
     def data_args(self, dataset) -> tuple:
-        return (dataset.x, dataset.y) if self.num_classes else (dataset.x,)
+        return (dataset.x, dataset.y) if self.classes else (dataset.x,)
 
     def generate(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        h = concat(z, _one_hot(y, self.num_classes, z)) if self.num_classes else z
+        h = concat(z, _one_hot(y, self.classes, z)) if self.classes else z
         out = self.generator(h)
         return torch.sigmoid(out) if self.output == "sigmoid" else out
 
@@ -102,7 +102,7 @@ class GAN(PyroModule):
         if y is not None:
             n = y.shape[0]
         with pyro.plate("data", n):
-            z = pyro.sample("z", dist.Normal(p.new_zeros(self.latent_dim), 1.0).to_event(1))
+            z = pyro.sample("z", dist.Normal(p.new_zeros(self.latent_features), 1.0).to_event(1))
             return pyro.deterministic("x", self.generate(z, y), event_dim=1)
 
     @torch.no_grad()
@@ -110,7 +110,43 @@ class GAN(PyroModule):
         """``n`` draws; a conditional GAN draws labels uniformly unless ``y`` is given."""
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
-        if self.num_classes and y is None:
-            y = torch.randint(self.num_classes, (n,), device=next(self.generator.parameters()).device)
+        if self.classes and y is None:
+            y = torch.randint(self.classes, (n,), device=next(self.generator.parameters()).device)
         with pyro.poutine.block():
             return self.model(n, y)
+
+    @torch.no_grad()
+    def log_likelihood(self, x, y=None, num_samples: int = 10000, bandwidth: float | None = None,
+                       batch_size: int = 500) -> torch.Tensor:
+        """Per-point Parzen-window log density in nats: ``log mean_j N(x; G(z_j), bandwidth^2 I)`` over
+        ``num_samples`` generator draws (of the point's label ``y`` for a conditional GAN).
+        ``bandwidth`` None takes Silverman's rule of thumb on the draws."""
+        x = check_data(x, "x", rank=2)
+        if x.shape[1] != self.features:
+            raise ValueError(f"x: expected {self.features} columns, got shape {tuple(x.shape)}")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
+            raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
+        if bandwidth is not None and not bandwidth > 0:
+            raise ValueError(f"bandwidth must be positive or None, got {bandwidth!r}")
+        if self.classes:
+            if y is None or torch.as_tensor(y).shape != (x.shape[0],):
+                raise ValueError(f"y: a conditional GAN scores x given its {x.shape[0]} labels, got {y!r}")
+            y = torch.as_tensor(y).long()
+            out = x.new_empty(x.shape[0])
+            for label in y.unique().tolist():
+                rows = y == label
+                draws = self.sample(num_samples, torch.full((num_samples,), label, device=x.device))
+                out[rows] = _parzen(x[rows], draws.to(x), bandwidth, batch_size)
+            return out
+        return _parzen(x, self.sample(num_samples).to(x), bandwidth, batch_size)
+
+
+def _parzen(x, draws, bandwidth, batch_size):
+    n, d = draws.shape
+    if bandwidth is None:  # Silverman: (4 / (d + 2))^(1 / (d + 4)) n^(-1 / (d + 4)) times the draws' mean sd
+        bandwidth = float(draws.std(0).mean()) * (4 / (d + 2)) ** (1 / (d + 4)) * n ** (-1 / (d + 4))
+        bandwidth = max(bandwidth, 1e-3)
+    norm = math.log(n) + 0.5 * d * math.log(2 * math.pi * bandwidth**2)
+    out = [torch.logsumexp(-torch.cdist(chunk, draws).square() / (2 * bandwidth**2), -1) - norm
+           for chunk in x.split(batch_size)]
+    return torch.cat(out)

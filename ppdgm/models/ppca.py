@@ -15,48 +15,55 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.nn import PyroModule, PyroParam
 
 from ppdgm.data import check_data
+from ppdgm.models.spec import ConstructorSpec
 
 
-class PPCA(PyroModule):
+class PPCA(ConstructorSpec, PyroModule):
     datasets = ('digits',)
     default_engine = "svi"
+    engine_config: dict = {}
     support = "real"
+    likelihood_method = "exact at the guide's posterior median"
 
-    def __init__(self, x_dim: int = 64, latent_dim: int = 8, prior_scale: float = 1.0):
+    def __init__(self, features: int = 64, latent_features: int = 8, prior_scale: float = 1.0):
         super().__init__()
-        if not isinstance(x_dim, int) or x_dim < 1:
-            raise ValueError(f"x_dim must be a positive int, got {x_dim!r}")
-        if not isinstance(latent_dim, int) or not 1 <= latent_dim <= x_dim:
-            raise ValueError(f"latent_dim must be an int in [1, x_dim={x_dim}], got {latent_dim!r}")
-        self.x_dim, self.latent_dim, self.prior_scale = x_dim, latent_dim, prior_scale
-        self.mu = PyroParam(torch.zeros(x_dim))
+        if not isinstance(features, int) or features < 1:
+            raise ValueError(f"features must be a positive int, got {features!r}")
+        if not isinstance(latent_features, int) or not 1 <= latent_features <= features:
+            raise ValueError(f"latent_features must be an int in [1, features={features}], got {latent_features!r}")
+        self.features, self.latent_features, self.prior_scale = features, latent_features, prior_scale
+        self.mu = PyroParam(torch.zeros(features))
         self.guide = AutoNormal(self.model, init_scale=0.01)
 
     @classmethod
     def from_data(cls, data, **kwargs):
-        return cls(x_dim=data.x.shape[1], **kwargs)
+        return cls(features=data.x.shape[1], **kwargs)
 
-    @property
-    def spec(self) -> dict:
-        return {"name": "ppca", "kwargs": {"x_dim": self.x_dim, "latent_dim": self.latent_dim,
-                                           "prior_scale": self.prior_scale}}
+    def data_args(self, dataset) -> tuple:
+        return (self._check(dataset.x, "x"),)
+
+    def _check(self, x, name: str) -> torch.Tensor:
+        x = check_data(x, name, rank=2)
+        if x.shape[1] != self.features:
+            raise ValueError(f"{name}: expected {self.features} columns, got shape {tuple(x.shape)}")
+        return x
 
     def model(self, x=None, n: int | None = None):
         mu = self.mu
         W = pyro.sample("W", dist.Normal(mu.new_zeros(()), self.prior_scale)
-                        .expand([self.x_dim, self.latent_dim]).to_event(2))
+                        .expand([self.features, self.latent_features]).to_event(2))
         sigma = pyro.sample("sigma", dist.LogNormal(mu.new_tensor(-1.0), 1.0))
         n = x.shape[0] if x is not None else n
         with pyro.plate("data", n):
             return pyro.sample("x", self.likelihood(W, sigma), obs=x)
 
     def likelihood(self, W, sigma):
-        return dist.LowRankMultivariateNormal(self.mu, W, (sigma**2).unsqueeze(-1).expand(self.x_dim))
+        return dist.LowRankMultivariateNormal(self.mu, W, (sigma**2).unsqueeze(-1).expand(self.features))
 
     def _ensure_guide(self):
         if self.guide.prototype_trace is None:  # a freshly loaded guide builds its sites lazily
             with pyro.poutine.block():  # built with observed x, so x is not mistaken for a latent
-                self.guide(self.mu.new_zeros(1, self.x_dim))
+                self.guide(self.mu.new_zeros(1, self.features))
 
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:
@@ -67,7 +74,7 @@ class PPCA(PyroModule):
     @torch.no_grad()
     def log_likelihood(self, x) -> torch.Tensor:
         """Exact log p(x | W, sigma) in nats per point at the guide's posterior median."""
-        x = check_data(x, "x", rank=2)
+        x = self._check(x, "x")
         self._ensure_guide()
         med = self.guide.median()
         return self.likelihood(med["W"], med["sigma"]).log_prob(x.to(self.mu.device))

@@ -25,15 +25,16 @@ from torch.distributions import constraints
 
 from ppdgm.data import check_data
 from ppdgm.models.boltzmann import LayeredEnergy, bernoulli
+from ppdgm.models.spec import ConstructorSpec
 
 SUPPORT_OF_UNITS = {"bernoulli": "binary", "gaussian": "real", "softmax": "counts"}
 
 
-class RBM(PyroModule):
-    """``RBM(visible=64, hidden=128, units="bernoulli")``.
+class RBM(ConstructorSpec, PyroModule):
+    """``RBM(features=64, hidden_units=128, units="bernoulli")``.
 
     Args:
-        visible, hidden: layer sizes.
+        features, hidden_units: the sizes of the visible and the hidden layer.
         units: visible units, ``bernoulli`` | ``gaussian`` | ``softmax``.
         sigma: initial standard deviation of gaussian visible units; ``learn_sigma`` learns it.
         init_scale: standard deviation of the initial weights.
@@ -50,10 +51,10 @@ class RBM(PyroModule):
     likelihood_method = "ais"
     support = "binary"
 
-    def __init__(self, visible: int = 64, hidden: int = 128, units: str = "bernoulli", sigma: float = 1.0,
+    def __init__(self, features: int = 64, hidden_units: int = 128, units: str = "bernoulli", sigma: float = 1.0,
                  learn_sigma: bool = False, init_scale: float = 0.01, temperatures: int = 1, min_beta: float = 0.5):
         super().__init__()
-        for arg, val in (("visible", visible), ("hidden", hidden)):
+        for arg, val in (("features", features), ("hidden_units", hidden_units)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 raise ValueError(f"{arg} must be a positive int, got {val!r}")
         if units not in SUPPORT_OF_UNITS:
@@ -69,13 +70,13 @@ class RBM(PyroModule):
         if not (isinstance(min_beta, (int, float)) and 0 <= min_beta < 1):
             raise ValueError(f"min_beta must be a number in [0, 1), got {min_beta!r}")
         self.temperatures, self.min_beta = temperatures, float(min_beta)
-        self.visible, self.hidden, self.units = visible, hidden, units
+        self.features, self.hidden_units, self.units = features, hidden_units, units
         self.sigma0, self.learn_sigma, self.init_scale = float(sigma), bool(learn_sigma), float(init_scale)
         self.support = SUPPORT_OF_UNITS[units]
-        self.W = nn.Parameter(init_scale * torch.randn(visible, hidden))
-        self.b = nn.Parameter(torch.zeros(visible))
-        self.c = nn.Parameter(torch.zeros(hidden))
-        log_sigma = torch.full((visible,), math.log(sigma))
+        self.W = nn.Parameter(init_scale * torch.randn(features, hidden_units))
+        self.b = nn.Parameter(torch.zeros(features))
+        self.c = nn.Parameter(torch.zeros(hidden_units))
+        log_sigma = torch.full((features,), math.log(sigma))
         if learn_sigma:
             self.log_sigma = nn.Parameter(log_sigma)
         else:
@@ -86,11 +87,11 @@ class RBM(PyroModule):
         """Sizes from the data, or ``graph=`` (a layer graph, node-link dict or .json path) checked against it."""
         if graph is not None:
             obj = cls.from_graph(graph, **kwargs)
-            if obj.visible != data.x.shape[1]:
-                raise ValueError(f"graph: the visible layer has {obj.visible} units but {data.name} has "
+            if obj.features != data.x.shape[1]:
+                raise ValueError(f"graph: the visible layer has {obj.features} units but {data.name} has "
                                  f"{data.x.shape[1]} columns")
             return obj
-        return cls(visible=int(data.x.shape[1]), **kwargs)
+        return cls(features=int(data.x.shape[1]), **kwargs)
 
     @classmethod
     def from_graph(cls, graph, **kwargs):
@@ -103,14 +104,7 @@ class RBM(PyroModule):
         v, h = g.visible[0], g.hidden[0]
         if g.units(h) != "bernoulli":
             raise ValueError(f"graph: the RBM's hidden layer {h!r} must have bernoulli units, got {g.units(h)!r}")
-        return cls(visible=g.size(v), hidden=g.size(h), units=g.units(v), **kwargs)
-
-    @property
-    def spec(self) -> dict:
-        return {"name": "rbm", "kwargs": {"visible": self.visible, "hidden": self.hidden, "units": self.units,
-                                          "sigma": self.sigma0, "learn_sigma": self.learn_sigma,
-                                          "init_scale": self.init_scale, "temperatures": self.temperatures,
-                                          "min_beta": self.min_beta}}
+        return cls(features=g.size(v), hidden_units=g.size(h), units=g.units(v), **kwargs)
 
     # -- energy -----------------------------------------------------------------------------
     def energy_graph(self, length: int | None = None) -> LayeredEnergy:
@@ -273,10 +267,13 @@ class RBM(PyroModule):
         self.swap_rate = accepted / proposed if proposed else float("nan")
         return state
 
+    def data_args(self, dataset) -> tuple:
+        return (self.check_data(dataset.x, "x"),)
+
     def check_data(self, x, name: str = "x") -> torch.Tensor:
         x = check_data(x, name, support=self.support, rank=2)
-        if x.shape[1] != self.visible:
-            raise ValueError(f"{name}: expected {self.visible} columns (the visible layer's size), got shape "
+        if x.shape[1] != self.features:
+            raise ValueError(f"{name}: expected {self.features} columns (the visible layer's size), got shape "
                              f"{tuple(x.shape)}")
         return x.to(dtype=self.W.dtype)  # the device stays the data's: engines move the model to it
 
@@ -287,16 +284,16 @@ class RBM(PyroModule):
     # -- Pyro program -----------------------------------------------------------------------
     def _visible_prior(self):
         if self.units == "bernoulli":
-            return dist.Bernoulli(self.b.new_full((self.visible,), 0.5)).to_event(1)
+            return dist.Bernoulli(self.b.new_full((self.features,), 0.5)).to_event(1)
         support = constraints.real if self.units == "gaussian" else constraints.nonnegative_integer
-        return dist.ImproperUniform(support, (), (self.visible,))
+        return dist.ImproperUniform(support, (), (self.features,))
 
     def model(self, v=None, n: int | None = None):
         """Uniform priors on v and h times ``exp(-E(v, h))``: the RBM's unnormalized joint."""
         n = v.shape[0] if v is not None else n
         with pyro.plate("data", n):
             v = pyro.sample("v", self._visible_prior(), obs=v)
-            h = pyro.sample("h", dist.Bernoulli(self.c.new_full((self.hidden,), 0.5)).to_event(1))
+            h = pyro.sample("h", dist.Bernoulli(self.c.new_full((self.hidden_units,), 0.5)).to_event(1))
             W, b, c, log_sigma = self.W, self.b, self.c, self.log_sigma  # registered with Pyro
             eta = _hidden_natural(self.units, v, W, c, log_sigma)
             pyro.factor("energy", _visible_own(self.units, v, b, log_sigma) + (eta * h).sum(-1))
@@ -325,7 +322,7 @@ class RBM(PyroModule):
         """``n`` draws after ``steps`` block-Gibbs sweeps from random hidden states."""
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
-        h = bernoulli(self.c.new_full((n, self.hidden), 0.5))
+        h = bernoulli(self.c.new_full((n, self.hidden_units), 0.5))
         c = self.c.new_full((n,), float(counts)) if self.units == "softmax" else None
         return self.gibbs(self.sample_visible(h, c), steps)
 
@@ -361,7 +358,7 @@ class RBM(PyroModule):
         lengths = x.sum(-1).round().long()
         self.last_log_z = {int(n): self.log_partition(method, base_data=base, length=int(n), **ais_kwargs)
                            for n in lengths.unique().tolist() if n > 0}
-        empty = self.hidden * math.log(2)  # an empty document: only the hidden units sum
+        empty = self.hidden_units * math.log(2)  # an empty document: only the hidden units sum
         log_z = torch.tensor([self.last_log_z[int(n)].value if n > 0 else empty for n in lengths.tolist()],
                              dtype=x.dtype, device=x.device)
         return -self.free_energy(x) - log_z

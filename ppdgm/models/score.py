@@ -25,6 +25,7 @@ from pyro.nn import PyroModule
 
 from ppdgm.data import check_data
 from ppdgm.inference.langevin import Langevin, check_step_size
+from ppdgm.models.spec import ConstructorSpec
 from ppdgm.nn import MLP
 
 SDES = ("ve", "vp")
@@ -115,12 +116,12 @@ class TimeEmbedding(torch.nn.Module):
         return torch.cat([proj.sin(), proj.cos()], -1)
 
 
-class ScoreModel(PyroModule):
+class ScoreModel(ConstructorSpec, PyroModule):
     """Noise-conditional score network ``s(x, t) = net(x, emb(t)) / std(t)`` over an SDE.
 
     Args:
-        x_dim: data dimension.
-        hidden, activation, embed_dim: the network and the size of its time embedding.
+        features: data dimension.
+        hidden_features, activation, embed_dim: the network and the size of its time embedding.
         sde: ``"ve"`` or ``"vp"``; sigma_min, sigma_max (VE) and beta_min, beta_max (VP) its schedule.
         eps: smallest diffusion time (training, sampling and likelihood start there).
         low, high: optional box that final samples are clamped to (e.g. 0 and 1 for intensities).
@@ -135,17 +136,18 @@ class ScoreModel(PyroModule):
     datasets = ('moons', 'digits')
 
     default_engine = "score_matching"
+    engine_config: dict = {}
     support = "real"
     likelihood_method = "probability-flow ODE (RK4, Hutchinson trace)"
 
-    def __init__(self, x_dim: int = 2, hidden=(256, 256), activation: str = "silu", embed_dim: int = 16,
+    def __init__(self, features: int = 2, hidden_features=(256, 256), activation: str = "silu", embed_dim: int = 16,
                  sde: str = "vp", sigma_min: float = 0.01, sigma_max: float = 5.0, beta_min: float = 0.1,
                  beta_max: float = 20.0, eps: float = 1e-3, low: float | None = None, high: float | None = None,
                  num_scales: int = 500, snr: float = 0.16, loc: float = 0.0, scale: float = 1.0,
                  gaussian_base: bool = False):
         super().__init__()
-        if isinstance(x_dim, bool) or not isinstance(x_dim, int) or x_dim < 1:
-            raise ValueError(f"x_dim must be a positive int, got {x_dim!r}")
+        if isinstance(features, bool) or not isinstance(features, int) or features < 1:
+            raise ValueError(f"features must be a positive int, got {features!r}")
         if sde not in SDES:
             raise ValueError(f"sde must be one of {SDES}, got {sde!r}")
         if not isinstance(embed_dim, int) or embed_dim < 2 or embed_dim % 2:
@@ -158,19 +160,19 @@ class ScoreModel(PyroModule):
             raise ValueError(f"low and high must both be None or low < high, got low={low!r}, high={high!r}")
         self.sde_kind = sde
         self.sde = VESDE(sigma_min, sigma_max) if sde == "ve" else VPSDE(beta_min, beta_max)
-        self.x_dim, self.hidden, self.activation, self.embed_dim = x_dim, list(hidden), activation, embed_dim
+        self.features, self.hidden_features, self.activation, self.embed_dim = features, list(hidden_features), activation, embed_dim
         self.sigma_min, self.sigma_max, self.beta_min, self.beta_max = sigma_min, sigma_max, beta_min, beta_max
         self.eps, self.low, self.high, self.num_scales, self.snr = float(eps), low, high, num_scales, float(snr)
         if not (isinstance(scale, (int, float)) and scale > 0 and math.isfinite(loc)):
             raise ValueError(f"scale must be positive and loc finite, got loc={loc!r}, scale={scale!r}")
         self.loc, self.scale = float(loc), float(scale)
         self.embed = TimeEmbedding(embed_dim)
-        self.net = MLP(x_dim + embed_dim, self.hidden, x_dim, activation)
+        self.net = MLP(features + embed_dim, self.hidden_features, features, activation)
         self.gaussian_base = bool(gaussian_base)
         if self.gaussian_base:  # N(mean, U diag(eigvals) U^T) in standardized units, set by fit_gaussian_base
-            self.register_buffer("base_mean", torch.zeros(x_dim))
-            self.register_buffer("base_eigvecs", torch.eye(x_dim))
-            self.register_buffer("base_eigvals", torch.ones(x_dim))
+            self.register_buffer("base_mean", torch.zeros(features))
+            self.register_buffer("base_eigvecs", torch.eye(features))
+            self.register_buffer("base_eigvals", torch.ones(features))
 
     @classmethod
     def from_data(cls, data, **kwargs):
@@ -185,7 +187,7 @@ class ScoreModel(PyroModule):
         kwargs.setdefault("loc", float(x.mean()))
         kwargs.setdefault("scale", float(x.std()))
         kwargs.setdefault("gaussian_base", x.shape[1] > 2)
-        model = cls(x_dim=x.shape[1], **kwargs)
+        model = cls(features=x.shape[1], **kwargs)
         if model.gaussian_base:
             model.fit_gaussian_base(x)
         return model
@@ -204,23 +206,17 @@ class ScoreModel(PyroModule):
         self.base_eigvecs.copy_(eigvecs)
         self.base_eigvals.copy_(eigvals.clamp_min(1e-6))
 
-    @property
-    def spec(self) -> dict:
-        return {"name": "score", "kwargs": {
-            "x_dim": self.x_dim, "hidden": self.hidden, "activation": self.activation,
-            "embed_dim": self.embed_dim, "sde": self.sde_kind, "sigma_min": self.sigma_min,
-            "sigma_max": self.sigma_max, "beta_min": self.beta_min, "beta_max": self.beta_max, "eps": self.eps,
-            "low": self.low, "high": self.high, "num_scales": self.num_scales, "snr": self.snr, "loc": self.loc,
-            "scale": self.scale, "gaussian_base": self.gaussian_base}}
-
     def _param(self):
         return next(self.net.parameters())
 
+    def data_args(self, dataset) -> tuple:
+        return (self.check_data(dataset.x, "x"),)
+
     def check_data(self, x, name: str = "data") -> torch.Tensor:
-        """Validate data before an engine runs: finite values shaped ``(n, x_dim)`` (device kept)."""
+        """Validate data before an engine runs: finite values shaped ``(n, features)`` (device kept)."""
         x = check_data(x, name, rank=2)
-        if x.shape[1] != self.x_dim:
-            raise ValueError(f"{name}: expected {self.x_dim} columns, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.features:
+            raise ValueError(f"{name}: expected {self.features} columns, got shape {tuple(x.shape)}")
         return x
 
     def _check(self, x, name="x"):
@@ -273,7 +269,7 @@ class ScoreModel(PyroModule):
         steps = num_scales or self.num_scales
         snr = self.snr if snr is None else snr
         p = self._param()
-        x = self.sde.prior_sample((n, self.x_dim), p)
+        x = self.sde.prior_sample((n, self.features), p)
         ts = torch.linspace(1.0, self.eps, steps, device=p.device, dtype=p.dtype)
         dt = (1.0 - self.eps) / steps
         langevin = Langevin(step_size=1.0, num_steps=1)
@@ -305,7 +301,7 @@ class ScoreModel(PyroModule):
             sigmas = self.sde.marginal(ts)[1]
         levels = check_decreasing(sigmas)
         ts = self._time_of_std(levels).to(p.device, p.dtype)
-        x = self.sde.prior_sample((n, self.x_dim), p)
+        x = self.sde.prior_sample((n, self.features), p)
         langevin = Langevin(step_size=step_size, num_steps=steps_per_level)
         last = float(levels[-1])
         for t, sd in zip(ts, levels.tolist()):
@@ -330,7 +326,7 @@ class ScoreModel(PyroModule):
     @torch.no_grad()
     def sample_ode(self, n: int, num_scales: int | None = None) -> torch.Tensor:
         """Deterministic draws: the probability-flow ODE from the prior back to ``eps`` by RK4."""
-        return self.decode(self.sde.prior_sample((n, self.x_dim), self._param()), num_scales or 100)
+        return self.decode(self.sde.prior_sample((n, self.features), self._param()), num_scales or 100)
 
     def decode(self, z: torch.Tensor, num_steps: int = 100) -> torch.Tensor:
         """Map prior draws ``z`` (time 1) to data (time ``eps``) along the probability-flow ODE."""
@@ -347,7 +343,7 @@ class ScoreModel(PyroModule):
         p = self._param()
         scale = self.sde.sigma_max if isinstance(self.sde, VESDE) else 1.0
         with pyro.plate("data", n):
-            z = pyro.sample("z", dist.Normal(p.new_zeros(self.x_dim), scale).to_event(1))
+            z = pyro.sample("z", dist.Normal(p.new_zeros(self.features), scale).to_event(1))
             return pyro.deterministic("x", self.decode(z, num_steps), event_dim=1)
 
     # -- likelihood ----------------------------------------------------------------------------------
@@ -395,7 +391,7 @@ class ScoreModel(PyroModule):
             for t0, t1 in zip(ts[:-1], ts[1:]):
                 state = _rk4(rhs, state, t0, t1)
             total += (self.sde.prior_log_prob(state[:, :-1]) + state[:, -1]).double()
-        total = total / (num_probes if divergence == "hutchinson" else 1) - self.x_dim * math.log(self.scale)
+        total = total / (num_probes if divergence == "hutchinson" else 1) - self.features * math.log(self.scale)
         return total.to(x0.dtype)
 
 

@@ -23,14 +23,15 @@ from torch.nn.functional import log_softmax, one_hot, softplus
 from ppdgm.data import check_data
 from ppdgm.evaluate import iwae_log_likelihood
 from ppdgm.models.vae import LIKELIHOODS, _choice, _positive_int
+from ppdgm.models.spec import ConstructorSpec
 from ppdgm.nn import MLP, concat, make_activation
 
 
-class SemiSupervisedVAE(PyroModule):
+class SemiSupervisedVAE(ConstructorSpec, PyroModule):
     """M2: a VAE with a partly observed class label.
 
     Args:
-        x_dim, num_classes, latent_dim, hidden, activation, likelihood: as for
+        features, classes, latent_features, hidden_features, activation, likelihood: as for
             :class:`~ppdgm.models.vae.VAE`.
         alpha: weight of the labelled points' classification term ``alpha * log q(y | x)`` per
             point (Kingma et al. use 0.1 N).
@@ -45,44 +46,37 @@ class SemiSupervisedVAE(PyroModule):
     support = "binary"
     likelihood_method = "iwae"
 
-    def __init__(self, x_dim: int = 64, num_classes: int = 10, latent_dim: int = 16, hidden=(256,),
+    def __init__(self, features: int = 64, classes: int = 10, latent_features: int = 16, hidden_features=(256,),
                  activation: str = "softplus", likelihood: str = "bernoulli", alpha: float = 100.0,
                  labelled_fraction: float = 0.1, label_seed: int = 0):
         super().__init__()
-        _positive_int("x_dim", x_dim)
-        _positive_int("num_classes", num_classes, 2)
-        _positive_int("latent_dim", latent_dim)
-        hidden = list(hidden) if isinstance(hidden, (list, tuple)) else hidden
-        if not isinstance(hidden, list) or not hidden or not all(
-                isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden):
-            raise ValueError(f"hidden must be a non-empty list of positive ints, got {hidden!r}")
+        _positive_int("features", features)
+        _positive_int("classes", classes, 2)
+        _positive_int("latent_features", latent_features)
+        hidden_features = list(hidden_features) if isinstance(hidden_features, (list, tuple)) else hidden_features
+        if not isinstance(hidden_features, list) or not hidden_features or not all(
+                isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden_features):
+            raise ValueError(f"hidden_features must be a non-empty list of positive ints, got {hidden_features!r}")
         _choice("likelihood", likelihood, LIKELIHOODS)
         make_activation(activation)
         if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha >= 0:
             raise ValueError(f"alpha must be a non-negative number, got {alpha!r}")
         if not isinstance(labelled_fraction, (int, float)) or not 0 < labelled_fraction <= 1:
             raise ValueError(f"labelled_fraction must be in (0, 1], got {labelled_fraction!r}")
-        self.x_dim, self.num_classes, self.latent_dim, self.hidden = x_dim, num_classes, latent_dim, hidden
+        self.features, self.classes, self.latent_features, self.hidden_features = features, classes, latent_features, hidden_features
         self.activation, self.likelihood, self.alpha = activation, likelihood, float(alpha)
         self.labelled_fraction, self.label_seed = float(labelled_fraction), label_seed
         self.support = LIKELIHOODS[likelihood]
-        self.classifier = MLP(x_dim, hidden, num_classes, activation)
-        self.encoder_z = MLP(x_dim + num_classes, hidden, 2 * latent_dim, activation)
-        self.decoder = MLP(latent_dim + num_classes, hidden[::-1], x_dim, activation)
-        self.x_log_scale = torch.nn.Parameter(torch.zeros(x_dim)) if likelihood == "gaussian" else None
+        self.classifier = MLP(features, hidden_features, classes, activation)
+        self.encoder_z = MLP(features + classes, hidden_features, 2 * latent_features, activation)
+        self.decoder = MLP(latent_features + classes, hidden_features[::-1], features, activation)
+        self.x_log_scale = torch.nn.Parameter(torch.zeros(features)) if likelihood == "gaussian" else None
 
     @classmethod
     def from_data(cls, data, **kwargs):
         if data.y is not None:
-            kwargs.setdefault("num_classes", int(data.y.max()) + 1)
-        return cls(x_dim=data.x.shape[1], **kwargs)
-
-    @property
-    def spec(self) -> dict:
-        return {"name": "ssvae", "kwargs": {
-            "x_dim": self.x_dim, "num_classes": self.num_classes, "latent_dim": self.latent_dim,
-            "hidden": list(self.hidden), "activation": self.activation, "likelihood": self.likelihood,
-            "alpha": self.alpha, "labelled_fraction": self.labelled_fraction, "label_seed": self.label_seed}}
+            kwargs.setdefault("classes", int(data.y.max()) + 1)
+        return cls(features=data.x.shape[1], **kwargs)
 
     def data_args(self, dataset) -> tuple:
         """``(x, y)`` with all but ``labelled_fraction`` of the labels hidden as ``-1``."""
@@ -105,20 +99,20 @@ class SemiSupervisedVAE(PyroModule):
         if y.is_floating_point() or y.dim() != 1 or y.shape[0] != n:
             raise ValueError(f"y: expected {n} integer labels (-1 where missing), got dtype {y.dtype} "
                              f"and shape {tuple(y.shape)}")
-        if y.numel() and (y.min() < -1 or y.max() >= self.num_classes):
-            raise ValueError(f"y: expected labels in [0, {self.num_classes}) or -1 for missing, "
+        if y.numel() and (y.min() < -1 or y.max() >= self.classes):
+            raise ValueError(f"y: expected labels in [0, {self.classes}) or -1 for missing, "
                              f"got range [{y.min()}, {y.max()}]")
         return y.long()
 
     def _check_x(self, x):
         x = check_data(x, "x", support=self.support, rank=2)
-        if x.shape[1] != self.x_dim:
-            raise ValueError(f"x: expected {self.x_dim} columns, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.features:
+            raise ValueError(f"x: expected {self.features} columns, got shape {tuple(x.shape)}")
         return x.to(self.decoder[0].weight.device)
 
     # -- distributions ----------------------------------------------------------------------
     def _onehot(self, y):
-        return one_hot(y, self.num_classes).to(self.decoder[0].weight)
+        return one_hot(y, self.classes).to(self.decoder[0].weight)
 
     def likelihood_dist(self, z, y):
         out = self.decoder(concat(z, self._onehot(y)))
@@ -144,9 +138,9 @@ class SemiSupervisedVAE(PyroModule):
         y = self._labels(x, y, n)
         labelled = y >= 0
         w = self.decoder[0].weight
-        prior_y = w.new_zeros(self.num_classes)
+        prior_y = w.new_zeros(self.classes)
         with pyro.plate("data", n):
-            z = pyro.sample("z", dist.Normal(w.new_zeros(self.latent_dim), 1.0).to_event(1))
+            z = pyro.sample("z", dist.Normal(w.new_zeros(self.latent_features), 1.0).to_event(1))
             y_full = self._label_sites(prior_y, y, labelled, in_model=True)
             xs = pyro.sample("x", self.likelihood_dist(z, y_full), obs=x)
             if x is not None and self.alpha > 0 and labelled.any():
@@ -181,7 +175,7 @@ class SemiSupervisedVAE(PyroModule):
     # -- use ----------------------------------------------------------------------------------
     @torch.no_grad()
     def classify(self, x) -> torch.Tensor:
-        """P(y | x) from the classifier q(y | x), ``(n, num_classes)``."""
+        """P(y | x) from the classifier q(y | x), ``(n, classes)``."""
         return self.classifier(self._check_x(x)).softmax(-1)
 
     def accuracy(self, x, y) -> float:
@@ -196,12 +190,12 @@ class SemiSupervisedVAE(PyroModule):
         _positive_int("n", n)
         w = self.decoder[0].weight
         if y is None:
-            y = torch.randint(self.num_classes, (n,), device=w.device)
+            y = torch.randint(self.classes, (n,), device=w.device)
         y = torch.as_tensor(y, device=w.device)
         y = self._check_y(y.expand(n) if y.dim() == 0 else y, n)
         if (y < 0).any():
             raise ValueError("y: sample needs known labels, got -1")
-        z = torch.randn(n, self.latent_dim, device=w.device)
+        z = torch.randn(n, self.latent_features, device=w.device)
         d = self.likelihood_dist(z, y)
         return (d.base_dist.mean if self.likelihood != "gaussian" else d.base_dist.loc) if mean else d.sample()
 

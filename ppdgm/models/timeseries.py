@@ -5,7 +5,7 @@ lagged values (``lags``, e.g. ``(1, 12)``) and, with ``period``, the phase of th
 sin/cos features, and emits the location and scale of a Normal or Student-t for the next value.
 Training is maximum likelihood on windows cut from the series (SVI with an empty guide: the
 model has no latent sites). Forecasts are ancestral samples: the GRU reads the observed
-context, then feeds its own draws back as lags; :meth:`DeepAR.forecast` runs the program under
+context_length, then feeds its own draws back as lags; :meth:`DeepAR.forecast` runs the program under
 ``pyro.infer.Predictive`` (vectorized over samples) and returns draws of the future path, from
 which predictive intervals are quantiles.
 
@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ppdgm.data import check_data
+from ppdgm.models.spec import ConstructorSpec
 
 LIKELIHOODS = ("normal", "studentt")
 TRANSFORMS = (None, "sqrt1p", "log1p")
@@ -150,15 +151,15 @@ def _check_horizon(horizon):
         raise ValueError(f"horizon must be an int >= 1, got {horizon!r}")
 
 
-class DeepAR(nn.Module):
+class DeepAR(ConstructorSpec, nn.Module):
     """An autoregressive recurrent forecaster p(y_t | y_{<t}) of one series.
 
     Args:
-        context: how many past values a forecast conditions on (and the minimum history).
-        window: length of the training windows cut from the series (default ``2 * context``).
-        lags: which past values feed each step (all >= 1, each < ``context``).
+        context_length: how many past values a forecast conditions on (and the minimum history).
+        window: length of the training windows cut from the series (default ``2 * context_length``).
+        lags: which past values feed each step (all >= 1, each < ``context_length``).
         period: season length; adds sin/cos of the phase as inputs (None: no seasonal features).
-        hidden_dim, num_layers: GRU size.
+        hidden_features, num_layers: GRU size.
         likelihood: ``"normal"`` or ``"studentt"`` (learned degrees of freedom > 2).
         loc, scale: standardization of the (transformed) values (set by :meth:`from_series`).
         weight_decay: L2 penalty on the weights per scored value, so its strength does not depend
@@ -171,26 +172,27 @@ class DeepAR(nn.Module):
     datasets = ('sunspots',)
 
     default_engine = "svi"
+    engine_config: dict = {}
     support = "real"
     likelihood_method = "exact one-step-ahead log-likelihood of each window"
     guide = None  # no latent sites: SVI runs it with an empty guide (maximum likelihood)
 
-    def __init__(self, context: int = 24, window: int | None = None, lags: Sequence[int] = (1,),
-                 period: int | None = None, hidden_dim: int = 32, num_layers: int = 1,
+    def __init__(self, context_length: int = 24, window: int | None = None, lags: Sequence[int] = (1,),
+                 period: int | None = None, hidden_features: int = 32, num_layers: int = 1,
                  likelihood: str = "normal", loc: float = 0.0, scale: float = 1.0,
                  weight_decay: float = 0.1, transform: str | None = None):
         super().__init__()
         lags = [lags] if isinstance(lags, int) else list(lags)
         if not lags or any(not isinstance(l, int) or l < 1 for l in lags):
             raise ValueError(f"lags must be a non-empty list of ints >= 1, got {lags!r}")
-        if not isinstance(context, int) or context <= max(lags):
-            raise ValueError(f"context must be an int > the largest lag ({max(lags)}), got {context!r}")
-        window = 2 * context if window is None else window
+        if not isinstance(context_length, int) or context_length <= max(lags):
+            raise ValueError(f"context_length must be an int > the largest lag ({max(lags)}), got {context_length!r}")
+        window = 2 * context_length if window is None else window
         if not isinstance(window, int) or window <= max(lags):
             raise ValueError(f"window must be an int > the largest lag ({max(lags)}), got {window!r}")
         if period is not None and (not isinstance(period, int) or period < 2):
             raise ValueError(f"period must be None or an int >= 2, got {period!r}")
-        for arg, val in (("hidden_dim", hidden_dim), ("num_layers", num_layers)):
+        for arg, val in (("hidden_features", hidden_features), ("num_layers", num_layers)):
             if not isinstance(val, int) or val < 1:
                 raise ValueError(f"{arg} must be a positive int, got {val!r}")
         if likelihood not in LIKELIHOODS:
@@ -199,15 +201,15 @@ class DeepAR(nn.Module):
             raise ValueError(f"loc must be finite and scale positive, got loc={loc!r}, scale={scale!r}")
         if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
-        self.context, self.window, self.lags, self.period = context, window, lags, period
-        self.hidden_dim, self.num_layers, self.likelihood = hidden_dim, num_layers, likelihood
+        self.context_length, self.window, self.lags, self.period = context_length, window, lags, period
+        self.hidden_features, self.num_layers, self.likelihood = hidden_features, num_layers, likelihood
         self.loc, self.scale = float(loc), float(scale)
         self.weight_decay, self.transform = float(weight_decay), transform
         self._untransform = untransform(transform)
         self.max_lag = max(lags)
         num_features = len(lags) + (2 if period else 0)
-        self.rnn = nn.GRU(num_features, hidden_dim, num_layers, batch_first=True)
-        self.head = nn.Linear(hidden_dim, 3 if likelihood == "studentt" else 2)
+        self.rnn = nn.GRU(num_features, hidden_features, num_layers, batch_first=True)
+        self.head = nn.Linear(hidden_features, 3 if likelihood == "studentt" else 2)
 
     # -- zoo protocol ------------------------------------------------------------------------
     @classmethod
@@ -226,14 +228,6 @@ class DeepAR(nn.Module):
 
     def data_args(self, data) -> tuple:
         return self.windows(data.x)
-
-    @property
-    def spec(self) -> dict:
-        return {"name": "timeseries", "kwargs": {
-            "context": self.context, "window": self.window, "lags": self.lags, "period": self.period,
-            "hidden_dim": self.hidden_dim, "num_layers": self.num_layers, "likelihood": self.likelihood,
-            "loc": self.loc, "scale": self.scale,
-            "weight_decay": self.weight_decay, "transform": self.transform}}
 
     def windows(self, series, stride: int = 1, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """All length-``window`` slices of ``series`` and their start times (``start`` + offset):
@@ -269,10 +263,10 @@ class DeepAR(nn.Module):
     def _step(self, features, state):
         """One GRU step for inputs with any leading dims ``(..., F)`` and state ``(L, ..., H)``."""
         lead = features.shape[:-1]
-        state = state.expand(self.num_layers, *lead, self.hidden_dim)
+        state = state.expand(self.num_layers, *lead, self.hidden_features)
         out, new = self.rnn(features.reshape(-1, 1, features.shape[-1]),
-                            state.reshape(self.num_layers, -1, self.hidden_dim).contiguous())
-        return out.reshape(*lead, self.hidden_dim), new.reshape(self.num_layers, *lead, self.hidden_dim)
+                            state.reshape(self.num_layers, -1, self.hidden_features).contiguous())
+        return out.reshape(*lead, self.hidden_features), new.reshape(self.num_layers, *lead, self.hidden_features)
 
     # -- Pyro program ----------------------------------------------------------------------------
     def model(self, y, t0=None, horizon: int = 0):
@@ -319,16 +313,16 @@ class DeepAR(nn.Module):
     @torch.no_grad()
     def forecast(self, history, horizon: int, num_samples: int = 200, start: int = 0) -> torch.Tensor:
         """``num_samples`` draws of the next ``horizon`` values after ``history`` (its last
-        ``context`` values), shaped ``(num_samples, horizon)``; ``start`` is the time index of
+        ``context_length`` values), shaped ``(num_samples, horizon)``; ``start`` is the time index of
         ``history[0]`` (for the seasonal phase)."""
         _check_horizon(horizon)
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         history = _check_domain(check_series(history, "history"), self.transform, "history")
-        if len(history) < self.context:
-            raise ValueError(f"history: expected at least context={self.context} values, got {len(history)}")
-        ctx = history[-self.context :][None]
-        t0 = torch.tensor([start + len(history) - self.context])
+        if len(history) < self.context_length:
+            raise ValueError(f"history: expected at least context_length={self.context_length} values, got {len(history)}")
+        ctx = history[-self.context_length :][None]
+        t0 = torch.tensor([start + len(history) - self.context_length])
         predictive = Predictive(self.model, num_samples=num_samples, return_sites=["forecast"], parallel=True)
         return predictive(ctx, t0, horizon=horizon)["forecast"].reshape(num_samples, horizon)
 
@@ -351,7 +345,7 @@ class DeepAR(nn.Module):
         """``n`` synthetic windows: start from the series mean (on the modelled scale) and roll on."""
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
-        seed = torch.full((1, self.context), self.loc)
+        seed = torch.full((1, self.context_length), self.loc)
         seed = seed if self._untransform is None else self._untransform(seed)
         draws = self.forecast(seed[0], self.window, num_samples=n)
         return draws
@@ -381,8 +375,8 @@ def backtest(series, make_model: Callable[[torch.Tensor], DeepAR], *, horizon: i
             raise ValueError(f"origins: each origin must be an int in (0, {len(series) - horizon}], got {origin!r}")
         past, truth = series[:origin], series[origin : origin + horizon]
         model = make_model(past)
-        if len(past) < model.context:
-            raise ValueError(f"series: the history before origin {origin} is shorter than context={model.context}")
+        if len(past) < model.context_length:
+            raise ValueError(f"series: the history before origin {origin} is shorter than context_length={model.context_length}")
         (train or (lambda m, s: m.fit(s)))(model, past)
         samples = model.forecast(past, horizon, num_samples=num_samples)
         row = {"origin": origin, "crps": crps(samples, truth), "mae": mae(samples, truth)}

@@ -26,6 +26,7 @@ from torch.nn.functional import one_hot, softplus
 
 from ppdgm.data import check_data
 from ppdgm.evaluate import iwae_log_likelihood
+from ppdgm.models.spec import ConstructorSpec
 from ppdgm.nn import MLP, ConvDecoder, ConvEncoder, concat, image_side, make_activation
 
 LIKELIHOODS = {"bernoulli": "binary", "continuous_bernoulli": "unit_interval", "gaussian": "real"}
@@ -46,16 +47,16 @@ def _choice(name, value, options):
     return value
 
 
-class VAE(PyroModule):
-    """A VAE with a local latent ``z`` (``latent_dim``) per data point.
+class VAE(ConstructorSpec, PyroModule):
+    """A VAE with a local latent ``z`` (``latent_features``) per data point.
 
     Args:
-        x_dim: data dimension (flat; images are flattened row-major).
-        latent_dim: size of ``z`` (>= 1).
-        hidden: hidden layer sizes of the encoder (the decoder mirrors them).
+        features: data dimension (flat; images are flattened row-major).
+        latent_features: size of ``z`` (>= 1).
+        hidden_features: hidden layer sizes of the encoder (the decoder mirrors them).
         likelihood: ``"bernoulli"`` (binary data), ``"continuous_bernoulli"`` (data in [0, 1]) or
             ``"gaussian"`` (real data, a learned per-dimension scale).
-        network: ``"mlp"`` or ``"conv"`` (needs ``image_shape`` or a square ``x_dim``).
+        network: ``"mlp"`` or ``"conv"`` (needs ``image_shape`` or a square ``features``).
         posterior: ``"normal"`` (diagonal) or ``"iaf"`` (``num_flows`` conditional affine
             autoregressive layers on top of it).
         prior: ``"normal"`` (standard) or ``"flow"`` (``num_flows`` masked autoregressive layers).
@@ -64,14 +65,15 @@ class VAE(PyroModule):
     datasets = ('digits-binary', 'digits')
 
     default_engine = "svi"
+    engine_config: dict = {}
     support = "binary"
     likelihood_method = "iwae"
 
     def __init__(
         self,
-        x_dim: int = 64,
-        latent_dim: int = 16,
-        hidden=(256,),
+        features: int = 64,
+        latent_features: int = 16,
+        hidden_features=(256,),
         likelihood: str = "bernoulli",
         network: str = "mlp",
         image_shape=None,
@@ -82,19 +84,19 @@ class VAE(PyroModule):
         beta: float = 1.0,
     ):
         super().__init__()
-        self._init(x_dim, latent_dim, hidden, likelihood, network, image_shape, activation, posterior,
+        self._init(features, latent_features, hidden_features, likelihood, network, image_shape, activation, posterior,
                    prior, num_flows, beta, cond_dim=0)
 
     # -- construction ---------------------------------------------------------------------------
-    def _init(self, x_dim, latent_dim, hidden, likelihood, network, image_shape, act, posterior, prior,
+    def _init(self, features, latent_features, hidden_features, likelihood, network, image_shape, act, posterior, prior,
               num_flows, beta, cond_dim):
-        _positive_int("x_dim", x_dim)
-        _positive_int("latent_dim", latent_dim)
+        _positive_int("features", features)
+        _positive_int("latent_features", latent_features)
         _positive_int("num_flows", num_flows)
-        hidden = list(hidden) if isinstance(hidden, (list, tuple)) else hidden
-        if not isinstance(hidden, list) or not hidden or not all(
-                isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden):
-            raise ValueError(f"hidden must be a non-empty list of positive ints, got {hidden!r}")
+        hidden_features = list(hidden_features) if isinstance(hidden_features, (list, tuple)) else hidden_features
+        if not isinstance(hidden_features, list) or not hidden_features or not all(
+                isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden_features):
+            raise ValueError(f"hidden_features must be a non-empty list of positive ints, got {hidden_features!r}")
         _choice("likelihood", likelihood, LIKELIHOODS)
         _choice("network", network, NETWORKS)
         _choice("posterior", posterior, POSTERIORS)
@@ -103,52 +105,41 @@ class VAE(PyroModule):
             raise ValueError(f"beta must be a non-negative number, got {beta!r}")
         make_activation(act)
         if network == "conv":
-            image_shape = tuple(image_shape) if image_shape is not None else image_side(x_dim)
-            if image_shape is None or image_shape[0] * image_shape[1] != x_dim:
-                raise ValueError(f"network='conv' needs image_shape (h, w) with h*w == x_dim={x_dim}, "
+            image_shape = tuple(image_shape) if image_shape is not None else image_side(features)
+            if image_shape is None or image_shape[0] * image_shape[1] != features:
+                raise ValueError(f"network='conv' needs image_shape (h, w) with h*w == features={features}, "
                                  f"got {image_shape!r}")
-        self.x_dim, self.latent_dim, self.hidden, self.likelihood = x_dim, latent_dim, hidden, likelihood
+        self.features, self.latent_features, self.hidden_features, self.likelihood = features, latent_features, hidden_features, likelihood
         self.network, self.image_shape, self.activation = network, image_shape, act
         self.posterior, self.prior, self.num_flows, self.beta = posterior, prior, num_flows, float(beta)
         self.cond_dim = cond_dim
         self.support = LIKELIHOODS[likelihood]
         self.kl_weight = float(beta)
 
-        feat = hidden[-1]
+        feat = hidden_features[-1]
         if network == "mlp":
-            body = MLP(x_dim + cond_dim, hidden[:-1], feat, act)
-            self.decoder = MLP(latent_dim + cond_dim, hidden[::-1], x_dim, act)
+            body = MLP(features + cond_dim, hidden_features[:-1], feat, act)
+            self.decoder = MLP(latent_features + cond_dim, hidden_features[::-1], features, act)
         else:
             body = ConvEncoder(image_shape, feat, activation=act)
-            self.decoder = nn.Sequential(MLP(latent_dim + cond_dim, hidden[::-1][:1], feat, act), make_activation(act),
+            self.decoder = nn.Sequential(MLP(latent_features + cond_dim, hidden_features[::-1][:1], feat, act), make_activation(act),
                                          ConvDecoder(feat, image_shape, activation=act))
         self.encoder = nn.Sequential(body, make_activation(act))
         self.cond_encoder = nn.Linear(cond_dim, feat) if (network == "conv" and cond_dim) else None
-        self.encoder_head = nn.Linear(feat, 2 * latent_dim)
-        self.x_log_scale = nn.Parameter(torch.zeros(x_dim)) if likelihood == "gaussian" else None
+        self.encoder_head = nn.Linear(feat, 2 * latent_features)
+        self.x_log_scale = nn.Parameter(torch.zeros(features)) if likelihood == "gaussian" else None
         self.posterior_flows = nn.ModuleList(
-            T.conditional_affine_autoregressive(latent_dim, feat, hidden_dims=[2 * max(latent_dim, 8)])
+            T.conditional_affine_autoregressive(latent_features, feat, hidden_dims=[2 * max(latent_features, 8)])
             for _ in range(num_flows)) if posterior == "iaf" else None
         self.prior_flows = nn.ModuleList(
-            T.affine_autoregressive(latent_dim, hidden_dims=[2 * max(latent_dim, 8)])
+            T.affine_autoregressive(latent_features, hidden_dims=[2 * max(latent_features, 8)])
             for _ in range(num_flows)) if prior == "flow" else None
 
     @classmethod
     def from_data(cls, data, **kwargs):
         if data.image_shape is not None and kwargs.get("network") == "conv":
             kwargs.setdefault("image_shape", tuple(data.image_shape))
-        return cls(x_dim=data.x.shape[1], **kwargs)
-
-    @property
-    def spec(self) -> dict:
-        return {"name": "vae", "kwargs": self._spec_kwargs()}
-
-    def _spec_kwargs(self) -> dict:
-        return {"x_dim": self.x_dim, "latent_dim": self.latent_dim, "hidden": list(self.hidden),
-                "likelihood": self.likelihood, "network": self.network,
-                "image_shape": list(self.image_shape) if self.image_shape else None,
-                "activation": self.activation, "posterior": self.posterior, "prior": self.prior,
-                "num_flows": self.num_flows, "beta": self.beta}
+        return cls(features=data.x.shape[1], **kwargs)
 
     def data_args(self, dataset) -> tuple:
         return (check_data(dataset.x, "x", support=self.support, rank=2),)
@@ -163,7 +154,7 @@ class VAE(PyroModule):
 
     def prior_dist(self, like: torch.Tensor):
         """p(z): a standard normal, or a masked autoregressive flow on top of it."""
-        base = dist.Normal(like.new_zeros(self.latent_dim), like.new_ones(self.latent_dim)).to_event(1)
+        base = dist.Normal(like.new_zeros(self.latent_features), like.new_ones(self.latent_features)).to_event(1)
         if self.prior_flows is None:
             return base
         # MAF direction: density evaluation is one network pass per layer
@@ -198,8 +189,8 @@ class VAE(PyroModule):
         pyro.module("vae", self)
         if x is not None:
             x = check_data(x, "x", support=self.support, rank=2)
-            if x.shape[-1] != self.x_dim:
-                raise ValueError(f"x: expected {self.x_dim} columns, got shape {tuple(x.shape)}")
+            if x.shape[-1] != self.features:
+                raise ValueError(f"x: expected {self.features} columns, got shape {tuple(x.shape)}")
         n = x.shape[0] if x is not None else (c.shape[0] if c is not None else n)
         if n is None:
             raise ValueError("model needs data x or a number of points n")
@@ -243,7 +234,7 @@ class VAE(PyroModule):
 
     @torch.no_grad()
     def encode(self, x) -> tuple[torch.Tensor, torch.Tensor]:
-        """The posterior's base location and scale of each row of ``x`` (``(n, latent_dim)`` each)."""
+        """The posterior's base location and scale of each row of ``x`` (``(n, latent_features)`` each)."""
         x = self._check_x(x)
         base = self.posterior_dist(x)
         base = base.base_dist if self.posterior_flows is not None else base
@@ -253,8 +244,8 @@ class VAE(PyroModule):
     def decode(self, z) -> torch.Tensor:
         """The decoder's mean of ``x`` for each latent row ``z``."""
         z = torch.as_tensor(z, dtype=torch.float32, device=self._device())
-        if z.shape[-1] != self.latent_dim:
-            raise ValueError(f"z: expected last dim {self.latent_dim}, got shape {tuple(z.shape)}")
+        if z.shape[-1] != self.latent_features:
+            raise ValueError(f"z: expected last dim {self.latent_features}, got shape {tuple(z.shape)}")
         return self._mean(z)
 
     @torch.no_grad()
@@ -265,7 +256,7 @@ class VAE(PyroModule):
     @torch.no_grad()
     def interpolate(self, x1, x2, steps: int = 8) -> torch.Tensor:
         """Decoded means along the straight line between the posterior locations of ``x1`` and ``x2``
-        (``(steps, x_dim)``, first and last rows the reconstructions of the endpoints)."""
+        (``(steps, features)``, first and last rows the reconstructions of the endpoints)."""
         _positive_int("steps", steps, 2)
         z = self.encode(torch.stack([self._row(x1, "x1"), self._row(x2, "x2")]))[0]
         t = torch.linspace(0, 1, steps, device=z.device).unsqueeze(-1)
@@ -278,8 +269,8 @@ class VAE(PyroModule):
 
     def _check_x(self, x):
         x = check_data(x, "x", support=self.support, rank=2).to(self._device())
-        if x.shape[1] != self.x_dim:
-            raise ValueError(f"x: expected {self.x_dim} columns, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.features:
+            raise ValueError(f"x: expected {self.features} columns, got shape {tuple(x.shape)}")
         return x
 
     def _row(self, x, name):
@@ -290,30 +281,26 @@ class VAE(PyroModule):
 class ConditionalVAE(VAE):
     """p(x | y, z) p(z) with q(z | x, y): a VAE whose encoder and decoder also see a one-hot label ``y``.
 
-    ``model(x, y)`` and ``guide(x, y)`` take integer labels in ``[0, num_classes)``;
+    ``model(x, y)`` and ``guide(x, y)`` take integer labels in ``[0, classes)``;
     ``sample(n, y)`` draws digits of chosen classes; ``log_likelihood(x, y)`` is log p(x | y).
     """
     datasets = ('digits-binary',)
 
-    def __init__(self, x_dim: int = 64, num_classes: int = 10, latent_dim: int = 16, hidden=(256,),
+    def __init__(self, features: int = 64, classes: int = 10, latent_features: int = 16, hidden_features=(256,),
                  likelihood: str = "bernoulli", network: str = "mlp", image_shape=None,
                  activation: str = "softplus", posterior: str = "normal", prior: str = "normal",
                  num_flows: int = 2, beta: float = 1.0):
         PyroModule.__init__(self)
-        self.num_classes = _positive_int("num_classes", num_classes, 2)
-        self._init(x_dim, latent_dim, hidden, likelihood, network, image_shape, activation, posterior,
-                   prior, num_flows, beta, cond_dim=num_classes)
+        self.classes = _positive_int("classes", classes, 2)
+        self._init(features, latent_features, hidden_features, likelihood, network, image_shape, activation, posterior,
+                   prior, num_flows, beta, cond_dim=classes)
 
     @classmethod
     def from_data(cls, data, **kwargs):
         if data.y is None:
             raise ValueError(f"{data.name}: a conditional VAE needs labels y, the dataset has none")
-        kwargs.setdefault("num_classes", int(data.y.max()) + 1)
+        kwargs.setdefault("classes", int(data.y.max()) + 1)
         return super().from_data(data, **kwargs)
-
-    @property
-    def spec(self) -> dict:
-        return {"name": "cvae", "kwargs": {**self._spec_kwargs(), "num_classes": self.num_classes}}
 
     def data_args(self, dataset) -> tuple:
         return (*super().data_args(dataset), self._check_y(dataset.y, dataset.x.shape[0]))
@@ -324,12 +311,12 @@ class ConditionalVAE(VAE):
         y = torch.as_tensor(y)
         if y.is_floating_point() or y.dim() != 1 or y.shape[0] != n:
             raise ValueError(f"y: expected {n} integer labels, got dtype {y.dtype} and shape {tuple(y.shape)}")
-        if y.min() < 0 or y.max() >= self.num_classes:
-            raise ValueError(f"y: expected labels in [0, {self.num_classes}), got range [{y.min()}, {y.max()}]")
+        if y.min() < 0 or y.max() >= self.classes:
+            raise ValueError(f"y: expected labels in [0, {self.classes}), got range [{y.min()}, {y.max()}]")
         return y.long()
 
     def _onehot(self, y):
-        return one_hot(y.long(), self.num_classes).to(self.encoder_head.weight)
+        return one_hot(y.long(), self.classes).to(self.encoder_head.weight)
 
     def model(self, x=None, y=None):
         if y is None:
@@ -347,7 +334,7 @@ class ConditionalVAE(VAE):
         _positive_int("n", n)
         dev = self._device()
         if y is None:
-            y = torch.arange(n, device=dev) % self.num_classes
+            y = torch.arange(n, device=dev) % self.classes
         y = torch.as_tensor(y, device=dev)
         c = self._onehot(self._check_y(y.expand(n) if y.dim() == 0 else y, n))
         z = self.prior_dist(self.encoder_head.weight).sample((n,))

@@ -38,10 +38,10 @@ def double(energy):
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: RBM(visible=10, hidden=6),
-        lambda: RBM(visible=10, hidden=6, units="gaussian", sigma=0.7),
+        lambda: RBM(features=10, hidden_units=6),
+        lambda: RBM(features=10, hidden_units=6, units="gaussian", sigma=0.7),
         lambda: DBM(sizes=[6, 4, 3]),
-        lambda: MultimodalDBM(pixels=5, hidden=3, top=3, classes=3),
+        lambda: MultimodalDBM(features=5, hidden_units=3, top_units=3, classes=3),
     ],
     ids=["rbm-10x6", "gaussian-rbm", "dbm-3-layer", "multimodal-dbm"],
 )
@@ -59,7 +59,7 @@ def test_ais_matches_exact_log_partition(make):
 
 
 def test_ais_base_rate_model_and_seed():
-    model = randomize(RBM(visible=10, hidden=6))
+    model = randomize(RBM(features=10, hidden_units=6))
     data = torch.bernoulli(torch.full((50, 10), 0.3))
     a = model.log_partition("ais", base_data=data, num_runs=50, num_betas=500, seed=3)
     b = model.log_partition("ais", base_data=data, num_runs=50, num_betas=500, seed=3)
@@ -75,9 +75,9 @@ def test_default_betas_follow_salakhutdinov_murray_spacing():
 
 
 def test_bad_arguments_fail_fast():
-    energy = RBM(visible=4, hidden=3).energy_graph()
+    energy = RBM(features=4, hidden_units=3).energy_graph()
     with pytest.raises(TypeError, match="LayeredEnergy"):
-        annealed_importance_sampling(RBM(visible=4, hidden=3))
+        annealed_importance_sampling(RBM(features=4, hidden_units=3))
     with pytest.raises(ValueError, match="num_runs must be an int >= 2"):
         annealed_importance_sampling(energy, num_runs=1)
     with pytest.raises(ValueError, match="betas must be a non-decreasing"):
@@ -85,6 +85,6 @@ def test_bad_arguments_fail_fast():
     with pytest.raises(ValueError, match="num_betas must be an int >= 10"):
         default_betas(3)
     with pytest.raises(ValueError, match="max_units"):
-        exact_log_partition(RBM(visible=30, hidden=30).energy_graph())
+        exact_log_partition(RBM(features=30, hidden_units=30).energy_graph())
     with pytest.raises(ValueError, match="replicated softmax"):
-        RBM(visible=5, hidden=3, units="softmax").energy_graph()
+        RBM(features=5, hidden_units=3, units="softmax").energy_graph()

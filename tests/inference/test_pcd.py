@@ -23,7 +23,7 @@ def exact_log_prob(rbm, x):
 def teacher_data():
     """2,000 exact draws from a random 8x3 'teacher' RBM (enumerating its 256 visible states)."""
     torch.manual_seed(0)
-    teacher = RBM(visible=8, hidden=3, init_scale=2.0)
+    teacher = RBM(features=8, hidden_units=3, init_scale=2.0)
     with torch.no_grad():
         teacher.b.normal_(0, 1)
         teacher.c.normal_(0, 1)
@@ -35,7 +35,7 @@ def teacher_data():
 def test_pcd_learns_a_teacher_rbm_to_its_entropy(teacher_data):
     teacher, x = teacher_data
     torch.manual_seed(0)
-    student = RBM(visible=8, hidden=6)
+    student = RBM(features=8, hidden_units=6)
     before = exact_log_prob(student, x).mean()
     fit = PersistentCD(num_epochs=30, batch_size=100, lr=0.05, optim="adam", lr_schedule="linear",
                        num_chains=200, seed=0).run(student, x)
@@ -53,7 +53,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, teacher_data):
 
     def make():
         torch.manual_seed(0)
-        return RBM(visible=8, hidden=4)
+        return RBM(features=8, hidden_units=4)
 
     engine = PersistentCD(num_steps=40, batch_size=50, lr=0.05, num_chains=20, checkpoint_every=10, seed=3)
     full = make()
@@ -72,7 +72,7 @@ def test_fit_saves_loads_and_converts_to_arviz(tmp_path, teacher_data):
 
     _, x = teacher_data
     torch.manual_seed(0)
-    rbm = RBM(visible=8, hidden=4)
+    rbm = RBM(features=8, hidden_units=4)
     fit = PersistentCD(num_steps=60, batch_size=50, num_chains=30, record_chains=3, lr=0.05).run(rbm, x)
     idata = fit.to_arviz()
     assert idata.posterior["chain_energy"].shape == (3, 60)
@@ -96,7 +96,7 @@ class Exploding(RBM):
 
 def test_non_finite_loss_names_the_step_and_keeps_the_last_state(tmp_path):
     x = torch.bernoulli(torch.full((40, 5), 0.5))
-    model = Exploding(visible=5, hidden=3)
+    model = Exploding(features=5, hidden_units=3)
     with pytest.raises(NonFiniteLossError, match="at step 2") as err:
         PersistentCD(num_steps=10, batch_size=20, num_chains=5).run(model, x, checkpoint_dir=tmp_path)
     assert err.value.fit.num_steps == 2 and (tmp_path / "fit.json").exists()
@@ -113,7 +113,7 @@ def test_protocol_and_data_errors():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         PersistentCD().run(lambda x: x, torch.ones(3, 2))
     with pytest.raises(ValueError, match="data: expected a tensor"):
-        PersistentCD().run(RBM(visible=2, hidden=2), None)
+        PersistentCD().run(RBM(features=2, hidden_units=2), None)
 
 
 @settings(max_examples=30, deadline=None)

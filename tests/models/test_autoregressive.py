@@ -20,10 +20,10 @@ ALL_STATES = torch.tensor(list(itertools.product([0.0, 1.0], repeat=6)))
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: MADE(dim=6, hidden_dims=[10, 10]),
-        lambda: MADE(dim=6, hidden_dims=[10], order="random", seed=3),
-        lambda: MADE(dim=6, hidden_dims=[10, 7], num_masks=4, seed=1),
-        lambda: NADE(dim=6, hidden_dim=5),
+        lambda: MADE(features=6, hidden_features=[10, 10]),
+        lambda: MADE(features=6, hidden_features=[10], order="random", seed=3),
+        lambda: MADE(features=6, hidden_features=[10, 7], num_masks=4, seed=1),
+        lambda: NADE(features=6, hidden_features=5),
     ],
     ids=["made", "made-random-order", "made-order-agnostic", "nade"],
 )
@@ -57,7 +57,7 @@ def test_made_masks_are_autoregressive():
 def test_made_beats_the_factorized_bernoulli_baseline_by_5_nats():
     train, valid, test = (load_digits(s, binarize=True) for s in ("train", "valid", "test"))
     baseline = bernoulli_baseline(train.x, test.x).nll  # 25.21 nats
-    made = model_class("made").from_data(train, hidden_dims=[256])
+    made = model_class("made").from_data(train, hidden_features=[256])
     SVI(num_steps=400, lr=3e-3, eval_every=25, patience=4, seed=0).run(made.model, None, train.x, val_data=valid.x)
     nll = -ppdgm.evaluate.log_likelihood(made, test.x).mean  # about 18.0 nats
     assert baseline == pytest.approx(25.21, abs=0.01)
@@ -66,7 +66,7 @@ def test_made_beats_the_factorized_bernoulli_baseline_by_5_nats():
 
 def test_nade_learns_binarized_digits():
     train, test = load_digits("train", binarize=True), load_digits("test", binarize=True)
-    nade = NADE.from_data(train, hidden_dim=32)
+    nade = NADE.from_data(train, hidden_features=32)
     SVI(num_steps=150, lr=2e-2, batch_size=200, seed=0).run(nade.model, None, train.x)
     nll = -nade.log_likelihood(test.x).mean().item()  # about 18.5 nats
     assert nll < bernoulli_baseline(train.x, test.x).nll - 4, nll
@@ -76,7 +76,7 @@ def test_nade_learns_binarized_digits():
 def test_samples_match_the_model_marginals(cls):
     """Ancestral sampling draws from the same distribution log_prob scores: compare the
     empirical frequency of each of the 2^4 states with exp(log_prob)."""
-    model = cls(dim=4, **({"hidden_dims": [8]} if cls is MADE else {"hidden_dim": 4}))
+    model = cls(features=4, **({"hidden_features": [8]} if cls is MADE else {"hidden_features": 4}))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 1.5)
@@ -89,7 +89,7 @@ def test_samples_match_the_model_marginals(cls):
 
 def test_fit_save_load_round_trip(tmp_path):
     train = load_digits("train", binarize=True)
-    made = MADE.from_data(train, hidden_dims=[32], num_masks=2)
+    made = MADE.from_data(train, hidden_features=[32], num_masks=2)
     fit = SVI(num_steps=20, lr=1e-2, seed=0).run(made.model, None, train.x)
     fit.spec, fit.module = made.spec, made
     loaded = ppdgm.load(fit.save(tmp_path / "made"))
@@ -100,9 +100,9 @@ def test_fit_save_load_round_trip(tmp_path):
 @settings(max_examples=15, deadline=None)
 @given(dim=st.integers(1, 9).filter(lambda d: d != 6), value=st.sampled_from([0.5, 2.0, -1.0]))
 def test_bad_input_is_refused(dim, value):
-    made, nade = MADE(dim=6, hidden_dims=[4]), NADE(dim=6, hidden_dim=3)
+    made, nade = MADE(features=6, hidden_features=[4]), NADE(features=6, hidden_features=3)
     for model in (made, nade):
-        with pytest.raises(ValueError, match="dim=6"):
+        with pytest.raises(ValueError, match="6 features"):
             model.log_prob(torch.zeros(2, dim))
         x = torch.zeros(3, 6)
         x[0, 1] = value
@@ -118,16 +118,16 @@ def test_bad_arguments_are_refused():
         MADE(num_masks=0)
     with pytest.raises(ValueError, match="order"):
         MADE(order="reverse")
-    with pytest.raises(ValueError, match="hidden_dim"):
-        NADE(hidden_dim=0)
+    with pytest.raises(ValueError, match="hidden_features"):
+        NADE(hidden_features=0)
     with pytest.raises(ValueError, match="n must be"):
-        MADE(dim=4, hidden_dims=[4]).sample(0)
+        MADE(features=4, hidden_features=[4]).sample(0)
 
 
 @cuda
 def test_made_and_nade_on_cuda_follow_the_data():
     x = load_digits("train", binarize=True).x[:256].cuda()
-    for model in (MADE(dim=64, hidden_dims=[32]), NADE(dim=64, hidden_dim=16)):
+    for model in (MADE(features=64, hidden_features=[32]), NADE(features=64, hidden_features=16)):
         fit = SVI(num_steps=5, seed=0).run(model.model, None, x)
         assert fit.num_steps == 5
         assert model.sample(3).is_cuda and torch.isfinite(model.log_prob(x[:8])).all()

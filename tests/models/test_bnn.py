@@ -33,7 +33,7 @@ def linear_posterior(x, y, noise, prior_scale):
 
 @pytest.mark.parametrize("engine", ["chees", "nuts"])
 def test_linear_bnn_matches_exact_posterior(engine):
-    bnn = BNN(in_dim=2, hidden=(), noise_scale=0.5, prior_scale=1.0)
+    bnn = BNN(features=2, hidden_features=(), noise_scale=0.5, prior_scale=1.0)
     if engine == "chees":
         fit = ChEES(num_chains=32, num_warmup=150, num_samples=150, jit_compile=True, seed=0).run(bnn.model, XL, YL)
     else:
@@ -52,7 +52,7 @@ def test_mlp_bnn_regression_beats_the_mean_and_predicts():
     y = torch.sin(x.squeeze(-1)) + 0.1 * torch.randn(30, generator=torch.Generator().manual_seed(1))
     xt = torch.linspace(-2.8, 2.8, 25).unsqueeze(-1)
     yt = torch.sin(xt.squeeze(-1))
-    bnn = BNN(in_dim=1, hidden=(6,), noise_scale=0.1)
+    bnn = BNN(features=1, hidden_features=(6,), noise_scale=0.1)
     fit = ChEES(num_chains=16, num_warmup=120, num_samples=40, max_leapfrog_steps=40, jit_compile=True,
                 seed=0).run(bnn.model, x, y)
     pred = bnn.predict(xt, fit.samples)
@@ -69,7 +69,7 @@ def test_mlp_bnn_regression_beats_the_mean_and_predicts():
 def test_zoo_run_attaches_draws_that_survive_save_and_load(tmp_path):
     import ppdgm
 
-    bnn = BNN(in_dim=2, hidden=(), noise_scale=0.5)
+    bnn = BNN(features=2, hidden_features=(), noise_scale=0.5)
     ds = Dataset(x=XL, y=YL, name="toy")
     fit = ChEES(num_chains=4, num_warmup=30, num_samples=10).run_zoo(bnn, bnn.data_args(ds), checkpoint_dir=tmp_path)
     pred = bnn.predict(XL)  # uses the attached draws
@@ -83,8 +83,8 @@ def test_zoo_run_attaches_draws_that_survive_save_and_load(tmp_path):
 def test_classification_and_registry():
     cls = model_class("bnn")
     ds = Dataset(x=torch.randn(12, 3), y=torch.tensor([0, 1, 2] * 4), name="toy")
-    bnn = cls.from_data(ds, hidden=(4,))
-    assert bnn.likelihood == "categorical" and bnn.out_dim == 3
+    bnn = cls.from_data(ds, hidden_features=(4,))
+    assert bnn.likelihood == "categorical" and bnn.out_features == 3
     assert cls(**bnn.spec["kwargs"]).spec == bnn.spec
     tr = pyro.poutine.trace(bnn.model).get_trace(*bnn.data_args(ds))
     assert tr.nodes["y"]["fn"].logits.shape == (12, 3)
@@ -97,7 +97,7 @@ def test_classification_and_registry():
 @settings(max_examples=25, deadline=None)
 def test_weight_draws_broadcast_against_data(batch, n, hidden):
     """A batch of weight draws on the left gives a batch of outputs; draw b equals a single run."""
-    bnn = BNN(in_dim=2, hidden=tuple(hidden), out_dim=3, likelihood="categorical")
+    bnn = BNN(features=2, hidden_features=tuple(hidden), out_features=3, likelihood="categorical")
     x = torch.randn(n, 2)
     B = math.prod(batch)
     with pyro.plate("draws", B, dim=-2):
@@ -132,7 +132,7 @@ def test_suggested_engine_settings_sample_a_classifier():
     centres = torch.tensor([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]])
     y = torch.arange(150) % 3
     x = centres[y] + 0.7 * torch.randn(150, 2, generator=g)
-    bnn = BNN(in_dim=2, hidden=(4,), out_dim=3, likelihood="categorical")
+    bnn = BNN(features=2, hidden_features=(4,), out_features=3, likelihood="categorical")
     fit = ChEES(**BNN.engine_config, progress=False).run(bnn.model, x, y)
     assert fit.samples["layers.0.weight"].shape[:2] == (32, 200) and fit.extra["divergences"] == 0
     xt = centres[y] + 0.7 * torch.randn(150, 2, generator=g)
@@ -142,8 +142,8 @@ def test_suggested_engine_settings_sample_a_classifier():
     assert float(az.rhat(az.convert_to_dataset({"p": probs}))["p"].max()) < 1.02
 
 
-@pytest.mark.parametrize("kw,match", [({"hidden": (0,)}, "hidden"), ({"likelihood": "poisson"}, "likelihood"),
-                                      ({"likelihood": "bernoulli", "out_dim": 2}, "out_dim"),
+@pytest.mark.parametrize("kw,match", [({"hidden_features": (0,)}, "hidden_features"), ({"likelihood": "poisson"}, "likelihood"),
+                                      ({"likelihood": "bernoulli", "out_features": 2}, "out_features"),
                                       ({"noise_scale": -1.0}, "noise_scale"), ({"activation": "gelu2"}, "activation")])
 def test_bad_config(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -151,20 +151,20 @@ def test_bad_config(kw, match):
 
 
 def test_bad_data():
-    bnn = BNN(in_dim=2)
+    bnn = BNN(features=2)
     with pytest.raises(ValueError, match="features"):
         bnn.model(torch.randn(5, 3), torch.randn(5))
     with pytest.raises(ValueError, match="y: expected shape"):
         bnn.model(torch.randn(5, 2), torch.randn(4))
     with pytest.raises(ValueError, match=r"\{0, 1\}"):
-        BNN(in_dim=2, likelihood="bernoulli").model(torch.randn(3, 2), torch.tensor([0.0, 2.0, 1.0]))
+        BNN(features=2, likelihood="bernoulli").model(torch.randn(3, 2), torch.tensor([0.0, 2.0, 1.0]))
     with pytest.raises(ValueError, match="posterior draws"):
         bnn.predict(torch.randn(3, 2))
 
 
 @cuda
 def test_bnn_chees_cuda_smoke():
-    bnn = BNN(in_dim=2, hidden=(4,), noise_scale=0.5)
+    bnn = BNN(features=2, hidden_features=(4,), noise_scale=0.5)
     fit = ChEES(num_chains=8, num_warmup=20, num_samples=10).run(bnn.model, XL.cuda(), YL.cuda())
     assert fit.samples["layers.0.weight"].device.type == "cuda"
     assert bnn.predict(XL.cuda(), fit.samples).device.type == "cuda"
@@ -179,7 +179,7 @@ def test_classifier_bnn_predicts_from_guide_draws(likelihood, classes):
     centres = torch.tensor([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]])[:classes]
     y = torch.arange(300) % classes
     x = centres[y] + 0.5 * torch.randn(300, 2, generator=g)
-    bnn = BNN(in_dim=2, hidden=(8,), out_dim=classes if likelihood == "categorical" else 1, likelihood=likelihood)
+    bnn = BNN(features=2, hidden_features=(8,), out_features=classes if likelihood == "categorical" else 1, likelihood=likelihood)
     fit = SVI(num_steps=400, lr=0.03, progress=False).run(bnn.model, None, (x, y))
     bnn.attach_posterior(guide_draws(bnn.model, fit.guide, (x, y), num_samples=100))
     probs = bnn.predict(x)

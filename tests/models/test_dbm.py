@@ -24,7 +24,7 @@ def randomize(model, seed=0):
 
 def test_two_layer_dbm_bound_is_the_rbm_free_energy():
     dbm = randomize(DBM(sizes=[6, 4]))
-    rbm = RBM(visible=6, hidden=4)
+    rbm = RBM(features=6, hidden_units=4)
     with torch.no_grad():
         rbm.W.copy_(dbm.weights[0])
         rbm.b.copy_(dbm.biases[0])
@@ -34,7 +34,7 @@ def test_two_layer_dbm_bound_is_the_rbm_free_energy():
 
 
 def test_block_gibbs_samples_the_exact_joint_of_a_multimodal_dbm():
-    mm = randomize(MultimodalDBM(pixels=4, hidden=3, top=3, classes=3))
+    mm = randomize(MultimodalDBM(features=4, hidden_units=3, top_units=3, classes=3))
     e = mm.energy_graph()
     bits = torch.tensor(list(itertools.product([0, 1], repeat=10)), dtype=torch.float32)
     states = {k: [] for k in range(4)}
@@ -86,7 +86,7 @@ def test_pretrained_pcd_dbm_beats_the_rbm_of_the_same_first_layer_size(digits):
     PersistentCD(num_epochs=80, batch_size=50, lr=0.01, optim="adam", lr_schedule="linear", weight_decay=1e-4,
                  num_chains=200, k=5, seed=0).run(dbm, train.x)
     torch.manual_seed(0)
-    rbm = RBM(visible=64, hidden=128)  # as in tests/models/test_rbm.py
+    rbm = RBM(features=64, hidden_units=128)  # as in tests/models/test_rbm.py
     PersistentCD(num_epochs=60, batch_size=50, lr=0.02, optim="adam", lr_schedule="linear", weight_decay=1e-4,
                  num_chains=100, seed=0).run(rbm, train.x)
     ais = dict(num_runs=100, num_betas=3000, base_data=train.x, seed=1)
@@ -102,7 +102,7 @@ def test_pretrained_pcd_dbm_beats_the_rbm_of_the_same_first_layer_size(digits):
 def test_multimodal_dbm_labels_test_digits_and_draws_digits_from_labels(digits):
     train, test = digits
     torch.manual_seed(0)
-    mm = MultimodalDBM(pixels=64, hidden=128, top=64, classes=10, mean_field_steps=10)
+    mm = MultimodalDBM(features=64, hidden_units=128, top_units=64, classes=10, mean_field_steps=10)
     mm.pretrain((train.x, train.y), epochs=30, lr=0.05, batch_size=50)
     PersistentCD(num_epochs=10, batch_size=50, lr=3e-4, optim="adam", num_chains=100, seed=0).run(mm, (train.x, train.y))
     accuracy = (mm.predict(test.x) == test.y).float().mean().item()
@@ -143,7 +143,7 @@ def test_bad_input_fails_fast():
     g.nodes["h1"]["units"] = "gaussian"
     with pytest.raises(ValueError, match="hidden layer 'h1' must have bernoulli units"):
         DBM(graph=g)
-    mm = MultimodalDBM(pixels=4, hidden=3, top=3, classes=3)
+    mm = MultimodalDBM(features=4, hidden_units=3, top_units=3, classes=3)
     x = torch.bernoulli(torch.full((5, 4), 0.5))
     with pytest.raises(ValueError, match=r"integer class labels in \[0, 3\)"):
         PersistentCD(num_steps=2).run(mm, (x, torch.tensor([0, 1, 2, 3, 0])))
@@ -164,7 +164,7 @@ def test_bad_input_fails_fast():
 def test_cuda_smoke():
     x = torch.bernoulli(torch.full((64, 8), 0.3)).cuda()
     y = torch.randint(0, 3, (64,)).cuda()
-    mm = MultimodalDBM(pixels=8, hidden=6, top=4, classes=3)
+    mm = MultimodalDBM(features=8, hidden_units=6, top_units=4, classes=3)
     mm.pretrain((x, y), epochs=2, batch_size=16)
     PersistentCD(num_steps=10, batch_size=16, num_chains=8).run(mm, (x, y))
     assert mm.predict(x).device.type == "cuda"
@@ -177,7 +177,7 @@ def test_pcd_resume_restores_persistent_dbm_chains(tmp_path):
 
     def make():
         torch.manual_seed(0)
-        return MultimodalDBM(pixels=6, hidden=4, top=3, classes=3)
+        return MultimodalDBM(features=6, hidden_units=4, top_units=3, classes=3)
 
     engine = PersistentCD(num_steps=20, batch_size=10, num_chains=8, checkpoint_every=5, lr=0.05, seed=1)
     full = make()
@@ -216,7 +216,7 @@ def test_from_data_takes_a_graph_file_and_checks_it_against_the_data(tmp_path, d
     path = tmp_path / "g.json"
     path.write_text(json.dumps(dbm_graph([64, 32, 16]).to_json()))
     assert DBM.from_data(train, graph=str(path)).sizes == [64, 32, 16]
-    assert RBM.from_data(train, graph=dbm_graph([64, 20]).graph).hidden == 20
+    assert RBM.from_data(train, graph=dbm_graph([64, 20]).graph).hidden_units == 20
     assert DBN.from_data(train, graph=dbn_graph([64, 16, 8]).graph).sizes == [64, 16, 8]
     path.write_text(json.dumps(dbm_graph([10, 4]).to_json()))
     with pytest.raises(ValueError, match="has 10 units but digits-binary-train has 64 columns"):

@@ -81,7 +81,7 @@ def test_graph_input_and_bad_input():
     with pytest.raises(ValueError, match="a DBN is a DiGraph"):
         DBN(graph=dbm_graph([8, 4, 2]).graph)
     with pytest.raises(TypeError, match="a `stack` of RBMs"):
-        GreedyLayerwise(num_steps=2).run(RBM(visible=3, hidden=2), torch.ones(4, 3))
+        GreedyLayerwise(num_steps=2).run(RBM(features=3, hidden_units=2), torch.ones(4, 3))
     with pytest.raises(ValueError, match="lr must be a positive number"):
         GreedyLayerwise(lr=-1)
     with pytest.raises(ValueError, match=r"expected binary values"):

@@ -17,7 +17,7 @@ from ppdgm.models.ebm import EBM
 def trained():
     x, centres = make_gaussian_mixture(2000, seed=0)
     torch.manual_seed(0)
-    ebm = EBM.from_data(x, hidden=[64, 64], step_size=0.002, alpha=1e-4)
+    ebm = EBM.from_data(x, hidden_features=[64, 64], step_size=0.002, alpha=1e-4)
     fit = PersistentCD(num_steps=1000, batch_size=128, lr=3e-3, optim="adam", k=3, num_chains=256,
                        seed=0).run(ebm, x)
     return ebm, fit, centres
@@ -39,7 +39,7 @@ def test_covers_eight_modes_and_beats_a_gaussian(trained):
 
 def test_energy_penalty_and_protocol_shapes():
     torch.manual_seed(0)
-    ebm = EBM(x_dim=2, hidden=[16], alpha=0.5)
+    ebm = EBM(features=2, hidden_features=[16], alpha=0.5)
     batch = torch.randn(7, 2)
     pos = ebm.positive_log_density(batch)
     chains = ebm.init_chains(5, batch)
@@ -65,7 +65,7 @@ def test_grid_normalizer_makes_a_density(trained):
 
 def test_ais_normalizer_agrees_with_quadrature():
     torch.manual_seed(0)
-    ebm = EBM(x_dim=2, hidden=[16], low=-3.0, high=3.0, step_size=0.05)
+    ebm = EBM(features=2, hidden_features=[16], low=-3.0, high=3.0, step_size=0.05)
     exact = ebm.log_normalizer()
     torch.manual_seed(1)
     ais = ebm._ais_log_normalizer(num_chains=200, num_temps=50)
@@ -97,7 +97,7 @@ def test_conv_energy_on_digit_images_follows_the_protocol(tmp_path):
 
     digits = load_digits("train")
     torch.manual_seed(0)
-    ebm = EBM.from_data(digits, image_shape=(8, 8), hidden=[8, 8], step_size=0.01)
+    ebm = EBM.from_data(digits, image_shape=(8, 8), hidden_features=[8, 8], step_size=0.01)
     assert (ebm.low, ebm.high) == (0.0, 1.0)
     fit = PersistentCD(num_steps=3, batch_size=32, optim="adam", k=2, num_chains=16).run(ebm, digits.x)
     assert fit.num_steps == 3 and ebm.sample(4).shape == (4, 64)
@@ -105,7 +105,7 @@ def test_conv_energy_on_digit_images_follows_the_protocol(tmp_path):
     loaded = ppdgm.load(tmp_path).module
     assert torch.allclose(loaded.log_prob(digits.x[:3]), ebm.log_prob(digits.x[:3]), atol=1e-6)
     with pytest.raises(ValueError, match="image_shape"):
-        EBM(x_dim=64, image_shape=(7, 7))
+        EBM(features=64, image_shape=(7, 7))
 
 
 @settings(max_examples=15, deadline=None)
@@ -117,7 +117,7 @@ def test_nonpositive_step_size_is_refused(step):
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"low": 1.0, "high": 0.0}, "low must be below high"),
-    ({"x_dim": 0}, "x_dim"),
+    ({"features": 0}, "features"),
     ({"reinit_prob": 1.5}, "reinit_prob"),
     ({"alpha": -1.0}, "alpha"),
 ])
@@ -128,12 +128,12 @@ def test_bad_settings_are_refused(kwargs, match):
 
 def test_wrong_data_shape_fails_before_training():
     with pytest.raises(ValueError, match=r"expected a tensor shaped \(n, 2\)"):
-        PersistentCD(num_steps=1).run(EBM(x_dim=2), torch.zeros(10, 3))
+        PersistentCD(num_steps=1).run(EBM(features=2), torch.zeros(10, 3))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_smoke():
     x, _ = make_gaussian_mixture(256, seed=0)
-    ebm = EBM(x_dim=2, hidden=[16])
+    ebm = EBM(features=2, hidden_features=[16])
     PersistentCD(num_steps=3, batch_size=64, k=2, num_chains=32, optim="adam").run(ebm, x.cuda())
     assert ebm.sample(8).device.type == "cuda"

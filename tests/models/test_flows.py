@@ -45,14 +45,14 @@ def _change_of_variables(flow, x, y):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("context_dim", [0, 2], ids=["plain", "conditional"])
+@pytest.mark.parametrize("context", [0, 2], ids=["plain", "conditional"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_log_prob_matches_change_of_variables(kind, context_dim, float64):
-    flow = FlowModel(dim=3, kind=kind, num_layers=3, hidden_dims=[8], context_dim=context_dim)
+def test_log_prob_matches_change_of_variables(kind, context, float64):
+    flow = FlowModel(features=3, kind=kind, num_layers=3, hidden_features=[8], context=context)
     _randomize_batch_norm(flow)
     flow.eval()
     x = torch.randn(5, 3)
-    y = torch.randn(5, context_dim) if context_dim else None
+    y = torch.randn(5, context) if context else None
     with torch.no_grad():
         lp = flow.log_prob(x, y)
     ref = _change_of_variables(flow, x, y).detach()
@@ -60,13 +60,13 @@ def test_log_prob_matches_change_of_variables(kind, context_dim, float64):
     assert torch.allclose(lp, ref, atol=1e-4, rtol=0)
     # a wrong Jacobian term would move log p by far more than the tolerance
     assert (lp - flow.distribution(y).base_dist.log_prob(flow.to_latent(x, y)).detach()).abs().max() > 1e-2
-    s = flow.sample(7, None if y is None else torch.randn(7, context_dim))
+    s = flow.sample(7, None if y is None else torch.randn(7, context))
     assert s.shape == (7, 3)
-    assert torch.isfinite(flow.log_prob(s, None if y is None else torch.randn(7, context_dim))).all()
+    assert torch.isfinite(flow.log_prob(s, None if y is None else torch.randn(7, context))).all()
 
 
 def test_dequantized_flow_includes_the_logit_jacobian(float64):
-    flow = FlowModel(dim=3, kind="maf", num_layers=2, hidden_dims=[8], levels=17).eval()
+    flow = FlowModel(features=3, kind="maf", num_layers=2, hidden_features=[8], levels=17).eval()
     v = torch.rand(4, 3) * 0.9 + 0.05
     ref = _change_of_variables(flow, v, None).detach()
     assert torch.allclose(flow.log_prob(v).detach(), ref, atol=1e-4, rtol=0)
@@ -87,7 +87,7 @@ def test_maf_learns_moons_and_beats_a_gaussian():
     train, test = load_dataset("moons", "train", n=1000), load_dataset("moons", "test", n=500)
     gauss = torch.distributions.MultivariateNormal(train.x.mean(0), torch.cov(train.x.T))
     gauss_nll = -gauss.log_prob(test.x).mean().item()  # 1.88 nats; the MAF reaches about 1.06
-    flow = FlowModel(dim=2, kind="maf", num_layers=4, hidden_dims=[32, 32])
+    flow = FlowModel(features=2, kind="maf", num_layers=4, hidden_features=[32, 32])
     fit = SVI(num_steps=400, lr=5e-3, batch_size=250, seed=0).run(flow.model, None, train.x)
     nll = -ppdgm.evaluate.log_likelihood(flow, test.x).mean
     assert fit.extra["autoguide"] == "empty"
@@ -98,7 +98,7 @@ def test_conditional_flow_uses_its_context():
     g = torch.Generator().manual_seed(0)
     y = torch.nn.functional.one_hot(torch.randint(0, 2, (400,), generator=g), 2).float()
     x = 4 * (y[:, :1] - 0.5) + 0.3 * torch.randn(400, 2, generator=g)  # centre +-2 picked by y
-    flow = FlowModel(dim=2, kind="realnvp", num_layers=2, hidden_dims=[16], context_dim=2)
+    flow = FlowModel(features=2, kind="realnvp", num_layers=2, hidden_features=[16], context=2)
     SVI(num_steps=300, lr=1e-2, seed=0).run(flow.model, None, (x, y))
     right = flow.log_prob(x, y).mean().item()
     wrong = flow.log_prob(x, y.flip(-1)).mean().item()
@@ -107,7 +107,7 @@ def test_conditional_flow_uses_its_context():
 
 def test_dequantized_digits_bound_and_training_loss_agree(tmp_path):
     train, test = load_digits("train"), load_digits("test")
-    flow = FlowModel.from_data(train, kind="realnvp", num_layers=2, hidden_dims=[64])
+    flow = FlowModel.from_data(train, kind="realnvp", num_layers=2, hidden_features=[64])
     assert flow.levels == 17 and flow.support == "unit_interval"
     # pixels already dequantized off their grid are continuous data: no second dequantization
     noisy = Dataset(train.x + torch.rand_like(train.x) / 17, train.y, "digits-dequantized-train", (8, 8))
@@ -128,7 +128,7 @@ def test_dequantized_digits_bound_and_training_loss_agree(tmp_path):
 
 
 def test_registered_and_rebuilt_from_spec():
-    flow = model_class("flow")(dim=4, kind="nsf_ar", num_layers=2, hidden_dims=[8], context_dim=3)
+    flow = model_class("flow")(features=4, kind="nsf_ar", num_layers=2, hidden_features=[8], context=3)
     again = FlowModel(**flow.spec["kwargs"])
     assert again.spec == flow.spec and sum(p.numel() for p in again.parameters()) == sum(
         p.numel() for p in flow.parameters())
@@ -137,16 +137,16 @@ def test_registered_and_rebuilt_from_spec():
 @settings(max_examples=15, deadline=None)
 @given(dim=st.integers(1, 6).filter(lambda d: d != 3), rows=st.integers(1, 4))
 def test_wrong_dimension_is_refused(dim, rows):
-    flow = FlowModel(dim=3, kind="maf", num_layers=1, hidden_dims=[4])
-    with pytest.raises(ValueError, match=r"dim=3.*got shape"):
+    flow = FlowModel(features=3, kind="maf", num_layers=1, hidden_features=[4])
+    with pytest.raises(ValueError, match=r"3 features, got shape"):
         flow.log_prob(torch.zeros(rows, dim))
-    with pytest.raises(ValueError, match="dim=3"):
+    with pytest.raises(ValueError, match="3 features"):
         flow.model(torch.zeros(rows, dim))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_data_is_refused(bad):
-    flow = FlowModel(dim=2, kind="realnvp", num_layers=1, hidden_dims=[4])
+    flow = FlowModel(features=2, kind="realnvp", num_layers=1, hidden_features=[4])
     x = torch.zeros(3, 2)
     x[1, 0] = bad
     with pytest.raises(ValueError, match="finite"):
@@ -158,24 +158,24 @@ def test_non_finite_data_is_refused(bad):
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="kind must be one of"):
         FlowModel(kind="glow")
-    with pytest.raises(ValueError, match="dim must be"):
-        FlowModel(dim=1)
+    with pytest.raises(ValueError, match="features must be"):
+        FlowModel(features=1)
     with pytest.raises(ValueError, match="levels"):
         FlowModel(levels=1)
-    cond = FlowModel(dim=2, num_layers=1, hidden_dims=[4], context_dim=3)
+    cond = FlowModel(features=2, num_layers=1, hidden_features=[4], context=3)
     with pytest.raises(ValueError, match=r"y: expected shape \(2, 3\)"):
         cond.log_prob(torch.zeros(2, 2), torch.zeros(2, 2))
     assert cond.sample(4).shape == (4, 2)  # no y: one-hot contexts in turn
     with pytest.raises(ValueError, match="unconditional"):
-        FlowModel(dim=2, num_layers=1, hidden_dims=[4]).log_prob(torch.zeros(2, 2), torch.zeros(2, 1))
+        FlowModel(features=2, num_layers=1, hidden_features=[4]).log_prob(torch.zeros(2, 2), torch.zeros(2, 1))
     with pytest.raises(ValueError, match="unit_interval|\\[0, 1\\]"):
-        FlowModel(dim=2, num_layers=1, hidden_dims=[4], levels=17).model(torch.full((2, 2), 3.0))
+        FlowModel(features=2, num_layers=1, hidden_features=[4], levels=17).model(torch.full((2, 2), 3.0))
 
 
 @cuda
 def test_flow_on_cuda_follows_the_data():
     x = load_dataset("moons", "train", n=256).x.cuda()
-    flow = FlowModel(dim=2, kind="nsf_coupling", num_layers=2, hidden_dims=[16])
+    flow = FlowModel(features=2, kind="nsf_coupling", num_layers=2, hidden_features=[16])
     fit = SVI(num_steps=5, seed=0).run(flow.model, None, x)
     assert fit.num_steps == 5 and flow.base_loc.is_cuda
     assert flow.sample(4).is_cuda and torch.isfinite(flow.log_prob(x[:8])).all()
@@ -186,6 +186,6 @@ def test_full_batch_training_does_not_replay_a_cached_transform(kind):
     # the same data tensor every step used to hit Pyro's identity-keyed transform cache and
     # backpropagate through the previous step's freed graph
     x = load_dataset("moons", "train", n=128).x
-    flow = FlowModel(dim=2, kind=kind, num_layers=2, hidden_dims=[16])
+    flow = FlowModel(features=2, kind=kind, num_layers=2, hidden_features=[16])
     fit = SVI(num_steps=3, seed=0, progress=False).run(flow.model, None, x)
     assert len(fit.history["loss"]) == 3 and all(math.isfinite(v) for v in fit.history["loss"])

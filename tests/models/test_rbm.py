@@ -13,9 +13,9 @@ from ppdgm.models import build_from_spec, model_class
 from ppdgm.models.rbm import RBM
 
 
-def random_rbm(units="bernoulli", visible=6, hidden=4, **kw):
+def random_rbm(units="bernoulli", features=6, hidden_units=4, **kw):
     torch.manual_seed(1)
-    m = RBM(visible=visible, hidden=hidden, units=units, init_scale=0.7, **kw)
+    m = RBM(features=features, hidden_units=hidden_units, units=units, init_scale=0.7, **kw)
     with torch.no_grad():
         m.b.normal_(0, 0.5)
         m.c.normal_(0, 0.5)
@@ -75,7 +75,7 @@ def test_conditionals_and_gibbs_keep_supports():
 def trained_rbm():
     train = load_digits("train", binarize=True).x
     torch.manual_seed(0)
-    rbm = RBM(visible=64, hidden=128)
+    rbm = RBM(features=64, hidden_units=128)
     fit = PersistentCD(num_epochs=60, batch_size=50, lr=0.02, optim="adam", lr_schedule="linear",
                        weight_decay=1e-4, num_chains=100, seed=0).run(rbm, train)
     return rbm, fit
@@ -113,22 +113,22 @@ def test_rbm_from_graph():
     from ppdgm.graphs import dbm_graph, rbm_graph
 
     m = RBM.from_graph(rbm_graph(64, 32, units="gaussian"))
-    assert (m.visible, m.hidden, m.units, m.support) == (64, 32, "gaussian", "real")
+    assert (m.features, m.hidden_units, m.units, m.support) == (64, 32, "gaussian", "real")
     with pytest.raises(ValueError, match="one visible and one hidden layer"):
         RBM.from_graph(dbm_graph([4, 3, 2]))
 
 
 @settings(max_examples=25, deadline=None)
-@given(visible=st.one_of(st.integers(-3, 0), st.floats(0.5, 3), st.just(True)), units=st.sampled_from(["relu", 3]))
-def test_bad_constructor_arguments(visible, units):
-    with pytest.raises(ValueError, match="visible must be a positive int"):
-        RBM(visible=visible)
+@given(features=st.one_of(st.integers(-3, 0), st.floats(0.5, 3), st.just(True)), units=st.sampled_from(["relu", 3]))
+def test_bad_constructor_arguments(features, units):
+    with pytest.raises(ValueError, match="features must be a positive int"):
+        RBM(features=features)
     with pytest.raises(ValueError, match="units must be one of"):
         RBM(units=units)
 
 
 def test_bad_data_fails_before_training():
-    rbm = RBM(visible=4, hidden=3)
+    rbm = RBM(features=4, hidden_units=3)
     before = rbm.W.detach().clone()
     engine = PersistentCD(num_steps=5)
     with pytest.raises(ValueError, match=r"expected binary values in \{0, 1\}"):
@@ -136,14 +136,14 @@ def test_bad_data_fails_before_training():
     with pytest.raises(ValueError, match="expected 4 columns"):
         engine.run(rbm, torch.ones(10, 5))
     with pytest.raises(ValueError, match="non-negative integer counts"):
-        engine.run(RBM(visible=4, hidden=3, units="softmax"), -torch.ones(10, 4))
+        engine.run(RBM(features=4, hidden_units=3, units="softmax"), -torch.ones(10, 4))
     assert torch.equal(rbm.W, before)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_smoke():
     x = torch.bernoulli(torch.full((64, 10), 0.3)).cuda()
-    rbm = RBM(visible=10, hidden=6)
+    rbm = RBM(features=10, hidden_units=6)
     fit = PersistentCD(num_steps=20, batch_size=16, num_chains=8).run(rbm, x)
     assert rbm.W.device.type == "cuda" and fit.extra["tensors"]["chains"].device.type == "cuda"
     ll = rbm.log_likelihood(x, num_runs=20, num_betas=200)
@@ -164,11 +164,11 @@ def test_closed_form_gradients_match_autograd(units):
     for p, g in zip([m.W, m.b, m.c], expected):
         assert torch.allclose(p.grad, g, atol=1e-5)
     assert torch.allclose(-(pos.mean() - neg.mean()), loss)
-    assert RBM(visible=3, hidden=2, units="gaussian", learn_sigma=True).contrastive_grads(v[:, :3], v[:, :3]) is None
+    assert RBM(features=3, hidden_units=2, units="gaussian", learn_sigma=True).contrastive_grads(v[:, :3], v[:, :3]) is None
 
 
 def test_replicated_softmax_partition_function_per_document_length():
-    m = random_rbm("softmax", visible=5, hidden=3)
+    m = random_rbm("softmax", features=5, hidden_units=3)
     length = 3
     sequences = torch.tensor(list(itertools.product(range(5), repeat=length)))
     docs = torch.nn.functional.one_hot(sequences, 5).sum(1).float()  # every word sequence as a count vector
@@ -188,7 +188,7 @@ def test_replicated_softmax_partition_function_per_document_length():
 
 def test_parallel_tempering_samples_a_bimodal_rbm_and_trains_by_pcd():
     torch.manual_seed(0)
-    m = RBM(visible=6, hidden=1, init_scale=0.0, temperatures=8, min_beta=0.1)
+    m = RBM(features=6, hidden_units=1, init_scale=0.0, temperatures=8, min_beta=0.1)
     with torch.no_grad():  # all-off and all-on are equally likely modes behind a deep barrier
         m.W.fill_(6.0)
         m.c.fill_(-18.0)
@@ -217,7 +217,7 @@ def test_gaussian_bernoulli_rbm_learns_a_four_mode_mixture():
     results = {}
     for learn_sigma in (False, True):  # closed-form gradients, then autograd through log sigma
         torch.manual_seed(0)
-        m = RBM(visible=2, hidden=10, units="gaussian", sigma=0.5, learn_sigma=learn_sigma, init_scale=0.1)
+        m = RBM(features=2, hidden_units=10, units="gaussian", sigma=0.5, learn_sigma=learn_sigma, init_scale=0.1)
         PersistentCD(num_epochs=40, batch_size=100, lr=0.01, optim="adam", num_chains=200, k=5, seed=0).run(m, x)
         results[learn_sigma] = m.log_likelihood(test, method="exact").mean().item()
     # measured: -2.92 (fixed sigma 0.5) and -3.36 (learned) against the best single Gaussian's -3.57 nats
@@ -229,7 +229,7 @@ def test_gaussian_bernoulli_rbm_learns_a_four_mode_mixture():
 @given(rows=st.integers(1, 20), cols=st.integers(1, 12), value=st.sampled_from([0.5, -1.0, 2.0, float("nan")]),
        units=st.sampled_from(["bernoulli", "softmax"]))
 def test_any_mismatched_or_off_support_data_is_refused_before_training(rows, cols, value, units):
-    rbm = RBM(visible=6, hidden=3, units=units)
+    rbm = RBM(features=6, hidden_units=3, units=units)
     before = rbm.W.detach().clone()
     if units == "softmax" and value == 2.0:  # a count of 2 is valid for word counts
         value = 0.5

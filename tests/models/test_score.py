@@ -19,7 +19,7 @@ from ppdgm.models.score import ScoreModel, VESDE, VPSDE, check_decreasing
 def mixture_model():
     x, centres = make_gaussian_mixture(2000, seed=0)
     torch.manual_seed(0)
-    model = ScoreModel(x_dim=2, sde="vp", hidden=[64, 64])
+    model = ScoreModel(features=2, sde="vp", hidden_features=[64, 64])
     fit = ScoreMatching(num_steps=800, batch_size=1024, lr=5e-3, ema=0.99, seed=0).run(model, x)
     held_out, _ = make_gaussian_mixture(1000, seed=2)
     torch.manual_seed(3)
@@ -54,7 +54,7 @@ def test_probability_flow_likelihood_of_a_gaussian_matches_the_true_density():
     x = mu + sd * torch.randn(4000, 1, generator=g)
     test = mu + sd * torch.randn(500, 1, generator=g)
     torch.manual_seed(0)
-    model = ScoreModel(x_dim=1, sde="ve", hidden=[64, 64], sigma_max=4.0)
+    model = ScoreModel(features=1, sde="ve", hidden_features=[64, 64], sigma_max=4.0)
     ScoreMatching(num_steps=1000, batch_size=512, lr=2e-3, ema=0.99, seed=0).run(model, x)
     ll = model.log_likelihood(test, num_steps=50)
     true = torch.distributions.Normal(mu, sd).log_prob(test).squeeze(-1)
@@ -74,7 +74,7 @@ def test_an_untrained_gaussian_base_model_is_the_fitted_gaussian(sde, options):
     mean = torch.arange(5.0) if sde == "vp" else torch.full((5,), 2.0)
     x = torch.distributions.MultivariateNormal(mean, cov).sample((2000,))
     test = x[:100] + 0.1
-    model = ScoreModel.from_data(x, sde=sde, hidden=[16], eps=1e-4, **options)
+    model = ScoreModel.from_data(x, sde=sde, hidden_features=[16], eps=1e-4, **options)
     assert model.gaussian_base
     torch.nn.init.zeros_(model.net[-1].weight)  # the network's correction is zero
     torch.nn.init.zeros_(model.net[-1].bias)
@@ -91,7 +91,7 @@ def test_patience_stops_on_the_validation_loss_and_keeps_the_best_weights():
     x, _ = make_gaussian_mixture(500, seed=0)
     shifted = x[:200] + 3.0  # a validation set the model gets worse at as it fits x
     torch.manual_seed(0)
-    model = ScoreModel(x_dim=2, hidden=[32])
+    model = ScoreModel(features=2, hidden_features=[32])
     fit = ScoreMatching(num_steps=2000, batch_size=128, lr=1e-2, eval_every=20, patience=3, seed=0).run(
         model, x, val_data=shifted)
     best = fit.extra["best_val"]
@@ -106,7 +106,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
 
     def train(steps, resume, directory):
         torch.manual_seed(0)
-        model = ScoreModel(x_dim=2, hidden=[16])
+        model = ScoreModel(features=2, hidden_features=[16])
         fit = ScoreMatching(num_steps=steps, batch_size=64, ema=0.9, checkpoint_every=5, seed=0).run(
             model, x, val_data=x[:50], checkpoint_dir=directory, resume=resume)
         return model, fit
@@ -130,8 +130,8 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
 
 def test_standardization_enters_the_likelihood_as_a_jacobian():
     torch.manual_seed(0)
-    plain = ScoreModel(x_dim=3, hidden=[8])
-    shifted = ScoreModel(x_dim=3, hidden=[8], loc=1.0, scale=2.0)
+    plain = ScoreModel(features=3, hidden_features=[8])
+    shifted = ScoreModel(features=3, hidden_features=[8], loc=1.0, scale=2.0)
     shifted.load_state_dict(plain.state_dict())
     x = torch.randn(5, 3)
     expected = plain.log_likelihood((x - 1.0) / 2.0, num_steps=5) - 3 * math.log(2.0)
@@ -144,7 +144,7 @@ def test_standardization_enters_the_likelihood_as_a_jacobian():
 @settings(max_examples=30, deadline=None)
 @given(st.floats(0.02, 0.99), st.sampled_from(["ve", "vp"]))
 def test_time_of_std_inverts_the_schedule(t, sde):
-    model = ScoreModel(x_dim=1, sde=sde, eps=0.01)
+    model = ScoreModel(features=1, sde=sde, eps=0.01)
     std = model.sde.marginal(torch.tensor([t], dtype=torch.float64))[1]
     assert model._time_of_std(std).item() == pytest.approx(t, abs=1e-6)
 
@@ -161,12 +161,12 @@ def test_schedules_have_the_stated_marginals():
     (lambda: ScoreModel(sde="ve", sigma_min=1.0, sigma_max=0.5), "noise schedule must decrease"),
     (lambda: ScoreModel(sde="vp", beta_min=5.0, beta_max=1.0), "noise schedule"),
     (lambda: check_decreasing([1.0, 0.5, 0.5]), "strictly decreasing"),
-    (lambda: ScoreModel(x_dim=1).sample(4, "annealed_langevin", sigmas=[0.1, 0.5, 1.0]), "strictly decreasing"),
-    (lambda: ScoreModel(x_dim=1).sample(4, "annealed_langevin", step_size=0.0), "step_size"),
+    (lambda: ScoreModel(features=1).sample(4, "annealed_langevin", sigmas=[0.1, 0.5, 1.0]), "strictly decreasing"),
+    (lambda: ScoreModel(features=1).sample(4, "annealed_langevin", step_size=0.0), "step_size"),
     (lambda: ScoreModel(sde="sub-vp"), "sde must be one of"),
-    (lambda: ScoreModel(x_dim=1).log_likelihood(torch.zeros(3, 2)), "expected 1 columns"),
-    (lambda: ScoreModel(x_dim=1).sample(3, method="euler"), "method"),
-    (lambda: ScoreMatching(num_steps=1).run(ScoreModel(x_dim=2), torch.zeros(5, 3)), "expected 2 columns"),
+    (lambda: ScoreModel(features=1).log_likelihood(torch.zeros(3, 2)), "expected 1 columns"),
+    (lambda: ScoreModel(features=1).sample(3, method="euler"), "method"),
+    (lambda: ScoreMatching(num_steps=1).run(ScoreModel(features=2), torch.zeros(5, 3)), "expected 2 columns"),
     (lambda: ScoreMatching(ema=1.5), "ema"),
 ])
 def test_bad_input_is_refused(build, match):
@@ -177,7 +177,7 @@ def test_bad_input_is_refused(build, match):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_smoke():
     x, _ = make_gaussian_mixture(256, seed=0)
-    model = ScoreModel(x_dim=2, hidden=[16])
+    model = ScoreModel(features=2, hidden_features=[16])
     ScoreMatching(num_steps=3, batch_size=64).run(model, x.cuda())
     assert model.sample(8, num_scales=5).device.type == "cuda"
     assert torch.isfinite(model.log_likelihood(x[:4].cuda(), num_steps=3)).all()

@@ -33,7 +33,7 @@ def test_forecasts_beat_seasonal_naive_in_a_backtest():
     y = seasonal_series()
     rows = backtest(
         y,
-        lambda past: DeepAR.from_series(past, context=24, window=36, lags=(1, 12), period=12, hidden_dim=16),
+        lambda past: DeepAR.from_series(past, context_length=24, window=36, lags=(1, 12), period=12, hidden_features=16),
         horizon=12,
         origins=[240, 252],
         train=lambda m, past: m.fit(past, num_steps=150, lr=1e-2, batch_size=64, seed=0),
@@ -71,7 +71,7 @@ def test_sunspots_forecasts_beat_seasonal_naive_and_ar9():
 
 def test_forecast_intervals_and_predictive_shapes():
     y = seasonal_series(120)
-    model = DeepAR.from_series(y, context=24, lags=(1, 12), period=12, hidden_dim=8, likelihood="studentt")
+    model = DeepAR.from_series(y, context_length=24, lags=(1, 12), period=12, hidden_features=8, likelihood="studentt")
     fit = model.fit(y, num_steps=40, lr=1e-2, seed=0)
     assert fit.extra["autoguide"] == "empty"
     draws = model.forecast(y, horizon=6, num_samples=300, start=0)
@@ -85,7 +85,7 @@ def test_forecast_intervals_and_predictive_shapes():
 
 def test_log_likelihood_is_the_one_step_ahead_density():
     """With all weights zero the model predicts N(loc, scale * (softplus(b) + 1e-3)) at every step."""
-    model = DeepAR(context=8, window=10, lags=(1, 2), hidden_dim=4, loc=5.0, scale=2.0)
+    model = DeepAR(context_length=8, window=10, lags=(1, 2), hidden_features=4, loc=5.0, scale=2.0)
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
@@ -101,7 +101,7 @@ def test_log_likelihood_is_the_one_step_ahead_density():
 def test_transformed_likelihood_is_in_the_series_units(transform):
     """Zero weights: u = g(y) ~ N(loc, sd), so log p(y) = log N(g(y); loc, sd) + log g'(y), and the
     one-step density of y integrates to one."""
-    model = DeepAR(context=8, window=10, lags=(1, 2), hidden_dim=4, loc=1.5, scale=0.5, transform=transform)
+    model = DeepAR(context_length=8, window=10, lags=(1, 2), hidden_features=4, loc=1.5, scale=0.5, transform=transform)
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
@@ -128,7 +128,7 @@ def test_transformed_likelihood_is_in_the_series_units(transform):
 
 
 def test_weight_decay_is_an_l2_penalty_per_scored_value():
-    model = DeepAR(context=8, window=10, lags=(1, 2), hidden_dim=4, weight_decay=0.3)
+    model = DeepAR(context_length=8, window=10, lags=(1, 2), hidden_features=4, weight_decay=0.3)
     y = torch.randn(5, 10)
     with torch.no_grad():
         tr = ppdgm.inference.svi.poutine.trace(model.model).get_trace(y)
@@ -167,7 +167,7 @@ def test_metrics_have_known_answers():
 
 def test_windows_and_spec_round_trip(tmp_path):
     y = seasonal_series(60)
-    model = model_class("timeseries").from_series(y, context=13, window=20, lags=(1, 12), period=12, hidden_dim=8)
+    model = model_class("timeseries").from_series(y, context_length=13, window=20, lags=(1, 12), period=12, hidden_features=8)
     windows, t0 = model.windows(y)
     assert windows.shape == (41, 20) and t0.tolist() == list(range(41))
     assert torch.equal(windows[7], y[7:27])
@@ -181,7 +181,7 @@ def test_windows_and_spec_round_trip(tmp_path):
 @settings(max_examples=15, deadline=None)
 @given(horizon=st.one_of(st.integers(-5, 0), st.just(1.5), st.just(True)))
 def test_horizon_below_one_is_refused(horizon):
-    model = DeepAR(context=4, lags=(1,), hidden_dim=2)
+    model = DeepAR(context_length=4, lags=(1,), hidden_features=2)
     with pytest.raises(ValueError, match="horizon must be an int >= 1"):
         model.forecast(torch.randn(10), horizon)
     with pytest.raises(ValueError, match="horizon"):
@@ -191,23 +191,23 @@ def test_horizon_below_one_is_refused(horizon):
 @settings(max_examples=10, deadline=None)
 @given(length=st.integers(1, 11))
 def test_series_shorter_than_the_context_is_refused(length):
-    model = DeepAR(context=12, window=16, lags=(1,), hidden_dim=2)
-    with pytest.raises(ValueError, match="context=12"):
+    model = DeepAR(context_length=12, window=16, lags=(1,), hidden_features=2)
+    with pytest.raises(ValueError, match="context_length=12"):
         model.forecast(torch.randn(length), 3)
     with pytest.raises(ValueError, match="window=16"):
         model.windows(torch.randn(length))
 
 
 def test_bad_series_and_arguments_are_refused():
-    model = DeepAR(context=4, lags=(1,), hidden_dim=2)
+    model = DeepAR(context_length=4, lags=(1,), hidden_features=2)
     bad = torch.randn(20)
     bad[3] = float("nan")
     with pytest.raises(ValueError, match="finite"):
         model.forecast(bad, 2)
     with pytest.raises(ValueError, match="univariate"):
         model.forecast(torch.randn(10, 2), 2)
-    with pytest.raises(ValueError, match="context must be"):
-        DeepAR(context=12, lags=(1, 12))
+    with pytest.raises(ValueError, match="context_length must be"):
+        DeepAR(context_length=12, lags=(1, 12))
     with pytest.raises(ValueError, match="lags"):
         DeepAR(lags=(0,))
     with pytest.raises(ValueError, match="likelihood"):
@@ -222,7 +222,7 @@ def test_bad_series_and_arguments_are_refused():
         DeepAR(weight_decay=-0.1)
     with pytest.raises(ValueError, match="needs values > -1"):
         DeepAR.from_series(torch.randn(30) - 2, transform="log1p")
-    logged = DeepAR(context=4, lags=(1,), hidden_dim=2, transform="log1p")
+    logged = DeepAR(context_length=4, lags=(1,), hidden_features=2, transform="log1p")
     with pytest.raises(ValueError, match="history: transform='log1p'"):
         logged.forecast(torch.full((10,), -1.0), 2)
     with pytest.raises(ValueError, match="AR\\(5\\) needs at least 12"):
@@ -238,7 +238,7 @@ def test_sunspots_ship_with_statsmodels():
 @cuda
 def test_deepar_on_cuda_follows_the_data():
     y = seasonal_series(80).cuda()
-    model = DeepAR.from_series(y, context=12, lags=(1,), hidden_dim=4)
+    model = DeepAR.from_series(y, context_length=12, lags=(1,), hidden_features=4)
     fit = model.fit(y, num_steps=5, seed=0)
     assert fit.num_steps == 5 and model.head.weight.is_cuda
     assert model.forecast(y, 3, num_samples=10).is_cuda

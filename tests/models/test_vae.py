@@ -92,11 +92,11 @@ def test_save_and_load_rebuild_the_same_model(trained, digits, tmp_path):
 
 # -- options ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, loss", [
-    ({"posterior": "iaf", "hidden": [64]}, "elbo"),
-    ({"prior": "flow", "hidden": [64]}, "elbo"),
-    ({"network": "conv", "hidden": [32], "latent_dim": 4}, "elbo"),
-    ({"hidden": [64], "beta": 0.5}, "meanfield"),
-    ({"hidden": [64]}, "iwae"),
+    ({"posterior": "iaf", "hidden_features": [64]}, "elbo"),
+    ({"prior": "flow", "hidden_features": [64]}, "elbo"),
+    ({"network": "conv", "hidden_features": [32], "latent_features": 4}, "elbo"),
+    ({"hidden_features": [64], "beta": 0.5}, "meanfield"),
+    ({"hidden_features": [64]}, "iwae"),
 ])
 def test_variants_train_and_evaluate(kwargs, loss, digits):
     x = digits["train"].x[:300]
@@ -112,7 +112,7 @@ def test_variants_train_and_evaluate(kwargs, loss, digits):
 @pytest.mark.parametrize("likelihood", ["continuous_bernoulli", "gaussian"])
 def test_continuous_likelihoods(likelihood):
     data = load_digits("train", binarize=False)
-    vae = VAE.from_data(data, likelihood=likelihood, hidden=[32], latent_dim=4)
+    vae = VAE.from_data(data, likelihood=likelihood, hidden_features=[32], latent_features=4)
     assert vae.support == {"continuous_bernoulli": "unit_interval", "gaussian": "real"}[likelihood]
     fit = SVI(num_steps=40, batch_size=100, lr=1e-2, progress=False).run(vae.model, vae.guide, vae.data_args(data))
     assert fit.history["loss"][-1] < fit.history["loss"][0]
@@ -120,7 +120,7 @@ def test_continuous_likelihoods(likelihood):
 
 
 def test_beta_scales_the_kl_term_and_annealing_ramps_it():
-    vae = VAE(hidden=[8], latent_dim=2, beta=0.25)
+    vae = VAE(hidden_features=[8], latent_features=2, beta=0.25)
     x = torch.ones(3, 64)
     tr = poutine.trace(vae.model).get_trace(x)
     assert tr.nodes["z"]["scale"] == 0.25 and tr.nodes["x"]["scale"] == 1.0
@@ -134,7 +134,7 @@ def test_beta_scales_the_kl_term_and_annealing_ramps_it():
 
 # -- bad input ---------------------------------------------------------------------------------
 def test_guide_that_does_not_match_the_model_is_refused(digits):
-    vae = VAE(hidden=[8], latent_dim=2)
+    vae = VAE(hidden_features=[8], latent_features=2)
 
     def wrong_guide(x):
         with pyro.plate("data", x.shape[0]):
@@ -146,7 +146,7 @@ def test_guide_that_does_not_match_the_model_is_refused(digits):
 
 def test_binary_likelihood_on_grey_pixels_is_refused_before_training():
     grey = load_digits("train", binarize=False).x
-    vae = VAE(hidden=[8], latent_dim=2)
+    vae = VAE(hidden_features=[8], latent_features=2)
     steps = []
     with pytest.raises(ValueError, match=r"x: expected binary values in \{0, 1\} for a Bernoulli likelihood"):
         SVI(num_steps=5, progress=False).run(vae.model, vae.guide, grey, callbacks=[lambda s, i: steps.append(s)])
@@ -158,14 +158,14 @@ def test_binary_likelihood_on_grey_pixels_is_refused_before_training():
 @settings(max_examples=30, deadline=None)
 @given(latent=st.one_of(st.integers(max_value=0), st.floats(), st.none()))
 def test_latent_size_below_one_is_refused(latent):
-    with pytest.raises(ValueError, match="latent_dim must be an int >= 1"):
-        VAE(latent_dim=latent)
+    with pytest.raises(ValueError, match="latent_features must be an int >= 1"):
+        VAE(latent_features=latent)
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"likelihood": "poisson"}, "likelihood must be one of"),
-    ({"hidden": []}, "hidden must be a non-empty list"),
-    ({"network": "conv", "x_dim": 10}, "image_shape"),
+    ({"hidden_features": []}, "hidden_features must be a non-empty list"),
+    ({"network": "conv", "features": 10}, "image_shape"),
     ({"posterior": "flow"}, "posterior must be one of"),
     ({"beta": -1.0}, "beta must be a non-negative"),
     ({"activation": "sigmoidal"}, "activation must be one of"),
@@ -176,7 +176,7 @@ def test_bad_configuration_is_refused(kwargs, message):
 
 
 def test_wrong_width_data_is_refused():
-    vae = VAE(hidden=[8], latent_dim=2)
+    vae = VAE(hidden_features=[8], latent_features=2)
     with pytest.raises(ValueError, match=r"x: expected 64 columns, got shape \(3, 10\)"):
         vae.model(torch.zeros(3, 10))
 
@@ -184,7 +184,7 @@ def test_wrong_width_data_is_refused():
 # -- conditional VAE -------------------------------------------------------------------------
 def test_conditional_vae_learns_and_generates_chosen_classes(digits):
     train = digits["train"]
-    cvae = model_class("cvae").from_data(train, hidden=[64], latent_dim=4)
+    cvae = model_class("cvae").from_data(train, hidden_features=[64], latent_features=4)
     fit = SVI(num_steps=150, batch_size=100, lr=1e-2, progress=False).run(cvae.model, cvae.guide, cvae.data_args(train))
     assert np.mean(fit.history["loss"][-10:]) < np.mean(fit.history["loss"][:10])
     x, y = digits["test"].x[:30], digits["test"].y[:30]
@@ -194,7 +194,7 @@ def test_conditional_vae_learns_and_generates_chosen_classes(digits):
     assert cvae.sample(6, y=3).shape == (6, 64)
     assert cvae.interpolate(x[0], x[1], steps=4, y1=int(y[0]), y2=int(y[1])).shape == (4, 64)
     _, _, rebuilt = build_from_spec(cvae.spec)
-    assert isinstance(rebuilt, ConditionalVAE) and rebuilt.num_classes == 10
+    assert isinstance(rebuilt, ConditionalVAE) and rebuilt.classes == 10
     with pytest.raises(ValueError, match=r"y: expected labels in \[0, 10\)"):
         cvae.log_likelihood(x, y + 10)
     with pytest.raises(ValueError, match="needs labels"):
@@ -215,7 +215,7 @@ def test_m2_hides_labels_reproducibly(digits):
 def test_m2_mixed_batch_loss_is_the_sum_of_its_labelled_and_unlabelled_parts():
     """Masked enumeration: one batch mixing both kinds equals the two kinds run apart."""
     pyro.set_rng_seed(3)
-    m = SemiSupervisedVAE(hidden=[16], latent_dim=2, alpha=2.0)
+    m = SemiSupervisedVAE(hidden_features=[16], latent_features=2, alpha=2.0)
     x = torch.bernoulli(torch.full((12, 64), 0.3))
     y = torch.tensor([3, -1, -1, 7, -1, 0, -1, -1, 1, -1, -1, 2])
     elbo = TraceEnum_ELBO(max_plate_nesting=1, num_particles=3000, vectorize_particles=True)
@@ -245,7 +245,7 @@ def test_m2_with_10_percent_labels_classifies_test_digits():
 
 
 def test_m2_bad_labels_are_refused():
-    m = SemiSupervisedVAE(hidden=[8], latent_dim=2)
+    m = SemiSupervisedVAE(hidden_features=[8], latent_features=2)
     with pytest.raises(ValueError, match=r"y: expected labels in \[0, 10\) or -1"):
         m.model(torch.zeros(2, 64), torch.tensor([0, 12]))
     with pytest.raises(ValueError, match="y: expected 2 integer labels"):
@@ -257,11 +257,11 @@ def test_m2_bad_labels_are_refused():
 @cuda
 def test_vae_and_m2_run_on_cuda():
     x = load_digits("train", binarize=True).x[:200].cuda()
-    vae = VAE(hidden=[32], latent_dim=4)
+    vae = VAE(hidden_features=[32], latent_features=4)
     fit = SVI(num_steps=5, batch_size=100, progress=False).run(vae.model, vae.guide, x)
     assert vae.encoder_head.weight.is_cuda and np.isfinite(fit.history["loss"]).all()
     assert vae.log_likelihood(x[:10], k=5).is_cuda and vae.sample(3).is_cuda
-    m = SemiSupervisedVAE(hidden=[32], latent_dim=4)
+    m = SemiSupervisedVAE(hidden_features=[32], latent_features=4)
     y = torch.full((200,), -1, device="cuda")
     y[:20] = 1
     SVI(loss="enum", max_plate_nesting=1, num_steps=5, batch_size=100, progress=False).run(m.model, m.guide, (x, y))

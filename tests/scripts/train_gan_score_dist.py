@@ -22,13 +22,13 @@ if family == "gan":
     from ppdgm.inference.adversarial import Adversarial
     from ppdgm.models.gan import GAN
 
-    obj = GAN.from_data(data, hidden=(32, 32), critic_hidden=(32, 32))
+    obj = GAN.from_data(data, hidden_features=(32, 32), critic_hidden_features=(32, 32))
     fit = Adversarial(num_steps=15, batch_size=64, progress=False).run_zoo(obj, (data.x,))
 else:
     from ppdgm.inference.score_matching import ScoreMatching
     from ppdgm.models.score import ScoreModel
 
-    obj = ScoreModel.from_data(data, hidden=(32, 32))
+    obj = ScoreModel.from_data(data, hidden_features=(32, 32))
     fit = ScoreMatching(num_steps=15, batch_size=64, progress=False).run_zoo(obj, (data.x,))
 finish()
 out.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ def die(step, info):
 
 
 torch.manual_seed(0)
-model = PPCA(x_dim=64, latent_dim=4)
+model = PPCA(features=64, latent_features=4)
 x = load_digits("train").x[:400]
 fit = SVI(num_steps=steps, batch_size=50, lr=0.02, checkpoint_every=10, seed=1, progress=False).run(
     model.model, model.guide, x, checkpoint_dir=out, resume="--resume" in sys.argv, callbacks=[die]
