@@ -231,6 +231,8 @@ def evaluate_family(family, dataset, **options):
             fake = family.sample(len(args[0]))
         return {k: round(float(v), 4) if v is not None else None
                 for k, v in sample_quality(args[0], fake.reshape(len(fake), -1), **options).items()}
-    if len(args) > 1 and "y" in parameters(family.log_likelihood):
-        options.setdefault("y", args[1])
+    # the further tensors of data_args (a BNN's targets, a forecaster's start times) go by name
+    # (parameters that default to None; estimator options such as method= have real defaults)
+    names = [k for k, p in list(parameters(family.log_likelihood).items())[1:] if p.default in (None, p.empty)]
+    options.update({k: v for k, v in zip(names, args[1:]) if k not in options})
     return log_likelihood(family, args[0], **options)

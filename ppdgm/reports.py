@@ -132,6 +132,8 @@ def summary_text(fit, max_rows: int = 40, num_samples: int = 200, var_names=None
             return "no chain energies recorded (the run was shorter than record_every)\n"
         idata = fit.to_arviz()
         return "persistent chains (energy of each recorded chain):\n" + az.summary(idata).to_string() + "\n"
+    if fit.model is None or (fit.guide is None and not fit.samples):
+        return "no latent variables: the model was fit without a posterior (see loss.png and evaluate)\n"
     global_, local = split_latents(fit)
     if var_names:
         unknown = sorted(set(var_names) - set(global_) - set(local))
