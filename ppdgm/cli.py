@@ -263,6 +263,8 @@ def cmd_sample(args) -> int:
     try:
         with torch.no_grad():
             x = fit.module.sample(args.n)
+    except (TypeError, ValueError) as err:  # refused before any compute (a BNN needs inputs x)
+        raise UsageError(f"{args.dir}: {one_line(err)}") from err
     except Exception as err:
         raise ModelError(one_line(err)) from err
     try:

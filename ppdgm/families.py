@@ -233,6 +233,10 @@ def evaluate_family(family, dataset, **options):
                 for k, v in sample_quality(args[0], fake.reshape(len(fake), -1), **options).items()}
     # the further tensors of data_args (a BNN's targets, a forecaster's start times) go by name
     # (parameters that default to None; estimator options such as method= have real defaults)
-    names = [k for k, p in list(parameters(family.log_likelihood).items())[1:] if p.default in (None, p.empty)]
+    names = []
+    for k, p in list(parameters(family.log_likelihood).items())[1:]:
+        if p.default not in (None, p.empty):
+            break
+        names.append(k)
     options.update({k: v for k, v in zip(names, args[1:]) if k not in options})
     return log_likelihood(family, args[0], **options)

@@ -35,7 +35,7 @@ def test_fit_a_users_own_pyro_file_on_csv_data_then_diagnose(tmp_path, capsys):
                  "--steps", "400", "--lr", "0.05", "--batch-size", "50"])
     assert code == 0
     assert {"fit.json", "tensors.pt", "loss.png", "summary.txt"} <= {p.name for p in out.iterdir()}
-    fit = ppdgm.load(out)
+    fit = ppdgm.load(out, trust_code=True)
     assert fit.spec["autoguide"] == "AutoNormal"
     loc = fit.param("AutoNormal.locs.loc")
     assert np.allclose(loc.numpy(), data.mean(0), atol=0.15)

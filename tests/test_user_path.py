@@ -20,7 +20,8 @@ from ppdgm.models import MODELS, model_class
 # "evaluate" -> evaluate --opt (a cheap estimator), "budget" -> fit flags
 TINY = {
     "bnn": {"set": {"hidden": [8]}, "budget": [],
-            "engine": {"num_chains": 4, "num_warmup": 4, "num_samples": 4, "checkpoint_every": 2}},
+            "engine": {"num_chains": 4, "num_warmup": 4, "num_samples": 4, "checkpoint_every": 2},
+            "sample": 2},  # a BNN draws targets given inputs: `sample -n` is refused in one line
     "rbm": {"evaluate": {"num_runs": 4, "num_betas": 50}},
     "dbm": {"set": {"hidden": [16, 8]}, "evaluate": {"num_runs": 4, "num_betas": 50, "num_samples": 4}},
     "mdbm": {"evaluate": {"num_runs": 4, "num_betas": 50}},
@@ -49,8 +50,9 @@ def test_every_family_through_the_user_path(name, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(fit_argv(name, out)) == 0, capsys.readouterr().err
     assert {"fit.json", "tensors.pt"} <= {p.name for p in out.iterdir()}
-    assert main(["sample", str(out), "-n", "4", "-o", str(tmp_path / "s.png")]) == 0, capsys.readouterr().err
-    assert (tmp_path / "s.png").stat().st_size > 0
+    code = TINY.get(name, {}).get("sample", 0)
+    assert main(["sample", str(out), "-n", "4", "-o", str(tmp_path / "s.png")]) == code, capsys.readouterr().err
+    assert code or (tmp_path / "s.png").stat().st_size > 0
     opts = [f"--opt={k}={v}" for k, v in TINY.get(name, {}).get("evaluate", {}).items()]
     assert main(["evaluate", str(out), "--no-progress", *opts]) == 0, capsys.readouterr().err
     assert main(["diagnose", str(out)]) == 0, capsys.readouterr().err
