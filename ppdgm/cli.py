@@ -320,7 +320,8 @@ class HelpWithDefaults(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+        default = action.default
+        if not (default is None or default is False or default == argparse.SUPPRESS) and "default" not in text:
             text += " (default: %(default)s)"
         return text
 
