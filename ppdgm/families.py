@@ -197,6 +197,7 @@ def fit_family(family, engine, train, valid=None, checkpoint_dir=None, resume: b
     else:  # energy, denoising, layers: the engine runs the module on the points
         fit = engine.run(family, _points(train_args), val_data=_points(valid_args), callbacks=callbacks, **run)
     fit.spec, fit.module = family.spec, family
+    fit.args = fit.args or train_args  # the reports overlay the data (engines of modules keep none)
     fit.extra["num_points"] = {"train": len(train_args[0]), "valid": len(valid_args[0]) if valid_args else None}
     if isinstance(family, PredictsFromDraws):
         if not fit.samples and fit.guide is not None:

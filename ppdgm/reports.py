@@ -47,6 +47,10 @@ def save_image_grid(x, path, image_shape=None, ncols: int | None = None, title: 
     return path
 
 
+DENSITY_ENGINES = ("svi", "pcd")
+"""Fits whose family scores a grid of 2-D points in a moment (exact flows, EBM quadrature); a score
+model's likelihood solves an ODE per point, too slow for a plot nobody asked for."""
+
 LOSS_LABELS = {
     "svi": "negative ELBO",
     "pcd": "PCD loss (free-energy gap, data vs chains)",
@@ -98,10 +102,10 @@ def plot_density_over_data(module, data, path) -> Path | None:
 
     data = torch.as_tensor(data).detach().cpu().float()
     lo, hi = data.min(0).values - 0.5, data.max(0).values + 0.5
-    gx, gy = torch.meshgrid(torch.linspace(lo[0], hi[0], 120), torch.linspace(lo[1], hi[1], 120), indexing="xy")
+    gx, gy = torch.meshgrid(torch.linspace(lo[0], hi[0], 80), torch.linspace(lo[1], hi[1], 80), indexing="xy")
     grid = torch.stack([gx.reshape(-1), gy.reshape(-1)], 1)
     with torch.no_grad():
-        logp = module.log_likelihood(grid).reshape(120, 120)
+        logp = module.log_likelihood(grid).reshape(80, 80)
     fig, ax = plt.subplots(figsize=(4, 4))
     ax.imshow(np.exp((logp - logp.max()).numpy()), origin="lower", extent=(lo[0], hi[0], lo[1], hi[1]),
               cmap="viridis", aspect="auto")
@@ -227,7 +231,8 @@ def write_fit_report(fit, out) -> list[str]:
         if draws is not None:
             save_image_grid(draws, out / "samples.png")
             written.append("samples.png")
-        if data is not None and data.dim() == 2 and data.shape[1] == 2 and callable(getattr(module, "log_likelihood", None)):
+        if (fit.engine in DENSITY_ENGINES and data is not None and data.dim() == 2 and data.shape[1] == 2
+                and callable(getattr(module, "log_likelihood", None))):
             plot_density_over_data(module, data, out / "density.png")
             written.append("density.png")
     if fit.model is not None and (fit.guide is not None or fit.samples):

@@ -29,7 +29,7 @@ TINY = {
     "vae": {"evaluate": {"k": 4}},
     "cvae": {"evaluate": {"k": 4}},
     "ssvae": {"evaluate": {"k": 4}},
-    "score": {"evaluate": {"num_steps": 4}},
+    "score": {"set": {"num_scales": 20}, "evaluate": {"num_steps": 4}},
     "ebm": {"engine": {"num_chains": 16}},
 }
 STEPS = ["--steps", "4", "--batch-size", "50", "--checkpoint-every", "2"]
@@ -55,7 +55,7 @@ def test_every_family_through_the_user_path(name, tmp_path, capsys):
     assert code or (tmp_path / "s.png").stat().st_size > 0
     opts = [f"--opt={k}={v}" for k, v in TINY.get(name, {}).get("evaluate", {}).items()]
     assert main(["evaluate", str(out), "--no-progress", *opts]) == 0, capsys.readouterr().err
-    assert main(["diagnose", str(out)]) == 0, capsys.readouterr().err
+    assert main(["diagnose", str(out), "--num-samples", "20"]) == 0, capsys.readouterr().err
     capsys.readouterr()
 
     # an interrupted run: the checkpoint of a shorter run, then --resume to a longer budget
