@@ -1,16 +1,19 @@
-"""ppdgm: deep generative models as Pyro programs, pluggable engines, ArviZ diagnostics."""
+"""ppdgm: deep generative models as Pyro programs, pluggable engines, ArviZ diagnostics.
+
+Submodules load on first use, so ``import ppdgm`` (and ``ppdgm --help``) does not import torch.
+"""
 
 import importlib
-
-from ppdgm import data, inference, models
-from ppdgm.fit import Fit, load
 
 __all__ = ["Fit", "load", "data", "models", "inference", "diagnostics", "evaluate"]
 __version__ = "0.1.0"
 
+_SUBMODULES = ("data", "models", "inference", "diagnostics", "evaluate")
+
 
 def __getattr__(name):
-    # ArviZ and the metrics are heavy imports; load them on first use
-    if name in ("diagnostics", "evaluate"):
+    if name in _SUBMODULES:
         return importlib.import_module(f"ppdgm.{name}")
+    if name in ("Fit", "load"):
+        return getattr(importlib.import_module("ppdgm.fit"), name)
     raise AttributeError(f"module 'ppdgm' has no attribute {name!r}")

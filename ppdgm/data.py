@@ -163,7 +163,29 @@ TOYS = {
     "8gaussians": lambda n=1000, seed=0: make_gaussian_mixture(n, seed=seed)[0],
 }
 
-DATASETS = ("digits", "digits-binary", *TOYS)
+SERIES_SPLIT = {"train": 0.6, "valid": 0.2, "test": 0.2}
+"""Fractions of a series, in time order: a forecaster is validated and tested on later years."""
+
+
+def load_sunspots(split: str = "train") -> Dataset:
+    """Yearly mean sunspot numbers 1700-2008 (309 values, shipped with statsmodels) as a series
+    ``x`` of shape ``(T,)``, split by time: train the first 60%, valid the next 20%, test the last."""
+    if split not in (*SERIES_SPLIT, "all"):
+        raise ValueError(f"split must be one of {(*SERIES_SPLIT, 'all')}, got {split!r}")
+    try:
+        from statsmodels.datasets import sunspots
+    except ImportError:
+        raise ValueError("the sunspots dataset ships with statsmodels, which is not installed: "
+                         "pip install statsmodels") from None
+    series = torch.tensor(sunspots.load_pandas().data["SUNACTIVITY"].to_numpy(), dtype=torch.float32)
+    if split == "all":
+        return Dataset(series, None, "sunspots-all")
+    cuts = np.cumsum([0, *SERIES_SPLIT.values()]) * len(series)
+    i = list(SERIES_SPLIT).index(split)
+    return Dataset(series[int(cuts[i]) : int(cuts[i + 1])], None, f"sunspots-{split}")
+
+
+DATASETS = ("digits", "digits-binary", *TOYS, "sunspots")
 
 
 def load_dataset(name: str, split: str = "train", n: int = 2000) -> Dataset:
@@ -172,6 +194,8 @@ def load_dataset(name: str, split: str = "train", n: int = 2000) -> Dataset:
         return load_digits(split)
     if name == "digits-binary":
         return load_digits(split, binarize=True)
+    if name == "sunspots":
+        return load_sunspots(split)
     if name in TOYS:
         seeds = {"train": 0, "valid": 1, "test": 2, "all": 0}
         if split not in seeds:

@@ -474,3 +474,52 @@ def amortized_posterior_check(
         log_evidence_se=se.cpu(), gap=(log_evidence - elbo).cpu(), energy_distance=ed.float().cpu(),
         hmc_draws=hmc_z.cpu(), guide_draws=gz.cpu(), hmc_fit=hmc,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# what a user diagnoses: global latents in full, per-datapoint latents summarized per point
+
+
+def split_latents(fit) -> tuple[list[str], list[str]]:
+    """The fit's latent sites as ``(global, per_datapoint)``: a site is per-datapoint when a plate
+    over it is as large as the data (so its draws grow with the data set)."""
+    if fit.model is None:
+        return [], []
+    condition = {k: v[0, 0] for k, v in fit.samples.items()} if fit.samples else None
+    fit.restore()
+    tr = trace_model(fit.model, fit.args, fit.kwargs, condition=condition)
+    n = len(fit.args[0]) if fit.args and torch.is_tensor(fit.args[0]) else None
+    global_, local = [], []
+    for name, site in _sample_sites(tr, observed=False).items():
+        per_point = n is not None and any(f.size == n for f in site["cond_indep_stack"])
+        (local if per_point else global_).append(name)
+    return global_, local
+
+
+def latent_draws(fit, names, num_samples: int = 200) -> dict:
+    """``{site: (chain, draw, ...)}`` of the named latents: the sampler's draws or the guide's."""
+    if fit.samples:
+        return {k: v for k, v in fit.samples.items() if k in names}
+    if fit.guide is None or not names:
+        return {}
+    fit.restore()
+    return {k: v for k, v in guide_draws(fit.model, fit.guide, fit.args, fit.kwargs, num_samples).items()
+            if k in names}
+
+
+def per_point_summary(draws: dict) -> str:
+    """One row per per-datapoint latent: how many points, and the spread over points of each
+    point's posterior mean, standard deviation and (with several chains) R-hat."""
+    rows = []
+    for name, v in draws.items():
+        v = v.detach().double()
+        flat = v.reshape(v.shape[0], v.shape[1], v.shape[2], -1)  # chain, draw, point, element
+        mean, sd = flat.mean((0, 1)), flat.std(1).mean(0) if flat.shape[1] > 1 else torch.zeros(flat.shape[2:])
+        row = (f"{name:<12} points {flat.shape[2]:>6}  elements/point {flat.shape[3]:>4}  "
+               f"posterior mean [{mean.min():.3g}, {mean.max():.3g}]  posterior sd median {sd.median():.3g} "
+               f"[{sd.min():.3g}, {sd.max():.3g}]")
+        if flat.shape[0] > 1 and flat.shape[1] > 3:
+            rhat = az.rhat(az.convert_to_dataset({"x": _np(flat.reshape(*flat.shape[:2], -1))}))["x"].values
+            row += f"  R-hat max {np.nanmax(rhat):.3f}, {np.mean(rhat > 1.01):.1%} of elements > 1.01"
+        rows.append(row)
+    return "\n".join(rows) + ("\n" if rows else "")

@@ -54,14 +54,46 @@ def atomic_write_text(text: str, path) -> None:
 
 
 def safe_load(path, map_location=None):
-    """Load tensors/containers only; anything that would unpickle code is refused with ValueError."""
+    """Load tensors/containers only; anything that would unpickle code is refused with ValueError,
+    and an empty, truncated or otherwise unreadable file is reported as such (also a ValueError)."""
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: the file is empty (truncated: the write that made it did not finish)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as err:
-        raise ValueError(
-            f"{path}: refused to load: it holds objects other than tensors and plain containers "
-            f"(loading uses weights_only=True so a crafted file cannot run code): {str(err).splitlines()[0]}"
-        ) from None
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower() or "weights_only" in str(err):
+            raise ValueError(
+                f"{path}: refused to load: it holds objects other than tensors and plain containers "
+                f"(loading uses weights_only=True so a crafted file cannot run code): {str(err).splitlines()[0]}"
+            ) from None
+        raise ValueError(f"{path}: the file is corrupt ({str(err).splitlines()[0]})") from None
+    except (EOFError, RuntimeError, OSError, KeyError, ValueError, AttributeError, TypeError) as err:
+        detail = str(err).splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: the file is truncated or corrupt, not a complete torch.save file ({detail})") from None
+
+
+def check_writable(directory, what: str = "output folder") -> Path:
+    """Make ``directory`` (if needed) and prove a file can be written in it, before any work.
+
+    Raises ValueError naming the folder and the reason: an existing file in its place, no
+    permission, a read-only or full file system.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{what} {directory} is an existing file, not a folder")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".ppdgm-write-check.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"{what} {directory} is not writable: {err.strerror or err}") from None
+    return directory
+
+
+class UntrustedCodeError(ValueError):
+    """Opening a saved fit would run a Python file it names; the caller has not opted in."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,13 +245,25 @@ def _jsonable(obj):
     return repr(obj)
 
 
-def load(directory, model: Callable | None = None, guide: Callable | None = None, device=None) -> Fit:
-    """Read a saved Fit. Zoo models and ``file.py:function`` models are rebuilt from the saved
-    spec; for any other model pass ``model=`` (and ``guide=``)."""
+def load(directory, model: Callable | None = None, guide: Callable | None = None, device=None,
+         trust_code: bool = False) -> Fit:
+    """Read a saved Fit. Zoo models are rebuilt from the saved spec. A fit of a user's
+    ``file.py:function`` model names that file; it is imported (that is, run) only with
+    ``trust_code=True`` — otherwise pass ``model=`` (and ``guide=``) or expect
+    :class:`UntrustedCodeError`, so opening a folder from elsewhere never runs its code."""
     directory = Path(directory)
     if not (directory / FIT_FILE).exists():
         raise FileNotFoundError(f"{directory}: no {FIT_FILE}; expected a folder written by Fit.save")
-    meta = json.loads((directory / FIT_FILE).read_text())
+    try:
+        meta = json.loads((directory / FIT_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{directory / FIT_FILE}: the file is truncated or corrupt ({err})") from None
+    spec = meta.get("spec")
+    if model is None and spec and "function" in spec and not trust_code:
+        files = [spec["function"].rpartition(":")[0]] + ([spec["guide"].rpartition(":")[0]] if spec.get("guide") else [])
+        raise UntrustedCodeError(
+            f"{directory / FIT_FILE} names Python code ({', '.join(files)}); opening it would run that file: "
+            f"pass trust_code=True (command line: --trust-code) if you trust it, or model= to supply the model")
     tensors = safe_load(directory / TENSORS_FILE, map_location=device) if (directory / TENSORS_FILE).exists() else {}
     extra = dict(meta.get("extra") or {})
     if tensors.get("extra") is not None:
@@ -231,7 +275,7 @@ def load(directory, model: Callable | None = None, guide: Callable | None = None
         timing=meta.get("timing", {}),
         params=tensors.get("params"),
         samples=tensors.get("samples"),
-        spec=meta.get("spec"),
+        spec=spec,
         extra=extra,
         model=model,
         guide=guide,
@@ -239,7 +283,7 @@ def load(directory, model: Callable | None = None, guide: Callable | None = None
     if model is None and fit.spec is not None:
         from ppdgm.models import build_from_spec
 
-        fit.model, fit.guide, fit.module = build_from_spec(fit.spec)
+        fit.model, fit.guide, fit.module = build_from_spec(fit.spec, trust_code=trust_code)
         if isinstance(fit.module, torch.nn.Module):
             if "module" in tensors:
                 # autoguide params are created lazily; they come back through the param store

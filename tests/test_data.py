@@ -116,3 +116,12 @@ def test_unknown_dataset_and_split():
         data.load_dataset("imagenet")
     with pytest.raises(ValueError, match="split must be one of"):
         data.load_digits("validation")
+
+
+def test_sunspots_splits_by_time_into_contiguous_parts():
+    from ppdgm.data import load_dataset
+
+    parts = [load_dataset("sunspots", split) for split in ("train", "valid", "test")]
+    whole = load_dataset("sunspots", "all").x
+    assert torch.equal(torch.cat([p.x for p in parts]), whole)
+    assert len(whole) == 309 and all(len(p.x) >= 48 for p in parts)  # each split holds a default DeepAR window

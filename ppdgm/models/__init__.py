@@ -39,25 +39,51 @@ def model_class(name: str):
 
 
 def load_function(target: str):
-    """``path/to/file.py:function`` -> the function (a user's own Pyro program)."""
+    """``path/to/file.py:function`` -> the function (a user's own Pyro program).
+
+    This imports, that is runs, the file: call it only on a path the user gave or trusts. A
+    syntax error or an error raised while importing is reported as a ValueError naming file:line.
+    """
     path, sep, func = target.rpartition(":")
     if not sep or not path.endswith(".py"):
         raise ValueError(f"expected path/to/file.py:function, got {target!r}")
-    if not Path(path).exists():
+    if not Path(path).is_file():
         raise ValueError(f"model file {path!r} does not exist")
     spec = importlib.util.spec_from_file_location(Path(path).stem, path)
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    try:
+        spec.loader.exec_module(mod)
+    except SyntaxError as err:
+        raise ValueError(f"{err.filename or path}:{err.lineno}: syntax error: {err.msg}") from None
+    except Exception as err:  # the user's module failed while importing: say where
+        line = _line_in(err, path)
+        raise ValueError(f"{path}{f':{line}' if line else ''}: error while importing it: "
+                         f"{type(err).__name__}: {err}") from None
     if not callable(getattr(mod, func, None)):
         raise ValueError(f"{path} has no function {func!r}")
     return getattr(mod, func)
 
 
-def build_from_spec(spec: dict):
-    """Rebuild ``(model, guide, module)`` from a saved spec."""
+def _line_in(err: BaseException, path: str) -> int | None:
+    """The last line of ``path`` in the traceback of ``err``."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename) == Path(path)]
+    return frames[-1].lineno if frames else None
+
+
+def build_from_spec(spec: dict, trust_code: bool = False):
+    """Rebuild ``(model, guide, module)`` from a saved spec.
+
+    A zoo spec names a registered class; a ``file.py:function`` spec names code, which is run
+    only with ``trust_code=True`` (ValueError otherwise).
+    """
     if "name" in spec:
         obj = model_class(spec["name"])(**spec.get("kwargs", {}))
         return obj.model, getattr(obj, "guide", None), obj
+    if not trust_code:
+        raise ValueError(f"the saved model is Python code ({spec.get('function')}); rebuilding it runs that file: "
+                         f"pass trust_code=True if you trust it")
     model = load_function(spec["function"])
     guide = load_function(spec["guide"]) if spec.get("guide") else None
     if guide is None and spec.get("autoguide") == "AutoNormal":
