@@ -84,22 +84,14 @@ def engines_taking(option: str) -> list[str]:
 
 
 def engines_for(cls) -> list[str]:
-    """Engines that can run family class ``cls``, its default first: the default; sampler engines
-    when it is fit as a Pyro program; engines whose protocol methods the class defines."""
-    import typing
-
+    """Engines that can run family class ``cls``, its default first: those taking the same input as
+    its default engine, and, for a Pyro program, both the optimizers and the samplers of programs."""
     default = engine_class(cls.default_engine).input
+    programs = ("program", "posterior")
     names = [cls.default_engine]
     for name in ENGINES:
         input_ = engine_class(name).input
-        if name in names or input_ == "adversarial":
-            continue
-        if input_ in ("program", "posterior"):
-            fits = default in ("program", "posterior")
-        else:
-            methods = typing._get_protocol_attrs(PROTOCOL_OF_INPUT[input_]) - {"stack"}
-            fits = all(callable(getattr(cls, m, None)) for m in methods)
-        if fits:
+        if name not in names and (input_ == default or (input_ in programs and default in programs)):
             names.append(name)
     return names
 
@@ -127,16 +119,7 @@ def build_family(name: str, dataset, **kwargs):
 
 def default_engine_config(family) -> dict:
     """The settings the family trains well with on its default engine."""
-    return dict(declared(family, "engine_config", {}))
-
-
-def declared(family, member: str, default):
-    """A Family member, or ``default`` for a family that does not declare it yet.
-
-    Transitional: every registered family is to implement all of
-    :class:`ppdgm.models.family.Family`; then this falls away.
-    """
-    return getattr(type(family), member, default)
+    return dict(family.engine_config)
 
 
 def make_engine(family, engine_name: str | None, options: dict, *, explicit: dict | None = None):
@@ -174,8 +157,7 @@ def check_can_fit(family, engine) -> None:
 
 def data_args(family, dataset) -> tuple:
     """The tensors the family's programs take, in order."""
-    method = declared(family, "data_args", None)
-    return tuple(family.data_args(dataset)) if method is not None else (dataset.x,)
+    return tuple(family.data_args(dataset))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,13 +19,13 @@ from ppdgm.models import MODELS, model_class
 # per family: "set" -> --set (constructor names, one place to rename), "engine" -> --engine-opt,
 # "evaluate" -> evaluate --opt (a cheap estimator), "budget" -> fit flags
 TINY = {
-    "bnn": {"set": {"hidden": [8]}, "budget": [],
+    "bnn": {"set": {"hidden_features": [8]}, "budget": [],
             "engine": {"num_chains": 4, "num_warmup": 4, "num_samples": 4, "checkpoint_every": 2},
             "sample": 2},  # a BNN draws targets given inputs: `sample -n` is refused in one line
     "rbm": {"evaluate": {"num_runs": 4, "num_betas": 50}},
-    "dbm": {"set": {"hidden": [16, 8]}, "evaluate": {"num_runs": 4, "num_betas": 50, "num_samples": 4}},
+    "dbm": {"set": {"hidden_units": [16, 8]}, "evaluate": {"num_runs": 4, "num_betas": 50, "num_samples": 4}},
     "mdbm": {"evaluate": {"num_runs": 4, "num_betas": 50}},
-    "dbn": {"set": {"hidden": [16, 8]}, "evaluate": {"num_runs": 4, "num_betas": 50, "num_samples": 4}},
+    "dbn": {"set": {"hidden_units": [16, 8]}, "evaluate": {"num_runs": 4, "num_betas": 50, "num_samples": 4}},
     "vae": {"evaluate": {"k": 4}},
     "cvae": {"evaluate": {"k": 4}},
     "ssvae": {"evaluate": {"k": 4}},

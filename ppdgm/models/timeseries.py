@@ -91,12 +91,10 @@ def check_series(series, name: str = "series") -> torch.Tensor:
 
 
 def load_sunspots() -> torch.Tensor:
-    """Yearly mean sunspot numbers 1700-2008 (309 values) as shipped with ``statsmodels``."""
-    try:
-        from statsmodels.datasets import sunspots
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("the sunspots series ships with statsmodels: pip install statsmodels") from err
-    return torch.tensor(sunspots.load_pandas().data["SUNACTIVITY"].to_numpy(), dtype=torch.float32)
+    """Yearly mean sunspot numbers 1700-2008 (309 values), the whole series of ``ppdgm.data``'s ``sunspots``."""
+    from ppdgm.data import load_dataset
+
+    return load_dataset("sunspots", "all").x
 
 
 def seasonal_naive(history, horizon: int, period: int) -> torch.Tensor:
