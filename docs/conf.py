@@ -57,57 +57,51 @@ html_title = "ppdgm"
 html_theme_options = {"navigation_with_keys": False, "show_toc_level": 2}
 
 
-def _target(registry: dict[str, str], name: str) -> tuple[str, str]:
+def _registered(registry: dict[str, str], name: str) -> tuple[str, str, type]:
+    """``(module, class name, class)`` of a registry entry ``"module:Class"``."""
     module, cls = registry[name].split(":")
-    return module, cls
+    return module, cls, getattr(importlib.import_module(module), cls)
+
+
+def _page(name: str, registry: dict[str, str], intro: str) -> str:
+    """A registry entry's page: its title, ``intro`` and the class's documentation.
+
+    ``:no-index:`` because the API reference documents the class too, and cross-references go there.
+    """
+    module, cls, _ = _registered(registry, name)
+    return f"""# `{name}`: {cls}
+
+{intro}
+
+```{{eval-rst}}
+.. autoclass:: {module}.{cls}
+   :no-index:
+   :members:
+   :show-inheritance:
+```
+"""
 
 
 def _family_page(name: str) -> str:
-    module, cls = _target(MODELS, name)
-    family = getattr(importlib.import_module(module), cls)
+    family = _registered(MODELS, name)[2]
     engine = family.default_engine
-    engine_module, engine_cls = _target(ENGINES, engine)
+    engine_module, engine_cls, _ = _registered(ENGINES, engine)
     datasets = ", ".join(f"`{d}`" for d in family.datasets)
-    return f"""# `{name}`: {cls}
-
-Registered in `ppdgm.models.MODELS` as `{name}`. It trains with the
+    return _page(name, MODELS, f"""Registered in `ppdgm.models.MODELS` as `{name}`. It trains with the
 [`{engine}`](../engines/{engine}.md) engine ({{class}}`~{engine_module}.{engine_cls}`) and suits the
 bundled datasets {datasets}:
 
 ```bash
 ppdgm fit {name} --data {family.datasets[0]} --out runs/{name}
-```
-
-```{{eval-rst}}
-.. autoclass:: {module}.{cls}
-   :no-index:
-   :members:
-   :show-inheritance:
-```
-"""
+```""")
 
 
 def _engine_page(name: str) -> str:
-    module, cls = _target(ENGINES, name)
-    engine = getattr(importlib.import_module(module), cls)
-    families = []
-    for family_name in MODELS:
-        family_module, family_cls = _target(MODELS, family_name)
-        if getattr(importlib.import_module(family_module), family_cls).default_engine == name:
-            families.append(f"[`{family_name}`](../families/{family_name}.md)")
+    engine = _registered(ENGINES, name)[2]
+    families = [f"[`{f}`](../families/{f}.md)" for f in MODELS if _registered(MODELS, f)[2].default_engine == name]
     trains = f"It is the default engine of {', '.join(families)}." if families else ""
-    return f"""# `{name}`: {cls}
-
-Registered in `ppdgm.inference.ENGINES` as `{name}`; its `run` takes input of kind
-`{engine.input}` (see [the architecture](../../architecture.md)). {trains}
-
-```{{eval-rst}}
-.. autoclass:: {module}.{cls}
-   :no-index:
-   :members:
-   :show-inheritance:
-```
-"""
+    return _page(name, ENGINES, f"""Registered in `ppdgm.inference.ENGINES` as `{name}`; its `run` takes input of kind
+`{engine.input}` (see [the architecture](../../architecture.md)). {trains}""")
 
 
 def _sync_folder(folder: Path, files: dict[str, bytes]) -> None:
