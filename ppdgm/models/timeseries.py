@@ -47,7 +47,7 @@ TRANSFORMS = (None, "sqrt1p", "log1p")
 
 
 class Sqrt1pInverse(T.Transform):
-    """y = u (|u| + 2), the inverse of u = sign(y) (sqrt(1 + |y|) - 1): a bijection of the reals."""
+    """``y = u (|u| + 2)``, the inverse of ``u = sign(y) (sqrt(1 + |y|) - 1)``: a bijection of the reals."""
 
     domain = codomain = constraints.real
     bijective = True
@@ -163,7 +163,7 @@ class DeepAR(ConstructorSpec, nn.Module):
         weight_decay: L2 penalty on the weights per scored value, so its strength does not depend
             on the number of windows (MAP under a Gaussian prior on the weights). Without it the
             GRU memorizes a short series: on sunspots, 0 forecasts worse than seasonal-naive.
-        transform: None, ``"sqrt1p"`` (u = sign(y) (sqrt(1 + |y|) - 1)) or ``"log1p"``
+        transform: None, ``"sqrt1p"`` (``u = sign(y) (sqrt(1 + |y|) - 1)``) or ``"log1p"``
             (u = log(1 + y), values > -1): the likelihood is put on u; sample sites, forecasts and
             log-likelihoods stay in the series' units.
     """
