@@ -49,6 +49,7 @@ napoleon_numpy_docstring = False
 
 # notebooks are shown with the outputs stored in them (``make tutorials`` refreshes those)
 nb_execution_mode = "off"
+nb_output_stderr = "remove"  # progress bars and warnings of the stored run are noise on a page
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]
 myst_heading_anchors = 3
 
