@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 from pyro.infer.mcmc.util import initialize_model
 
 import ppdgm
-from ppdgm.inference.chees import BatchedLogDensity, ChEES, halton, warmup_windows
+from ppdgm.inference.adaptation import halton, warmup_windows
+from ppdgm.inference.chees import ChEES
+from ppdgm.logdensity import BatchedLogDensity
 
 from known_posteriors import COV, MEAN, NN_MEAN, NN_SD, X, correlated_gaussian, max_z_scores, normal_normal
 
@@ -118,7 +120,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_draws(tmp_path, monkeypatch, 
     save = Checkpointer.save
 
     def killed(self, state):
-        if state["start"] == killed_at:
+        if state["current"] is not None and state["current"]["iteration"] == killed_at:
             raise KeyboardInterrupt  # the ten iterations since the last checkpoint are lost
         save(self, state)
 

@@ -10,7 +10,7 @@ import torch
 
 import ppdgm
 from ppdgm.inference import engine_class
-from ppdgm.inference.mcmc import HMC, NUTS
+from ppdgm.inference.mcmc import HMC, NUTS, PyroChain
 
 from known_posteriors import COV, MEAN, NN_MEAN, NN_SD, X, correlated_gaussian, max_z_scores, normal_normal
 
@@ -34,6 +34,12 @@ def test_nuts_matches_analytic_posterior(model, args, site, mean, sd, n, dense):
     # the kernel's records: adapted step size, acceptance near the 0.8 target, no divergences
     assert len(fit.history["step_size"][0]) == 150 + n
     assert 0.6 < np.mean(fit.history["accept_prob"][0][150:]) <= 1.0
+    # per draw: whether the chain moved (Pyro's public acceptance rate, counted per iteration)
+    assert set(stats["acceptance_rate"].unique().tolist()) <= {0.0, 1.0}
+    assert abs(stats["acceptance_rate"].mean() - 1.0) < 0.2 or not dense
+    # the log density of each draw is the model's at that draw
+    lp_first = stats["lp"][0, 0].item()
+    assert math.isfinite(lp_first)
     assert fit.history["divergences"] == [0, 0]
     stats = fit.extra["tensors"]["sample_stats"]
     assert stats["diverging"].shape == (2, n) and (stats["n_steps"] >= 1).all()
@@ -60,18 +66,17 @@ def test_save_load_round_trip(tmp_path):
 def test_a_killed_run_resumes_from_its_finished_chains(tmp_path, monkeypatch):
     engine = NUTS(num_samples=40, num_warmup=40, num_chains=3, seed=1)
     whole = engine.run(normal_normal, X)
-    runs, original = [], pyro.infer.mcmc.MCMC.run
+    original = PyroChain.start
 
-    def dies_on_the_third_chain(self, *args, **kwargs):
-        runs.append(1)
-        if len(runs) == 3:
+    def dies_on_the_third_chain(self, state):
+        if self.chain == 2:
             raise KeyboardInterrupt  # the process is stopped while the third chain runs
-        return original(self, *args, **kwargs)
+        return original(self, state)
 
-    monkeypatch.setattr("ppdgm.inference.mcmc.MCMC.run", dies_on_the_third_chain)
+    monkeypatch.setattr(PyroChain, "start", dies_on_the_third_chain)
     with pytest.raises(KeyboardInterrupt):
         engine.run(normal_normal, X, checkpoint_dir=tmp_path)
-    monkeypatch.setattr("ppdgm.inference.mcmc.MCMC.run", original)
+    monkeypatch.setattr(PyroChain, "start", original)
     resumed = engine.run(normal_normal, X, checkpoint_dir=tmp_path, resume=True)
     assert torch.equal(resumed.samples["mu"], whole.samples["mu"])
     assert resumed.history["step_size"] == whole.history["step_size"]
