@@ -10,7 +10,7 @@ import torch
 
 import ppdgm
 from ppdgm.inference import engine_class
-from ppdgm.inference.mcmc import HMC, NUTS, PyroChain
+from ppdgm.inference.mcmc import HMC, NUTS
 
 from known_posteriors import COV, MEAN, NN_MEAN, NN_SD, X, correlated_gaussian, max_z_scores, normal_normal
 
@@ -62,28 +62,6 @@ def test_save_load_round_trip(tmp_path):
     idata = back.to_arviz()
     assert idata.sample_stats["diverging"].shape == (2, 30)
     assert idata.log_likelihood["x"].dims == ("chain", "draw", "data")
-
-
-def test_a_killed_run_resumes_from_its_finished_chains(tmp_path, monkeypatch):
-    engine = NUTS(num_samples=40, num_warmup=40, num_chains=3, seed=1)
-    whole = engine.run(normal_normal, X)
-    original = PyroChain.start
-
-    def dies_on_the_third_chain(self, state):
-        if self.chain == 2:
-            raise KeyboardInterrupt  # the process is stopped while the third chain runs
-        return original(self, state)
-
-    monkeypatch.setattr(PyroChain, "start", dies_on_the_third_chain)
-    with pytest.raises(KeyboardInterrupt):
-        engine.run(normal_normal, X, checkpoint_dir=tmp_path)
-    monkeypatch.setattr(PyroChain, "start", original)
-    resumed = engine.run(normal_normal, X, checkpoint_dir=tmp_path, resume=True)
-    assert torch.equal(resumed.samples["mu"], whole.samples["mu"])
-    assert resumed.history["step_size"] == whole.history["step_size"]
-    with pytest.raises(ValueError, match=r"other sampler settings \(\['num_samples'\]\)"):
-        NUTS(num_samples=41, num_warmup=40, num_chains=3, seed=1).run(normal_normal, X, checkpoint_dir=tmp_path,
-                                                                       resume=True)
 
 
 # -- bad input ---------------------------------------------------------------------------------
