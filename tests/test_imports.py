@@ -100,3 +100,12 @@ def test_engines_do_not_import_models(name):
 def test_log_density_sits_low():
     top, deferred = GRAPH["ppdgm.logdensity"]
     assert not (top | deferred), f"ppdgm.logdensity must import no other ppdgm module, imports {top | deferred}"
+
+
+@pytest.mark.xfail(strict=True, reason="fit -> diagnostics -> inference.chees -> ... -> fit: Fit.to_arviz imports "
+                                       "diagnostics, whose amortized_posterior_check runs ChEES; moving that check "
+                                       "out of diagnostics.py removes the last loop")
+def test_imports_inside_functions_have_no_cycle_either():
+    graph = nx.DiGraph([(a, b) for a, (top, deferred) in GRAPH.items() for b in top | deferred])
+    cycles = list(nx.simple_cycles(graph))
+    assert not cycles, f"import loops among ppdgm modules, counting imports inside functions: {cycles}"

@@ -104,7 +104,7 @@ class PyroChain:
             accepted, self.accepted = float(count - self.accepted), count
             diverging = len(diagnostics["divergences"]) > self.divergences
             self.divergences = len(diagnostics["divergences"])
-        history = {"step_size": step_size, "accept_prob": accept_prob, "num_grads": self.calls - calls,
+        history = {"step_size": step_size, "mean_accept_prob": accept_prob, "num_grads": self.calls - calls,
                    "diverging": diverging, "potential": -self.lp}
         stats = {"diverging": torch.tensor([diverging]), "acceptance_rate": torch.tensor([accepted]),
                  "n_steps": torch.tensor([self.calls - calls]), "step_size": torch.tensor([step_size]),
@@ -181,7 +181,7 @@ class NUTS(Sampler):
             if world.parallel:
                 run = _gather_chains(run, mine, self.num_chains, device)
         w = self.num_warmup
-        history = {k: [h[k] for h in run.history] for k in ("step_size", "accept_prob", "num_grads", "diverging")}
+        history = {k: [h[k] for h in run.history] for k in ("step_size", "mean_accept_prob", "num_grads", "diverging")}
         history["divergences"] = [int(sum(h["diverging"][w:])) for h in run.history]
         return self._fit(run, history, {}, model, args, kwargs)
 

@@ -33,7 +33,8 @@ def test_nuts_matches_analytic_posterior(model, args, site, mean, sd, n, dense):
     assert zm < 4 and zs < 4, (zm, zs)
     # the kernel's records: adapted step size, acceptance near the 0.8 target, no divergences
     assert len(fit.history["step_size"][0]) == 150 + n
-    assert 0.6 < np.mean(fit.history["accept_prob"][0][150:]) <= 1.0
+    # Pyro reports the running mean acceptance probability of the phase: near the 0.8 target at its end
+    assert 0.6 < fit.history["mean_accept_prob"][0][-1] <= 1.0
     assert fit.history["divergences"] == [0, 0]
     stats = fit.extra["tensors"]["sample_stats"]
     assert stats["diverging"].shape == (2, n) and (stats["n_steps"] >= 1).all()
