@@ -125,11 +125,10 @@ class ChEES(Sampler):
             chains = ChEESChains(self, density, device)
             with pyro.validation_enabled(False), torch.no_grad(), frozen_params():
                 run = self._driver(checkpoint_dir, self.checkpoint_every).run([chains], device, resume)
-        state = chains.state
-        history = {k: v for k, v in run.history[0].items()}
-        extra = {"step_size": state.step_size, "trajectory_length": math.exp(state.log_length.value),
-                 "inverse_mass": state.inverse_mass.tolist(), "divergences": int(run.draws.stats["diverging"].sum())}
-        return self._fit(run, history, extra, model, args, kwargs)
+        state = run.states[0]
+        extra = {"step_size": state["step_size"], "trajectory_length": math.exp(state["log_length"]["value"]),
+                 "inverse_mass": state["inverse_mass"].tolist(), "divergences": int(run.draws.stats["diverging"].sum())}
+        return self._fit(run, run.history[0], extra, model, args, kwargs)
 
 
 class ChEESChains:

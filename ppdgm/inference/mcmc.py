@@ -196,7 +196,7 @@ def _gather_chains(run: SamplingRun, mine: list, num_chains: int, device) -> Sam
     samples, stats = ({k: torch.stack([by_chain[c][0][part][k] for c in range(num_chains)]).to(device)
                        for k in by_chain[0][0][part]} for part in (0, 1))
     draws = Draws(num_chains, run.draws.num_samples, samples, stats)
-    return SamplingRun(draws, [by_chain[c][1] for c in range(num_chains)], run.timing)
+    return SamplingRun(draws, [by_chain[c][1] for c in range(num_chains)], [None] * num_chains, run.timing)
 
 
 def _rank_dir(directory, world):

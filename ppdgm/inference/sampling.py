@@ -87,10 +87,12 @@ class Draws:
 
 @dataclass
 class SamplingRun:
-    """What the driver hands back: the draws, one history per group and the timing."""
+    """What the driver hands back: the draws, and per group its history and final state
+    (``state_dict()``, None for a group without one), and the timing."""
 
     draws: Draws
     history: list
+    states: list
     timing: dict
 
 
@@ -117,7 +119,7 @@ class SamplingDriver:
         saved = self.load() if resume else {"finished": {}, "current": None}
         total = self.num_warmup + self.num_samples
         draws = Draws(sum(g.width for g in groups), self.num_samples)
-        histories, timing = [], {"init_seconds": 0.0, "warmup_seconds": 0.0, "sample_seconds": 0.0, "grad_evals": 0}
+        histories, states, timing = [], [], {"init_seconds": 0.0, "warmup_seconds": 0.0, "sample_seconds": 0.0, "grad_evals": 0}
         bar = progress_bar(len(groups) * total, self.name, self.progress)
         t_start, first = time.perf_counter(), 0
         for index, group in enumerate(groups):
@@ -127,6 +129,7 @@ class SamplingDriver:
                 done = saved["finished"][index]
                 draws.restore(chains, done["draws"], device)
                 histories.append(done["history"])
+                states.append(done["state"])
                 timing["grad_evals"] += done["grad_evals"]
                 bar.update(total)
                 continue
@@ -134,14 +137,15 @@ class SamplingDriver:
             saved["current"] = None
             history, grad_evals = self._run_group(index, group, chains, draws, device, current, saved, bar, timing)
             histories.append(history)
+            states.append(group.state_dict() if hasattr(group, "state_dict") else None)
             saved["finished"][index] = {"draws": draws.rows(chains, self.num_samples), "history": history,
-                                        "grad_evals": grad_evals}
+                                        "grad_evals": grad_evals, "state": states[-1]}
             self.checkpoint.save({"settings": self.settings, **saved})
         bar.close()
         timing["seconds"] = time.perf_counter() - t_start
         timing["ms_per_grad"] = 1e3 * timing["seconds"] / max(timing["grad_evals"], 1)
         timing["ms_per_iteration"] = 1e3 * timing["seconds"] / max(len(groups) * total, 1)
-        return SamplingRun(draws, histories, timing)
+        return SamplingRun(draws, histories, states, timing)
 
     def _run_group(self, index, group, chains, draws, device, current, saved, bar, timing) -> tuple[dict, int]:
         t = time.perf_counter()
@@ -175,7 +179,7 @@ class SamplingDriver:
             bar.update(1)
             if it % 20 == 0:
                 bar.set_postfix({k: f"{v:.3g}" for k, v in out.history.items() if isinstance(v, float)}, refresh=False)
-        timing["warmup_seconds" if self.num_samples == 0 else "sample_seconds"] += time.perf_counter() - t
+        timing["sample_seconds"] += time.perf_counter() - t
         return history, grad_evals
 
 
