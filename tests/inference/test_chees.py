@@ -111,32 +111,6 @@ def test_prior_init_starts_the_chains_at_prior_draws():
     assert abs(log_scale.mean()) < 0.05 and abs(log_scale.std() - 0.5) < 0.04
 
 
-@pytest.mark.parametrize("killed_at", [20, 50])  # inside warm-up (still adapting), inside sampling
-def test_a_killed_run_resumes_to_the_uninterrupted_draws(tmp_path, monkeypatch, killed_at):
-    from ppdgm.inference.base import Checkpointer
-
-    engine = ChEES(num_chains=4, num_warmup=30, num_samples=30, checkpoint_every=10, seed=3)
-    whole = engine.run(normal_normal, X)
-    save = Checkpointer.save
-
-    def killed(self, state):
-        if state["current"] is not None and state["current"]["iteration"] == killed_at:
-            raise KeyboardInterrupt  # the ten iterations since the last checkpoint are lost
-        save(self, state)
-
-    monkeypatch.setattr(Checkpointer, "save", killed)
-    with pytest.raises(KeyboardInterrupt):
-        engine.run(normal_normal, X, checkpoint_dir=tmp_path)
-    monkeypatch.setattr(Checkpointer, "save", save)
-    resumed = engine.run(normal_normal, X, checkpoint_dir=tmp_path, resume=True)
-    assert torch.equal(resumed.samples["mu"], whole.samples["mu"])
-    assert resumed.history == whole.history
-    assert resumed.extra["inverse_mass"] == whole.extra["inverse_mass"]
-    with pytest.raises(ValueError, match=r"other sampler settings \(\['num_samples'\]\)"):
-        ChEES(num_chains=4, num_warmup=30, num_samples=31, checkpoint_every=10, seed=3).run(
-            normal_normal, X, checkpoint_dir=tmp_path, resume=True)
-
-
 def test_halton_and_windows():
     assert [halton(n) for n in range(1, 5)] == [0.5, 0.25, 0.75, 0.125]
     assert warmup_windows(10) == []

@@ -41,18 +41,26 @@ def test_conjugate_normal_posterior_within_mcse(name, seed):
 
 
 @pytest.mark.parametrize("name", SAMPLERS)
-def test_killed_run_resumes_to_the_uninterrupted_draws(name, tmp_path, monkeypatch):
+@pytest.mark.parametrize("killed_at", ["second", "last"])  # early (ChEES: in warm-up), at the end (in sampling)
+def test_killed_run_resumes_to_the_uninterrupted_draws(name, killed_at, tmp_path, monkeypatch):
     engine = make(name)
-    whole = engine.run(normal_normal, X)
     save, saves = Checkpointer.save, []
 
-    def killed_at_the_second_save(self, state):
+    def counted(self, state):
         saves.append(1)
-        if len(saves) == 2:
-            raise KeyboardInterrupt  # the work since the first checkpoint is lost
         save(self, state)
 
-    monkeypatch.setattr(Checkpointer, "save", killed_at_the_second_save)
+    monkeypatch.setattr(Checkpointer, "save", counted)
+    whole = engine.run(normal_normal, X, checkpoint_dir=tmp_path / "whole")
+    kill, saves[:] = 2 if killed_at == "second" else len(saves), []
+
+    def killed(self, state):
+        saves.append(1)
+        if len(saves) == kill:
+            raise KeyboardInterrupt  # the work since the checkpoint before is lost
+        save(self, state)
+
+    monkeypatch.setattr(Checkpointer, "save", killed)
     with pytest.raises(KeyboardInterrupt):
         engine.run(normal_normal, X, checkpoint_dir=tmp_path)
     monkeypatch.setattr(Checkpointer, "save", save)
