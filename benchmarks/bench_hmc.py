@@ -8,6 +8,7 @@ every scalar parameter. Chains of the NUTS samplers run one after another (2 cor
 
     OMP_NUM_THREADS=1 python benchmarks/bench_hmc.py            # about 3-4 minutes on 2 cores
     OMP_NUM_THREADS=1 python benchmarks/bench_hmc.py --quick    # a smoke run
+    OMP_NUM_THREADS=1 python benchmarks/bench_hmc.py --samplers chees,numpyro   # skip Pyro NUTS (slowest)
 """
 
 from __future__ import annotations
@@ -131,6 +132,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny runs, to check the script works")
     parser.add_argument("--chees-chains", type=int, default=64)
+    parser.add_argument("--samplers", default="pyro,chees,numpyro",
+                        help="comma-separated subset of pyro, chees, numpyro (ChEES always runs: the ratios need it)")
     opt = parser.parse_args()
     torch.set_num_threads(1)
     q = opt.quick
@@ -147,8 +150,10 @@ def main():
 
     rows = []
     for name, (model, args) in problems.items():
-        runs = [("Pyro NUTS", run_pyro_nuts, model, nuts_cfg), ("ppdgm ChEES", run_chees, model, chees_cfg)]
-        if npm is not None:
+        wanted = set(opt.samplers.split(",")) | {"chees"}
+        runs = [("Pyro NUTS", run_pyro_nuts, model, nuts_cfg)] if "pyro" in wanted else []
+        runs.append(("ppdgm ChEES", run_chees, model, chees_cfg))
+        if npm is not None and "numpyro" in wanted:
             runs.append(("NumPyro NUTS", run_numpyro, npm[name], nuts_cfg))
         for sampler, fn, m, cfg in runs:
             pyro.clear_param_store()

@@ -175,7 +175,7 @@ def _looped_log_likelihood(model, flat, args, kwargs, observed):
 
 
 def _batched_log_likelihood(model, flat, args, kwargs, observed, chunk):
-    from ppdgm.inference.chees import BatchedLogDensity
+    from ppdgm.logdensity import BatchedLogDensity
 
     first = {k: v[0] for k, v in flat.items()}
     single = trace_model(model, args, kwargs, condition=first)
@@ -368,7 +368,8 @@ def amortized_posterior_check(
     ``data_plate`` over the rows of ``x`` (as a VAE does). Other latent sites outside that plate
     are fixed at one guide draw. Both programs must broadcast over a batch dimension on the left.
     """
-    from ppdgm.inference.chees import BatchedLogDensity, ChEES
+    from ppdgm.inference.chees import ChEES
+    from ppdgm.logdensity import BatchedLogDensity
 
     kwargs = kwargs or {}
     if not isinstance(x, torch.Tensor):

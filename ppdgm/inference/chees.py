@@ -17,208 +17,44 @@ checks it before sampling and says so when a model does not.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import math
-import time
-import warnings
 from dataclasses import dataclass
 
 import pyro
 import torch
 from pyro import poutine
-from pyro.distributions.util import scale_and_mask
-from torch.distributions import biject_to
 
 from ppdgm.fit import Fit
-from ppdgm.inference.base import Checkpointer, progress_bar
-from ppdgm.inference.mcmc import (
-    Sampler,
-    default_device,
-    latent_sites,
-    max_plate_nesting,
-    prototype_trace,
-)
+from ppdgm.inference.adaptation import DualAveraging, TrajectoryAdam, Welford, halton, warmup_windows
+from ppdgm.inference.base import Checkpointer
+from ppdgm.inference.sampling import Sampler, Step, default_device, frozen_params
+from ppdgm.logdensity import BatchedLogDensity
 
 INIT_METHODS = ("uniform", "prior")
 
 
 @dataclass
-class _Site:
-    name: str
-    shape: torch.Size  # one chain's value
-    event_dim: int
-    transform: torch.distributions.Transform
-    ushape: torch.Size  # one chain's unconstrained value
-    offset: int
-    numel: int
+class ChEESState:
+    """Everything a ChEES run carries from one iteration to the next (as blackjax's
+    ``ChEESAdaptationState`` plus the chains): saved whole in a checkpoint."""
 
+    position: torch.Tensor  # (chains, dim), unconstrained
+    potential: torch.Tensor  # (chains,)
+    grad: torch.Tensor  # (chains, dim), of the potential
+    inverse_mass: torch.Tensor  # (dim,), diagonal
+    step_size: float
+    averager: DualAveraging
+    log_length: TrajectoryAdam  # log trajectory length and its optimizer
+    variance: Welford  # the chains' variance over the current mass-matrix window
+    window_start: int
+    log_length_sum: float = 0.0  # averaged over the last 10% of warm-up: the sampling length
+    log_length_n: int = 0
 
-class BatchedLogDensity:
-    """log p(latents, data) of a Pyro model for a batch of latent values, in one model call.
-
-    Values live in unconstrained space as rows of a ``(batch, dim)`` matrix; the model runs
-    under an outer plate at dim ``-(max_plate_nesting + 1)`` with each site's constrained value
-    padded to that depth, and the log-Jacobians of the transforms are added.
-    """
-
-    plate_name = "_chains"
-
-    def __init__(self, model, args=(), kwargs=None, trace=None):
-        self.model, self.args, self.kwargs = model, args, kwargs or {}
-        trace = trace if trace is not None else prototype_trace(model, args, kwargs)
-        self.nesting = max_plate_nesting(trace)
-        self.sites, offset = [], 0
-        for name, site in latent_sites(trace).items():
-            value, fn = site["value"], site["fn"]
-            t = biject_to(fn.support)
-            ushape = torch.Size(t.inv.forward_shape(value.shape))
-            numel = max(1, ushape.numel())
-            self.sites.append(_Site(name, value.shape, fn.event_dim, t, ushape, offset, numel))
-            offset += numel
-        self.dim = offset
-        self.dtype = next(iter(latent_sites(trace).values()))["value"].dtype if self.sites else torch.get_default_dtype()
-
-    # -- unconstrained <-> constrained --------------------------------------------------------
-    def split(self, u: torch.Tensor) -> dict:
-        return {s.name: u[:, s.offset : s.offset + s.numel].reshape(u.shape[0], *s.ushape) for s in self.sites}
-
-    def constrain(self, u: torch.Tensor) -> dict:
-        """``{site: (batch, *site_shape)}`` constrained values."""
-        return {s.name: s.transform(v) for s, v in zip(self.sites, self.split(u).values())}
-
-    def unconstrain(self, values: dict) -> torch.Tensor:
-        parts = [s.transform.inv(values[s.name]).reshape(values[s.name].shape[0], -1) for s in self.sites]
-        return torch.cat(parts, dim=1)
-
-    def pad(self, site: _Site, value: torch.Tensor) -> torch.Tensor:
-        batch_ndim = len(site.shape) - site.event_dim
-        return value.reshape(value.shape[0], *([1] * (self.nesting - batch_ndim)), *site.shape)
-
-    # -- densities ----------------------------------------------------------------------------
-    def trace(self, values: dict):
-        """A trace of the model with ``values`` ``{site: (batch, *shape)}`` under the batch plate."""
-        batch = next(iter(values.values())).shape[0]
-        padded = {s.name: self.pad(s, values[s.name]) for s in self.sites if s.name in values}
-        with poutine.block(), pyro.plate(self.plate_name, batch, dim=-(self.nesting + 1)):
-            return poutine.trace(poutine.condition(self.model, data=padded)).get_trace(*self.args, **self.kwargs)
-
-    def site_log_probs(self, tr, batch: int) -> dict:
-        """``{site: (batch,)}`` summed log densities of every sample site of a batched trace."""
-        out = {}
-        for name, site in tr.nodes.items():
-            if site["type"] != "sample" or name == self.plate_name or site.get("is_subsample"):
-                continue
-            if type(site["fn"]).__name__ == "_Subsample":
-                continue
-            lp = scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"])
-            if not torch.is_tensor(lp) or lp.dim() == 0:
-                lp = torch.as_tensor(lp, dtype=self.dtype).expand(batch)
-            elif lp.dim() != self.nesting + 1 or lp.shape[0] not in (1, batch):
-                raise ValueError(
-                    f"site {name!r} has batch shape {tuple(lp.shape)} when {batch} draws run as an outer plate "
-                    f"at dim {-(self.nesting + 1)}: the model does not broadcast over a batch dimension on its "
-                    "left. Write it as for Predictive(parallel=True), e.g. (x * w).sum(-1) instead of x @ w"
-                )
-            out[name] = lp.reshape(lp.shape[0], -1).sum(1).expand(batch)
-        return out
-
-    def log_density(self, u: torch.Tensor, per_site: bool = False):
-        """``(batch,)`` log joint density at unconstrained ``u`` (plus ``{site: (batch,)}`` terms)."""
-        batch = u.shape[0]
-        values, ladj = {}, u.new_zeros(batch)
-        for s, v in zip(self.sites, self.split(u).values()):
-            x = s.transform(v)
-            values[s.name] = x
-            j = s.transform.log_abs_det_jacobian(v, x)
-            if torch.is_tensor(j) and j.dim() > 0:
-                ladj = ladj + j.reshape(batch, -1).sum(1)
-        terms = self.site_log_probs(self.trace(values), batch)
-        total = ladj + sum(terms.values())
-        return (total, terms) if per_site else total
-
-    def compile(self, u: torch.Tensor) -> None:
-        """Trace ``log_density`` with the PyTorch JIT for batches shaped like ``u`` (the model's
-        Python then runs once; later calls replay the recorded tensor program)."""
-        with warnings.catch_warnings(), pyro.validation_enabled(False):
-            warnings.simplefilter("ignore")
-            self._jit = torch.jit.trace(self.log_density, (u.detach(),), check_trace=False)
-        self._jit_shape = u.shape
-
-    def potential_and_grad(self, u: torch.Tensor):
-        """Potential ``-log density`` ``(batch,)`` and its gradient ``(batch, dim)``."""
-        fn = self._jit if getattr(self, "_jit_shape", None) == u.shape else self.log_density
-        with torch.enable_grad():
-            u = u.detach().requires_grad_(True)
-            logp = fn(u)
-            (grad,) = torch.autograd.grad(logp.sum(), u)
-        return -logp.detach(), -grad
-
-
-@contextlib.contextmanager
-def frozen_params():
-    """Pyro params (e.g. a trained decoder's weights) are constants while HMC moves the latents:
-    no gradient flows into them, and the JIT may bake them into its trace."""
-    params = [p for p in pyro.get_param_store()._params.values() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
-def halton(n: int, base: int = 2) -> float:
-    """The ``n``-th (n >= 1) element of the van der Corput sequence in (0, 1)."""
-    f, r = 1.0, 0.0
-    while n > 0:
-        f /= base
-        n, digit = divmod(n, base)
-        r += f * digit
-    return r
-
-
-class DualAveraging:
-    """Nesterov dual averaging of log step size (Hoffman & Gelman 2014, Stan's constants)."""
-
-    def __init__(self, step_size: float, target: float, gamma=0.05, t0=10.0, kappa=0.75):
-        self.target, self.gamma, self.t0, self.kappa = target, gamma, t0, kappa
-        self.reset(step_size)
-
-    def reset(self, step_size: float):
-        self.mu, self.t, self.h_bar, self.x_bar = math.log(10 * step_size), 0, 0.0, 0.0
-        self.x = math.log(step_size)
-
-    def update(self, accept: float) -> float:
-        self.t += 1
-        eta = 1.0 / (self.t + self.t0)
-        self.h_bar = (1 - eta) * self.h_bar + eta * (self.target - accept)
-        self.x = self.mu - math.sqrt(self.t) / self.gamma * self.h_bar
-        w = self.t ** (-self.kappa)
-        self.x_bar = w * self.x + (1 - w) * self.x_bar
-        return math.exp(self.x)
-
-    @property
-    def final(self) -> float:
-        return math.exp(self.x_bar)
-
-
-def warmup_windows(num_warmup: int) -> list[int]:
-    """Iterations at which the mass matrix is re-estimated: after a 15% start, doubling windows
-    end by 90% of warm-up (the last 10% tunes the step size alone)."""
-    if num_warmup < 20:
-        return []
-    start, end = int(0.15 * num_warmup), int(0.9 * num_warmup)
-    ends, size, pos = [], max(5, (end - start) // 7), start
-    while pos + size < end:
-        pos += size
-        ends.append(pos)
-        size *= 2
-        if pos + 2 * size > end:
-            break
-    if not ends or ends[-1] != end:
-        ends.append(end)
-    return ends
+    @classmethod
+    def from_dict(cls, d: dict) -> ChEESState:
+        return cls(**{**d, "averager": DualAveraging(**d["averager"]), "log_length": TrajectoryAdam(**d["log_length"]),
+                      "variance": Welford(**d["variance"])})
 
 
 class ChEES(Sampler):
@@ -276,7 +112,6 @@ class ChEES(Sampler):
         self._init_values = init if isinstance(init, dict) else None
         self.seed, self.device, self.progress = seed, device, progress
 
-    # -----------------------------------------------------------------------------------------
     def run(self, model, *args, checkpoint_dir=None, resume: bool = False, **kwargs) -> Fit:
         """Draw ``num_samples`` from each of ``num_chains`` chains of ``model(*args, **kwargs)``'s posterior.
 
@@ -287,25 +122,111 @@ class ChEES(Sampler):
         device, args, kwargs, trace = self._setup(model, args, kwargs, allow_enumerated=False)
         with default_device(device):
             density = BatchedLogDensity(model, args, kwargs, trace)
+            chains = ChEESChains(self, density, device)
             with pyro.validation_enabled(False), torch.no_grad(), frozen_params():
-                ckpt = Checkpointer(checkpoint_dir, self.checkpoint_every)
-                return self._sample(model, density, args, kwargs, device, ckpt, resume)
+                run = self._driver(checkpoint_dir, self.checkpoint_every).run([chains], device, resume)
+        state = run.states[0]
+        extra = {"step_size": state["step_size"], "trajectory_length": math.exp(state["log_length"]["value"]),
+                 "inverse_mass": state["inverse_mass"].tolist(), "divergences": int(run.draws.stats["diverging"].sum())}
+        return self._fit(run, run.history[0], extra, model, args, kwargs)
 
-    # -----------------------------------------------------------------------------------------
-    def _initial_points(self, density: BatchedLogDensity, device):
-        C, D = self.num_chains, density.dim
+
+class ChEESChains:
+    """All ChEES chains as one group of the sampling driver: ``step`` is one jittered HMC
+    trajectory of every chain, and during warm-up one update of each adaptation piece."""
+
+    def __init__(self, config: ChEES, density: BatchedLogDensity, device):
+        self.config, self.density, self.device = config, density, device
+        self.width = config.num_chains
+        self.windows = warmup_windows(config.num_warmup) if config.adapt_mass else []
+
+    # -- the driver's protocol ----------------------------------------------------------------
+    def start(self, state: dict | None) -> None:
+        if state is not None:
+            self.state = ChEESState.from_dict(state)
+        else:
+            q, potential, grad = self._initial_points()
+            inv_mass = torch.ones(self.density.dim, device=self.device, dtype=q.dtype)
+            step_size = self._find_step_size(q, potential, grad, inv_mass)
+            self.state = ChEESState(
+                q, potential, grad, inv_mass, step_size, DualAveraging.start(step_size, self.config.target_accept),
+                TrajectoryAdam(math.log(max(step_size, 1e-8) * 5), self.config.trajectory_lr), Welford.empty(inv_mass),
+                window_start=int(0.15 * self.config.num_warmup))
+        if self.config.jit_compile:
+            self.density.compile(self.state.position)
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self.state)
+
+    def end_warmup(self) -> None:
+        s = self.state
+        if self.config.num_warmup:
+            s.step_size = s.averager.final
+        if s.log_length_n:
+            s.log_length.value = s.log_length_sum / s.log_length_n
+
+    def draw(self) -> dict:
+        return self.density.constrain(self.state.position)
+
+    def step(self, iteration: int, warmup: bool) -> Step:
+        s, cfg = self.state, self.config
+        length = halton(iteration + 1) * math.exp(s.log_length.value)
+        n_steps = int(min(cfg.max_leapfrog_steps, max(1, math.ceil(length / s.step_size))))
+        q1, p1, pot1, g1, h0, h1 = self._trajectory(s.position, s.potential, s.grad, s.inverse_mass, s.step_size,
+                                                     n_steps)
+        delta = h0 - h1
+        finite = torch.isfinite(delta) & torch.isfinite(q1).all(1)
+        log_accept = torch.where(finite, delta.clamp(max=0.0), torch.full_like(delta, -math.inf))
+        accept_prob = log_accept.exp()
+        diverging = ~finite | (delta < -1000.0)
+        accepted = torch.rand_like(accept_prob).log() < log_accept
+        accept_h = _harmonic_accept(h0, h1)
+        if warmup:
+            g = chees_gradient(s.position, q1, p1, s.inverse_mass, accept_prob, finite, length)
+            s.log_length.step(g, math.log(s.step_size), math.log(s.step_size * cfg.max_leapfrog_steps))
+            s.step_size = s.averager.update(accept_h)
+        s.position = torch.where(accepted[:, None], q1, s.position)
+        s.potential = torch.where(accepted, pot1, s.potential)
+        s.grad = torch.where(accepted[:, None], g1, s.grad)
+        if warmup:
+            self._adapt_mass(iteration)
+        stats = {"diverging": diverging, "acceptance_rate": accept_prob, "energy": h0, "lp": -s.potential,
+                 "step_size": torch.full_like(h0, s.step_size),
+                 "n_steps": torch.full(h0.shape, n_steps, dtype=torch.long, device=h0.device)}
+        history = {"step_size": s.step_size, "trajectory_length": math.exp(s.log_length.value), "num_steps": n_steps,
+                   "accept_harmonic": accept_h, "accept_mean": float(accept_prob.mean()),
+                   "divergences": int(diverging.sum())}
+        return Step(history, stats, n_steps)
+
+    # -- pieces of a step ---------------------------------------------------------------------
+    def _adapt_mass(self, iteration: int) -> None:
+        """Welford over the window's draws; at a window's end, a new mass matrix and step size."""
+        s, W = self.state, self.config.num_warmup
+        if iteration >= s.window_start:
+            s.variance.update(s.position)
+        if iteration + 1 in self.windows:
+            s.inverse_mass = s.variance.regularized_variance()
+            s.step_size = self._find_step_size(s.position, s.potential, s.grad, s.inverse_mass)
+            s.averager.reset(s.step_size)
+            s.window_start, s.variance = iteration + 1, Welford.empty(s.inverse_mass)
+        if iteration >= int(0.9 * W):
+            s.log_length_sum, s.log_length_n = s.log_length_sum + s.log_length.value, s.log_length_n + 1
+
+    def _initial_points(self):
+        density, device, cfg = self.density, self.device, self.config
+        C, D = cfg.num_chains, density.dim
 
         def draw(n):
-            if self.init == "uniform":
+            if cfg.init == "uniform":
                 return torch.rand(n, D, device=device, dtype=density.dtype) * 4 - 2
-            if self.init == "prior":
+            if cfg.init == "prior":
                 # block outside the plate: the plate must see the sites to batch them
                 with poutine.block(), pyro.plate("_init", n, dim=-(density.nesting + 1)):
                     tr = poutine.trace(density.model).get_trace(*density.args, **density.kwargs)
                 return density.unconstrain({s.name: tr.nodes[s.name]["value"].reshape(n, *s.shape)
                                             for s in density.sites})
-            values = {s.name: torch.as_tensor(self._init_values[s.name], device=device, dtype=density.dtype)
-                      .expand(n, *s.shape) if s.name in self._init_values else None for s in density.sites}
+            values = {s.name: torch.as_tensor(cfg._init_values[s.name], device=device, dtype=density.dtype)
+                      .expand(n, *s.shape) if s.name in cfg._init_values else None for s in density.sites}
             missing = [k for k, v in values.items() if v is None]
             if missing:
                 raise ValueError(f"init: no initial value for latent sites {missing}")
@@ -314,7 +235,7 @@ class ChEES(Sampler):
 
         u = draw(C)
         potential, grad = density.potential_and_grad(u)
-        for _ in range(self.max_init_tries):
+        for _ in range(cfg.max_init_tries):
             bad = ~(torch.isfinite(potential) & torch.isfinite(grad).all(1))
             if not bad.any():
                 return u, potential, grad
@@ -327,11 +248,11 @@ class ChEES(Sampler):
                  if sites else "the gradient of the log density is not finite")
         raise ValueError(
             f"no initial point with a finite log density for {int(bad.sum())} of {C} chains after "
-            f"{self.max_init_tries} tries: {where}; check that site's distribution parameters and observed "
+            f"{cfg.max_init_tries} tries: {where}; check that site's distribution parameters and observed "
             "values (e.g. data outside its support), or pass init={site: value}"
         )
 
-    def _trajectory(self, density, q, potential, grad, inv_mass, step_size, num_steps):
+    def _trajectory(self, q, potential, grad, inv_mass, step_size, num_steps):
         """``num_steps`` leapfrog steps of every chain; returns the proposal and both energies."""
         p = torch.randn_like(q) / inv_mass.sqrt()
         h0 = potential + 0.5 * (p * p * inv_mass).sum(1)
@@ -339,19 +260,18 @@ class ChEES(Sampler):
         p = p - 0.5 * step_size * g1
         for i in range(num_steps):
             q1 = q1 + step_size * inv_mass * p
-            pot1, g1 = density.potential_and_grad(q1)
+            pot1, g1 = self.density.potential_and_grad(q1)
             p = p - (step_size if i < num_steps - 1 else 0.5 * step_size) * g1
         h1 = pot1 + 0.5 * (p * p * inv_mass).sum(1)
         return q1, p, pot1, g1, h0, h1
 
-    def _find_step_size(self, density, q, potential, grad, inv_mass) -> float:
+    def _find_step_size(self, q, potential, grad, inv_mass) -> float:
         """Double or halve one leapfrog step until the harmonic-mean acceptance crosses 1/2."""
-        step_size = self.init_step_size or 1.0
+        step_size = self.config.init_step_size or 1.0
         direction = None
         for _ in range(60):
-            *_, h0, h1 = self._trajectory(density, q, potential, grad, inv_mass, step_size, 1)
-            accept = _harmonic_accept(h0, h1)
-            up = accept > 0.5
+            *_, h0, h1 = self._trajectory(q, potential, grad, inv_mass, step_size, 1)
+            up = _harmonic_accept(h0, h1) > 0.5
             if direction is None:
                 direction = up
             if up != direction:
@@ -359,148 +279,20 @@ class ChEES(Sampler):
             step_size = step_size * 2 if up else step_size / 2
         return step_size
 
-    def _sample(self, model, density: BatchedLogDensity, args, kwargs, device, ckpt: Checkpointer,
-                resume: bool) -> Fit:
-        C, D, W = self.num_chains, density.dim, self.num_warmup
-        t_start = time.perf_counter()
-        beta2 = 0.95
-        windows = warmup_windows(W) if self.adapt_mass else []
-        state = self._load(ckpt) if resume else None
-        if state is None:
-            q, potential, grad = self._initial_points(density, device)
-            inv_mass = torch.ones(D, device=device, dtype=q.dtype)
-            step_size = self._find_step_size(density, q, potential, grad, inv_mass)
-            averager = DualAveraging(step_size, self.target_accept)
-            log_T = math.log(max(step_size, 1e-8) * 5)
-            adam_v, log_T_sum, log_T_n = 0.0, 0.0, 0
-            window_start, w_mean, w_m2, w_n = int(0.15 * W), torch.zeros_like(inv_mass), torch.zeros_like(inv_mass), 0
-            history = {k: [] for k in ("step_size", "trajectory_length", "num_steps", "accept_harmonic",
-                                       "accept_mean", "divergences")}
-            draws = {s.name: [] for s in density.sites}
-            stats = {k: [] for k in ("diverging", "acceptance_rate", "energy", "lp")}
-            grad_evals, start = 0, 0
-        else:
-            state = {k: v.to(device) if torch.is_tensor(v) else v for k, v in state.items()}
-            (q, potential, grad, inv_mass, step_size, log_T, adam_v, log_T_sum, log_T_n, window_start, w_mean,
-             w_m2, w_n, history, draws, stats, grad_evals, start) = (state[k] for k in _STATE)
-            draws = {k: [t.to(device) for t in v] for k, v in draws.items()}
-            stats = {k: [t.to(device) for t in v] for k, v in stats.items()}
-            averager = DualAveraging(1.0, self.target_accept)
-            vars(averager).update(state["averager"])
-        if self.jit_compile:
-            density.compile(q)
-        t_init = time.perf_counter() - t_start
 
-        def snapshot(next_it):
-            local = {"q": q, "potential": potential, "grad": grad, "inv_mass": inv_mass, "step_size": step_size,
-                     "log_T": log_T, "adam_v": adam_v, "log_T_sum": log_T_sum, "log_T_n": log_T_n,
-                     "window_start": window_start, "w_mean": w_mean, "w_m2": w_m2, "w_n": w_n, "history": history,
-                     "draws": draws, "stats": stats, "grad_evals": grad_evals, "start": next_it}
-            return {**local, "averager": dict(vars(averager)), "settings": self._settings()}
-
-        bar = progress_bar(W + self.num_samples, self.name, self.progress)
-        bar.update(start)
-        t_warm = time.perf_counter()
-        t_sample = None
-        for it in range(start, W + self.num_samples):
-            warm = it < W
-            if it == W:
-                step_size = averager.final if W else step_size
-                log_T = log_T_sum / log_T_n if log_T_n else log_T
-                t_sample = time.perf_counter()
-            jitter = halton(it + 1)
-            length = jitter * math.exp(log_T)
-            n_steps = int(min(self.max_leapfrog_steps, max(1, math.ceil(length / step_size))))
-            q1, p1, pot1, g1, h0, h1 = self._trajectory(density, q, potential, grad, inv_mass, step_size, n_steps)
-            grad_evals += n_steps
-            delta = h0 - h1
-            finite = torch.isfinite(delta) & torch.isfinite(q1).all(1)
-            log_accept = torch.where(finite, delta.clamp(max=0.0), torch.full_like(delta, -math.inf))
-            accept_prob = log_accept.exp()
-            diverging = ~finite | (delta < -1000.0)
-            accepted = torch.rand_like(accept_prob).log() < log_accept
-            if warm:
-                accept_h = _harmonic_accept(h0, h1)
-                # ChEES gradient w.r.t. log T, in mass-preconditioned coordinates
-                scale = inv_mass.rsqrt()
-                x0 = q * scale
-                x1 = torch.where(finite[:, None], q1 * scale, torch.zeros_like(q1))
-                w = accept_prob / (accept_prob.sum() + 1e-20)
-                x0c = x0 - x0.mean(0)
-                x1c = x1 - (w[:, None] * x1).sum(0)
-                v1 = torch.where(finite[:, None], p1 * inv_mass * scale, torch.zeros_like(p1))
-                g = length * ((x1c**2).sum(1) - (x0c**2).sum(1)) * (x1c * v1).sum(1)
-                g = torch.where(torch.isfinite(g), g, torch.zeros_like(g))
-                g = float((accept_prob * g).sum() / (accept_prob.sum() + 1e-20))
-                adam_v = beta2 * adam_v + (1 - beta2) * g * g
-                v_hat = adam_v / (1 - beta2 ** (it + 1))
-                log_T = log_T + self.trajectory_lr * g / (math.sqrt(v_hat) + 1e-8)
-                log_T = min(max(log_T, math.log(step_size)), math.log(step_size * self.max_leapfrog_steps))
-                step_size = averager.update(accept_h)
-            q = torch.where(accepted[:, None], q1, q)
-            potential = torch.where(accepted, pot1, potential)
-            grad = torch.where(accepted[:, None], g1, grad)
-            if warm:
-                if it >= window_start:
-                    # Welford over chains and draws of the window
-                    w_n += C
-                    d = q - w_mean
-                    w_mean = w_mean + d.sum(0) / w_n
-                    w_m2 = w_m2 + (d * (q - w_mean)).sum(0)
-                if it + 1 in windows:
-                    var = w_m2 / max(w_n - 1, 1)
-                    inv_mass = (w_n / (w_n + 5.0)) * var + 1e-3 * (5.0 / (w_n + 5.0))
-                    step_size = self._find_step_size(density, q, potential, grad, inv_mass)
-                    averager.reset(step_size)
-                    window_start, w_mean, w_m2, w_n = it + 1, torch.zeros_like(w_mean), torch.zeros_like(w_m2), 0
-                if it >= int(0.9 * W):
-                    log_T_sum, log_T_n = log_T_sum + log_T, log_T_n + 1
-                history["accept_harmonic"].append(accept_h)
-            else:
-                for name, v in density.constrain(q).items():
-                    draws[name].append(v)
-                stats["diverging"].append(diverging)
-                stats["acceptance_rate"].append(accept_prob)
-                stats["energy"].append(h0)
-                stats["lp"].append(-potential)
-                history["accept_harmonic"].append(_harmonic_accept(h0, h1))
-            history["step_size"].append(step_size)
-            history["trajectory_length"].append(math.exp(log_T))
-            history["num_steps"].append(n_steps)
-            history["accept_mean"].append(float(accept_prob.mean()))
-            history["divergences"].append(int(diverging.sum()))
-            if ckpt.due(it + 1):
-                ckpt.save(snapshot(it + 1))
-            bar.update(1)
-            if it % 20 == 0:
-                bar.set_postfix(eps=f"{step_size:.3g}", L=n_steps, acc=f"{history['accept_mean'][-1]:.2f}")
-        bar.close()
-        t_end = time.perf_counter()
-        t_sample = t_sample if t_sample is not None else t_end
-        samples = {k: torch.stack(v, dim=1) for k, v in draws.items()}
-        sample_stats = {k: torch.stack(v, dim=1) for k, v in stats.items()}
-        sample_stats["step_size"] = torch.full_like(sample_stats["lp"], step_size)
-        sample_stats["n_steps"] = torch.tensor(history["num_steps"][W:], device=q.device).expand(C, -1)
-        return Fit(
-            engine=self.name,
-            config=self.config,
-            history=history,
-            timing={"seconds": t_end - t_start, "init_seconds": t_init, "warmup_seconds": t_sample - t_warm,
-                    "sample_seconds": t_end - t_sample, "grad_evals": grad_evals,
-                    "ms_per_grad": 1e3 * (t_end - t_start) / max(grad_evals, 1)},
-            samples=samples,
-            extra={"step_size": step_size, "trajectory_length": math.exp(log_T),
-                   "inverse_mass": inv_mass.tolist(),
-                   "divergences": int(sample_stats["diverging"].sum()),
-                   "tensors": {"sample_stats": sample_stats}},
-            model=model,
-            args=args,
-            kwargs=kwargs,
-        )
-
-
-_STATE = ("q", "potential", "grad", "inv_mass", "step_size", "log_T", "adam_v", "log_T_sum", "log_T_n",
-          "window_start", "w_mean", "w_m2", "w_n", "history", "draws", "stats", "grad_evals", "start")
+def chees_gradient(q0, q1, p1, inv_mass, accept_prob, finite, length) -> float:
+    """The acceptance-weighted ChEES criterion's gradient with respect to log trajectory length
+    (Hoffman et al. 2021, eq. 6), in mass-preconditioned coordinates."""
+    scale = inv_mass.rsqrt()
+    x0 = q0 * scale
+    x1 = torch.where(finite[:, None], q1 * scale, torch.zeros_like(q1))
+    w = accept_prob / (accept_prob.sum() + 1e-20)
+    x0c = x0 - x0.mean(0)
+    x1c = x1 - (w[:, None] * x1).sum(0)
+    v1 = torch.where(finite[:, None], p1 * inv_mass * scale, torch.zeros_like(p1))
+    g = length * ((x1c**2).sum(1) - (x0c**2).sum(1)) * (x1c * v1).sum(1)
+    g = torch.where(torch.isfinite(g), g, torch.zeros_like(g))
+    return float((accept_prob * g).sum() / (accept_prob.sum() + 1e-20))
 
 
 def _harmonic_accept(h0, h1) -> float:

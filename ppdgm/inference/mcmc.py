@@ -1,88 +1,30 @@
-"""NUTS and HMC through Pyro's ``MCMC`` for any Pyro program with continuous latents.
+"""NUTS and HMC: Pyro's kernels on any Pyro program with continuous latents, in the sampling driver.
 
-Chains run one after another in this process (seeded, reproducible, no worker processes); each
-chain's kernel records its step size, acceptance probability, gradient evaluations and
-divergences per iteration, so the Fit's history shows the adaptation and ``to_arviz()`` has a
-``sample_stats`` group. The checks shared with the vectorized engine live here too: discrete
-latents are refused by name, and an initial point whose log density is not finite is retried
-and then reported with the site that made it so.
+Chains run one after another in this process (seeded by chain, reproducible, no worker
+processes). Each chain is a group of :mod:`ppdgm.inference.sampling`'s driver that advances a
+Pyro ``HMC``/``NUTS`` kernel through its public interface only (``setup``, ``sample``,
+``step_size``, ``potential_fn``, ``transforms``, ``logging()``, ``diagnostics()``), recording per
+iteration the step size, the acceptance, the gradient evaluations, divergences and the log
+density, so the Fit's history shows the adaptation and ``to_arviz()`` has a ``sample_stats``
+group. Discrete latents are refused by name, and an initial point whose log density is not
+finite is retried and then reported with the site that made it so.
 """
 
 from __future__ import annotations
 
-import contextlib
-import time
 from pathlib import Path
 
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer.autoguide.initialization import init_to_uniform
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_uniform
 from pyro.infer.mcmc import HMC as PyroHMC
-from pyro.infer.mcmc import MCMC
 from pyro.infer.mcmc import NUTS as PyroNUTS
-from pyro.poutine.util import site_is_subsample
 
 from ppdgm import distributed
 from ppdgm.fit import Fit
-from ppdgm.inference.base import Checkpointer, Engine, move_module, progress_bar, resolve_device, set_seed
-
-# ---------------------------------------------------------------------------------------------
-# checks shared by the HMC engines
-
-
-def as_args(args) -> tuple:
-    return tuple(args) if isinstance(args, (tuple, list)) else (args,)
-
-
-def prototype_trace(model, args=(), kwargs=None):
-    """One validated run of ``model`` (parameters and latents drawn from the prior)."""
-    with poutine.block(), torch.no_grad():
-        return poutine.trace(model).get_trace(*args, **(kwargs or {}))
-
-
-def latent_sites(trace) -> dict:
-    return {
-        n: s
-        for n, s in trace.nodes.items()
-        if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)
-    }
-
-
-def check_continuous_latents(trace, allow_enumerated: bool) -> None:
-    """Raise ValueError naming every discrete latent site HMC cannot move."""
-    bad = []
-    for name, site in latent_sites(trace).items():
-        discrete = site["fn"].support.is_discrete or getattr(site["fn"], "has_enumerate_support", False)
-        if discrete and not (allow_enumerated and site["infer"].get("enumerate")):
-            bad.append(name)
-    if bad:
-        how = ("mark them infer={'enumerate': 'parallel'} so NUTS/HMC sum them out, or "
-               if allow_enumerated else "")
-        raise ValueError(
-            f"HMC needs continuous latent sites, but {bad} {'is' if len(bad) == 1 else 'are'} discrete "
-            f"(support {latent_sites(trace)[bad[0]]['fn'].support}); {how}observe them, or marginalize them "
-            "in the model"
-        )
-
-
-def max_plate_nesting(trace) -> int:
-    dims = [f.dim for s in trace.nodes.values() if s["type"] == "sample"
-            for f in s["cond_indep_stack"] if f.vectorized and f.dim is not None]
-    return -min(dims) if dims else 0
-
-
-def nonfinite_sites(trace) -> dict:
-    """``{site: log_prob sum}`` for sample sites (and factors) whose log density is not finite."""
-    bad = {}
-    for name, site in trace.nodes.items():
-        if site["type"] != "sample" or site_is_subsample(site):
-            continue
-        lp = site["fn"].log_prob(site["value"])
-        total = float(lp.sum()) if torch.is_tensor(lp) else float(lp)
-        if not torch.isfinite(torch.tensor(total)):
-            bad[name] = total
-    return bad
+from ppdgm.inference.sampling import Draws, Sampler, SamplingRun, Step, default_device
+from ppdgm.logdensity import nonfinite_sites
 
 
 def initial_point_error(model, args, kwargs, init_strategy, tries: int) -> ValueError:
@@ -90,8 +32,7 @@ def initial_point_error(model, args, kwargs, init_strategy, tries: int) -> Value
     counts: dict[str, int] = {}
     with poutine.block(), torch.no_grad(), pyro.validation_enabled(False):
         for _ in range(min(tries, 20)):
-            tr = poutine.trace(pyro.infer.autoguide.initialization.InitMessenger(init_strategy)(model)).get_trace(
-                *args, **kwargs)
+            tr = poutine.trace(InitMessenger(init_strategy)(model)).get_trace(*args, **kwargs)
             for name in nonfinite_sites(tr):
                 counts[name] = counts.get(name, 0) + 1
     named = sorted(counts, key=counts.get, reverse=True)
@@ -104,113 +45,82 @@ def initial_point_error(model, args, kwargs, init_strategy, tries: int) -> Value
     )
 
 
-@contextlib.contextmanager
-def default_device(device: torch.device):
-    """New tensors (e.g. ``dist.Normal(0., 1.)`` in a plain model) land on ``device``."""
-    if device.type == "cpu":
-        yield
-    else:
-        with torch.device(device):
-            yield
+class PyroChain:
+    """One chain of a Pyro ``HMC``/``NUTS`` kernel as a group of the sampling driver.
 
+    Pyro reports per iteration only its running mean acceptance probability (``logging()``) and,
+    in the sampling phase, the acceptance rate and divergent iterations (``diagnostics()``); the
+    gradient evaluations and the log density of the current point come from wrapping the
+    kernel's ``potential_fn``, which remembers the potential of every point it evaluated."""
 
-def move_args(args, kwargs, device):
-    def mv(x):
-        return x.to(device) if isinstance(x, torch.Tensor) else x
+    width = 1
 
-    return tuple(mv(a) for a in args), {k: mv(v) for k, v in kwargs.items()}
+    def __init__(self, engine: NUTS, model, args, kwargs, chain: int):
+        self.engine, self.model, self.args, self.kwargs, self.chain = engine, model, args, kwargs, chain
 
-
-# ---------------------------------------------------------------------------------------------
-# kernels that record what they did
-
-
-class _Recording:
-    """Mixin for Pyro's HMC/NUTS: per-iteration step size, accept prob, gradient calls, divergence."""
-
-    def _reset_record(self):
-        self.record = {"step_size": [], "accept_prob": [], "num_grads": [], "diverging": [], "potential": []}
-        self._grad_calls = 0
-
-    def setup(self, warmup_steps, *args, **kwargs):
-        self._reset_record()
-        super().setup(warmup_steps, *args, **kwargs)
-        inner = self.potential_fn
+    def start(self, state: dict | None) -> None:
+        engine = self.engine
+        if engine.seed is not None:  # chain c's draws do not depend on which process runs it
+            pyro.set_rng_seed(engine.seed * 1_000_003 + self.chain)
+        self.kernel = engine._kernel(self.model)
+        try:
+            self.kernel.setup(engine.num_warmup, *self.args, **self.kwargs)
+        except ValueError as err:
+            if "cannot find valid initial params" not in str(err):
+                raise
+            raise initial_point_error(self.model, self.args, self.kwargs, engine._init_strategy,
+                                      engine.max_init_tries) from None
+        self.params, self.calls, self.evaluated = self.kernel.initial_params, 0, []
+        inner = self.kernel.potential_fn
 
         def counted(z):
-            self._grad_calls += 1
-            return inner(z)
+            value = inner(z)
+            self.calls += 1
+            self.evaluated.append((z, value.detach()))
+            return value
 
-        self.potential_fn = counted
+        self._potential, self.kernel.potential_fn = inner, counted
+        self.lp, self.accepted, self.divergences = None, 0, 0
 
-    def sample(self, params):
-        step_size, calls, div = self.step_size, self._grad_calls, len(self._divergences)
-        t, mean_prev = self._t, self._mean_accept_prob
-        z = super().sample(params)
-        n = self._t - self._warmup_steps if self._t > self._warmup_steps else self._t
-        prev = 0.0 if n == 1 else mean_prev
-        self.record["step_size"].append(float(step_size))
-        self.record["accept_prob"].append(n * self._mean_accept_prob - (n - 1) * prev if self._t > t else 1.0)
-        self.record["num_grads"].append(self._grad_calls - calls)
-        self.record["diverging"].append(len(self._divergences) > div)
-        cached = self._fetch_from_cache()
-        self.record["potential"].append(float(cached[1]) if cached[1] is not None else float("nan"))
-        return z
+    def end_warmup(self) -> None:
+        pass  # the kernel ends its own adaptation after num_warmup iterations
 
+    def draw(self) -> dict:
+        transforms = self.kernel.transforms
+        return {k: (transforms[k].inv(v) if k in transforms else v).detach()[None] for k, v in self.params.items()}
 
-class RecordingNUTS(_Recording, PyroNUTS):
-    pass
+    def step(self, iteration: int, warmup: bool) -> Step:
+        step_size, calls = float(self.kernel.step_size), self.calls
+        with pyro.validation_enabled(False):
+            self.params = self.kernel.sample(self.params)
+        self.lp = self._log_density()
+        accept_prob = float(self.kernel.logging()["acc. prob"])
+        if warmup:
+            accepted, diverging = float("nan"), False
+        else:
+            diagnostics = self.kernel.diagnostics()
+            n = iteration + 1 - self.engine.num_warmup
+            count = round(diagnostics["acceptance rate"] * n)
+            accepted, self.accepted = float(count - self.accepted), count
+            diverging = len(diagnostics["divergences"]) > self.divergences
+            self.divergences = len(diagnostics["divergences"])
+        history = {"step_size": step_size, "mean_accept_prob": accept_prob, "num_grads": self.calls - calls,
+                   "diverging": diverging, "potential": -self.lp}
+        stats = {"diverging": torch.tensor([diverging]), "acceptance_rate": torch.tensor([accepted]),
+                 "n_steps": torch.tensor([self.calls - calls]), "step_size": torch.tensor([step_size]),
+                 "lp": torch.tensor([self.lp])}
+        return Step(history, stats, self.calls - calls)
 
-
-class RecordingHMC(_Recording, PyroHMC):
-    pass
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-class Sampler(Engine):
-    """A posterior sampler: ``run(model, *args, **kwargs)`` returns draws; the CLI drives it by ``run_zoo``."""
-
-    input = "posterior"
-
-    def _setup(self, model, args, kwargs, allow_enumerated: bool):
-        """Checks and placement every sampler does first: ``(device, args, kwargs, prototype trace)``."""
-        if not callable(model):
-            raise TypeError(f"model must be a callable Pyro program, got {type(model).__name__}")
-        device = resolve_device(self.device, *args, *kwargs.values())
-        args, kwargs = move_args(args, kwargs, device)
-        move_module(model, device)
-        set_seed(self.seed)
-        with default_device(device):
-            trace = prototype_trace(model, args, kwargs)
-        check_continuous_latents(trace, allow_enumerated=allow_enumerated)
-        if not latent_sites(trace):
-            raise ValueError("the model has no latent sample sites: there is nothing for HMC to sample")
-        return device, args, kwargs, trace
-
-    def _settings(self) -> dict:
-        """What decides the draws: a checkpoint from other settings cannot be resumed."""
-        return {k: v for k, v in self.config.items() if k not in ("device", "progress", "checkpoint_every")}
-
-    def _load(self, ckpt: Checkpointer) -> dict | None:
-        """The saved state (and random state) to resume from, or None when there is none."""
-        state = ckpt.load()
-        if state is None:
-            return None
-        if state["settings"] != self._settings():
-            changed = sorted(k for k in self._settings() if state["settings"].get(k) != self._settings()[k])
-            raise ValueError(f"{ckpt.path}: the checkpoint was written with other sampler settings ({changed}); "
-                             "rerun without resume or with the same settings")
-        return state
-
-    def run_zoo(self, obj, train_args, valid_args=None, checkpoint_dir=None, resume=False) -> Fit:
-        """What the CLI calls: sample ``obj.model(*train_args)``, checkpointing to ``checkpoint_dir``."""
-        fit = self.run(obj.model, *as_args(train_args), checkpoint_dir=checkpoint_dir, resume=resume)
-        fit.module, fit.spec = obj, getattr(obj, "spec", None)
-        if hasattr(obj, "attach_posterior"):  # models that predict from draws (e.g. the BNN) keep them
-            obj.attach_posterior(fit.samples)
-        return fit
+    def _log_density(self) -> float:
+        """log density of the current point: remembered when the kernel evaluated it (or when the
+        chain was already there), else computed once."""
+        found = next((value for z, value in reversed(self.evaluated)
+                      if all(z.get(k) is v for k, v in self.params.items())), None)
+        if found is None:
+            with torch.no_grad():
+                found = self._potential({k: v.detach() for k, v in self.params.items()})
+        self.evaluated = [(self.params, torch.as_tensor(found))]
+        return -float(found)
 
 
 class NUTS(Sampler):
@@ -229,7 +139,6 @@ class NUTS(Sampler):
     """
 
     name = "nuts"
-    kernel_class = RecordingNUTS
 
     def __init__(self, num_samples: int = 1000, num_warmup: int = 500, num_chains: int = 2,
                  target_accept: float = 0.8, max_tree_depth: int = 10, dense_mass: bool = False,
@@ -252,9 +161,9 @@ class NUTS(Sampler):
         self.seed, self.device, self.progress = seed, device, progress
 
     def _kernel(self, model):
-        return self.kernel_class(model, target_accept_prob=self.target_accept, max_tree_depth=self.max_tree_depth,
-                                 full_mass=self.dense_mass, jit_compile=self.jit_compile,
-                                 ignore_jit_warnings=True, init_strategy=self._init_strategy)
+        return PyroNUTS(model, target_accept_prob=self.target_accept, max_tree_depth=self.max_tree_depth,
+                        full_mass=self.dense_mass, jit_compile=self.jit_compile, ignore_jit_warnings=True,
+                        init_strategy=self._init_strategy)
 
     def run(self, model, *args, checkpoint_dir=None, resume: bool = False, **kwargs) -> Fit:
         """Draw from the posterior of ``model(*args, **kwargs)``; returns a Fit with ``samples``.
@@ -263,79 +172,31 @@ class NUTS(Sampler):
         killed run finished and runs only the others (each chain is seeded by its index, so the
         result is the uninterrupted run's).
         """
-        device, args, kwargs, trace = self._setup(model, args, kwargs, allow_enumerated=True)
-        t0 = time.perf_counter()
+        device, args, kwargs, _ = self._setup(model, args, kwargs, allow_enumerated=True)
         with default_device(device):
             world = distributed.init_from_env(device)
             mine = [c for c in range(self.num_chains) if c % world.size == world.rank]
-            ckpt = Checkpointer(_rank_dir(checkpoint_dir, world), 1)
-            finished = self._finished_chains(ckpt) if resume else {}
-            chains, records = [], []
-            bar = progress_bar(len(mine) * (self.num_warmup + self.num_samples), self.name, self.progress)
-            for c in mine:
-                if c in finished:
-                    chains.append(_to_device(finished[c]["samples"], device))
-                    records.append(finished[c]["record"])
-                    bar.update(self.num_warmup + self.num_samples)
-                    continue
-                if self.seed is not None:  # chain c's draws do not depend on which process runs it
-                    pyro.set_rng_seed(self.seed * 1_000_003 + c)
-                kernel = self._kernel(model)
-
-                def hook(kernel, params, stage, i):
-                    bar.update(1)
-
-                mcmc = MCMC(kernel, num_samples=self.num_samples, warmup_steps=self.num_warmup, num_chains=1,
-                            disable_progbar=True, hook_fn=hook)
-                try:
-                    mcmc.run(*args, **kwargs)
-                except ValueError as err:
-                    if "cannot find valid initial params" not in str(err):
-                        raise
-                    raise initial_point_error(model, args, kwargs, self._init_strategy, self.max_init_tries) from None
-                chains.append({k: v.detach() for k, v in mcmc.get_samples().items()})
-                records.append(kernel.record)
-                finished[c] = {"samples": _cpu(chains[-1]), "record": kernel.record}
-                ckpt.save({"settings": self._settings(), "chains": finished})
-            bar.close()
-            if world.parallel:  # chains ran on ranks c % world; put them back in chain order
-                gathered = [None] * world.size
-                torch.distributed.all_gather_object(gathered, (mine, [_cpu(ch) for ch in chains], records))
-                by_chain = {c: (ch, rec) for ids, chs, recs in gathered for c, ch, rec in zip(ids, chs, recs)}
-                chains = [_to_device(by_chain[c][0], device) for c in range(self.num_chains)]
-                records = [by_chain[c][1] for c in range(self.num_chains)]
-        seconds = time.perf_counter() - t0
-        samples = {k: torch.stack([ch[k] for ch in chains]) for k in chains[0]}
-        return self._fit(model, samples, records, seconds, args, kwargs)
-
-    def _finished_chains(self, ckpt: Checkpointer) -> dict:
-        state = self._load(ckpt)
-        return state["chains"] if state is not None else {}
-
-    def _fit(self, model, samples, records, seconds, args, kwargs) -> Fit:
+            chains = [PyroChain(self, model, args, kwargs, c) for c in mine]
+            run = self._driver(_rank_dir(checkpoint_dir, world)).run(chains, device, resume)
+            if world.parallel:
+                run = _gather_chains(run, mine, self.num_chains, device)
         w = self.num_warmup
-        history = {k: [r[k] for r in records] for k in ("step_size", "accept_prob", "num_grads", "diverging")}
-        history["divergences"] = [int(sum(r["diverging"][w:])) for r in records]
-        stats = {
-            "diverging": torch.tensor([r["diverging"][w:] for r in records]),
-            "acceptance_rate": torch.tensor([r["accept_prob"][w:] for r in records]),
-            "n_steps": torch.tensor([r["num_grads"][w:] for r in records]),
-            "step_size": torch.tensor([r["step_size"][w:] for r in records]),
-            "lp": -torch.tensor([r["potential"][w:] for r in records]),
-        }
-        total = self.num_chains * (self.num_warmup + self.num_samples)
-        return Fit(
-            engine=self.name,
-            config=self.config,
-            history=history,
-            timing={"seconds": seconds, "ms_per_iteration": 1e3 * seconds / total,
-                    "grad_evals": int(sum(sum(r["num_grads"]) for r in records))},
-            samples=samples,
-            extra={"tensors": {"sample_stats": stats}},
-            model=model,
-            args=args,
-            kwargs=kwargs,
-        )
+        history = {k: [h[k] for h in run.history] for k in ("step_size", "mean_accept_prob", "num_grads", "diverging")}
+        history["divergences"] = [int(sum(h["diverging"][w:])) for h in run.history]
+        return self._fit(run, history, {}, model, args, kwargs)
+
+
+def _gather_chains(run: SamplingRun, mine: list, num_chains: int, device) -> SamplingRun:
+    """Chains ran on ranks ``c % world``: every rank gets all of them, in chain order."""
+    mine_draws = [({k: v[i].cpu() for k, v in run.draws.samples.items()},
+                   {k: v[i].cpu() for k, v in run.draws.stats.items()}) for i in range(len(mine))]
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, (mine, mine_draws, run.history))
+    by_chain = {c: (d, h) for ids, ds, hs in gathered for c, d, h in zip(ids, ds, hs)}
+    samples, stats = ({k: torch.stack([by_chain[c][0][part][k] for c in range(num_chains)]).to(device)
+                       for k in by_chain[0][0][part]} for part in (0, 1))
+    draws = Draws(num_chains, run.draws.num_samples, samples, stats)
+    return SamplingRun(draws, [by_chain[c][1] for c in range(num_chains)], [None] * num_chains, run.timing)
 
 
 def _rank_dir(directory, world):
@@ -345,19 +206,10 @@ def _rank_dir(directory, world):
     return Path(directory) / f"rank{world.rank}"
 
 
-def _cpu(d: dict) -> dict:
-    return {k: v.cpu() for k, v in d.items()}
-
-
-def _to_device(d: dict, device) -> dict:
-    return {k: v.to(device) for k, v in d.items()}
-
-
 class HMC(NUTS):
     """Static-trajectory HMC (Pyro's ``HMC``): ``trajectory_length`` in units of the unconstrained space."""
 
     name = "hmc"
-    kernel_class = RecordingHMC
 
     def __init__(self, num_samples: int = 1000, num_warmup: int = 500, num_chains: int = 2,
                  trajectory_length: float = 1.0, target_accept: float = 0.8, **kwargs):
@@ -367,7 +219,6 @@ class HMC(NUTS):
         self.trajectory_length = float(trajectory_length)
 
     def _kernel(self, model):
-        return self.kernel_class(model, trajectory_length=self.trajectory_length,
-                                 target_accept_prob=self.target_accept, full_mass=self.dense_mass,
-                                 jit_compile=self.jit_compile, ignore_jit_warnings=True,
-                                 init_strategy=self._init_strategy)
+        return PyroHMC(model, trajectory_length=self.trajectory_length, target_accept_prob=self.target_accept,
+                       full_mass=self.dense_mass, jit_compile=self.jit_compile, ignore_jit_warnings=True,
+                       init_strategy=self._init_strategy)

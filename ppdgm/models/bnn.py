@@ -173,7 +173,7 @@ class BNN(ConstructorSpec, PyroModule):
         """``p(y | x, w_s)`` for every draw s, as a batched distribution ``(S, n)``."""
         flat = self._draws(samples)
         S = next(iter(flat.values())).shape[0]
-        from ppdgm.inference.chees import BatchedLogDensity
+        from ppdgm.logdensity import BatchedLogDensity
 
         # y observed (its value is irrelevant here): left out, a discrete y would count as a latent
         density = BatchedLogDensity(self.model, (x, self._placeholder_targets(x)))

@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 from pyro.infer.mcmc.util import initialize_model
 
 import ppdgm
-from ppdgm.inference.chees import BatchedLogDensity, ChEES, halton, warmup_windows
+from ppdgm.inference.adaptation import halton, warmup_windows
+from ppdgm.inference.chees import ChEES
+from ppdgm.logdensity import BatchedLogDensity
 
 from known_posteriors import COV, MEAN, NN_MEAN, NN_SD, X, correlated_gaussian, max_z_scores, normal_normal
 
@@ -107,32 +109,6 @@ def test_prior_init_starts_the_chains_at_prior_draws():
     assert torch.allclose(loc.mean(0), torch.tensor([3.0, 3.0]), atol=0.2)  # 4.5 standard errors
     assert torch.allclose(loc.std(0), torch.tensor([2.0, 2.0]), atol=0.15)
     assert abs(log_scale.mean()) < 0.05 and abs(log_scale.std() - 0.5) < 0.04
-
-
-@pytest.mark.parametrize("killed_at", [20, 50])  # inside warm-up (still adapting), inside sampling
-def test_a_killed_run_resumes_to_the_uninterrupted_draws(tmp_path, monkeypatch, killed_at):
-    from ppdgm.inference.base import Checkpointer
-
-    engine = ChEES(num_chains=4, num_warmup=30, num_samples=30, checkpoint_every=10, seed=3)
-    whole = engine.run(normal_normal, X)
-    save = Checkpointer.save
-
-    def killed(self, state):
-        if state["start"] == killed_at:
-            raise KeyboardInterrupt  # the ten iterations since the last checkpoint are lost
-        save(self, state)
-
-    monkeypatch.setattr(Checkpointer, "save", killed)
-    with pytest.raises(KeyboardInterrupt):
-        engine.run(normal_normal, X, checkpoint_dir=tmp_path)
-    monkeypatch.setattr(Checkpointer, "save", save)
-    resumed = engine.run(normal_normal, X, checkpoint_dir=tmp_path, resume=True)
-    assert torch.equal(resumed.samples["mu"], whole.samples["mu"])
-    assert resumed.history == whole.history
-    assert resumed.extra["inverse_mass"] == whole.extra["inverse_mass"]
-    with pytest.raises(ValueError, match=r"other sampler settings \(\['num_samples'\]\)"):
-        ChEES(num_chains=4, num_warmup=30, num_samples=31, checkpoint_every=10, seed=3).run(
-            normal_normal, X, checkpoint_dir=tmp_path, resume=True)
 
 
 def test_halton_and_windows():
