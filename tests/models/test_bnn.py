@@ -71,9 +71,10 @@ def test_zoo_run_attaches_draws_that_survive_save_and_load(tmp_path):
 
     bnn = BNN(features=2, hidden_features=(), noise_scale=0.5)
     ds = Dataset(x=XL, y=YL, name="toy")
-    fit = ChEES(num_chains=4, num_warmup=30, num_samples=10).run_zoo(bnn, bnn.data_args(ds), checkpoint_dir=tmp_path)
+    from ppdgm.families import fit_family
+
+    fit = fit_family(bnn, ChEES(num_chains=4, num_warmup=30, num_samples=10), ds, checkpoint_dir=tmp_path)
     pred = bnn.predict(XL)  # uses the attached draws
-    fit.spec = bnn.spec
     fit.save(tmp_path)
     back = ppdgm.load(tmp_path)
     assert torch.allclose(back.module.predict(XL), pred)
