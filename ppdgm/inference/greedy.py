@@ -29,10 +29,6 @@ class GreedyLayerwise(PersistentCD):
         names = inspect.signature(PersistentCD.__init__).parameters
         return {k: getattr(self, k) for k in names if k != "self" and hasattr(self, k)}
 
-    def run_zoo(self, obj, train_args, valid_args=None, checkpoint_dir=None, resume: bool = False) -> Fit:
-        return self.run(obj, train_args[0], val_data=valid_args[0] if valid_args else None,
-                        checkpoint_dir=checkpoint_dir, resume=resume)
-
     def run(self, model, data, *, val_data=None, checkpoint_dir=None, resume: bool = False, callbacks=()) -> Fit:
         """Train ``model.stack`` bottom-up; checkpoints of layer ``k`` go to ``checkpoint_dir/layer{k}``."""
         stack = getattr(model, "stack", None)

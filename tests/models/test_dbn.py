@@ -110,6 +110,6 @@ def test_greedy_engine_takes_pcd_arguments_and_reports_chain_mixing(tmp_path):
         inspect.signature(PersistentCD.__init__).parameters)
     x = torch.bernoulli(torch.full((60, 6), 0.4))
     dbn = DBN(sizes=[6, 4, 3])
-    fit = GreedyLayerwise(num_steps=30, batch_size=20, num_chains=10, lr=0.05).run_zoo(dbn, (x,), None, tmp_path)
+    fit = GreedyLayerwise(num_steps=30, batch_size=20, num_chains=10, lr=0.05).run(dbn, x, checkpoint_dir=tmp_path)
     assert az.rhat(fit.to_arviz())["chain_energy"].size == 1
     assert not (tmp_path / "layer1" / "checkpoint.pt").exists()  # no checkpoint_every: no per-layer checkpoints
