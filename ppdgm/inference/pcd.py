@@ -213,7 +213,7 @@ class PersistentCD(TrainingEngine):
             if regularizer is not None:
                 penalty = regularizer()
                 penalty.backward()
-                loss = loss + float(penalty)
+                loss = loss + float(penalty.detach())
         done = step + 1
         due = done % state.record_every == 0
         loss, pos_mean, neg_mean, gnorm = loop.descend(state.params, loss, pos_mean, neg_mean,
