@@ -61,6 +61,8 @@ class PCDState:
     per_block: int
     mine: range
     record_every: int
+    regularizer: object = None
+    contrastive_grads: object = None
     momentum: float | None = None
 
 
@@ -182,7 +184,8 @@ class PersistentCD(TrainingEngine):
             chains = model.init_chains(self.num_chains, loop.batches.data)
         state = PCDState(model, params, optimizer, None, [], blocks, self.num_chains // blocks,
                          range(world.rank * blocks // world.size, (world.rank + 1) * blocks // world.size),
-                         self.record_every or max(1, loop.total // 500))
+                         self.record_every or max(1, loop.total // 500), getattr(model, "regularizer", None),
+                         getattr(model, "contrastive_grads", None))
         state.chains = self._my_blocks(state, chains)
         return state
 
@@ -194,9 +197,8 @@ class PersistentCD(TrainingEngine):
                 state.optimizer.param_groups[0]["momentum"] = state.momentum = momentum
         b = loop.batches[step]
         state.chains = chains = self._advance(state, step)
-        regularizer = getattr(model, "regularizer", None)
-        closed_form = getattr(model, "contrastive_grads", None)
-        phases = closed_form(b, chains) if closed_form is not None else None
+        regularizer = state.regularizer
+        phases = state.contrastive_grads(b, chains) if state.contrastive_grads is not None else None
         if phases is None:
             state.optimizer.zero_grad(set_to_none=True)
             pos = model.positive_log_density(b)

@@ -46,10 +46,13 @@ def _module_weights(module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def _nan_regularizer(module):
-    """Persistent CD adds ``regularizer()`` to the loss: a NaN one poisons the loss, not the weights."""
+def _poisonable(module):
+    """Persistent CD adds ``regularizer()`` to the loss: a zero one until ``poisoned``, then NaN,
+    which poisons the loss and leaves the weights alone."""
     params = [p for p in module.parameters() if p.requires_grad]
-    module.regularizer = lambda: sum(p.sum() for p in params) * math.nan
+    module.poisoned = False
+    module.regularizer = lambda: sum(p.sum() for p in params) * (math.nan if module.poisoned else 0.0)
+    return module
 
 
 # -- program (SVI): a plain Pyro function with a global latent and a param -------------------
@@ -91,11 +94,11 @@ def _energy_case() -> Case:
 
     def build():
         torch.manual_seed(1)
-        return RBM(visible=6, hidden=4)
+        return _poisonable(RBM(visible=6, hidden=4))
 
     return Case(config={"batch_size": 10, "num_chains": 6, "lr": 0.05}, build=build,
                 run=lambda engine, rbm, **kw: engine.run(rbm, x, **kw), weights=_module_weights,
-                poison=_nan_regularizer)
+                poison=lambda rbm: setattr(rbm, "poisoned", True))
 
 
 # -- denoising (score matching): a small score network -------------------------------------------
@@ -149,11 +152,14 @@ def _layers_case() -> Case:
 
     def build():
         torch.manual_seed(1)
-        return DBN(sizes=[6, 4, 3])
+        dbn = DBN(sizes=[6, 4, 3])
+        for rbm in dbn.stack:
+            _poisonable(rbm)
+        return dbn
 
     return Case(config={"batch_size": 10, "num_chains": 10, "lr": 0.05}, build=build,
                 run=lambda engine, dbn, **kw: engine.run(dbn, x, **kw), weights=_module_weights,
-                poison=lambda dbn: [_nan_regularizer(rbm) for rbm in dbn.stack])
+                poison=lambda dbn: [setattr(rbm, "poisoned", True) for rbm in dbn.stack])
 
 
 CASES = {"program": _program_case, "energy": _energy_case, "denoising": _denoising_case,
