@@ -19,15 +19,7 @@ import torch
 
 from ppdgm import distributed
 from ppdgm.fit import Fit
-from ppdgm.inference.base import (
-    Checkpointer,
-    Engine,
-    non_finite_error,
-    progress_bar,
-    set_seed,
-    step_timing,
-    track_validation,
-)
+from ppdgm.inference.base import Checkpointer, Engine, NonFiniteLossError, progress_bar, set_seed, step_timing
 from ppdgm.inference.schedules import lr_factor
 
 
@@ -163,6 +155,17 @@ def _collate(dataset, indices):
 # what a step sees
 
 
+def non_finite_error(step: int, loss, grad_norm, fit: Fit, checkpoint_dir=None, what: str = "loss"):
+    """Save the last finite ``fit`` (when a folder is given) and return the error that names the step."""
+    if checkpoint_dir is not None:
+        fit.save(checkpoint_dir)
+    return NonFiniteLossError(
+        f"non-finite {what} ({loss}) or gradient norm ({grad_norm}) at step {step}; the fit holds the parameters "
+        f"from step {step - 1}" + (f", saved to {checkpoint_dir}" if checkpoint_dir is not None else ""),
+        fit,
+    )
+
+
 class _NonFiniteStep(Exception):
     def __init__(self, loss, grad_norm, what):
         super().__init__(what)
@@ -268,6 +271,17 @@ def set_lr(optimizer, lr: float) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # the loop
+
+
+def track_validation(best, bad_evals: int, value: float, step: int, patience, weights):
+    """Early-stopping bookkeeping after one validation loss: ``(best, bad_evals, stop)``.
+
+    ``best`` is None or ``{"loss", "step", **weights()}``; ``weights`` snapshots what to keep and is
+    called only when ``value`` improves on it."""
+    if best is None or value < best["loss"]:
+        return {"loss": value, "step": step, **weights()}, 0, False
+    bad_evals += 1
+    return best, bad_evals, patience is not None and bad_evals >= patience
 
 
 def train(engine: TrainingEngine, problem, data, *, device, val_data=None, checkpoint_dir=None,
