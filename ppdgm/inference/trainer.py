@@ -174,7 +174,8 @@ class _NonFiniteStep(Exception):
 
 @dataclass
 class Loop:
-    """The driver's side of a step: where the run is, its data, and the gradient update."""
+    """The driver's side of a step: where the run is (``step`` of ``total``, the schedule's
+    ``lr_factor``, the ``history`` so far), its data (``batches``), and the gradient update."""
 
     batches: Minibatches
     total: int
@@ -183,7 +184,6 @@ class Loop:
     clip_norm: float | None = None
     step: int = 0
     lr_factor: float = 1.0
-    val_data: object = None
     history: dict = field(default_factory=dict)
 
     def descend(self, params, loss: float, *scalars: float, update, clip=..., norm: bool = True,
@@ -246,10 +246,10 @@ class TrainingEngine(Engine):
     lr_schedule = None
     lr_final_factor = 0.1
 
+    validate = None
+
     def eval_interval(self, per_epoch: int, total: int) -> int:
         return self.eval_every or per_epoch
-
-    validate = None
 
     def weights(self, state) -> dict:
         raise NotImplementedError
@@ -294,7 +294,7 @@ def train(engine: TrainingEngine, problem, data, *, device, val_data=None, check
         distributed.check_nproc(world.size, n, engine.batch_size)
     batches = Minibatches(data, engine.batch_size, engine.seed, world, engine.full_batch)
     total = engine.num_epochs * batches.per_epoch if engine.num_epochs else engine.num_steps
-    loop = Loop(batches, total, world, device, engine.clip_norm, val_data=val_data)
+    loop = Loop(batches, total, world, device, engine.clip_norm)
 
     set_seed(engine.seed)
     state = engine.init(problem, loop)
