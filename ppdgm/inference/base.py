@@ -1,7 +1,8 @@
 """The engine protocol and what every engine shares: seeds, devices, progress bars, checkpoints.
 
 An engine is configured by its constructor and run by ``run(model, ...) -> Fit``. Engines know
-Pyro traces, not model classes. Training engines checkpoint through :class:`Checkpointer`, which
+Pyro traces, not model classes; training engines run on :mod:`ppdgm.inference.trainer`. Engines
+checkpoint through :class:`Checkpointer`, which
 saves everything a resumed run needs to end bit-for-bit where an uninterrupted one would: the
 param store, optimizer state, RNG states, the step and the history.
 """
@@ -12,7 +13,6 @@ import random
 import sys
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyro
@@ -20,9 +20,6 @@ import torch
 from tqdm.auto import tqdm
 
 from ppdgm.fit import Fit, atomic_save, safe_load
-
-Callback = Callable[[int, dict], "bool | None"]
-"""Called after each step with ``(step, info)``; returning True stops the run early."""
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -114,17 +111,6 @@ def progress_bar(total: int, desc: str, enabled: bool | None):
 # checkpoints
 
 
-def track_validation(best, bad_evals: int, value: float, step: int, patience, weights):
-    """Early-stopping bookkeeping after one validation loss: ``(best, bad_evals, stop)``.
-
-    ``best`` is None or ``{"loss", "step", **weights()}``; ``weights`` snapshots what to keep and is
-    called only when ``value`` improves on it."""
-    if best is None or value < best["loss"]:
-        return {"loss": value, "step": step, **weights()}, 0, False
-    bad_evals += 1
-    return best, bad_evals, patience is not None and bad_evals >= patience
-
-
 class Checkpointer:
     """Saves and restores an engine's state in ``directory/checkpoint.pt``, atomically."""
 
@@ -160,17 +146,6 @@ class NonFiniteLossError(FloatingPointError):
     def __init__(self, message: str, fit: Fit | None = None):
         super().__init__(message)
         self.fit = fit
-
-
-def non_finite_error(step: int, loss, grad_norm, fit: Fit, checkpoint_dir=None, what: str = "loss"):
-    """Save the last finite ``fit`` (when a folder is given) and return the error that names the step."""
-    if checkpoint_dir is not None:
-        fit.save(checkpoint_dir)
-    return NonFiniteLossError(
-        f"non-finite {what} ({loss}) or gradient norm ({grad_norm}) at step {step}; the fit holds the parameters "
-        f"from step {step - 1}" + (f", saved to {checkpoint_dir}" if checkpoint_dir is not None else ""),
-        fit,
-    )
 
 
 def step_timing(seconds: float, steps: int) -> dict:

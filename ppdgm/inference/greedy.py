@@ -15,6 +15,31 @@ import torch
 from ppdgm.fit import Fit
 from ppdgm.inference.base import set_seed, step_timing
 from ppdgm.inference.pcd import PersistentCD
+from ppdgm.inference.trainer import Callback, as_callbacks
+
+
+class _StopsTheStack(Callback):
+    """Forwards a user's callback to each layer's run and remembers whether it stopped one, so a
+    stop ends the whole stack (a resumed run then picks up in that layer)."""
+
+    def __init__(self, callback: Callback):
+        self.callback, self.stopped = callback, False
+
+    def on_start(self, config):
+        self.callback.on_start(config)
+
+    def on_step(self, step, info):
+        stop = bool(self.callback.on_step(step, info))
+        self.stopped |= stop
+        return stop
+
+    def on_validation(self, step, metrics):
+        stop = bool(self.callback.on_validation(step, metrics))
+        self.stopped |= stop
+        return stop
+
+    def on_end(self, fit):
+        self.callback.on_end(fit)
 
 
 class GreedyLayerwise(PersistentCD):
@@ -29,10 +54,6 @@ class GreedyLayerwise(PersistentCD):
         names = inspect.signature(PersistentCD.__init__).parameters
         return {k: getattr(self, k) for k in names if k != "self" and hasattr(self, k)}
 
-    def run_zoo(self, obj, train_args, valid_args=None, checkpoint_dir=None, resume: bool = False) -> Fit:
-        return self.run(obj, train_args[0], val_data=valid_args[0] if valid_args else None,
-                        checkpoint_dir=checkpoint_dir, resume=resume)
-
     def run(self, model, data, *, val_data=None, checkpoint_dir=None, resume: bool = False, callbacks=()) -> Fit:
         """Train ``model.stack`` bottom-up; checkpoints of layer ``k`` go to ``checkpoint_dir/layer{k}``."""
         stack = getattr(model, "stack", None)
@@ -42,6 +63,7 @@ class GreedyLayerwise(PersistentCD):
         check = getattr(model, "check_data", None)
         x = check(data, "data") if check else data
         vx = check(val_data, "val_data") if (check and val_data is not None) else val_data
+        callbacks = [_StopsTheStack(cb) for cb in as_callbacks(callbacks)]
         t0 = time.perf_counter()
         history, chains = {}, {}
         seed = self.seed
@@ -51,6 +73,8 @@ class GreedyLayerwise(PersistentCD):
             fit = engine.run(rbm, x, val_data=vx, checkpoint_dir=layer_dir, resume=resume, callbacks=callbacks)
             history[f"layer{k}"] = fit.history
             chains[f"layer{k}"] = fit.extra["tensors"]["chains"]
+            if any(cb.stopped for cb in callbacks):
+                break
             if k + 1 < len(stack):
                 set_seed(None if seed is None else seed + 1000 + k)
                 with torch.no_grad():

@@ -35,29 +35,38 @@ large R-hat means the persistent chains do not mix and the gradient is biased.
 from __future__ import annotations
 
 import math
-import time
+from dataclasses import dataclass
 
 import torch
 
 from ppdgm.data import check_data
 from ppdgm.fit import Fit
-from ppdgm import distributed
-from ppdgm.inference.base import (
-    Checkpointer,
-    Engine,
-    non_finite_error,
-    progress_bar,
-    resolve_device,
-    set_seed,
-    step_timing,
-)
+from ppdgm.inference.base import resolve_device
+from ppdgm.inference.checks import choice, is_number, number_in, positive_int, positive_number
+from ppdgm.inference.schedules import check_schedule, momentum_switch
+from ppdgm.inference.trainer import Loop, TrainingEngine, train
 
 OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = (None, "linear", "exponential")
 PROTOCOL = ("positive_log_density", "init_chains", "sample_chains", "negative_log_density")
 
 
-class PersistentCD(Engine):
+@dataclass
+class PCDState:
+    model: torch.nn.Module
+    params: list
+    optimizer: object
+    chains: object
+    recorded: list
+    blocks: int
+    per_block: int
+    mine: range
+    record_every: int
+    regularizer: object = None
+    contrastive_grads: object = None
+    momentum: float | None = None
+
+
+class PersistentCD(TrainingEngine):
     """Persistent contrastive divergence.
 
     Args:
@@ -68,7 +77,8 @@ class PersistentCD(Engine):
             ``momentum_switch`` fraction of the steps, then ``end`` (Hinton's 0.5 -> 0.9).
         weight_decay: L2 penalty on all parameters.
         k: sampler steps per update; num_chains: persistent chains.
-        lr_schedule: None, ``"linear"`` or ``"exponential"`` decay to ``lr * lr_final_factor``.
+        lr_schedule: None (constant), ``"linear"``, ``"exponential"`` or ``"cosine"`` decay to
+            ``lr * lr_final_factor`` (:mod:`ppdgm.inference.schedules`).
         clip_norm: optional gradient-norm clip.
         record_chains, record_every: how many chains' energies to record, and how often.
         eval_every: steps between validation positive-phase evaluations (default: each epoch).
@@ -84,6 +94,8 @@ class PersistentCD(Engine):
 
     name = "pcd"
     input = "energy"
+    history_keys = ("loss", "positive", "negative", "chain_energy", "grad_norm", "lr", "record_step")
+    validation_keys = ("val_positive",)
 
     def __init__(
         self,
@@ -114,66 +126,28 @@ class PersistentCD(Engine):
             raise ValueError(f"chain_blocks must be a positive int dividing num_chains={num_chains}, got {chain_blocks!r}")
         for arg, val in (("num_steps", num_steps), ("k", k), ("num_chains", num_chains),
                          ("record_chains", record_chains)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{arg} must be a positive int, got {val!r}")
+            positive_int(arg, val)
         for arg, val in (("num_epochs", num_epochs), ("batch_size", batch_size), ("record_every", record_every),
                          ("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
-            if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
-                raise ValueError(f"{arg} must be a positive int or None, got {val!r}")
-        if not (_number(lr) and lr > 0):
-            raise ValueError(f"lr must be a positive number, got {lr!r}")
-        if optim not in OPTIMIZERS:
-            raise ValueError(f"optim must be one of {OPTIMIZERS}, got {optim!r}")
+            positive_int(arg, val, optional=True)
+        self.lr = positive_number("lr", lr)
+        self.optim = choice("optim", optim, OPTIMIZERS)
         moms = momentum if isinstance(momentum, (tuple, list)) else (momentum, momentum)
-        if len(moms) != 2 or not all(_number(m) and 0 <= m < 1 for m in moms):
+        if len(moms) != 2 or not all(is_number(m) and 0 <= m < 1 for m in moms):
             raise ValueError(f"momentum must be a number in [0, 1) or a (start, end) pair of them, got {momentum!r}")
-        if not (_number(momentum_switch) and 0 <= momentum_switch <= 1):
-            raise ValueError(f"momentum_switch must be a fraction in [0, 1], got {momentum_switch!r}")
-        if not (_number(weight_decay) and weight_decay >= 0):
+        self.momentum = [float(m) for m in moms]
+        self.momentum_switch = number_in("momentum_switch", momentum_switch, 0, 1)
+        if not (is_number(weight_decay) and weight_decay >= 0):
             raise ValueError(f"weight_decay must be a non-negative number, got {weight_decay!r}")
-        if lr_schedule not in SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {lr_schedule!r}")
-        if not (_number(lr_final_factor) and lr_final_factor > 0):
-            raise ValueError(f"lr_final_factor must be a positive number, got {lr_final_factor!r}")
-        if clip_norm is not None and not (_number(clip_norm) and clip_norm > 0):
-            raise ValueError(f"clip_norm must be a positive number or None, got {clip_norm!r}")
+        self.weight_decay = float(weight_decay)
+        self.lr_schedule, self.lr_final_factor = check_schedule(lr_schedule, lr_final_factor)
+        self.clip_norm = positive_number("clip_norm", clip_norm, optional=True)
         self.num_steps, self.num_epochs, self.batch_size = num_steps, num_epochs, batch_size
-        self.lr, self.optim, self.momentum = float(lr), optim, [float(m) for m in moms]
-        self.momentum_switch, self.weight_decay = float(momentum_switch), float(weight_decay)
         self.k, self.num_chains = k, num_chains
-        self.lr_schedule, self.lr_final_factor, self.clip_norm = lr_schedule, float(lr_final_factor), clip_norm
         self.record_chains, self.record_every = min(record_chains, num_chains), record_every
         self.eval_every, self.checkpoint_every = eval_every, checkpoint_every
         self.chain_blocks = chain_blocks
         self.seed, self.device, self.progress = seed, device, progress
-
-    # -----------------------------------------------------------------------------------------
-    def _lr_at(self, step: int, total: int) -> float:
-        frac = min(step / max(total, 1), 1.0)
-        if self.lr_schedule == "linear":
-            return self.lr * (1 - (1 - self.lr_final_factor) * frac)
-        if self.lr_schedule == "exponential":
-            return self.lr * self.lr_final_factor**frac
-        return self.lr
-
-    def _momentum_at(self, step: int, total: int) -> float:
-        return self.momentum[0] if step < self.momentum_switch * total else self.momentum[1]
-
-    def _make_optimizer(self, params):
-        if self.optim == "adam":
-            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
-        return MomentumSGD(params, lr=self.lr, momentum=self.momentum[0], weight_decay=self.weight_decay)
-
-    def run_zoo(self, obj, train_args, valid_args=None, checkpoint_dir=None, resume: bool = False) -> Fit:
-        """How the CLI drives this engine on a zoo object."""
-        def unpack(args):
-            if args is None:
-                return None
-            args = tuple(args)
-            return args[0] if len(args) == 1 else args
-
-        return self.run(obj, unpack(train_args), val_data=unpack(valid_args), checkpoint_dir=checkpoint_dir,
-                        resume=resume)
 
     def run(self, model, data, *, val_data=None, checkpoint_dir=None, resume: bool = False, callbacks=()) -> Fit:
         """Train ``model`` (see the module docstring for the protocol) on ``data``."""
@@ -189,188 +163,146 @@ class PersistentCD(Engine):
         val_data = self._check(model, val_data, "val_data") if val_data is not None else None
         device = resolve_device(self.device, *_parts(data))
         model.to(device)
-        data = _to(data, device)
-        val_data = _to(val_data, device) if val_data is not None else None
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
+        if not any(p.requires_grad for p in model.parameters()):
             raise ValueError(f"model {type(model).__name__} has no trainable parameters")
+        return train(self, model, _to(data, device), device=device,
+                     val_data=_to(val_data, device) if val_data is not None else None,
+                     checkpoint_dir=checkpoint_dir, resume=resume, callbacks=callbacks)
 
-        n = _length(data)
-        world = distributed.init_from_env(device)
-        if world.parallel:
-            distributed.check_nproc(world.size, n, self.batch_size)
+    # -----------------------------------------------------------------------------------------
+    # the algorithm the driver runs
+
+    def init(self, model, loop: Loop) -> PCDState:
+        world = loop.world
         blocks = self.chain_blocks or world.size
         if blocks % world.size or self.num_chains % blocks:
             raise ValueError(f"chain_blocks={blocks} must be a multiple of the {world.size} ranks and divide "
                              f"num_chains={self.num_chains}")
-        per_block = self.num_chains // blocks
-        mine = range(world.rank * blocks // world.size, (world.rank + 1) * blocks // world.size)
-        shard = math.ceil(n / world.size)
-        batch = self.batch_size if (self.batch_size and self.batch_size < shard) else None
-        if world.parallel and batch is None:
-            batch = shard
-        per_epoch = math.ceil(shard / batch) if batch else 1
-        total = self.num_epochs * per_epoch if self.num_epochs else self.num_steps
-        record_every = self.record_every or max(1, total // 500)
-        eval_every = self.eval_every or per_epoch
-
-        set_seed(self.seed)
+        params = [p for p in model.parameters() if p.requires_grad]
         optimizer = self._make_optimizer(params)
-        history = {"loss": [], "positive": [], "negative": [], "chain_energy": [], "grad_norm": [], "lr": [],
-                   "record_step": []}
-        if val_data is not None:
-            history.update(val_positive=[], val_step=[])
-        recorded: list[torch.Tensor] = []
-        start = 0
-        ckpt = Checkpointer(checkpoint_dir, self.checkpoint_every)
-        state = ckpt.load() if resume else None
-        if state is not None:
-            model.load_state_dict(state["module"])
-            optimizer.load_state_dict(state["optim"])
-            chains = _to(state["chains"], device)
-            history, start = state["history"], state["step"]
-            recorded = list(state["recorded"].unbind(1)) if state["recorded"] is not None else []
+        with torch.no_grad():
+            chains = model.init_chains(self.num_chains, loop.batches.data)
+        state = PCDState(model, params, optimizer, None, [], blocks, self.num_chains // blocks,
+                         range(world.rank * blocks // world.size, (world.rank + 1) * blocks // world.size),
+                         self.record_every or max(1, loop.total // 500), getattr(model, "regularizer", None),
+                         getattr(model, "contrastive_grads", None))
+        state.chains = self._my_blocks(state, chains)
+        return state
+
+    def step(self, state: PCDState, loop: Loop) -> dict:
+        model, step = state.model, loop.step
+        if self.optim == "sgd":
+            momentum = momentum_switch(step, loop.total, self.momentum, self.momentum_switch)
+            if momentum != state.momentum:
+                state.optimizer.param_groups[0]["momentum"] = state.momentum = momentum
+        b = loop.batches[step]
+        state.chains = chains = self._advance(state, step)
+        regularizer = state.regularizer
+        phases = state.contrastive_grads(b, chains) if state.contrastive_grads is not None else None
+        if phases is None:
+            state.optimizer.zero_grad(set_to_none=True)
+            pos = model.positive_log_density(b)
+            neg = model.negative_log_density(chains)
+            loss = -(pos.mean() - neg.mean())
+            if regularizer is not None:
+                loss = loss + regularizer()
+            loss.backward()
+            pos_mean, neg_mean, loss = float(pos.detach().mean()), float(neg.detach().mean()), loss.detach()
         else:
-            with torch.no_grad():
-                chains = model.init_chains(self.num_chains, data)
-        if blocks > 1:  # every rank built or loaded the full chain set; keep this rank's blocks
-            if any(t.shape[0] != self.num_chains for t in _leaves(chains)):
-                raise ValueError(f"chain blocks (and distributed PCD) need chain states with the {self.num_chains} "
-                                 f"chains on dim 0; {type(model).__name__} has shapes "
-                                 f"{[tuple(t.shape) for t in _leaves(chains)]}")
-            chains = _rows(chains, mine.start * per_block, mine.stop * per_block)
-        if world.parallel:
-            distributed.broadcast_params(params)
+            pos, neg = phases
+            pos_mean, neg_mean = float(pos.mean()), float(neg.mean())
+            loss = neg_mean - pos_mean
+            if regularizer is not None:
+                penalty = regularizer()
+                penalty.backward()
+                loss = loss + float(penalty.detach())
+        done = step + 1
+        due = done % state.record_every == 0
+        loss, pos_mean, neg_mean, gnorm = loop.descend(state.params, loss, pos_mean, neg_mean,
+                                                       update=state.optimizer.step, norm=due)
+        metrics = {"loss": loss, "positive": pos_mean, "negative": neg_mean}
+        if due:  # chain energies cost a pass over the chains: measured at record steps only
+            energy = self._record(state, neg, loop.world)
+            metrics.update(chain_energy=energy, grad_norm=gnorm, lr=self.lr * loop.lr_factor, record_step=done)
+        return metrics
 
-        def snapshot(step):
-            rec = torch.stack(recorded, 1) if recorded else None
-            return {"step": step, "module": model.state_dict(), "optim": optimizer.state_dict(),
-                    "chains": _gather_rows(chains) if world.parallel else chains, "history": history,
-                    "recorded": rec}
+    def validate(self, state: PCDState, val_data) -> dict:
+        with torch.no_grad():
+            return {"val_positive": float(state.model.positive_log_density(val_data).mean())}
 
-        def advance(chains, step):
-            if blocks == 1:
-                return model.sample_chains(chains, self.k)
-            out = []
-            for i, b in enumerate(mine):
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    torch.manual_seed(((self.seed or 0) * 1_000_003 + step) * 1_009 + b)
-                    out.append(model.sample_chains(_rows(chains, i * per_block, (i + 1) * per_block), self.k))
-            return _cat_rows(out)
+    def parameters(self, state: PCDState) -> list:
+        return state.params
 
-        energy_of = getattr(model, "chain_energy", None)
-        regularizer = getattr(model, "regularizer", None)
-        closed_form = getattr(model, "contrastive_grads", None)
-        t0 = time.perf_counter()
-        bar = progress_bar(total, "pcd", self.progress)
-        bar.update(start)
-        post_every = max(1, total // 200)
-        step, stop, schedule, order = start, False, None, {}
-        for step in range(start, total):
-            now = (self._lr_at(step, total), self._momentum_at(step, total))
-            if now != schedule:
-                for group in optimizer.param_groups:
-                    group["lr"] = now[0]
-                    if self.optim == "sgd":
-                        group["momentum"] = now[1]
-                schedule = now
-            b = self._batch(data, step, per_epoch, batch, order, world)
-            chains = advance(chains, step)
-            phases = closed_form(b, chains) if closed_form is not None else None
-            if phases is None:
-                optimizer.zero_grad(set_to_none=True)
-                pos = model.positive_log_density(b)
-                neg = model.negative_log_density(chains)
-                loss = -(pos.mean() - neg.mean())
-                if regularizer is not None:
-                    loss = loss + regularizer()
-                loss.backward()
-                pos_mean, neg_mean, loss = float(pos.detach().mean()), float(neg.detach().mean()), loss.detach()
-            else:
-                pos, neg = phases
-                pos_mean, neg_mean = float(pos.mean()), float(neg.mean())
-                loss = neg_mean - pos_mean
-                if regularizer is not None:
-                    penalty = regularizer()
-                    penalty.backward()
-                    loss = loss + float(penalty)
-            if world.parallel:
-                loss_value, pos_mean, neg_mean = distributed.average_gradients(
-                    params, float(loss), pos_mean, neg_mean)
-                loss = loss_value
-            done = step + 1
-            due = done % record_every == 0
-            gnorm = None
-            if self.clip_norm is not None:
-                gnorm = float(torch.nn.utils.clip_grad_norm_(params, self.clip_norm))
-            elif due:
-                grads = [p.grad for p in params if p.grad is not None]
-                gnorm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) if grads else 0.0
-            loss_value = float(loss)
-            if not (math.isfinite(loss_value) and (gnorm is None or math.isfinite(gnorm))):
-                bar.close()
-                fit = self._fit(model, history, recorded, chains, t0, start, step)
-                raise non_finite_error(step, loss_value, gnorm, fit, checkpoint_dir if world.is_main else None)
-            optimizer.step()
-            history["loss"].append(loss_value)
-            history["positive"].append(pos_mean)
-            history["negative"].append(neg_mean)
-            if due:  # chain energies cost a pass over the chains: measured at record steps only
-                if energy_of is not None:
-                    with torch.no_grad():
-                        energy = energy_of(chains).detach()
-                else:
-                    energy = -neg.detach()
-                history["chain_energy"].append(float(energy.mean()))
-                history["grad_norm"].append(gnorm)
-                history["lr"].append(now[0])
-                history["record_step"].append(done)
-                if blocks == 1:
-                    mine_recorded = energy[: self.record_chains].detach()
-                else:  # the first chains of every block, so the record does not depend on the ranks
-                    r = math.ceil(self.record_chains / blocks)
-                    mine_recorded = torch.cat([energy[i * per_block : i * per_block + r] for i in range(len(mine))])
-                if world.parallel:
-                    mine_recorded = _gather_rows(mine_recorded)
-                recorded.append(mine_recorded.to("cpu", torch.float64))
-            if val_data is not None and done % eval_every == 0:
-                with torch.no_grad():
-                    history["val_positive"].append(float(model.positive_log_density(val_data).mean()))
-                history["val_step"].append(done)
-            info = {"loss": loss_value, "grad_norm": gnorm,
-                    "chain_energy": history["chain_energy"][-1] if history["chain_energy"] else None}
-            for cb in callbacks:
-                stop = bool(cb(done, info)) or stop
-            if ckpt.due(done) or (stop and ckpt.every):
-                snap = snapshot(done)  # every rank joins the gather; rank 0 writes
-                if world.is_main:
-                    ckpt.save(snap)
-            bar.update(1)
-            if done % post_every == 0:
-                bar.set_postfix(loss=f"{loss_value:.4g}")
-            if stop:
-                break
-        bar.close()
-        return self._fit(model, history, recorded, chains, t0, start, step + 1 if total else 0)
+    def optimizers(self, state: PCDState) -> list:
+        return [(state.optimizer, self.lr)]
+
+    def state_dict(self, state: PCDState) -> dict:
+        parallel = torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1
+        return {"module": state.model.state_dict(), "optim": state.optimizer.state_dict(),
+                "chains": _gather_rows(state.chains) if parallel else state.chains,
+                "recorded": torch.stack(state.recorded, 1) if state.recorded else None}
+
+    def load_state_dict(self, state: PCDState, saved: dict) -> None:
+        state.model.load_state_dict(saved["module"])
+        state.optimizer.load_state_dict(saved["optim"])
+        device = state.params[0].device
+        state.chains = self._my_blocks(state, _to(saved["chains"], device))
+        state.recorded = list(saved["recorded"].unbind(1)) if saved["recorded"] is not None else []
+
+    def fit_fields(self, state: PCDState) -> dict:
+        model = state.model
+        spec = getattr(model, "spec", None)
+        return {"samples": {"chain_energy": torch.stack(state.recorded, 1)} if state.recorded else None,
+                "spec": spec if isinstance(spec, dict) else None,
+                "extra": {"tensors": {"chains": _detach(state.chains)}},
+                "model": getattr(model, "model", None), "guide": getattr(model, "guide", None), "module": model}
 
     # -----------------------------------------------------------------------------------------
-    def _fit(self, model, history, recorded, chains, t0, start, end) -> Fit:
-        seconds = time.perf_counter() - t0
-        steps = max(end - start, 0)
-        samples = {"chain_energy": torch.stack(recorded, 1)} if recorded else None
-        spec = getattr(model, "spec", None)
-        return Fit(
-            engine=self.name,
-            config=self.config,
-            history=history,
-            timing=step_timing(seconds, steps),
-            samples=samples,
-            spec=spec if isinstance(spec, dict) else None,
-            extra={"tensors": {"chains": _detach(chains)}},
-            model=getattr(model, "model", None),
-            guide=getattr(model, "guide", None),
-            module=model,
-        )
+    def _make_optimizer(self, params):
+        if self.optim == "adam":
+            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        return MomentumSGD(params, lr=self.lr, momentum=self.momentum[0], weight_decay=self.weight_decay)
+
+    def _my_blocks(self, state: PCDState, chains):
+        """This rank's blocks of the full chain set (all of it with one block)."""
+        if state.blocks == 1:
+            return chains
+        if any(t.shape[0] != self.num_chains for t in _leaves(chains)):
+            raise ValueError(f"chain blocks (and distributed PCD) need chain states with the {self.num_chains} "
+                             f"chains on dim 0; {type(state.model).__name__} has shapes "
+                             f"{[tuple(t.shape) for t in _leaves(chains)]}")
+        return _rows(chains, state.mine.start * state.per_block, state.mine.stop * state.per_block)
+
+    def _advance(self, state: PCDState, step: int):
+        if state.blocks == 1:
+            return state.model.sample_chains(state.chains, self.k)
+        device = state.params[0].device
+        out = []
+        for i, b in enumerate(state.mine):
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(((self.seed or 0) * 1_000_003 + step) * 1_009 + b)
+                out.append(state.model.sample_chains(_rows(state.chains, i * state.per_block,
+                                                           (i + 1) * state.per_block), self.k))
+        return _cat_rows(out)
+
+    def _record(self, state: PCDState, neg, world) -> float:
+        """Append the recorded chains' energies; return the mean energy of this rank's chains."""
+        energy_of = getattr(state.model, "chain_energy", None)
+        if energy_of is not None:
+            with torch.no_grad():
+                energy = energy_of(state.chains).detach()
+        else:
+            energy = -neg.detach()
+        if state.blocks == 1:
+            mine = energy[: self.record_chains]
+        else:  # the first chains of every block, so the record does not depend on the ranks
+            r = math.ceil(self.record_chains / state.blocks)
+            mine = torch.cat([energy[i * state.per_block : i * state.per_block + r] for i in range(len(state.mine))])
+        if world.parallel:
+            mine = _gather_rows(mine)
+        state.recorded.append(mine.to("cpu", torch.float64))
+        return float(energy.mean())
 
     @staticmethod
     def _check(model, data, name):
@@ -387,24 +319,6 @@ class PersistentCD(Engine):
             raise ValueError(f"{name}: expected tensors sharing their first (data) dimension, got shapes "
                              f"{[tuple(p.shape) for p in parts]}")
         return parts if isinstance(data, (tuple, list)) else parts[0]
-
-    def _batch(self, data, step, per_epoch, batch, order: dict, world):
-        """Minibatch ``step`` of this rank's shard of the epoch's order (``DistributedSampler``'s).
-
-        The shard is gathered once per epoch; a minibatch is then a slice of it (a view, no copy),
-        which matters when an RBM step costs about as much as indexing its batch."""
-        if batch is None:
-            return data
-        epoch, pos = divmod(step, per_epoch)
-        if order.get("epoch") != epoch:
-            device = data[0].device if isinstance(data, tuple) else data.device
-            perm = distributed.shard_order(_length(data), epoch, self.seed or 0, world).to(device)
-            order["epoch"] = epoch
-            order["data"] = tuple(d[perm] for d in data) if isinstance(data, tuple) else data[perm]
-        shard = order["data"]
-        if isinstance(shard, tuple):
-            return tuple(d[pos * batch : (pos + 1) * batch] for d in shard)
-        return shard[pos * batch : (pos + 1) * batch]
 
 
 class MomentumSGD:
@@ -483,16 +397,8 @@ def _gather_rows(x):
     return {k: _gather_rows(v) for k, v in x.items()}
 
 
-def _number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def _parts(data):
     return tuple(data) if isinstance(data, tuple) else (data,)
-
-
-def _length(data) -> int:
-    return data[0].shape[0] if isinstance(data, tuple) else data.shape[0]
 
 
 def _to(x, device):

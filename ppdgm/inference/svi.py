@@ -9,8 +9,7 @@ in Pyro's tutorials.
 from __future__ import annotations
 
 import contextlib
-import math
-import time
+from dataclasses import dataclass
 
 import pyro
 import torch
@@ -21,25 +20,16 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
-from ppdgm import distributed
 from ppdgm.data import check_data
 from ppdgm.fit import Fit, param_store_state, restore_param_store
-from ppdgm.inference.base import (
-    Checkpointer,
-    Engine,
-    move_module,
-    non_finite_error,
-    progress_bar,
-    resolve_device,
-    set_seed,
-    step_timing,
-    track_validation,
-)
+from ppdgm.inference.base import move_module, resolve_device
+from ppdgm.inference.checks import choice, positive_int, positive_number
 from ppdgm.inference.param_optim import PyroOptim, StoreAdam
+from ppdgm.inference.schedules import check_schedule
+from ppdgm.inference.trainer import Loop, TrainingEngine, train
 
 LOSSES = ("elbo", "meanfield", "enum", "iwae")
 OPTIMIZERS = ("adam", "clipped_adam")
-SCHEDULES = (None, "exponential", "cosine")
 
 
 class ScaleDataPlate(Messenger):
@@ -168,7 +158,21 @@ def _as_tuple(data):
     return (data,)
 
 
-class SVI(Engine):
+@dataclass
+class SVIState:
+    model: object
+    guide: object
+    autoguide: str | None
+    optim: object
+    elbo: object
+    args: tuple
+    kwargs: dict
+    fit_args: tuple
+    on_device: object
+    device: torch.device
+
+
+class SVI(TrainingEngine):
     """Stochastic variational inference.
 
     Args:
@@ -178,7 +182,8 @@ class SVI(Engine):
         num_steps: gradient steps; with ``num_epochs`` the steps are ``num_epochs`` passes.
         batch_size: minibatch size (None: full batch).
         lr, optim, clip_norm: Adam or ClippedAdam learning rate and optional gradient-norm clip.
-        lr_schedule: None, ``"exponential"`` or ``"cosine"`` decay to ``lr * lr_final_factor``.
+        lr_schedule: None (constant), ``"linear"``, ``"exponential"`` or ``"cosine"`` decay to
+            ``lr * lr_final_factor`` (:mod:`ppdgm.inference.schedules`).
         eval_every, patience: validation loss every ``eval_every`` steps; stop after
             ``patience`` evaluations without improvement and keep the best parameters.
         data_plate: name of the plate over data points, scaled by ``N / batch``.
@@ -211,45 +216,22 @@ class SVI(Engine):
     ):
         if not isinstance(loss, ELBO) and loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES} or a pyro.infer.ELBO, got {loss!r}")
-        for arg, val in (("num_steps", num_steps), ("num_particles", num_particles)):
-            if not isinstance(val, int) or val < 1:
-                raise ValueError(f"{arg} must be a positive int, got {val!r}")
+        positive_int("num_steps", num_steps)
+        positive_int("num_particles", num_particles)
         for arg, val in (("num_epochs", num_epochs), ("batch_size", batch_size), ("eval_every", eval_every),
                          ("patience", patience), ("checkpoint_every", checkpoint_every)):
-            if val is not None and (not isinstance(val, int) or val < 1):
-                raise ValueError(f"{arg} must be a positive int or None, got {val!r}")
-        if not (isinstance(lr, (int, float)) and lr > 0):
-            raise ValueError(f"lr must be a positive number, got {lr!r}")
-        if optim not in OPTIMIZERS:
-            raise ValueError(f"optim must be one of {OPTIMIZERS}, got {optim!r}")
-        if lr_schedule not in SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {lr_schedule!r}")
-        if clip_norm is not None and not clip_norm > 0:
-            raise ValueError(f"clip_norm must be positive or None, got {clip_norm!r}")
+            positive_int(arg, val, optional=True)
+        self.lr = positive_number("lr", lr)
+        self.optim = choice("optim", optim, OPTIMIZERS)
+        self.clip_norm = positive_number("clip_norm", clip_norm, optional=True)
+        self.lr_schedule, self.lr_final_factor = check_schedule(lr_schedule, lr_final_factor)
         self.loss = loss if isinstance(loss, str) else type(loss).__name__
         self._elbo = make_elbo(loss, num_particles, vectorize_particles, max_plate_nesting)
         self.num_steps, self.num_epochs, self.batch_size = num_steps, num_epochs, batch_size
-        self.lr, self.optim, self.clip_norm = float(lr), optim, clip_norm
-        self.lr_schedule, self.lr_final_factor = lr_schedule, lr_final_factor
         self.num_particles, self.vectorize_particles = num_particles, vectorize_particles
         self.max_plate_nesting, self.data_plate = max_plate_nesting, data_plate
         self.eval_every, self.patience, self.checkpoint_every = eval_every, patience, checkpoint_every
         self.seed, self.device, self.progress = seed, device, progress
-
-    # -----------------------------------------------------------------------------------------
-    def _make_optim(self):
-        if self.optim == "clipped_adam":
-            return PyroOptim(pyro.optim.ClippedAdam({"lr": self.lr, "clip_norm": self.clip_norm or 10.0}))
-        return StoreAdam(self.lr)
-
-    def _lr_at(self, step: int, total: int) -> float:
-        frac = min(step / max(total, 1), 1.0)
-        if self.lr_schedule == "exponential":
-            return self.lr * self.lr_final_factor**frac
-        if self.lr_schedule == "cosine":
-            f = self.lr_final_factor
-            return self.lr * (f + (1 - f) * 0.5 * (1 + math.cos(math.pi * frac)))
-        return self.lr
 
     def run(
         self,
@@ -275,23 +257,20 @@ class SVI(Engine):
         data = self._prepare(data, "data", device)
         val_data = self._prepare(val_data, "val_data", device)
         move_module(model, device)
-        n = _length(data)
-        self._world = world = distributed.init_from_env(device)
-        if world.parallel and n:
-            distributed.check_nproc(world.size, n, self.batch_size)
-        shard = math.ceil(n / world.size) if n else 0
-        batch = self.batch_size if (self.batch_size and self.batch_size < shard) else None
-        if world.parallel and n and batch is None:
-            batch = shard  # each rank takes its shard of the full batch
-        per_epoch = math.ceil(shard / batch) if batch else 1
-        total = self.num_epochs * per_epoch if self.num_epochs else self.num_steps
+        return train(self, (model, guide, args, kwargs), data, device=device, val_data=val_data,
+                     checkpoint_dir=checkpoint_dir, resume=resume, callbacks=callbacks)
 
-        set_seed(self.seed)
+    # -----------------------------------------------------------------------------------------
+    # the algorithm the driver runs
+
+    def init(self, problem, loop: Loop) -> SVIState:
+        model, guide, args, kwargs = problem
         pyro.clear_param_store()
         # off the CPU, tensors a plain model makes (torch.zeros(D) ...) land on the data's device;
         # on the CPU the default device is right already and the mode's per-op cost is skipped
+        device = loop.device
         on_device = (lambda: torch.device(device)) if device.type != "cpu" else contextlib.nullcontext
-        first = self._batch(data, 0, per_epoch, batch)
+        first = loop.batches[0]
         autoguide = None
         with on_device():
             if guide is None:
@@ -300,90 +279,62 @@ class SVI(Engine):
                 guide = AutoNormal(model) if latent_sites(tr.trace) else empty_guide
                 autoguide = "AutoNormal" if guide is not empty_guide else "empty"
             check_guide_matches(model, guide, (*first, *args), kwargs)
-            if batch:
+            if loop.batches.batch:
                 self._check_data_plate(model, first, args, kwargs)
-
-        optim = self._make_optim()
         elbo = self._elbo
         if guide is empty_guide and type(elbo) in (Trace_ELBO, TraceMeanField_ELBO) and self.num_particles == 1:
             elbo = MaximumLikelihood()  # the same objective, without tracing a guide that has no sites
-        history = {"loss": [], "grad_norm": []}
-        if val_data is not None:
-            history.update(val_loss=[], val_step=[])
-        start, best, bad_evals = 0, None, 0
-        ckpt = Checkpointer(checkpoint_dir, self.checkpoint_every)
-        if resume:
-            state = ckpt.load()
-            if state is not None:
-                # create params (and their optimizers' slots) before overwriting them
-                restore_param_store(state["params"], device)
-                optim.set_state(state["optim"])
-                history, start, best, bad_evals = state["history"], state["step"], state["best"], state["bad_evals"]
+        data = loop.batches.data
+        return SVIState(model, guide, autoguide, self._make_optim(), elbo, args, kwargs,
+                        data if isinstance(data, tuple) else (), on_device, device)
 
-        if world.parallel:
-            distributed.broadcast_params(self._named_params())
+    def step(self, state: SVIState, loop: Loop) -> dict:
+        b = loop.batches[loop.step]
+        scale = loop.batches.n / b[0].shape[0] if loop.batches.batch else None
+        with state.on_device():
+            loss, params = self._loss_and_params(state.elbo, state.model, state.guide, scale,
+                                                 (*b, *state.args), state.kwargs)
+        if loop.world.parallel:
+            params = self._named_params(params)
+        clip = self.clip_norm if self.optim == "adam" else None  # ClippedAdam clips by itself
+        loss, gnorm = loop.descend(params, loss, update=lambda: state.optim(params), clip=clip)
+        return {"loss": loss, "grad_norm": gnorm}
 
-        def snapshot(step):
-            return {"step": step, "params": param_store_state(), "optim": optim.get_state(),
-                    "history": history, "best": best, "bad_evals": bad_evals}
+    def validate(self, state: SVIState, val_data) -> dict:
+        with torch.no_grad(), state.on_device():
+            return {"val_loss": state.elbo.loss(state.model, state.guide, *val_data, *state.args, **state.kwargs)}
 
-        fit_args = data if isinstance(data, tuple) else ()
-        t0 = time.perf_counter()
-        bar = progress_bar(total, "svi", self.progress)
-        bar.update(start)
-        post_every = max(1, total // 200)
-        step = start
-        stop = False
-        for step in range(start, total):
-            b = self._batch(data, step, per_epoch, batch)
-            scale = n / _length(b) if batch else None
-            with on_device():
-                loss, params = self._loss_and_params(elbo, model, guide, scale, (*b, *args), kwargs)
-            if world.parallel:
-                params = self._named_params(params)
-                (loss,) = distributed.average_gradients(params, loss)
-            grads = [p.grad for p in params if p.grad is not None]
-            if self.clip_norm is not None and self.optim == "adam":
-                gnorm = float(torch.nn.utils.clip_grad_norm_(params, self.clip_norm))
-            else:
-                gnorm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) if grads else 0.0
-            if not (math.isfinite(loss) and math.isfinite(gnorm)):
-                pyro.infer.util.zero_grads(set(params))
-                bar.close()
-                fit = self._fit(model, guide, autoguide, history, t0, start, step, fit_args, args, kwargs)
-                raise non_finite_error(step, loss, gnorm, fit, checkpoint_dir if world.is_main else None)
-            optim(params)
-            if self.lr_schedule is not None:
-                optim.set_lr(self._lr_at(step + 1, total))
-            history["loss"].append(loss)
-            history["grad_norm"].append(gnorm)
-            done = step + 1
-            if val_data is not None and done % (self.eval_every or per_epoch) == 0:
-                with torch.no_grad(), on_device():
-                    v = elbo.loss(model, guide, *val_data, *args, **kwargs)
-                history["val_loss"].append(v)
-                history["val_step"].append(done)
-                best, bad_evals, stop = track_validation(best, bad_evals, v, done, self.patience,
-                                                         lambda: {"params": param_store_state()})
-            info = {"loss": loss, "grad_norm": gnorm}
-            for cb in callbacks:
-                stop = bool(cb(done, info)) or stop
-            if world.is_main and (ckpt.due(done) or (stop and ckpt.every)):
-                ckpt.save(snapshot(done))
-            bar.update(1)
-            if done % post_every == 0:
-                bar.set_postfix(loss=f"{loss:.4g}")
-            if stop:
-                break
-        bar.close()
-        if best is not None and self.patience is not None:
-            restore_param_store(best["params"], device)
-        fit = self._fit(model, guide, autoguide, history, t0, start, step + 1 if total else 0, fit_args, args, kwargs)
-        if best is not None:
-            fit.extra["best_val"] = {"loss": best["loss"], "step": best["step"]}
-        return fit
+    def parameters(self, state: SVIState) -> list:
+        return self._named_params()
+
+    def optimizers(self, state: SVIState) -> list:
+        return [(state.optim, self.lr)]
+
+    def weights(self, state: SVIState) -> dict:
+        return param_store_state()
+
+    def load_weights(self, state: SVIState, saved: dict) -> None:
+        restore_param_store(saved, state.device)
+
+    def state_dict(self, state: SVIState) -> dict:
+        return {"params": param_store_state(), "optim": state.optim.get_state()}
+
+    def load_state_dict(self, state: SVIState, saved: dict) -> None:
+        # create params (and their optimizers' slots) before overwriting them
+        restore_param_store(saved["params"], state.device)
+        state.optim.set_state(saved["optim"])
+
+    def fit_fields(self, state: SVIState) -> dict:
+        return {"params": param_store_state(), "extra": {"autoguide": state.autoguide} if state.autoguide else {},
+                "model": state.model, "guide": state.guide, "args": (*state.fit_args, *state.args),
+                "kwargs": state.kwargs}
 
     # -----------------------------------------------------------------------------------------
+    def _make_optim(self):
+        if self.optim == "clipped_adam":
+            return PyroOptim(pyro.optim.ClippedAdam({"lr": self.lr, "clip_norm": self.clip_norm or 10.0}))
+        return StoreAdam(self.lr)
+
     def _loss_and_params(self, elbo, model, guide, scale, args, kwargs) -> tuple[float, list]:
         """One step's loss, with its gradients accumulated on the params it touched (returned)."""
         if isinstance(elbo, MaximumLikelihood):
@@ -393,22 +344,6 @@ class SVI(Engine):
         with poutine.trace(param_only=True) as cap:
             loss = elbo.loss_and_grads(model, guide, *args, **kwargs)
         return loss, [s["value"].unconstrained() for s in cap.trace.nodes.values()]
-
-    def _fit(self, model, guide, autoguide, history, t0, start, end, fit_args, args, kwargs) -> Fit:
-        seconds = time.perf_counter() - t0
-        steps = max(end - start, 0)
-        return Fit(
-            engine=self.name,
-            config=self.config,
-            history=history,
-            timing=step_timing(seconds, steps),
-            params=param_store_state(),
-            extra={"autoguide": autoguide} if autoguide else {},
-            model=model,
-            guide=guide,
-            args=(*fit_args, *args),
-            kwargs=kwargs,
-        )
 
     @staticmethod
     def _prepare(data, name, device):
@@ -425,25 +360,6 @@ class SVI(Engine):
             raise ValueError(f"{name}: expected tensors sharing their first (data) dimension, got shapes "
                              f"{[tuple(p.shape) for p in parts]}")
         return tuple(p.to(device) for p in parts)
-
-    def _batch(self, data, step, per_epoch, batch):
-        if data is None:
-            return ()
-        if batch is None:
-            return data if isinstance(data, tuple) else _collate(data, range(len(data)))
-        epoch, pos = divmod(step, per_epoch)
-        idx = self._epoch_order(epoch, _length(data))[pos * batch : (pos + 1) * batch]
-        if isinstance(data, tuple):
-            idx = idx.to(data[0].device)
-            return tuple(d[idx] for d in data)
-        return _collate(data, idx.tolist())
-
-    def _epoch_order(self, epoch: int, n: int) -> torch.Tensor:
-        """This rank's data order in an epoch: a function of (seed, epoch, rank) alone, so a
-        resumed run replays it (``DistributedSampler``'s order; all of it for one process)."""
-        if getattr(self, "_order", (None,))[0] != (epoch, n):
-            self._order = ((epoch, n), distributed.shard_order(n, epoch, self.seed or 0, self._world))
-        return self._order[1]
 
     @staticmethod
     def _named_params(params=None) -> list[torch.Tensor]:
@@ -466,16 +382,3 @@ class SVI(Engine):
 
 def _is_int(t):
     return isinstance(t, torch.Tensor) and not t.is_floating_point()
-
-
-def _length(data) -> int:
-    if data is None:
-        return 0
-    return data[0].shape[0] if isinstance(data, tuple) else len(data)
-
-
-def _collate(dataset, indices):
-    items = [dataset[i] for i in indices]
-    if isinstance(items[0], (tuple, list)):
-        return tuple(torch.stack([torch.as_tensor(it[j]) for it in items]) for j in range(len(items[0])))
-    return (torch.stack([torch.as_tensor(it) for it in items]),)

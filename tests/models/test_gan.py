@@ -107,7 +107,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, mixture):
 def test_saved_fit_reloads_the_generator(tmp_path, mixture):
     torch.manual_seed(0)
     gan = GAN(features=2, hidden_features=[16], critic_hidden_features=[16])
-    fit = Adversarial(num_steps=5, batch_size=64, seed=0).run_zoo(gan, (mixture[0],))
+    fit = Adversarial(num_steps=5, batch_size=64, seed=0).run(gan.model, gan.critic, mixture[0])
     fit.save(tmp_path)
     loaded = ppdgm.load(tmp_path)
     z = torch.randn(4, 2)

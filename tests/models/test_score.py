@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import ppdgm
 from ppdgm.data import make_gaussian_mixture
 from ppdgm.evaluate import mmd, modes_covered
-from ppdgm.inference.score_matching import ScoreMatching
+from ppdgm.inference.score_matching import ScoreMatching, fixed_noise_loss
 from ppdgm.models.score import ScoreModel, VESDE, VPSDE, check_decreasing
 
 
@@ -98,7 +98,7 @@ def test_patience_stops_on_the_validation_loss_and_keeps_the_best_weights():
     losses = dict(zip(fit.history["val_step"], fit.history["val_loss"]))
     assert len(fit.history["loss"]) == best["step"] + 3 * 20 < 2000  # stopped three evaluations later
     assert losses[best["step"]] == min(losses.values()) == best["loss"]
-    assert ScoreMatching._val_loss(model, shifted, 0) == pytest.approx(best["loss"])  # the best weights
+    assert fixed_noise_loss(model, shifted) == pytest.approx(best["loss"])  # the best weights
 
 
 def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path):

@@ -23,13 +23,13 @@ if family == "gan":
     from ppdgm.models.gan import GAN
 
     obj = GAN.from_data(data, hidden_features=(32, 32), critic_hidden_features=(32, 32))
-    fit = Adversarial(num_steps=15, batch_size=64, progress=False).run_zoo(obj, (data.x,))
+    fit = Adversarial(num_steps=15, batch_size=64, progress=False).run(obj.model, obj.critic, data.x)
 else:
     from ppdgm.inference.score_matching import ScoreMatching
     from ppdgm.models.score import ScoreModel
 
     obj = ScoreModel.from_data(data, hidden_features=(32, 32))
-    fit = ScoreMatching(num_steps=15, batch_size=64, progress=False).run_zoo(obj, (data.x,))
+    fit = ScoreMatching(num_steps=15, batch_size=64, progress=False).run(obj, data.x)
 finish()
 out.mkdir(parents=True, exist_ok=True)
 torch.save({k: v.detach() for k, v in obj.state_dict().items()}, out / f"rank{rank}.pt")

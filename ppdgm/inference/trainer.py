@@ -1,0 +1,382 @@
+"""The training driver: one loop for every training engine.
+
+An engine is an algorithm: it builds its state (``init``), takes one ``step`` and says what its
+checkpoint holds; :func:`train` owns everything around it: the data order and sharding over
+``torch.distributed`` ranks, minibatches, the number of steps, the learning-rate schedule, the
+gradient norm, clip and non-finite guard (:meth:`Loop.descend`), validation and early stopping
+with the best weights restored, callbacks, atomic checkpoints and exact resume, the progress bar,
+timing, and assembling the :class:`~ppdgm.fit.Fit`. A new training engine subclasses
+:class:`TrainingEngine`, writes those few methods, and calls :func:`train` from its ``run``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ppdgm import distributed
+from ppdgm.fit import Fit
+from ppdgm.inference.base import Checkpointer, Engine, NonFiniteLossError, progress_bar, set_seed, step_timing
+from ppdgm.inference.schedules import lr_factor
+
+
+# ---------------------------------------------------------------------------------------------
+# callbacks
+
+
+class Callback:
+    """A hook on a training run. Override what you need; a plain ``callable(step, info)`` works too.
+
+    ``on_start(config)`` gets the engine's config; ``on_step(step, info)`` the step's metrics (with
+    ``lr``); ``on_validation(step, metrics)`` each validation; ``on_end(fit)`` the Fit. ``on_step``
+    and ``on_validation`` returning True stop the run (an experiment tracker returns None)."""
+
+    def on_start(self, config: dict) -> None:
+        pass
+
+    def on_step(self, step: int, info: dict) -> bool | None:
+        return None
+
+    def on_validation(self, step: int, metrics: dict) -> bool | None:
+        return None
+
+    def on_end(self, fit: Fit) -> None:
+        pass
+
+
+class _PlainCallback(Callback):
+    def __init__(self, fn):
+        self.fn = fn
+
+    def on_step(self, step, info):
+        return self.fn(step, info)
+
+
+def as_callbacks(callbacks) -> list[Callback]:
+    """``callbacks`` as :class:`Callback` objects; TypeError before any compute for anything else."""
+    if callbacks is None:
+        return []
+    if callable(callbacks) or isinstance(callbacks, Callback):
+        callbacks = [callbacks]
+    out = []
+    for i, cb in enumerate(callbacks):
+        if isinstance(cb, Callback):
+            out.append(cb)
+        elif callable(cb):
+            out.append(_PlainCallback(cb))
+        else:
+            raise TypeError(f"callbacks[{i}] must be a Callback or a callable(step, info), got {type(cb).__name__}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# data order
+
+
+class Minibatches:
+    """This rank's minibatches of ``data`` in a seeded order (``DistributedSampler``'s: a function of
+    seed, epoch and rank alone, so a resumed run replays it).
+
+    ``data`` is a tensor, a tuple of tensors sharing their first dimension, or a torch ``Dataset``
+    (collated into a tuple). Tensors are gathered into the epoch's order once per epoch and a
+    minibatch is then a slice (a view), which matters when a step costs about as much as indexing.
+    ``batch_size`` None, or not smaller than the shard, means the full batch (the shard itself
+    under several ranks); ``full_batch=False`` always cuts minibatches of at most ``batch_size``.
+    """
+
+    def __init__(self, data, batch_size, seed, world, full_batch: bool = True):
+        self.data, self.seed, self.world = data, seed or 0, world
+        self.n = _length(data)
+        shard = math.ceil(self.n / world.size) if self.n else 0
+        if not full_batch:
+            batch = min(batch_size, shard)
+        else:
+            batch = batch_size if (batch_size and batch_size < shard) else None
+            if world.parallel and self.n and batch is None:
+                batch = shard
+        self.batch = batch
+        self.per_epoch = math.ceil(shard / batch) if batch else 1
+        self._epoch, self._shard, self._full = None, None, None
+
+    def __getitem__(self, i: int):
+        """Minibatch ``i`` (counting across epochs)."""
+        if self.data is None:
+            return ()
+        if self.batch is None:
+            if self._full is None:
+                self._full = _collate(self.data, range(self.n)) if _is_dataset(self.data) else self.data
+            return self._full
+        epoch, pos = divmod(i, self.per_epoch)
+        if self._epoch != epoch:
+            order = distributed.shard_order(self.n, epoch, self.seed, self.world)
+            self._epoch, self._shard = epoch, self._gather(order)
+        if _is_dataset(self.data):
+            return _collate(self.data, self._shard[pos * self.batch : (pos + 1) * self.batch].tolist())
+        return _rows(self._shard, pos * self.batch, (pos + 1) * self.batch)
+
+    def _gather(self, order):
+        if _is_dataset(self.data):
+            return order
+        if isinstance(self.data, tuple):
+            order = order.to(self.data[0].device)
+            return tuple(d[order] for d in self.data)
+        return self.data[order.to(self.data.device)]
+
+
+def _is_dataset(data) -> bool:
+    return isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.Tensor)
+
+
+def _length(data) -> int:
+    if data is None:
+        return 0
+    if isinstance(data, tuple):
+        return data[0].shape[0]
+    return len(data) if _is_dataset(data) else data.shape[0]
+
+
+def _rows(data, start, stop):
+    if isinstance(data, tuple):
+        return tuple(d[start:stop] for d in data)
+    return data[start:stop]
+
+
+def _collate(dataset, indices):
+    items = [dataset[i] for i in indices]
+    if isinstance(items[0], (tuple, list)):
+        return tuple(torch.stack([torch.as_tensor(it[j]) for it in items]) for j in range(len(items[0])))
+    return (torch.stack([torch.as_tensor(it) for it in items]),)
+
+
+# ---------------------------------------------------------------------------------------------
+# what a step sees
+
+
+def non_finite_error(step: int, loss, grad_norm, fit: Fit, checkpoint_dir=None, what: str = "loss"):
+    """Save the last finite ``fit`` (when a folder is given) and return the error that names the step."""
+    if checkpoint_dir is not None:
+        fit.save(checkpoint_dir)
+    return NonFiniteLossError(
+        f"non-finite {what} ({loss}) or gradient norm ({grad_norm}) at step {step}; the fit holds the parameters "
+        f"from step {step - 1}" + (f", saved to {checkpoint_dir}" if checkpoint_dir is not None else ""),
+        fit,
+    )
+
+
+class _NonFiniteStep(Exception):
+    def __init__(self, loss, grad_norm, what):
+        super().__init__(what)
+        self.loss, self.grad_norm, self.what = loss, grad_norm, what
+
+
+@dataclass
+class Loop:
+    """The driver's side of a step: where the run is (``step`` of ``total``, the schedule's
+    ``lr_factor``, the ``history`` so far), its data (``batches``), and the gradient update."""
+
+    batches: Minibatches
+    total: int
+    world: distributed.World
+    device: torch.device
+    clip_norm: float | None = None
+    step: int = 0
+    lr_factor: float = 1.0
+    history: dict = field(default_factory=dict)
+
+    def descend(self, params, loss: float, *scalars: float, update, clip=..., norm: bool = True,
+                what: str = "loss"):
+        """Finish one gradient update of ``params`` whose gradients the engine has accumulated.
+
+        Averages the gradients (and ``loss``, ``scalars``) over ranks, clips them to ``clip``
+        (default: the engine's ``clip_norm``), measures their norm (when ``norm`` or clipping),
+        refuses a non-finite loss or norm before anything changes, then calls ``update()``.
+        Returns ``(loss, *scalars, grad_norm)`` (grad_norm None when not measured)."""
+        if self.world.parallel:
+            loss, *scalars = distributed.average_gradients(params, float(loss), *scalars)
+        clip = self.clip_norm if clip is ... else clip
+        if clip is not None:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        elif norm:
+            grads = [p.grad for p in params if p.grad is not None]
+            gnorm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) if grads else 0.0
+        else:
+            gnorm = None
+        loss = float(loss)
+        if not (math.isfinite(loss) and (gnorm is None or math.isfinite(gnorm))):
+            for p in params:
+                p.grad = None
+            raise _NonFiniteStep(loss, gnorm, what)
+        update()
+        return (loss, *scalars, gnorm)
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine's side
+
+
+class TrainingEngine(Engine):
+    """An engine trained by :func:`train`. Subclasses set the class attributes and write:
+
+    - ``init(problem, loop) -> state``: build the state (parameters, optimizers, chains ...);
+    - ``step(state, loop) -> dict``: one update on ``loop.batches[loop.step]``, returning the step's
+      metrics (``loss`` at least; a None value is not recorded, for metrics measured now and then);
+    - ``parameters(state)``: the trained tensors (broadcast from rank 0 under torch.distributed);
+    - ``optimizers(state)``: ``(optimizer, base_lr)`` pairs the schedule scales;
+    - ``state_dict(state)`` / ``load_state_dict(state, saved)``: what a checkpoint holds;
+    - ``fit_fields(state) -> dict``: the Fit's engine-specific fields (params, module, samples ...);
+    - optionally ``validate(state, val_data) -> dict`` (``val_loss`` drives early stopping),
+      ``weights(state)`` / ``load_weights(state, saved)`` (the best weights kept for ``patience``),
+      ``finish(state)`` (after the last step, e.g. copying an EMA into the model).
+    """
+
+    history_keys: tuple = ("loss", "grad_norm")
+    validation_keys: tuple = ("val_loss",)
+    progress_keys: tuple = ("loss",)
+    rank_noise: bool = False
+    """Reseed each rank after the broadcast, so ranks draw independent noise."""
+    full_batch: bool = True
+    """Whether a ``batch_size`` not smaller than the data means the full batch (else: minibatches)."""
+    num_epochs = None
+    patience = None
+    eval_every = None
+    clip_norm = None
+    lr_schedule = None
+    lr_final_factor = 0.1
+
+    validate = None
+
+    def eval_interval(self, per_epoch: int, total: int) -> int:
+        return self.eval_every or per_epoch
+
+    def weights(self, state) -> dict:
+        raise NotImplementedError
+
+    def load_weights(self, state, saved: dict) -> None:
+        raise NotImplementedError
+
+    def finish(self, state) -> None:
+        pass
+
+
+def set_lr(optimizer, lr: float) -> None:
+    if hasattr(optimizer, "set_lr"):
+        optimizer.set_lr(lr)
+    else:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+def track_validation(best, bad_evals: int, value: float, step: int, patience, weights):
+    """Early-stopping bookkeeping after one validation loss: ``(best, bad_evals, stop)``.
+
+    ``best`` is None or ``{"loss", "step", **weights()}``; ``weights`` snapshots what to keep and is
+    called only when ``value`` improves on it."""
+    if best is None or value < best["loss"]:
+        return {"loss": value, "step": step, **weights()}, 0, False
+    bad_evals += 1
+    return best, bad_evals, patience is not None and bad_evals >= patience
+
+
+def train(engine: TrainingEngine, problem, data, *, device, val_data=None, checkpoint_dir=None,
+          resume: bool = False, callbacks=()) -> Fit:
+    """Train ``engine`` on ``problem`` (whatever its ``init`` takes) and validated ``data``."""
+    callbacks = as_callbacks(callbacks)
+    world = distributed.init_from_env(device)
+    n = _length(data)
+    if world.parallel and n:
+        distributed.check_nproc(world.size, n, engine.batch_size)
+    batches = Minibatches(data, engine.batch_size, engine.seed, world, engine.full_batch)
+    total = engine.num_epochs * batches.per_epoch if engine.num_epochs else engine.num_steps
+    loop = Loop(batches, total, world, device, engine.clip_norm)
+
+    set_seed(engine.seed)
+    state = engine.init(problem, loop)
+    if world.parallel:
+        distributed.broadcast_params(engine.parameters(state))
+        if engine.rank_noise:
+            set_seed((engine.seed or 0) + 7919 * world.rank)
+    validate = engine.validate if val_data is not None else None
+    history = {k: [] for k in engine.history_keys}
+    if validate is not None:
+        history.update({k: [] for k in engine.validation_keys}, val_step=[])
+    start, best, bad_evals = 0, None, 0
+    ckpt = Checkpointer(checkpoint_dir, getattr(engine, "checkpoint_every", None))
+    saved = ckpt.load() if resume else None
+    if saved is not None:
+        engine.load_state_dict(state, saved["engine"])
+        history, start, best, bad_evals = saved["history"], saved["step"], saved["best"], saved["bad_evals"]
+    loop.history = history
+    eval_every = engine.eval_interval(batches.per_epoch, total)
+
+    def make_fit(end):
+        fit = Fit(engine=engine.name, config=engine.config, history=history,
+                  timing=step_timing(time.perf_counter() - t0, max(end - start, 0)), **engine.fit_fields(state))
+        if best is not None:
+            fit.extra["best_val"] = {"loss": best["loss"], "step": best["step"]}
+        return fit
+
+    for cb in callbacks:
+        cb.on_start(engine.config)
+    pairs = engine.optimizers(state)
+    constant = engine.lr_schedule in (None, "constant")
+    t0 = time.perf_counter()
+    bar = progress_bar(total, engine.name, engine.progress)
+    bar.update(start)
+    post_every = max(1, total // 200)
+    step, stop, factor = start, False, None
+    for step in range(start, total):
+        if not constant or factor is None:
+            now = lr_factor(engine.lr_schedule, step, total, engine.lr_final_factor)
+            if now != factor:
+                for opt, lr in pairs:
+                    set_lr(opt, lr * now)
+                factor = loop.lr_factor = now
+        loop.step = step
+        try:
+            metrics = engine.step(state, loop)
+        except _NonFiniteStep as err:
+            bar.close()
+            raise non_finite_error(step, err.loss, err.grad_norm, make_fit(step),
+                                   checkpoint_dir if world.is_main else None, what=err.what) from None
+        for k, v in metrics.items():
+            if v is not None:
+                history.setdefault(k, []).append(v)
+        done = step + 1
+        if validate is not None and done % eval_every == 0:
+            values = validate(state, val_data)
+            for k, v in values.items():
+                history[k].append(v)
+            history["val_step"].append(done)
+            if "val_loss" in values:
+                best, bad_evals, stop = track_validation(best, bad_evals, values["val_loss"], done,
+                                                         engine.patience, lambda: {"weights": engine.weights(state)})
+            for cb in callbacks:
+                stop = bool(cb.on_validation(done, values)) or stop
+        info = {**metrics, "lr": (pairs[0][1] * factor) if pairs else None}
+        for cb in callbacks:
+            stop = bool(cb.on_step(done, info)) or stop
+        if ckpt.due(done) or (stop and ckpt.every):
+            snapshot = {"step": done, "engine": engine.state_dict(state), "history": history, "best": best,
+                        "bad_evals": bad_evals}  # every rank builds it (some states gather), rank 0 writes
+            if world.is_main:
+                ckpt.save(snapshot)
+        bar.update(1)
+        if done % post_every == 0:
+            bar.set_postfix({k: f"{history[k][-1]:.4g}" for k in engine.progress_keys if history[k]})
+        if stop:
+            break
+    bar.close()
+    engine.finish(state)
+    if best is not None and engine.patience is not None:
+        engine.load_weights(state, best["weights"])
+    fit = make_fit(step + 1 if total > start else start)
+    for cb in callbacks:
+        cb.on_end(fit)
+    return fit
