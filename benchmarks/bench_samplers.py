@@ -20,7 +20,6 @@ are skipped with a note.
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import time
 import warnings
@@ -80,29 +79,20 @@ def training_kind(name, kind):
 
 
 def train(name, kind, steps):
-    from ppdgm.inference import engine_class
+    from ppdgm.families import fit_family, make_engine
     from ppdgm.models import model_class
 
     cls = model_class(name)
     tr, va, _ = data_for(training_kind(name, kind))
     torch.manual_seed(0)
     obj = cls.from_data(tr)
-    engine_cls = engine_class(cls.default_engine)
-    accepted = inspect.signature(engine_cls.__init__).parameters
-    # the family's suggested engine settings, as `ppdgm fit` applies them
-    options = dict(getattr(obj, "engine_config", {}))
-    options.update({k: v for k, v in {"num_steps": steps, "seed": 0, "progress": False}.items() if k in accepted})
-    engine = engine_cls(**options)
-    args = obj.data_args(tr) if hasattr(obj, "data_args") else (tr.x,)
-    vargs = obj.data_args(va) if hasattr(obj, "data_args") else (va.x,)
+    # the family's suggested engine settings beneath the step count, as `ppdgm fit` applies them
+    engine = make_engine(obj, None, {"num_steps": steps, "seed": 0, "progress": False})
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if hasattr(engine, "run_zoo"):
-            engine.run_zoo(obj, args, vargs)
-        else:
-            engine.run(obj.model, getattr(obj, "guide", None), args, val_data=vargs)
-    return obj, engine_cls.name, time.perf_counter() - t0
+        fit_family(obj, engine, tr, va)
+    return obj, engine.name, time.perf_counter() - t0
 
 
 def test_nll(obj, kind, test):

@@ -50,7 +50,7 @@ def test_every_training_engine_takes_every_schedule(schedule):
 
 def test_schedule_reaches_the_optimizer_each_step():
     lrs = []
-    rbm = RBM(visible=4, hidden=3)
+    rbm = RBM(features=4, hidden_units=3)
     PersistentCD(num_steps=10, batch_size=5, num_chains=5, lr=0.2, lr_schedule="linear", lr_final_factor=0.5,
                  record_every=1, progress=False).run(rbm, torch.bernoulli(torch.full((20, 4), 0.5)),
                                                      callbacks=[lambda step, info: lrs.append(info["lr"])])
@@ -107,7 +107,7 @@ def test_callback_protocol_sees_start_steps_validation_and_end():
 
     x = torch.bernoulli(torch.full((20, 4), 0.5))
     PersistentCD(num_steps=10, batch_size=10, num_chains=5, record_every=2, progress=False).run(
-        RBM(visible=4, hidden=3), x, val_data=x, callbacks=Tracker())
+        RBM(features=4, hidden_units=3), x, val_data=x, callbacks=Tracker())
     assert events[0] == ("start", 10) and events[-1] == ("end", 4)
     assert ("val", 2, ["val_positive"]) in events and ("step", 3, ["loss", "lr", "negative", "positive"]) in events
     assert ("step", 4, ["chain_energy", "grad_norm", "loss", "lr", "negative", "positive", "record_step"]) in events

@@ -94,7 +94,7 @@ def _energy_case() -> Case:
 
     def build():
         torch.manual_seed(1)
-        return _poisonable(RBM(visible=6, hidden=4))
+        return _poisonable(RBM(features=6, hidden_units=4))
 
     return Case(config={"batch_size": 10, "num_chains": 6, "lr": 0.05}, build=build,
                 run=lambda engine, rbm, **kw: engine.run(rbm, x, **kw), weights=_module_weights,
@@ -116,7 +116,7 @@ def _denoising_case() -> Case:
 
     def build():
         torch.manual_seed(1)
-        return Score(x_dim=2, hidden=[16])
+        return Score(features=2, hidden_features=[16])
 
     return Case(config={"batch_size": 16, "lr": 1e-2}, build=build,
                 run=lambda engine, model, **kw: engine.run(model, x, **kw), weights=_module_weights,
@@ -132,7 +132,7 @@ def _adversarial_case() -> Case:
 
     def build():
         torch.manual_seed(1)
-        gan = GAN(x_dim=2, hidden=[8], critic_hidden=[8])
+        gan = GAN(features=2, hidden_features=[8], critic_hidden_features=[8])
         forward = gan.critic.forward
         gan.critic.poisoned = False
         gan.critic.forward = lambda *a: forward(*a) * (math.nan if gan.critic.poisoned else 1.0)
