@@ -106,17 +106,15 @@ def _energy_case() -> Case:
 def _denoising_case() -> Case:
     from ppdgm.models.score import ScoreModel
 
-    class Score(ScoreModel):
-        poisoned = False
-
-        def denoising_loss(self, batch):
-            return super().denoising_loss(batch) * (math.nan if self.poisoned else 1.0)
-
     x = torch.randn(40, 2, generator=torch.Generator().manual_seed(0))
 
     def build():
         torch.manual_seed(1)
-        return Score(features=2, hidden_features=[16])
+        model = ScoreModel(features=2, hidden_features=[16])  # registered, so its Fit rebuilds on load
+        model.poisoned = False
+        loss = model.denoising_loss
+        model.denoising_loss = lambda batch: loss(batch) * (math.nan if model.poisoned else 1.0)
+        return model
 
     return Case(config={"batch_size": 16, "lr": 1e-2}, build=build,
                 run=lambda engine, model, **kw: engine.run(model, x, **kw), weights=_module_weights,
