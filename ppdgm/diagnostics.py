@@ -8,13 +8,9 @@ observed sites are added so ``az.loo``/``az.waic`` work on any engine's result.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import arviz as az
 import numpy as np
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.infer import Predictive
@@ -62,7 +58,7 @@ def _sample_sites(trace, observed: bool):
     }
 
 
-def _np(x):
+def to_numpy(x):
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
@@ -93,7 +89,7 @@ def samples_to_inference_data(
         for f in site["cond_indep_stack"]:
             if f.vectorized:
                 coords.setdefault(f.name, np.arange(f.size))
-    posterior = {k: _np(v) for k, v in samples.items()}
+    posterior = {k: to_numpy(v) for k, v in samples.items()}
     observed = {n: s for n, s in _sample_sites(trace, observed=True).items()
                 if n not in samples and not s["infer"].get("_deterministic")}
     deterministic = [n for n, s in trace.nodes.items() if s["type"] == "sample" and n not in samples
@@ -102,12 +98,12 @@ def samples_to_inference_data(
         posterior.update(deterministic_draws(model, samples, args, kwargs, deterministic))
     groups = {"posterior": posterior}
     if observed:
-        groups["observed_data"] = {n: _np(s["value"]) for n, s in observed.items()}
+        groups["observed_data"] = {n: to_numpy(s["value"]) for n, s in observed.items()}
     chains, draws = next(iter(samples.values())).shape[:2]
     if log_likelihood and observed and chains * draws <= max_draws_for_loglik:
         groups["log_likelihood"] = pointwise_log_likelihood(model, samples, args, kwargs, list(observed))
     if sample_stats:
-        groups["sample_stats"] = {k: _np(v) for k, v in sample_stats.items()}
+        groups["sample_stats"] = {k: to_numpy(v) for k, v in sample_stats.items()}
     if posterior_predictive and observed:
         flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in samples.items()}
         with torch.no_grad():
@@ -115,7 +111,7 @@ def samples_to_inference_data(
             pred = Predictive(poutine.uncondition(model), posterior_samples=flat,
                               return_sites=list(observed))(*args, **kwargs)
         groups["posterior_predictive"] = {
-            n: _np(v).reshape(chains, draws, *observed[n]["value"].shape) for n, v in pred.items() if n in observed
+            n: to_numpy(v).reshape(chains, draws, *observed[n]["value"].shape) for n, v in pred.items() if n in observed
         }
     # pointwise log-likelihoods drop the event dims of their site
     ll_dims = {}
@@ -157,7 +153,7 @@ def deterministic_draws(model, samples: dict, args=(), kwargs=None, names=()) ->
             out = {n: v.reshape(chains * draws, *shapes[n]) for n, v in out.items()}
         except (ValueError, RuntimeError):
             out = Predictive(model, posterior_samples=flat, return_sites=list(names))(*args, **kwargs)
-    return {n: _np(out[n]).reshape(chains, draws, *shapes[n]) for n in names}
+    return {n: to_numpy(out[n]).reshape(chains, draws, *shapes[n]) for n in names}
 
 
 def _observed_log_prob(site):
@@ -170,7 +166,7 @@ def _looped_log_likelihood(model, flat, args, kwargs, observed):
     for i in range(n):
         tr = trace_model(model, args, kwargs, condition={k: v[i] for k, v in flat.items()})
         for o in observed:
-            ll[o].append(_np(_observed_log_prob(tr.nodes[o])))
+            ll[o].append(to_numpy(_observed_log_prob(tr.nodes[o])))
     return {o: np.stack(v) for o, v in ll.items()}
 
 
@@ -199,7 +195,7 @@ def _batched_log_likelihood(model, flat, args, kwargs, observed, chunk):
     for o in observed:  # the batched evaluation must agree with a plain run of the model
         if not torch.allclose(out[o][0], expect[o], rtol=1e-4, atol=1e-4):
             return None
-    return {o: _np(v) for o, v in out.items()}
+    return {o: to_numpy(v) for o, v in out.items()}
 
 
 def _from_groups(groups, dims, ll_dims, coords):
@@ -268,10 +264,10 @@ def predictive_inference_data(fit, num_samples: int = 500) -> az.InferenceData:
     with torch.no_grad():
         draws = fit.module.sample(num_samples)
     dims = {"x": ["feature"]}
-    groups = {"posterior_predictive": {"x": _np(draws)[None]}}
+    groups = {"posterior_predictive": {"x": to_numpy(draws)[None]}}
     observed = fit.args[0] if fit.args and torch.is_tensor(fit.args[0]) else None
     if observed is not None and observed.shape[1:] == draws.shape[1:]:
-        groups["observed_data"] = {"x": _np(observed)}
+        groups["observed_data"] = {"x": to_numpy(observed)}
     return az.from_dict(**groups, dims=dims)
 
 
@@ -280,201 +276,8 @@ def chain_energy_inference_data(fit) -> az.InferenceData:
     shaped ``(chain, draw)``, so ``az.rhat``/``az.ess`` say whether the negative phase mixes."""
     if not fit.samples or "chain_energy" not in fit.samples:
         raise ValueError("this pcd Fit recorded no chain energies (the run took fewer steps than record_every)")
-    energy = _np(fit.samples["chain_energy"])
+    energy = to_numpy(fit.samples["chain_energy"])
     return az.from_dict(posterior={"chain_energy": energy})
-
-
-# ---------------------------------------------------------------------------------------------
-# amortized guides against HMC (posterior mismatch of a VAE-style encoder)
-
-
-@dataclass
-class AmortizationCheck:
-    """Per chosen data point: how far the guide q(z | x) is from the HMC posterior p(z | x).
-
-    ``gap`` = ``log_evidence - elbo`` estimates KL(q(z|x) || p(z|x)) in nats (amortization plus
-    approximation gap; ``elbo_se`` is the Monte-Carlo standard error of the ELBO);
-    ``log_evidence`` is an importance-sampling estimate of log p(x_i) whose proposal is a
-    Gaussian fitted to the HMC draws mixed with the guide (``log_evidence_se`` its standard error); ``energy_distance`` compares the HMC and guide draws directly (0 when they
-    agree). ``hmc_draws`` are ``(chain, draw, point, *event)``, ``guide_draws`` ``(draw, point, *event)``.
-    """
-
-    points: list
-    latent: str
-    elbo: torch.Tensor
-    elbo_se: torch.Tensor
-    iwae: torch.Tensor
-    log_evidence: torch.Tensor
-    log_evidence_se: torch.Tensor
-    gap: torch.Tensor
-    energy_distance: torch.Tensor
-    hmc_draws: torch.Tensor
-    guide_draws: torch.Tensor
-    hmc_fit: object = None
-
-    def summary(self) -> str:
-        rows = [f"{'point':>6} {'ELBO':>10} {'IWAE':>10} {'log p(x)':>10} {'gap (nats)':>11} {'energy dist':>12}"]
-        for i, p in enumerate(self.points):
-            rows.append(f"{p:>6} {self.elbo[i]:>10.3f} {self.iwae[i]:>10.3f} {self.log_evidence[i]:>10.3f} "
-                        f"{self.gap[i]:>11.3f} {self.energy_distance[i]:>12.4f}")
-        rows.append(f"mean gap {self.gap.mean():.3f} nats over {len(self.points)} points")
-        return "\n".join(rows)
-
-    def to_arviz(self) -> dict:
-        """``{"HMC": InferenceData, "guide": InferenceData}`` with dims ``(point, <latent>_dim)``."""
-        coords = {"point": np.asarray(self.points)}
-        dims = {self.latent: ["point"] + [f"{self.latent}_dim_{i}" for i in range(self.hmc_draws.dim() - 3)]}
-        return {
-            "HMC": az.from_dict(posterior={self.latent: _np(self.hmc_draws)}, coords=coords, dims=dims),
-            "guide": az.from_dict(posterior={self.latent: _np(self.guide_draws)[None]}, coords=coords, dims=dims),
-        }
-
-    def plot(self, points=None, **kwargs):
-        """Overlaid marginal densities of HMC and guide draws (``az.plot_density``) for ``points``."""
-        data = self.to_arviz()
-        sel = {"point": list(points if points is not None else self.points[:4])}
-        return az.plot_density([data["HMC"].sel(**sel), data["guide"].sel(**sel)], data_labels=["HMC", "guide"],
-                               shade=0.1, **kwargs)
-
-
-def energy_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Energy distance 2E|A-B| - E|A-A'| - E|B-B'| between samples ``(n, d)`` and ``(m, d)``."""
-    a, b = a.double(), b.double()
-    return 2 * torch.cdist(a, b).mean() - torch.cdist(a, a).mean() - torch.cdist(b, b).mean()
-
-
-def amortized_posterior_check(
-    model,
-    guide,
-    x: torch.Tensor,
-    points=None,
-    latent: str = "z",
-    data_plate: str = "data",
-    args=(),
-    kwargs=None,
-    num_chains: int = 32,
-    num_warmup: int = 300,
-    num_samples: int = 200,
-    num_importance: int = 2000,
-    max_draws_for_distance: int = 500,
-    seed: int = 0,
-    jit_compile: bool = True,
-) -> AmortizationCheck:
-    """Run HMC on ``latent | x_i`` for chosen points with the decoder (all params) fixed and compare
-    with the amortized guide ``q(latent | x_i)``: ELBO, importance-sampled log-evidence and their
-    gap per point, and the energy distance between the two sets of draws.
-
-    ``model(x, *args, **kwargs)`` and ``guide(x, ...)`` must put ``latent`` inside the plate
-    ``data_plate`` over the rows of ``x`` (as a VAE does). Other latent sites outside that plate
-    are fixed at one guide draw. Both programs must broadcast over a batch dimension on the left.
-    """
-    from ppdgm.inference.chees import ChEES
-    from ppdgm.logdensity import BatchedLogDensity
-
-    kwargs = kwargs or {}
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x: expected a torch.Tensor of data points, got {type(x).__name__}")
-    points = list(range(min(8, x.shape[0]))) if points is None else [int(p) for p in points]
-    if not points or min(points) < 0 or max(points) >= x.shape[0]:
-        raise ValueError(f"points: expected indices into the {x.shape[0]} rows of x, got {points}")
-    x_sub = x[torch.as_tensor(points, device=x.device)]
-    m = len(points)
-    gtr = trace_model(guide, (x_sub, *args), kwargs)
-    mtr = trace_model(poutine.replay(model, trace=gtr), (x_sub, *args), kwargs)
-    if latent not in mtr.nodes or mtr.nodes[latent]["type"] != "sample" or mtr.nodes[latent]["is_observed"]:
-        raise ValueError(f"latent: the model has no latent sample site {latent!r}")
-    site = mtr.nodes[latent]
-    frames = {f.name: f for f in site["cond_indep_stack"]}
-    if data_plate not in frames:
-        raise ValueError(f"latent: site {latent!r} is not inside the plate {data_plate!r} (its plates: {sorted(frames)})")
-    support = site["fn"].support
-    if getattr(support, "base_constraint", support) is not torch.distributions.constraints.real:
-        raise ValueError(f"latent: site {latent!r} must have real support for the Gaussian proposal, got {site['fn'].support}")
-    latents = {n for n, s in mtr.nodes.items() if s["type"] == "sample" and not s["is_observed"]
-               and not site_is_subsample(s)}
-    local = {n for n in latents if any(f.name == data_plate for f in mtr.nodes[n]["cond_indep_stack"])}
-    if local != {latent}:
-        raise ValueError(f"latent: expected {latent!r} to be the only latent site in plate {data_plate!r}, found {sorted(local)}")
-    fixed = {n: gtr.nodes[n]["value"] for n in latents - local if n in gtr.nodes}
-    cond_model = poutine.condition(model, data=fixed) if fixed else model
-    cond_guide = poutine.condition(guide, data=fixed) if fixed else guide
-    plate_dim = frames[data_plate].dim
-    event_shape = site["value"].shape[site["value"].dim() - site["fn"].event_dim:]
-    if site["value"].dim() - site["fn"].event_dim != -plate_dim or site["value"].shape[0] != m:
-        raise ValueError(f"latent: expected site {latent!r} shaped (points, *event) with plate {data_plate!r} "
-                         f"leftmost, got shape {tuple(site['value'].shape)}")
-
-    # HMC on latent | x_sub, every chain one batch
-    hmc = ChEES(num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples, seed=seed,
-                jit_compile=jit_compile, progress=False).run(cond_model, x_sub, *args, **kwargs)
-    hmc_z = hmc.samples[latent]  # (chain, draw, m, *event)
-
-    density = BatchedLogDensity(cond_model, (x_sub, *args), kwargs)
-    nest = density.nesting
-
-    def per_point(tr, names, k):
-        """Sum of log densities of ``names`` per data point: ``(k, m)``."""
-        total = 0.0
-        for n in names:
-            s = tr.nodes[n]
-            lp = s["fn"].log_prob(s["value"])
-            lp = lp.expand(k, *lp.shape[1:]) if lp.shape[0] == 1 else lp
-            lp = lp.movedim(plate_dim, 1).reshape(k, m, -1).sum(-1)
-            total = total + lp
-        return total
-
-    def model_lp(z):  # log p(x_i, z_i) for z (k, m, *event)
-        k = z.shape[0]
-        tr = density.trace({latent: z})
-        names = [n for n, s in tr.nodes.items() if s["type"] == "sample" and n != density.plate_name
-                 and not site_is_subsample(s) and any(f.name == data_plate for f in s["cond_indep_stack"])]
-        return per_point(tr, names, k)
-
-    def guide_trace(k, z=None):
-        fn = poutine.condition(cond_guide, data={latent: z.reshape(k, *[1] * (nest + plate_dim), m, *event_shape)}) \
-            if z is not None else cond_guide
-        with poutine.block(), pyro.plate("_particles", k, dim=-(nest + 1)):
-            return poutine.trace(fn).get_trace(x_sub, *args, **kwargs)
-
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    with torch.no_grad():
-        k = num_importance
-        gz = guide_trace(k).nodes[latent]["value"].reshape(k, m, *event_shape)
-        log_q_g = per_point(guide_trace(k, gz), [latent], k)
-        log_p_g = model_lp(gz)
-        elbo = (log_p_g - log_q_g).mean(0)
-        elbo_se = (log_p_g - log_q_g).std(0) / math.sqrt(k)
-        iwae = torch.logsumexp(log_p_g - log_q_g, 0) - math.log(k)
-
-        # proposal: 1/2 Gaussian fitted to the HMC draws (sd inflated 1.2x) + 1/2 guide (defensive mixture)
-        flat = hmc_z.reshape(-1, m, *event_shape).flatten(2).transpose(0, 1).double()  # (m, S, d)
-        mu = flat.mean(1)
-        cov = torch.einsum("msi,msj->mij", flat - mu[:, None], flat - mu[:, None]) / (flat.shape[1] - 1)
-        d = cov.shape[-1]
-        cov = 1.44 * cov + 1e-6 * torch.eye(d, dtype=cov.dtype, device=cov.device)
-        gauss = dist.MultivariateNormal(mu, covariance_matrix=cov)
-        half = k // 2
-        eps = torch.randn(half, m, d, generator=gen, dtype=cov.dtype).to(cov.device)
-        zg = (mu + (gauss.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)).to(gz.dtype).reshape(half, m, *event_shape)
-        z_all = torch.cat([zg, gz[:half]], 0)
-        log_gauss = gauss.log_prob(z_all.reshape(2 * half, m, d).double()).to(gz.dtype)
-        log_q_all = per_point(guide_trace(2 * half, z_all), [latent], 2 * half)
-        log_r = torch.logaddexp(log_gauss, log_q_all) - math.log(2)
-        log_w = model_lp(z_all) - log_r
-        log_evidence = torch.logsumexp(log_w, 0) - math.log(2 * half)
-        w = torch.exp(log_w - log_w.max(0).values)
-        se = w.std(0) / (w.mean(0) * math.sqrt(2 * half))
-
-        n_dist = max_draws_for_distance
-        hz = flat.transpose(0, 1)  # (S, m, d)
-        sel_h = hz[torch.linspace(0, hz.shape[0] - 1, min(n_dist, hz.shape[0])).long()]
-        sel_g = gz.reshape(k, m, d)[:n_dist]
-        ed = torch.stack([energy_distance(sel_h[:, i], sel_g[:, i]) for i in range(m)])
-    return AmortizationCheck(
-        points=points, latent=latent, elbo=elbo.cpu(), elbo_se=elbo_se.cpu(), iwae=iwae.cpu(), log_evidence=log_evidence.cpu(),
-        log_evidence_se=se.cpu(), gap=(log_evidence - elbo).cpu(), energy_distance=ed.float().cpu(),
-        hmc_draws=hmc_z.cpu(), guide_draws=gz.cpu(), hmc_fit=hmc,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,7 +323,7 @@ def per_point_summary(draws: dict) -> str:
                f"posterior mean [{mean.min():.3g}, {mean.max():.3g}]  posterior sd median {sd.median():.3g} "
                f"[{sd.min():.3g}, {sd.max():.3g}]")
         if flat.shape[0] > 1 and flat.shape[1] > 3:
-            rhat = az.rhat(az.convert_to_dataset({"x": _np(flat.reshape(*flat.shape[:2], -1))}))["x"].values
+            rhat = az.rhat(az.convert_to_dataset({"x": to_numpy(flat.reshape(*flat.shape[:2], -1))}))["x"].values
             row += f"  R-hat max {np.nanmax(rhat):.3f}, {np.mean(rhat > 1.01):.1%} of elements > 1.01"
         rows.append(row)
     return "\n".join(rows) + ("\n" if rows else "")

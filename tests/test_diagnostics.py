@@ -9,7 +9,8 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from ppdgm.diagnostics import amortized_posterior_check, energy_distance, pointwise_log_likelihood
+from ppdgm.amortization import amortized_posterior_check, energy_distance
+from ppdgm.diagnostics import pointwise_log_likelihood
 from ppdgm.inference.chees import ChEES
 from ppdgm.inference.mcmc import NUTS
 from ppdgm.inference.svi import SVI

@@ -34,7 +34,7 @@ def __getattr__(attr):
     if attr in _BY_CLASS:
         return engine_class(_BY_CLASS[attr])
     if attr == "annealed_importance_sampling":
-        from ppdgm.inference.ais import annealed_importance_sampling
+        from ppdgm.ais import annealed_importance_sampling
 
         return annealed_importance_sampling
     raise AttributeError(f"module 'ppdgm.inference' has no attribute {attr!r}")

@@ -27,7 +27,7 @@ from torch.distributions import constraints
 
 from ppdgm.data import check_data
 from ppdgm.graphs import LayerGraph, dbm_graph, multimodal_graph
-from ppdgm.models.boltzmann import LayeredEnergy, bernoulli
+from ppdgm.boltzmann import LayeredEnergy, bernoulli
 from ppdgm.models.spec import ConstructorSpec
 
 SUPPORT_OF_UNITS = {"bernoulli": "binary", "gaussian": "real", "softmax": "counts"}
@@ -290,7 +290,7 @@ class DBM(ConstructorSpec, PyroModule):
 
     @torch.no_grad()
     def log_partition(self, method: str = "ais", base_data=None, **ais_kwargs):
-        from ppdgm.inference.ais import annealed_importance_sampling, exact_log_partition
+        from ppdgm.ais import annealed_importance_sampling, exact_log_partition
 
         if method == "exact":
             return exact_log_partition(self.energy_graph())

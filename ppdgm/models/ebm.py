@@ -24,7 +24,7 @@ import torch
 from pyro.nn import PyroModule
 
 from ppdgm.data import check_data
-from ppdgm.inference.langevin import Langevin, ReplayBuffer, check_step_size
+from ppdgm.langevin import Langevin, ReplayBuffer, check_step_size
 from ppdgm.models.spec import ConstructorSpec
 from ppdgm.nn import MLP, ConvEncoder
 
@@ -268,7 +268,7 @@ class _BoxBase:
 
 def _mala_step(log_density, x, eps, low, high):
     """One Metropolis-adjusted Langevin step targeting ``log_density`` restricted to the box."""
-    from ppdgm.inference.langevin import score_of
+    from ppdgm.langevin import score_of
 
     score = score_of(log_density)
     g = score(x)

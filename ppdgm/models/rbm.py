@@ -24,7 +24,7 @@ from torch import nn
 from torch.distributions import constraints
 
 from ppdgm.data import check_data
-from ppdgm.models.boltzmann import LayeredEnergy, bernoulli
+from ppdgm.boltzmann import LayeredEnergy, bernoulli
 from ppdgm.models.spec import ConstructorSpec
 
 SUPPORT_OF_UNITS = {"bernoulli": "binary", "gaussian": "real", "softmax": "counts"}
@@ -168,7 +168,7 @@ class RBM(ConstructorSpec, PyroModule):
         if self.units == "gaussian":
             mean = self.visible_mean(h)
             return mean + self._raw()[3].exp() * torch.randn_like(mean)
-        from ppdgm.models.boltzmann import _multinomial_counts
+        from ppdgm.boltzmann import _multinomial_counts
 
         return _multinomial_counts(torch.softmax(self.visible_natural(h), -1), counts)
 
@@ -328,9 +328,9 @@ class RBM(ConstructorSpec, PyroModule):
 
     @torch.no_grad()
     def log_partition(self, method: str = "ais", base_data=None, length: int | None = None, **ais_kwargs):
-        """``log Z`` as an :class:`ppdgm.inference.ais.LogZ` (``method`` ``ais`` or ``exact``);
+        """``log Z`` as an :class:`ppdgm.ais.LogZ` (``method`` ``ais`` or ``exact``);
         ``length`` is the document length of a replicated softmax."""
-        from ppdgm.inference.ais import annealed_importance_sampling, exact_log_partition
+        from ppdgm.ais import annealed_importance_sampling, exact_log_partition
 
         energy = self.energy_graph(length)
         if method == "exact":

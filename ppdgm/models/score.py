@@ -8,7 +8,7 @@ network ``s(x, t)`` estimates ``grad log p_t(x)`` and is trained by denoising sc
 
 Sampling runs the reverse SDE with a predictor-corrector scheme (Euler-Maruyama predictor,
 Langevin corrector), or annealed Langevin dynamics over decreasing noise levels (Song & Ermon
-2019) with the shared :class:`~ppdgm.inference.langevin.Langevin` sampler. The exact
+2019) with the shared :class:`~ppdgm.langevin.Langevin` sampler. The exact
 log-likelihood integrates the probability-flow ODE ``dx/dt = f - g^2 s / 2`` from the data to the
 Gaussian prior with a fixed-step RK4, the divergence by Hutchinson's estimator (or exactly), so
 the model lands in the same nats table as the likelihood families.
@@ -24,7 +24,7 @@ import torch
 from pyro.nn import PyroModule
 
 from ppdgm.data import check_data
-from ppdgm.inference.langevin import Langevin, check_step_size
+from ppdgm.langevin import Langevin, check_step_size
 from ppdgm.models.spec import ConstructorSpec
 from ppdgm.nn import MLP
 

@@ -348,18 +348,12 @@ class DeepAR(ConstructorSpec, nn.Module):
         draws = self.forecast(seed[0], self.window, num_samples=n)
         return draws
 
-    def fit(self, series, **svi_kwargs):
-        """Maximum likelihood on the windows of ``series`` with :class:`ppdgm.inference.SVI`."""
-        from ppdgm.inference.svi import SVI
-
-        return SVI(**svi_kwargs).run(self.model, None, self.windows(series))
-
 
 def backtest(series, make_model: Callable[[torch.Tensor], DeepAR], *, horizon: int, origins: Sequence[int],
-             train: Callable[[DeepAR, torch.Tensor], object] | None = None, period: int | None = None,
+             train: Callable[[DeepAR, torch.Tensor], object], period: int | None = None,
              ar_order: int | None = None, num_samples: int = 200) -> list[dict]:
     """Rolling-origin evaluation: for each origin T, build ``make_model(series[:T])``, train it on
-    ``series[:T]`` (``train(model, train_series)``; default ``model.fit(train_series)``), forecast
+    ``series[:T]`` (``train(model, train_series)``, e.g. SVI on ``model.windows(train_series)``), forecast
     ``series[T:T + horizon]`` and score it. Rows hold ``origin``, ``crps``, ``mae``; with
     ``period``, the seasonal-naive ``naive_mae`` (a point forecast: its CRPS is its MAE); with
     ``ar_order``, ``ar_mae`` and ``ar_crps`` of :func:`ar_forecast`."""
@@ -375,7 +369,7 @@ def backtest(series, make_model: Callable[[torch.Tensor], DeepAR], *, horizon: i
         model = make_model(past)
         if len(past) < model.context_length:
             raise ValueError(f"series: the history before origin {origin} is shorter than context_length={model.context_length}")
-        (train or (lambda m, s: m.fit(s)))(model, past)
+        train(model, past)
         samples = model.forecast(past, horizon, num_samples=num_samples)
         row = {"origin": origin, "crps": crps(samples, truth), "mae": mae(samples, truth)}
         if period:

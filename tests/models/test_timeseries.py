@@ -36,7 +36,7 @@ def test_forecasts_beat_seasonal_naive_in_a_backtest():
         lambda past: DeepAR.from_series(past, context_length=24, window=36, lags=(1, 12), period=12, hidden_features=16),
         horizon=12,
         origins=[240, 252],
-        train=lambda m, past: m.fit(past, num_steps=150, lr=1e-2, batch_size=64, seed=0),
+        train=lambda m, past: SVI(num_steps=150, lr=1e-2, batch_size=64, seed=0).run(m.model, None, m.windows(past)),
         period=12,
         num_samples=100,
     )
@@ -58,7 +58,8 @@ def test_sunspots_forecasts_beat_seasonal_naive_and_ar9():
         lambda past: DeepAR.from_series(past, lags=tuple(range(1, 10)), period=11, transform="sqrt1p"),
         horizon=11,
         origins=[265, 276, 287, 298],
-        train=lambda m, past: m.fit(past, num_steps=600, lr=5e-3, batch_size=64, seed=0, progress=False),
+        train=lambda m, past: SVI(num_steps=600, lr=5e-3, batch_size=64, seed=0, progress=False).run(
+            m.model, None, m.windows(past)),
         period=11,
         ar_order=9,
         num_samples=300,
@@ -72,7 +73,7 @@ def test_sunspots_forecasts_beat_seasonal_naive_and_ar9():
 def test_forecast_intervals_and_predictive_shapes():
     y = seasonal_series(120)
     model = DeepAR.from_series(y, context_length=24, lags=(1, 12), period=12, hidden_features=8, likelihood="studentt")
-    fit = model.fit(y, num_steps=40, lr=1e-2, seed=0)
+    fit = SVI(num_steps=40, lr=1e-2, seed=0).run(model.model, None, model.windows(y))
     assert fit.extra["autoguide"] == "empty"
     draws = model.forecast(y, horizon=6, num_samples=300, start=0)
     assert draws.shape == (300, 6) and torch.isfinite(draws).all()
@@ -213,9 +214,9 @@ def test_bad_series_and_arguments_are_refused():
     with pytest.raises(ValueError, match="likelihood"):
         DeepAR(likelihood="poisson")
     with pytest.raises(ValueError, match="origins"):
-        backtest(torch.randn(30), lambda s: model, horizon=5, origins=[28])
+        backtest(torch.randn(30), lambda s: model, train=lambda m, s: None, horizon=5, origins=[28])
     with pytest.raises(ValueError, match="ar_order"):
-        backtest(torch.randn(30), lambda s: model, horizon=5, origins=[20], ar_order=0)
+        backtest(torch.randn(30), lambda s: model, train=lambda m, s: None, horizon=5, origins=[20], ar_order=0)
     with pytest.raises(ValueError, match="transform must be one of"):
         DeepAR.from_series(torch.rand(30), transform="sqrt")
     with pytest.raises(ValueError, match="weight_decay"):
@@ -239,6 +240,6 @@ def test_sunspots_ship_with_statsmodels():
 def test_deepar_on_cuda_follows_the_data():
     y = seasonal_series(80).cuda()
     model = DeepAR.from_series(y, context_length=12, lags=(1,), hidden_features=4)
-    fit = model.fit(y, num_steps=5, seed=0)
+    fit = SVI(num_steps=5, seed=0).run(model.model, None, model.windows(y))
     assert fit.num_steps == 5 and model.head.weight.is_cuda
     assert model.forecast(y, 3, num_samples=10).is_cuda

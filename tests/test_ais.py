@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from ppdgm.inference.ais import annealed_importance_sampling, default_betas, exact_log_partition
+from ppdgm.ais import annealed_importance_sampling, default_betas, exact_log_partition
 from ppdgm.models.dbm import DBM, MultimodalDBM
 from ppdgm.models.rbm import RBM
 
@@ -30,7 +30,7 @@ def brute_force_log_z(energy):
 
 
 def double(energy):
-    from ppdgm.inference.ais import _double
+    from ppdgm.ais import _double
 
     return _double(energy)
 

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ppdgm.inference.langevin import Langevin, ReplayBuffer, check_step_size, score_of
+from ppdgm.langevin import Langevin, ReplayBuffer, check_step_size, score_of
 
 MEAN = torch.tensor([1.0, -0.5])
 COV = torch.tensor([[1.0, 0.6], [0.6, 0.8]])

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ppdgm.models.boltzmann import LayeredEnergy, two_colouring
+from ppdgm.boltzmann import LayeredEnergy, two_colouring
 
 
 @dataclass(frozen=True)
