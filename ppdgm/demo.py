@@ -25,31 +25,26 @@ from ppdgm.models.vae import VAE
 
 
 def image_grid(images: torch.Tensor, rows: int, path: Path, title: str, shape=(8, 8)) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     images = images.detach().cpu().reshape(-1, *shape).numpy()
     cols = int(np.ceil(len(images) / rows))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.6, rows * 0.6 + 0.4))
+    fig = Figure(figsize=(cols * 0.6, rows * 0.6 + 0.4))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in np.ravel(axes):
         ax.axis("off")
     for ax, img in zip(np.ravel(axes), images):
         ax.imshow(img, cmap="gray_r", vmin=0, vmax=1)
     fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
 
 def loss_plot(fit, n_train: int, n_valid: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     loss = np.asarray(fit.history["loss"]) / n_train
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     ax.plot(loss, lw=0.5, alpha=0.5, label="train (minibatch)")
     w = min(50, len(loss))
     ax.plot(np.arange(w - 1, len(loss)), np.convolve(loss, np.ones(w) / w, mode="valid"), label=f"train ({w}-step mean)")
@@ -58,7 +53,6 @@ def loss_plot(fit, n_train: int, n_valid: int, path: Path) -> None:
     ax.set(xlabel="step", ylabel="negative ELBO per digit (nats)", ylim=(np.percentile(loss, 1) - 1, np.percentile(loss, 99) + 1))
     ax.legend()
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
 
 def main(argv=None) -> int:

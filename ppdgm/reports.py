@@ -5,10 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 import torch  # noqa: E402
 
 
@@ -20,11 +17,13 @@ def save_image_grid(x, path, image_shape=None, ncols: int | None = None, title: 
     path.parent.mkdir(parents=True, exist_ok=True)
     side = int(math.isqrt(x[0].numel())) if x.dim() >= 2 else 0
     if x.dim() == 2 and x.shape[1] == 2:
-        fig, ax = plt.subplots(figsize=(4, 4))
+        fig = Figure(figsize=(4, 4))
+        ax = fig.subplots()
         ax.scatter(x[:, 0], x[:, 1], s=3, alpha=0.5)
         ax.set_aspect("equal")
     elif image_shape is None and x.dim() == 2 and side * side != x.shape[1]:  # series, not images
-        fig, ax = plt.subplots(figsize=(6, 3))
+        fig = Figure(figsize=(6, 3))
+        ax = fig.subplots()
         ax.plot(x[: min(len(x), 16)].T, lw=0.8, alpha=0.7)
         ax.set_xlabel("time step")
     else:
@@ -42,13 +41,13 @@ def save_image_grid(x, path, image_shape=None, ncols: int | None = None, title: 
             r, c = divmod(i, ncols)
             tiles[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + c * (w + 1): 1 + c * (w + 1) + w] = (
                 x[i].reshape(h, w).clamp(0, 1))
-        fig, ax = plt.subplots(figsize=(ncols * 0.6, nrows * 0.6))
+        fig = Figure(figsize=(ncols * 0.6, nrows * 0.6))
+        ax = fig.subplots()
         ax.imshow(tiles, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
         ax.axis("off")
     if title:
         fig.suptitle(title)
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -73,7 +72,8 @@ def plot_history(history: dict, path, keys=("loss", "val_loss"), ylabel: str = "
     ``scale`` divides an entry (e.g. ``{"loss": 1200, "val_loss": 300}`` puts a loss summed over
     the training set beside one summed over the validation set in per-point units)."""
     scale = scale or {}
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig = Figure(figsize=(5, 3.2))
+    ax = fig.subplots()
     for key in keys:
         values = history.get(key)
         if not values:
@@ -85,7 +85,6 @@ def plot_history(history: dict, path, keys=("loss", "val_loss"), ylabel: str = "
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return Path(path)
 
 
@@ -111,14 +110,14 @@ def plot_density_over_data(module, data, path) -> Path | None:
     grid = torch.stack([gx.reshape(-1), gy.reshape(-1)], 1)
     with torch.no_grad():
         logp = module.log_likelihood(grid).reshape(80, 80)
-    fig, ax = plt.subplots(figsize=(4, 4))
+    fig = Figure(figsize=(4, 4))
+    ax = fig.subplots()
     ax.imshow(np.exp((logp - logp.max()).numpy()), origin="lower", extent=(lo[0], hi[0], lo[1], hi[1]),
               cmap="viridis", aspect="auto")
     ax.scatter(data[:, 0], data[:, 1], s=2, c="white", alpha=0.4, label="data")
     ax.legend(loc="upper right")
     ax.set_title("model density (unnormalized) and data")
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
     return Path(path)
 
 

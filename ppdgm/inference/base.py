@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pyro
 import torch
-from tqdm.auto import tqdm
 
 from ppdgm.fit import Fit, atomic_save, safe_load
 
@@ -102,8 +101,17 @@ def resolve_device(device, *tensors) -> torch.device:
 
 
 def progress_bar(total: int, desc: str, enabled: bool | None):
-    """A tqdm bar, quiet off a terminal unless ``enabled=True``; ``enabled=False`` silences it."""
+    """A tqdm bar, quiet off a terminal unless ``enabled=True``; ``enabled=False`` silences it.
+
+    In a notebook with ipywidgets the bar is a widget; without them it is the text bar (tqdm.auto
+    would warn "IProgress not found" in every notebook that lacks the widgets)."""
     disable = (not sys.stderr.isatty()) if enabled is None else not enabled
+    try:
+        import ipywidgets  # noqa: F401
+
+        from tqdm.auto import tqdm
+    except ImportError:
+        from tqdm.std import tqdm
     return tqdm(total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True)
 
 
