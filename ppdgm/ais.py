@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ppdgm.boltzmann import LayeredEnergy, two_colouring
+from ppdgm.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -174,11 +175,14 @@ def annealed_importance_sampling(energy: LayeredEnergy, num_runs: int = 100, num
             state[i] = e.sample(i, base[i].expand(shape))
     log_w = torch.zeros(num_runs, dtype=torch.float64, device=device)
     previous = _log_unnormalized(e, kept, summed, base, state, 0.0)
+    bar = progress_bar(betas.numel() - 1, "AIS")
     for beta in betas[1:].tolist():
         current = _log_unnormalized(e, kept, summed, base, state, beta)
         log_w += current - previous
         state = _transition(e, kept, summed, base, state, beta)
         previous = _log_unnormalized(e, kept, summed, base, state, beta)
+        bar.update(1)
+    bar.close()
     log_z0 = _log_z0(e, kept, summed, base)
     log_mean_w = torch.logsumexp(log_w, 0) - math.log(num_runs)
     w = (log_w - log_w.max()).exp()

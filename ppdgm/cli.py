@@ -396,6 +396,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from ppdgm.progress import show_progress
+
     args = parser().parse_args(argv)
     try:
         if getattr(args, "threads", None) is not None:
@@ -404,6 +406,8 @@ def main(argv=None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
+        # every loop, estimators' too, follows --progress/--no-progress for this command
+        show_progress(getattr(args, "progress", None))
         return args.func(args)
     except ModelError as err:
         print(f"ppdgm {args.command}: model error: {err}", file=sys.stderr)
@@ -411,6 +415,8 @@ def main(argv=None) -> int:
     except (UsageError, WriteError, ValueError, TypeError, FileNotFoundError, KeyError, ImportError, OSError) as err:
         print(f"ppdgm {args.command}: error: {one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        show_progress(None)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ppdgm.data import check_data
+from ppdgm.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -107,12 +108,13 @@ def iwae_log_likelihood(
     particle_batch = particle_batch or max(1, min(k, 50_000 // batch_size))
     nesting = _max_plate_nesting(model, guide, _rows(args, n, 0, min(n, 2)), kwargs)
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), progress_bar(n, f"IWAE k={k}") as bar:
         for start in range(0, n, batch_size):
             chunk = _rows(args, n, start, min(start + batch_size, n))
             lw = [_log_weights(model, guide, chunk, kwargs, min(particle_batch, k - i), nesting, data_plate)
                   for i in range(0, k, particle_batch)]
             out.append(torch.logsumexp(torch.cat(lw), 0) - math.log(k))
+            bar.update(len(out[-1]))
     return torch.cat(out)
 
 

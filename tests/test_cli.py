@@ -273,3 +273,14 @@ def test_help_is_quick_because_it_does_not_import_torch():
     for option in ("--steps", "--lr", "--seed", "--set", "--engine-opt", "--progress", "--resume"):
         assert option in r.stdout
     assert "(default: 0)" in r.stdout  # --seed shows its default
+
+
+def test_long_estimators_show_progress_on_request_and_stay_quiet_otherwise(tmp_path, capsys):
+    out = tmp_path / "rbm"
+    assert main(["fit", "rbm", "--data", "digits-binary", "--out", str(out), "--steps", "3", "--no-progress"]) == 0
+    capsys.readouterr()
+    ais = ["--opt", "num_runs=4", "--opt", "num_betas=50"]
+    assert main(["evaluate", str(out), "--progress", *ais]) == 0
+    assert "AIS" in capsys.readouterr().err  # the temperatures' bar
+    assert main(["evaluate", str(out), "--no-progress", *ais]) == 0
+    assert "AIS" not in capsys.readouterr().err

@@ -10,7 +10,6 @@ param store, optimizer state, RNG states, the step and the history.
 from __future__ import annotations
 
 import random
-import sys
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -98,21 +97,6 @@ def resolve_device(device, *tensors) -> torch.device:
         if isinstance(t, torch.Tensor):
             return t.device
     return torch.device("cpu")
-
-
-def progress_bar(total: int, desc: str, enabled: bool | None):
-    """A tqdm bar, quiet off a terminal unless ``enabled=True``; ``enabled=False`` silences it.
-
-    In a notebook with ipywidgets the bar is a widget; without them it is the text bar (tqdm.auto
-    would warn "IProgress not found" in every notebook that lacks the widgets)."""
-    disable = (not sys.stderr.isatty()) if enabled is None else not enabled
-    try:
-        import ipywidgets  # noqa: F401
-
-        from tqdm.auto import tqdm
-    except ImportError:
-        from tqdm.std import tqdm
-    return tqdm(total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True)
 
 
 # ---------------------------------------------------------------------------------------------

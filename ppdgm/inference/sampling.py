@@ -21,7 +21,8 @@ import pyro
 import torch
 
 from ppdgm.fit import Fit
-from ppdgm.inference.base import Checkpointer, Engine, move_module, progress_bar, resolve_device, set_seed
+from ppdgm.inference.base import Checkpointer, Engine, move_module, resolve_device, set_seed
+from ppdgm.progress import progress_bar
 from ppdgm.logdensity import check_continuous_latents, latent_sites, prototype_trace
 
 

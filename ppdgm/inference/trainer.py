@@ -19,7 +19,8 @@ import torch
 
 from ppdgm import distributed
 from ppdgm.fit import Fit
-from ppdgm.inference.base import Checkpointer, Engine, NonFiniteLossError, progress_bar, set_seed, step_timing
+from ppdgm.inference.base import Checkpointer, Engine, NonFiniteLossError, set_seed, step_timing
+from ppdgm.progress import progress_bar
 from ppdgm.inference.schedules import lr_factor
 
 

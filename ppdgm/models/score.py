@@ -27,6 +27,7 @@ from ppdgm.data import check_data
 from ppdgm.langevin import Langevin, check_step_size
 from ppdgm.models.spec import ConstructorSpec
 from ppdgm.nn import MLP
+from ppdgm.progress import progress_bar
 
 SDES = ("ve", "vp")
 DIVERGENCES = ("hutchinson", "exact")
@@ -388,8 +389,10 @@ class ScoreModel(ConstructorSpec, PyroModule):
                 return torch.cat([v, div.unsqueeze(-1)], -1)
 
             ts = torch.linspace(self.eps, 1.0, num_steps + 1, device=x0.device, dtype=x0.dtype)
-            for t0, t1 in zip(ts[:-1], ts[1:]):
-                state = _rk4(rhs, state, t0, t1)
+            with progress_bar(num_steps, "probability-flow ODE") as bar:
+                for t0, t1 in zip(ts[:-1], ts[1:]):
+                    state = _rk4(rhs, state, t0, t1)
+                    bar.update(1)
             total += (self.sde.prior_log_prob(state[:, :-1]) + state[:, -1]).double()
         total = total / (num_probes if divergence == "hutchinson" else 1) - self.features * math.log(self.scale)
         return total.to(x0.dtype)
