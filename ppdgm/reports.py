@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import torch
 from matplotlib.figure import Figure
-import torch  # noqa: E402
 
 
 def save_image_grid(x, path, image_shape=None, ncols: int | None = None, title: str | None = None) -> Path:
@@ -133,11 +133,12 @@ def summary_text(fit, max_rows: int = 40, num_samples: int = 200, var_names=None
     ``per_point=False`` they are only named (no draws for them at all: the summary written after
     training stays cheap; ``ppdgm diagnose`` gives the per-point summary).
     """
-    import arviz as az
-
     from ppdgm.diagnostics import latent_draws, per_point_summary, split_latents
 
     if fit.engine in ("pcd", "greedy"):
+        import arviz as az  # imported only where a table is made: it costs seconds
+
+
         if not fit.samples or "chain_energy" not in fit.samples:
             return "no chain energies recorded (the run was shorter than record_every)\n"
         idata = fit.to_arviz()
@@ -155,6 +156,8 @@ def summary_text(fit, max_rows: int = 40, num_samples: int = 200, var_names=None
     draws = latent_draws(fit, global_ + (local if per_point else []), num_samples)
     text = ""
     if global_:
+        import arviz as az
+
         idata = az.from_dict(posterior={k: v.detach().cpu().numpy() for k, v in draws.items() if k in global_})
         table = az.summary(idata, kind="all" if fit.samples else "stats")
         text += table.to_string(max_rows=max_rows) + "\n"
