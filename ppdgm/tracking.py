@@ -186,7 +186,7 @@ class MLflowTracker(Callback):
             return found.experiment_id
         location = None
         if (self.tracking_uri or "").startswith("sqlite:///"):  # not MLflow's ./mlruns under the working folder
-            location = (Path(unquote(urlparse(self.tracking_uri).path)).parent / "mlartifacts").as_uri()
+            location = str(Path(unquote(urlparse(self.tracking_uri).path)).parent / "mlartifacts")
         return self.client.create_experiment(self.experiment, artifact_location=location)
 
     def _log_params(self, settings: dict) -> None:
