@@ -153,7 +153,7 @@ class MLflowTracker(Callback):
             return None
         try:
             return action(*args)
-        except Exception as err:  # any store or file error: tracking stops, the fit does not
+        except Exception as err:  # noqa: BLE001 -- any store, driver or file error stops tracking, never the fit
             reason = " ".join(str(err).split())[:300] or type(err).__name__
             self.stopped = f"tracking stopped: could not {what} ({self.tracking_uri}): {reason}"
             self.warn(self.stopped)
@@ -310,7 +310,7 @@ def log_evaluation(folder, result, split: str, warn=None) -> bool:
         client = MlflowClient(saved["tracking_uri"])
         for key, value in metrics.items():
             client.log_metric(saved["run_id"], key, value)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 -- the evaluation is printed already; logging it is optional
         warn(f"the evaluation was not logged to the fit's MLflow run ({saved['tracking_uri']}): "
              f"{' '.join(str(err).split())[:300]}")
         return False

@@ -19,7 +19,7 @@ from ppdgm.inference.chees import ChEES
 from ppdgm.tracking import RUN_FILE, MLflowTracker, flatten_params
 
 mlflow = pytest.importorskip("mlflow")
-from mlflow.tracking import MlflowClient  # noqa: E402
+from mlflow.tracking import MlflowClient
 
 USER_MODEL = textwrap.dedent(
     """
