@@ -238,8 +238,6 @@ class MLflowTracker(Callback):
         self._queue(fit.num_steps, {k: v for k, v in fit.timing.items() if _numeric(v) is not None and math.isfinite(v)},
                     prefix="timing.")
         self._guarded("log metrics", self._flush)
-        if fit.spec:
-            self._guarded("log params", self._log_params, {"model": fit.spec})
         if self.log_fit:
             self._guarded("log the fit as artifacts", self._log_fit, fit)
         self._guarded("end the run", self.client.set_terminated, self.run_id)
