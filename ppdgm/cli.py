@@ -135,9 +135,40 @@ def _announce_resume(out: Path) -> None:
     print(f"ppdgm fit: resuming from {', '.join(where)}", file=sys.stderr)
 
 
+def _warn(command: str):
+    """One line on stderr, as the command's other warnings."""
+    return lambda message: print(f"ppdgm {command}: warning: {message}", file=sys.stderr)
+
+
+def _tracker(args, out: Path, spec: dict):
+    """The MLflow tracker of ``--track mlflow`` (None without it); it logs the folder after saving."""
+    if args.track is None:
+        return None
+    from ppdgm.tracking import MLflowTracker
+
+    params = {"model": args.model, "data": args.data, "spec": spec}
+    return MLflowTracker(args.tracking_uri, out=out, params=params, resume=args.resume, log_fit=False,
+                         warn=_warn("fit"))
+
+
+def _quiet_mlflow() -> None:
+    """MLflow and its migrations log INFO lines on first use of a store; the command says what matters."""
+    import logging
+
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def cmd_fit(args) -> int:
     from ppdgm.fit import check_writable
 
+    if args.track is not None:
+        from ppdgm.tracking import require_mlflow
+
+        require_mlflow()  # before any work: exit 2 naming the extra to install
+        _quiet_mlflow()
+    elif args.tracking_uri is not None:
+        raise UsageError("--tracking-uri needs --track mlflow")
     out = check_writable(args.out, "--out")
     set_kwargs = _parse_assignments(args.set, "--set")
     engine_opts = _parse_assignments(args.engine_opt, "--engine-opt")
@@ -176,15 +207,17 @@ def cmd_fit(args) -> int:
                          f"program: use svi, nuts, hmc or chees")
     if args.resume:
         _announce_resume(out)
+    tracker = _tracker(args, out, spec)
+    callbacks = [tracker] if tracker is not None else []
 
     try:
         if family is not None:
-            fit = fit_family(family, engine, train, valid, checkpoint_dir=out, resume=args.resume)
+            fit = fit_family(family, engine, train, valid, checkpoint_dir=out, resume=args.resume, callbacks=callbacks)
         elif engine.input == "program":
             fit = engine.run(model, guide, (train.x,), val_data=(valid.x,) if valid else None,
-                             checkpoint_dir=out, resume=args.resume)
+                             checkpoint_dir=out, resume=args.resume, callbacks=callbacks)
         else:
-            fit = engine.run(model, train.x, checkpoint_dir=out, resume=args.resume)
+            fit = engine.run(model, train.x, checkpoint_dir=out, resume=args.resume, callbacks=callbacks)
     except OSError as err:
         raise WriteError(f"could not write to {out} while training ({one_line(err)}); checkpoints already "
                          f"written there are kept") from err
@@ -212,6 +245,8 @@ def cmd_fit(args) -> int:
         written = write_fit_report(fit, out)
     except OSError as err:
         raise WriteError(f"the fit is saved in {out} but writing its report failed ({one_line(err)})") from err
+    if tracker is not None:
+        tracker.log_folder(out)
     if fit.num_steps or not fit.samples:
         work = f"{fit.num_steps} steps"
     else:  # a sampler: draws shaped (chain, draw, ...)
@@ -219,6 +254,8 @@ def cmd_fit(args) -> int:
         work = f"{chains} chains x {draws} draws"
     print(f"saved {fit.engine} fit of {args.model} to {out} ({work}, {fit.timing.get('seconds', 0):.1f} s); "
           f"wrote {', '.join(written)}")
+    if tracker is not None and tracker.stopped is None:
+        print(f"tracked as MLflow run {tracker.run_id} in {tracker.tracking_uri}")
     for warning in convergence_warnings(fit):
         print(f"ppdgm fit: warning: {warning}", file=sys.stderr)
     return 0
@@ -293,6 +330,12 @@ def cmd_evaluate(args) -> int:
             raise UsageError(f"--opt: {one_line(err)}") from err
         raise
     print(result if not isinstance(result, dict) else " ".join(f"{k}={v}" for k, v in result.items()))
+    from ppdgm.tracking import RUN_FILE, log_evaluation
+
+    if (Path(args.dir) / RUN_FILE).is_file():  # the fit was tracked: its run gets the held-out numbers
+        _quiet_mlflow()
+        if log_evaluation(args.dir, result, args.split, warn=_warn("evaluate")):
+            print("logged to the fit's MLflow run", file=sys.stderr)
     return 0
 
 
@@ -367,6 +410,10 @@ def parser() -> argparse.ArgumentParser:
                    help="family constructor argument, repeatable (unknown keys list the valid ones)")
     f.add_argument("--engine-opt", action="append", metavar="KEY=VALUE",
                    help="engine constructor argument, repeatable, e.g. num_samples=200 for a sampler")
+    f.add_argument("--track", choices=["mlflow"],
+                   help="record params, metric series and the saved fit in an MLflow store (pip install ppdgm[track])")
+    f.add_argument("--tracking-uri", metavar="URI",
+                   help="MLflow tracking URI for --track (default: sqlite:///<out>/../mlruns.db)")
     f.set_defaults(func=cmd_fit)
 
     s = sub.add_parser("sample", help="draw samples from a saved fit into an image grid", formatter_class=fmt,

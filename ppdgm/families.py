@@ -173,7 +173,7 @@ def fit_family(family, engine, train, valid=None, checkpoint_dir=None, resume: b
     if engine.input == "program":
         fit = engine.run(family.model, family.guide, train_args, val_data=valid_args, callbacks=callbacks, **run)
     elif engine.input == "posterior":
-        fit = engine.run(family.model, *train_args, **run)
+        fit = engine.run(family.model, *train_args, callbacks=callbacks, **run)
     elif engine.input == "adversarial":
         fit = engine.run(family.model, family.critic, train_args, val_data=valid_args, callbacks=callbacks, **run)
     else:  # energy, denoising, layers: the engine runs the module on the points

@@ -29,6 +29,7 @@ from ppdgm.fit import Fit
 from ppdgm.inference.adaptation import DualAveraging, TrajectoryAdam, Welford, halton, warmup_windows
 from ppdgm.inference.base import Checkpointer
 from ppdgm.inference.sampling import Sampler, Step, default_device, frozen_params
+from ppdgm.inference.callbacks import as_callbacks
 from ppdgm.logdensity import BatchedLogDensity
 
 INIT_METHODS = ("uniform", "prior")
@@ -112,23 +113,25 @@ class ChEES(Sampler):
         self._init_values = init if isinstance(init, dict) else None
         self.seed, self.device, self.progress = seed, device, progress
 
-    def run(self, model, *args, checkpoint_dir=None, resume: bool = False, **kwargs) -> Fit:
+    def run(self, model, *args, checkpoint_dir=None, resume: bool = False, callbacks=(), **kwargs) -> Fit:
         """Draw ``num_samples`` from each of ``num_chains`` chains of ``model(*args, **kwargs)``'s posterior.
 
         With ``checkpoint_dir`` and ``checkpoint_every`` the whole sampler state (chains, adaptation,
         draws so far, random state) is saved every ``checkpoint_every`` iterations; ``resume=True``
-        continues from the last save and ends with the draws of an uninterrupted run.
+        continues from the last save and ends with the draws of an uninterrupted run. ``callbacks``
+        see every iteration (:class:`~ppdgm.inference.sampling.SamplingDriver`) and the Fit.
         """
+        callbacks = as_callbacks(callbacks)
         device, args, kwargs, trace = self._setup(model, args, kwargs, allow_enumerated=False)
         with default_device(device):
             density = BatchedLogDensity(model, args, kwargs, trace)
             chains = ChEESChains(self, density, device)
             with pyro.validation_enabled(False), torch.no_grad(), frozen_params():
-                run = self._driver(checkpoint_dir, self.checkpoint_every).run([chains], device, resume)
+                run = self._driver(checkpoint_dir, self.checkpoint_every, callbacks).run([chains], device, resume)
         state = run.states[0]
         extra = {"step_size": state["step_size"], "trajectory_length": math.exp(state["log_length"]["value"]),
                  "inverse_mass": state["inverse_mass"].tolist(), "divergences": int(run.draws.stats["diverging"].sum())}
-        return self._fit(run, run.history[0], extra, model, args, kwargs)
+        return self._fit(run, run.history[0], extra, model, args, kwargs, callbacks)
 
 
 class ChEESChains:

@@ -15,7 +15,7 @@ import torch
 from ppdgm.fit import Fit
 from ppdgm.inference.base import set_seed, step_timing
 from ppdgm.inference.pcd import PersistentCD
-from ppdgm.inference.trainer import Callback, as_callbacks
+from ppdgm.inference.callbacks import Callback, as_callbacks
 
 
 class _StopsTheStack(Callback):

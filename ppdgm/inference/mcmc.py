@@ -24,6 +24,7 @@ from pyro.infer.mcmc import NUTS as PyroNUTS
 from ppdgm import distributed
 from ppdgm.fit import Fit
 from ppdgm.inference.sampling import Draws, Sampler, SamplingRun, Step, default_device
+from ppdgm.inference.callbacks import as_callbacks
 from ppdgm.logdensity import nonfinite_sites
 
 
@@ -165,25 +166,27 @@ class NUTS(Sampler):
                         full_mass=self.dense_mass, jit_compile=self.jit_compile, ignore_jit_warnings=True,
                         init_strategy=self._init_strategy)
 
-    def run(self, model, *args, checkpoint_dir=None, resume: bool = False, **kwargs) -> Fit:
+    def run(self, model, *args, checkpoint_dir=None, resume: bool = False, callbacks=(), **kwargs) -> Fit:
         """Draw from the posterior of ``model(*args, **kwargs)``; returns a Fit with ``samples``.
 
         With ``checkpoint_dir`` every finished chain is saved; ``resume=True`` keeps the chains a
         killed run finished and runs only the others (each chain is seeded by its index, so the
-        result is the uninterrupted run's).
+        result is the uninterrupted run's). ``callbacks`` see every iteration of every chain
+        (:class:`~ppdgm.inference.sampling.SamplingDriver`) and the Fit.
         """
+        callbacks = as_callbacks(callbacks)
         device, args, kwargs, _ = self._setup(model, args, kwargs, allow_enumerated=True)
         with default_device(device):
             world = distributed.init_from_env(device)
             mine = [c for c in range(self.num_chains) if c % world.size == world.rank]
             chains = [PyroChain(self, model, args, kwargs, c) for c in mine]
-            run = self._driver(_rank_dir(checkpoint_dir, world)).run(chains, device, resume)
+            run = self._driver(_rank_dir(checkpoint_dir, world), callbacks=callbacks).run(chains, device, resume)
             if world.parallel:
                 run = _gather_chains(run, mine, self.num_chains, device)
         w = self.num_warmup
         history = {k: [h[k] for h in run.history] for k in ("step_size", "mean_accept_prob", "num_grads", "diverging")}
         history["divergences"] = [int(sum(h["diverging"][w:])) for h in run.history]
-        return self._fit(run, history, {}, model, args, kwargs)
+        return self._fit(run, history, {}, model, args, kwargs, callbacks)
 
 
 def _gather_chains(run: SamplingRun, mine: list, num_chains: int, device) -> SamplingRun:

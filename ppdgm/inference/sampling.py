@@ -6,8 +6,8 @@ more chains together by one iteration per ``step`` (Pyro's NUTS: one chain; ChEE
 as one batch). The driver owns the rest: the warm-up and sampling phases, draws written into
 preallocated tensors (memory is the final result's, never a list of copies), checkpoints (every
 finished group, and every ``checkpoint_every`` iterations for groups that can save their state),
-exact resume, refusal of a checkpoint written with other settings, the progress bar, timing, and
-the Fit with its ``sample_stats``.
+exact resume, refusal of a checkpoint written with other settings, callbacks, the progress bar,
+timing, and the Fit with its ``sample_stats``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 
 from ppdgm.fit import Fit
 from ppdgm.inference.base import Checkpointer, Engine, move_module, resolve_device, set_seed
+from ppdgm.inference.callbacks import Callback, as_callbacks
 from ppdgm.progress import progress_bar
 from ppdgm.logdensity import check_continuous_latents, latent_sites, prototype_trace
 
@@ -98,12 +99,19 @@ class SamplingRun:
 
 
 class SamplingDriver:
-    """Runs chain groups through warm-up and sampling, checkpointing and resuming them."""
+    """Runs chain groups through warm-up and sampling, checkpointing and resuming them.
+
+    ``callbacks`` (:class:`~ppdgm.inference.callbacks.Callback`) get ``on_start(config)`` and, per
+    iteration of a group, ``on_step(step, history)`` with the group's history scalars (step size,
+    acceptance ...); ``step`` counts iterations across groups (group ``g``'s iteration ``i`` is
+    ``g * (num_warmup + num_samples) + i + 1``). Their return value is ignored: a sampler does not
+    stop early, since its draws are preallocated and an ArviZ posterior needs them all."""
 
     def __init__(self, name: str, num_warmup: int, num_samples: int, settings: dict, progress: bool | None,
-                 checkpoint: Checkpointer):
+                 checkpoint: Checkpointer, callbacks: list[Callback] = (), config: dict | None = None):
         self.name, self.num_warmup, self.num_samples = name, num_warmup, num_samples
         self.settings, self.progress, self.checkpoint = settings, progress, checkpoint
+        self.callbacks, self.config = list(callbacks), config if config is not None else settings
 
     def load(self) -> dict:
         """The saved run (random state restored), or an empty one; refuses other settings by name."""
@@ -121,6 +129,8 @@ class SamplingDriver:
         total = self.num_warmup + self.num_samples
         draws = Draws(sum(g.width for g in groups), self.num_samples)
         histories, states, timing = [], [], {"init_seconds": 0.0, "warmup_seconds": 0.0, "sample_seconds": 0.0, "grad_evals": 0}
+        for cb in self.callbacks:
+            cb.on_start(self.config)
         bar = progress_bar(len(groups) * total, self.name, self.progress)
         t_start, first = time.perf_counter(), 0
         for index, group in enumerate(groups):
@@ -173,6 +183,8 @@ class SamplingDriver:
             timing["grad_evals"] += out.grad_evals
             if it >= W:
                 draws.write(chains, it - W, group.draw(), out.stats)
+            for cb in self.callbacks:
+                cb.on_step(index * (W + self.num_samples) + it + 1, out.history)
             if self.checkpoint.due(it + 1) and hasattr(group, "state_dict") and it + 1 < W + self.num_samples:
                 self.checkpoint.save({"settings": self.settings, "finished": saved["finished"], "current": {
                     "group": index, "iteration": it + 1, "state": group.state_dict(), "history": history,
@@ -216,8 +228,8 @@ def move_args(args, kwargs, device):
 
 
 class Sampler(Engine):
-    """A posterior sampler: ``run(model, *args, checkpoint_dir=None, resume=False, **kwargs)`` returns
-    a Fit of draws from the posterior of ``model(*args, **kwargs)``."""
+    """A posterior sampler: ``run(model, *args, checkpoint_dir=None, resume=False, callbacks=(), **kwargs)``
+    returns a Fit of draws from the posterior of ``model(*args, **kwargs)``."""
 
     input = "posterior"
 
@@ -240,15 +252,19 @@ class Sampler(Engine):
         """What decides the draws: a checkpoint from other settings cannot be resumed."""
         return {k: v for k, v in self.config.items() if k not in ("device", "progress", "checkpoint_every")}
 
-    def _driver(self, checkpoint_dir, every: int | None = None) -> SamplingDriver:
+    def _driver(self, checkpoint_dir, every: int | None = None, callbacks=()) -> SamplingDriver:
         return SamplingDriver(self.name, self.num_warmup, self.num_samples, self._settings(), self.progress,
-                              Checkpointer(checkpoint_dir, every))
+                              Checkpointer(checkpoint_dir, every), as_callbacks(callbacks), self.config)
 
-    def _fit(self, run: SamplingRun, history: dict, extra: dict, model, args, kwargs) -> Fit:
-        """The Fit every sampler returns: draws ``(chain, draw, ...)``, ``sample_stats`` for ArviZ."""
-        return Fit(engine=self.name, config=self.config, history=history, timing=run.timing,
-                   samples=run.draws.samples, extra={**extra, "tensors": {"sample_stats": run.draws.stats}},
-                   model=model, args=args, kwargs=kwargs)
+    def _fit(self, run: SamplingRun, history: dict, extra: dict, model, args, kwargs, callbacks=()) -> Fit:
+        """The Fit every sampler returns: draws ``(chain, draw, ...)``, ``sample_stats`` for ArviZ;
+        handed to the ``callbacks``' ``on_end``."""
+        fit = Fit(engine=self.name, config=self.config, history=history, timing=run.timing,
+                  samples=run.draws.samples, extra={**extra, "tensors": {"sample_stats": run.draws.stats}},
+                  model=model, args=args, kwargs=kwargs)
+        for cb in as_callbacks(callbacks):
+            cb.on_end(fit)
+        return fit
 
 
 @contextlib.contextmanager

@@ -11,7 +11,8 @@ from ppdgm.distributed import World
 from ppdgm.inference.checks import choice, positive_int, positive_number
 from ppdgm.inference.pcd import PersistentCD
 from ppdgm.inference.schedules import SCHEDULES, lr_factor, momentum_switch
-from ppdgm.inference.trainer import Callback, Minibatches, as_callbacks
+from ppdgm.inference.callbacks import Callback, as_callbacks
+from ppdgm.inference.trainer import Minibatches
 from ppdgm.models.rbm import RBM
 
 

@@ -19,7 +19,7 @@ import torch
 
 import ppdgm
 from ppdgm.inference import ENGINES, NonFiniteLossError, engine_class
-from ppdgm.inference.trainer import Callback
+from ppdgm.inference.callbacks import Callback
 
 COMMON = {"num_steps": 12, "checkpoint_every": 3, "seed": 0, "progress": False}
 STOP_AT, POISON_AFTER = 5, 2
