@@ -398,7 +398,7 @@ def digits_classifier(cache_dir=None) -> DigitsClassifier:
     key = key.hexdigest()[:16]
     if key in _CLASSIFIERS:
         return _CLASSIFIERS[key]
-    path = (cache_dir and __import__("pathlib").Path(cache_dir) or _cache_dir()) / f"digits_classifier-{key}.pt"
+    path = ((cache_dir and __import__("pathlib").Path(cache_dir)) or _cache_dir()) / f"digits_classifier-{key}.pt"
     net = DigitsClassifier(DIGITS_CLASSIFIER["hidden"])
     loaded = False
     if path.exists():

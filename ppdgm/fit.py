@@ -11,9 +11,10 @@ import json
 import os
 import pickle
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyro
 import torch
@@ -196,7 +197,7 @@ class Fit:
     def num_steps(self) -> int:
         return len(self.history.get("loss", []))
 
-    def restore(self, device=None) -> "Fit":
+    def restore(self, device=None) -> Fit:
         """Load this fit's parameters into Pyro's param store (so ``model``/``guide`` use them)."""
         if self.params is not None:
             restore_param_store(self.params, device)

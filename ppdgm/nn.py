@@ -7,7 +7,7 @@ weights land in Pyro's param store like any other module.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -8,8 +8,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
 
 def save_image_grid(x, path, image_shape=None, ncols: int | None = None, title: str | None = None) -> Path:
@@ -18,7 +18,7 @@ def save_image_grid(x, path, image_shape=None, ncols: int | None = None, title: 
     x = torch.as_tensor(x).detach().cpu().float()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    side = int(math.isqrt(x[0].numel())) if x.dim() >= 2 else 0
+    side = math.isqrt(x[0].numel()) if x.dim() >= 2 else 0
     if x.dim() == 2 and x.shape[1] == 2:
         fig, ax = plt.subplots(figsize=(4, 4))
         ax.scatter(x[:, 0], x[:, 1], s=3, alpha=0.5)

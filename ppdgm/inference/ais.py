@@ -216,4 +216,4 @@ def exact_log_partition(energy: LayeredEnergy, max_units: int = 24, chunk: int =
     return LogZ(float(torch.logsumexp(torch.stack(parts), 0)), 0.0, "exact")
 
 
-__all__ = ["LogZ", "annealed_importance_sampling", "exact_log_partition", "default_betas", "split_colours"]
+__all__ = ["LogZ", "annealed_importance_sampling", "default_betas", "exact_log_partition", "split_colours"]

@@ -11,7 +11,7 @@ states from which new chains start, re-initializing a few from noise.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -22,7 +22,6 @@ from ppdgm.fit import Fit
 from ppdgm.inference.base import Checkpointer, Engine, NonFiniteLossError, progress_bar, set_seed, step_timing
 from ppdgm.inference.schedules import lr_factor
 
-
 # ---------------------------------------------------------------------------------------------
 # callbacks
 

@@ -126,7 +126,7 @@ class BNN(ConstructorSpec, PyroModule):
         if y is not None:
             if not isinstance(y, torch.Tensor):
                 raise TypeError(f"y: expected a torch.Tensor, got {type(y).__name__}")
-            if y.shape[0] != x.shape[0] or (self.likelihood != "gaussian" or self.out_features == 1) and y.dim() != 1:
+            if y.shape[0] != x.shape[0] or ((self.likelihood != "gaussian" or self.out_features == 1) and y.dim() != 1):
                 raise ValueError(f"y: expected shape ({x.shape[0]},) to match x {tuple(x.shape)}, got {tuple(y.shape)}")
             if self.likelihood == "bernoulli" and not ((y == 0) | (y == 1)).all():
                 raise ValueError("y: a bernoulli BNN expects targets in {0, 1}")

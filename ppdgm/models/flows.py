@@ -37,7 +37,6 @@ from functools import partial
 
 import pyro
 import pyro.distributions as dist
-from pyro.params import param_with_module_name
 import pyro.distributions.transforms as T
 import torch
 from pyro.distributions import ConditionalTransformModule, TransformModule
@@ -47,6 +46,7 @@ from pyro.nn import (
     ConditionalDenseNN,
     DenseNN,
 )
+from pyro.params import param_with_module_name
 from torch import nn
 
 from ppdgm.data import check_data

@@ -22,8 +22,8 @@ from torch.nn.functional import log_softmax, one_hot, softplus
 
 from ppdgm.data import check_data
 from ppdgm.evaluate import iwae_log_likelihood
-from ppdgm.models.vae import LIKELIHOODS, _choice, _positive_int
 from ppdgm.models.spec import ConstructorSpec
+from ppdgm.models.vae import LIKELIHOODS, _choice, _positive_int
 from ppdgm.nn import MLP, concat, make_activation
 
 
