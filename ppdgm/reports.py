@@ -33,8 +33,8 @@ def save_image_grid(x, path, image_shape=None, ncols: int | None = None, title: 
             if side * side != x[0].numel():
                 raise ValueError(f"cannot show {x[0].numel()}-dim samples as square images; pass image_shape")
             image_shape = (side, side)
-        ncols = ncols or int(math.ceil(math.sqrt(n)))
-        nrows = int(math.ceil(n / ncols))
+        ncols = ncols or math.ceil(math.sqrt(n))
+        nrows = math.ceil(n / ncols)
         h, w = image_shape
         # one tiled image (a 1-pixel gap between tiles): one axes draws in milliseconds, 64 take seconds
         tiles = torch.ones(nrows * (h + 1) + 1, ncols * (w + 1) + 1) * 0.5

@@ -67,7 +67,8 @@ def set_seed(seed: int | None) -> None:
 
 def rng_state() -> dict:
     """Python, NumPy and torch RNG states as tensors and primitives (``weights_only``-safe)."""
-    np_state = np.random.get_state()
+    # pyro.set_rng_seed seeds NumPy's global generator, so that is the state a resume restores
+    np_state = np.random.get_state()  # noqa: NPY002
     state = {
         "torch": torch.get_rng_state(),
         "random": random.getstate(),
@@ -83,7 +84,7 @@ def set_rng_state(state: dict) -> None:
     r = state["random"]
     random.setstate((r[0], tuple(r[1]), r[2]))
     n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))  # noqa: NPY002
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import ClassVar
 
 import pyro
 import pyro.distributions as dist
@@ -63,7 +64,7 @@ class BNN(ConstructorSpec, PyroModule):
     # iterations: 32 chains x (200 warm-up + 200 draws) give digits (1,210 weights) function-space
     # R-hat < 1.01 in about a minute on one CPU core; prior draws start the chains where the weights'
     # N(0, 1/fan_in) scale is, rather than uniform(-2, 2) weights the warm-up must first shrink
-    engine_config = {"num_chains": 32, "num_warmup": 200, "num_samples": 200, "init": "prior"}
+    engine_config: ClassVar[dict] = {"num_chains": 32, "num_warmup": 200, "num_samples": 200, "init": "prior"}
     support = "real"
     likelihood_method = "posterior-predictive"
 

@@ -12,6 +12,7 @@ RBM's ``log Z`` by AIS (Salakhutdinov & Murray 2008).
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import pyro
 import pyro.distributions as dist
@@ -30,7 +31,7 @@ class DBN(ConstructorSpec, PyroModule):
     datasets = ('digits-binary',)
 
     default_engine = "greedy"
-    engine_config = {"optim": "adam", "lr": 0.01, "lr_schedule": "linear", "weight_decay": 1e-4}  # each RBM's
+    engine_config: ClassVar[dict] = {"optim": "adam", "lr": 0.01, "lr_schedule": "linear", "weight_decay": 1e-4}  # each RBM's
     likelihood_method = "ais-importance-weighted-bound"
     support = "binary"
 

@@ -17,7 +17,9 @@ with the model, and :meth:`EBM.sample` starts from it once it holds states.
 
 from __future__ import annotations
 
+import itertools
 import math
+from typing import ClassVar
 
 import pyro
 import torch
@@ -49,7 +51,7 @@ class EBM(ConstructorSpec, PyroModule):
 
     default_engine = "pcd"
     # Langevin chains need several steps per update, and the energy net Adam (Du & Mordatch 2019)
-    engine_config = {"optim": "adam", "k": 10, "num_chains": 256}
+    engine_config: ClassVar[dict] = {"optim": "adam", "k": 10, "num_chains": 256}
     support = "real"
     likelihood_method = "grid quadrature (d <= 2) / AIS"
 
@@ -221,7 +223,7 @@ class EBM(ConstructorSpec, PyroModule):
         x = base.sample(num_chains)
         log_w = torch.zeros(num_chains, device=x.device, dtype=x.dtype)
         eps, accepted = self.step_size, []
-        for b0, b1 in zip(betas[:-1], betas[1:]):
+        for b0, b1 in itertools.pairwise(betas):
             log_w += (b1 - b0) * (self.log_prob(x) - base.log_prob(x))
             x, rate = _mala_step(lambda z, b=b1: b * self.log_prob(z) + (1 - b) * base.log_prob(z), x, eps,
                                  self.low, self.high)

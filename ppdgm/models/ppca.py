@@ -7,6 +7,8 @@ optimizes the exact full-data ELBO.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -21,7 +23,7 @@ from ppdgm.models.spec import ConstructorSpec
 class PPCA(ConstructorSpec, PyroModule):
     datasets = ('digits',)
     default_engine = "svi"
-    engine_config: dict = {}
+    engine_config: ClassVar[dict] = {}
     support = "real"
     likelihood_method = "exact at the guide's posterior median"
 

@@ -16,7 +16,9 @@ the model lands in the same nats table as the likelihood families.
 
 from __future__ import annotations
 
+import itertools
 import math
+from typing import ClassVar
 
 import pyro
 import pyro.distributions as dist
@@ -136,7 +138,7 @@ class ScoreModel(ConstructorSpec, PyroModule):
     datasets = ('moons', 'digits')
 
     default_engine = "score_matching"
-    engine_config: dict = {}
+    engine_config: ClassVar[dict] = {}
     support = "real"
     likelihood_method = "probability-flow ODE (RK4, Hutchinson trace)"
 
@@ -332,7 +334,7 @@ class ScoreModel(ConstructorSpec, PyroModule):
         """Map prior draws ``z`` (time 1) to data (time ``eps``) along the probability-flow ODE."""
         x = z
         ts = torch.linspace(1.0, self.eps, num_steps + 1, device=z.device, dtype=z.dtype)
-        for t0, t1 in zip(ts[:-1], ts[1:]):
+        for t0, t1 in itertools.pairwise(ts):
             x = _rk4(lambda y, t: self.flow(y, t), x, t0, t1)
         return self._finish(x)
 
@@ -383,12 +385,12 @@ class ScoreModel(ConstructorSpec, PyroModule):
                 probe = (torch.randint(0, 2, x0.shape, generator=gen) * 2 - 1).to(x0)
             state = torch.cat([x0, torch.zeros_like(x0[:, :1])], -1)
 
-            def rhs(z, t):
+            def rhs(z, t, probe=probe):
                 v, div = self._divergence(z[:, :-1], t, probe)
                 return torch.cat([v, div.unsqueeze(-1)], -1)
 
             ts = torch.linspace(self.eps, 1.0, num_steps + 1, device=x0.device, dtype=x0.dtype)
-            for t0, t1 in zip(ts[:-1], ts[1:]):
+            for t0, t1 in itertools.pairwise(ts):
                 state = _rk4(rhs, state, t0, t1)
             total += (self.sde.prior_log_prob(state[:, :-1]) + state[:, -1]).double()
         total = total / (num_probes if divergence == "hutchinson" else 1) - self.features * math.log(self.scale)

@@ -12,6 +12,8 @@ alone never trains q(y | x) on them. ``classify(x)`` returns P(y | x).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import pyro
 import pyro.distributions as dist
@@ -42,7 +44,7 @@ class SemiSupervisedVAE(ConstructorSpec, PyroModule):
     datasets = ('digits-binary', 'digits')
 
     default_engine = "svi"
-    engine_config = {"loss": "enum", "max_plate_nesting": 1}
+    engine_config: ClassVar[dict] = {"loss": "enum", "max_plate_nesting": 1}
     support = "binary"
     likelihood_method = "iwae"
 

@@ -15,6 +15,8 @@ prior (``prior="flow"``), both built from ``pyro.distributions.transforms``.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pyro
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
@@ -65,7 +67,7 @@ class VAE(ConstructorSpec, PyroModule):
     datasets = ('digits-binary', 'digits')
 
     default_engine = "svi"
-    engine_config: dict = {}
+    engine_config: ClassVar[dict] = {}
     support = "binary"
     likelihood_method = "iwae"
 

@@ -110,7 +110,7 @@ def test_protocol_and_data_errors():
 
     with pytest.raises(TypeError, match=r"missing \['init_chains', 'sample_chains', 'negative_log_density'\]"):
         PersistentCD().run(NotAModel(), torch.ones(3, 2))
-    with pytest.raises(TypeError, match="torch.nn.Module"):
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
         PersistentCD().run(lambda x: x, torch.ones(3, 2))
     with pytest.raises(ValueError, match="data: expected a tensor"):
         PersistentCD().run(RBM(features=2, hidden_units=2), None)
