@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -83,7 +84,7 @@ def broadcast_params(params: list[torch.Tensor]) -> None:
             dist.broadcast(p.data, src=0)
 
 
-def average_gradients(params: list[torch.Tensor], *scalars: float) -> list[float]:
+def average_gradients(params: Sequence[torch.Tensor], *scalars: float) -> list[float]:
     """All-reduce the mean of the gradients (in place) and of ``scalars``, in one message."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads] + [grads[0].new_tensor(scalars, dtype=grads[0].dtype)])

@@ -12,14 +12,16 @@ from __future__ import annotations
 import random
 import sys
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyro
 import torch
 from tqdm.auto import tqdm
 
-from ppdgm.fit import Fit, atomic_save, safe_load
+from ppdgm.fit import Device, Fit, PathLike, atomic_save, safe_load
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -35,7 +37,7 @@ class Engine(ABC):
     ``"denoising"``, ``"adversarial"``, ``"layers"``."""
 
     @abstractmethod
-    def run(self, model, *args, **kwargs) -> Fit:  # pragma: no cover - protocol
+    def run(self, model: Any, *args: Any, **kwargs: Any) -> Fit:  # pragma: no cover - protocol
         ...
 
     @property
@@ -44,7 +46,7 @@ class Engine(ABC):
         return {k: _plain(v) for k, v in vars(self).items() if not k.startswith("_")}
 
 
-def _plain(v):
+def _plain(v: Any) -> Any:
     if isinstance(v, (int, float, str, bool, type(None))):
         return v
     if isinstance(v, (list, tuple)):
@@ -68,8 +70,10 @@ def set_seed(seed: int | None) -> None:
 def rng_state() -> dict:
     """Python, NumPy and torch RNG states as tensors and primitives (``weights_only``-safe)."""
     # pyro.set_rng_seed seeds NumPy's global generator, so that is the state a resume restores
-    np_state = np.random.get_state()  # noqa: NPY002
-    state = {
+    np_state = np.random.get_state(legacy=True)  # noqa: NPY002
+    if not isinstance(np_state, tuple):  # legacy=True gives the Mersenne Twister's 5-tuple
+        raise RuntimeError(f"NumPy's global generator is not a Mersenne Twister: {type(np_state).__name__}")
+    state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "random": random.getstate(),
         "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
@@ -89,7 +93,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def resolve_device(device, *tensors) -> torch.device:
+def resolve_device(device: Device, *tensors: Any) -> torch.device:
     """``device=`` if given, else the device of the first tensor, else CPU. Device follows data."""
     if device is not None:
         device = torch.device(device)
@@ -102,7 +106,7 @@ def resolve_device(device, *tensors) -> torch.device:
     return torch.device("cpu")
 
 
-def progress_bar(total: int, desc: str, enabled: bool | None):
+def progress_bar(total: int, desc: str, enabled: bool | None) -> tqdm:
     """A tqdm bar, quiet off a terminal unless ``enabled=True``; ``enabled=False`` silences it."""
     disable = (not sys.stderr.isatty()) if enabled is None else not enabled
     return tqdm(total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True)
@@ -115,7 +119,7 @@ def progress_bar(total: int, desc: str, enabled: bool | None):
 class Checkpointer:
     """Saves and restores an engine's state in ``directory/checkpoint.pt``, atomically."""
 
-    def __init__(self, directory, every: int | None):
+    def __init__(self, directory: PathLike | None, every: int | None) -> None:
         if every is not None and (not isinstance(every, int) or every < 1):
             raise ValueError(f"checkpoint_every must be a positive int, got {every!r}")
         self.directory = Path(directory) if directory is not None else None
@@ -144,7 +148,7 @@ class Checkpointer:
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN/inf loss; ``fit`` holds the last finite state."""
 
-    def __init__(self, message: str, fit: Fit | None = None):
+    def __init__(self, message: str, fit: Fit | None = None) -> None:
         super().__init__(message)
         self.fit = fit
 
@@ -154,7 +158,7 @@ def step_timing(seconds: float, steps: int) -> dict:
     return {"seconds": seconds, "steps": steps, "ms_per_step": 1e3 * seconds / max(steps, 1)}
 
 
-def move_module(model, device) -> None:
+def move_module(model: Callable, device: Device) -> None:
     """A zoo model's bound ``model``/``guide`` method takes its module (and parameters) to ``device``."""
     module = getattr(model, "__self__", None)
     if isinstance(module, torch.nn.Module):
