@@ -30,12 +30,12 @@ def image_grid(images: torch.Tensor, rows: int, path: Path, title: str, shape=(8
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    images = images.detach().cpu().reshape(-1, *shape).numpy()
-    cols = int(np.ceil(len(images) / rows))
+    pixels = images.detach().cpu().reshape(-1, *shape).numpy()
+    cols = int(np.ceil(len(pixels) / rows))
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.6, rows * 0.6 + 0.4))
     for ax in np.ravel(axes):
         ax.axis("off")
-    for ax, img in zip(np.ravel(axes), images):
+    for ax, img in zip(np.ravel(axes), pixels):
         ax.imshow(img, cmap="gray_r", vmin=0, vmax=1)
     fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=100, bbox_inches="tight")

@@ -85,7 +85,8 @@ def samples_to_inference_data(
     samples = {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for k, v in samples.items()}
     first = {k: v[0, 0] for k, v in samples.items()}
     trace = trace_model(model, args, kwargs, condition=first)
-    dims, coords = {}, {}
+    dims: dict[str, list[str]] = {}
+    coords: dict[str, np.ndarray] = {}
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or site_is_subsample(site):
             continue
@@ -166,7 +167,7 @@ def _observed_log_prob(site):
 
 def _looped_log_likelihood(model, flat, args, kwargs, observed):
     n = next(iter(flat.values())).shape[0]
-    ll = {o: [] for o in observed}
+    ll: dict[str, list[torch.Tensor]] = {o: [] for o in observed}
     for i in range(n):
         tr = trace_model(model, args, kwargs, condition={k: v[i] for k, v in flat.items()})
         for o in observed:
@@ -182,7 +183,7 @@ def _batched_log_likelihood(model, flat, args, kwargs, observed, chunk):
     density = BatchedLogDensity(model, args, kwargs, trace=trace_model(model, args, kwargs))
     expect = {o: _observed_log_prob(single.nodes[o]) for o in observed}
     n = next(iter(flat.values())).shape[0]
-    parts = {o: [] for o in observed}
+    parts: dict[str, list[torch.Tensor]] = {o: [] for o in observed}
     with torch.no_grad(), pyro.validation_enabled(False):
         for start in range(0, n, chunk):
             values = {k: v[start : start + chunk] for k, v in flat.items()}
@@ -272,7 +273,8 @@ def predictive_inference_data(fit, num_samples: int = 500) -> az.InferenceData:
     observed = fit.args[0] if fit.args and torch.is_tensor(fit.args[0]) else None
     if observed is not None and observed.shape[1:] == draws.shape[1:]:
         groups["observed_data"] = {"x": _np(observed)}
-    return az.from_dict(**groups, dims=dims)
+    return az.from_dict(posterior_predictive=groups["posterior_predictive"], observed_data=groups.get("observed_data"),
+                        dims=dims)
 
 
 def chain_energy_inference_data(fit) -> az.InferenceData:
@@ -407,7 +409,7 @@ def amortized_posterior_check(
     # HMC on latent | x_sub, every chain one batch
     hmc = ChEES(num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples, seed=seed,
                 jit_compile=jit_compile, progress=False).run(cond_model, x_sub, *args, **kwargs)
-    hmc_z = hmc.samples[latent]  # (chain, draw, m, *event)
+    hmc_z = (hmc.samples or {})[latent]  # (chain, draw, m, *event)
 
     density = BatchedLogDensity(cond_model, (x_sub, *args), kwargs)
     nest = density.nesting
@@ -490,7 +492,8 @@ def split_latents(fit) -> tuple[list[str], list[str]]:
     fit.restore()
     tr = trace_model(fit.model, fit.args, fit.kwargs, condition=condition)
     n = len(fit.args[0]) if fit.args and torch.is_tensor(fit.args[0]) else None
-    global_, local = [], []
+    global_: list[str] = []
+    local: list[str] = []
     for name, site in _sample_sites(tr, observed=False).items():
         per_point = n is not None and any(f.size == n for f in site["cond_indep_stack"])
         (local if per_point else global_).append(name)

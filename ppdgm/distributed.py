@@ -62,7 +62,10 @@ def is_main_process() -> bool:
 
 def shard_order(n: int, epoch: int, seed: int, world: World) -> torch.Tensor:
     """This rank's indices for ``epoch`` (all of them, in order, for a single process)."""
-    sampler = DistributedSampler(range(n), num_replicas=world.size, rank=world.rank, shuffle=True, seed=seed)
+    # the sampler takes only len() of its dataset, which a range has
+    sampler: DistributedSampler[int] = DistributedSampler(
+        range(n), num_replicas=world.size, rank=world.rank, shuffle=True, seed=seed  # type: ignore[arg-type]
+    )
     sampler.set_epoch(epoch)
     return torch.tensor(list(sampler))
 

@@ -31,6 +31,8 @@ class LayerGraph:
     ``graph`` is a networkx ``Graph``/``DiGraph``, node-link data (a dict) or the path of a
     node-link ``.json`` file."""
 
+    graph: nx.Graph
+
     def __init__(self, graph):
         if isinstance(graph, LayerGraph):
             graph = graph.graph

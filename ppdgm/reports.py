@@ -78,7 +78,7 @@ def plot_history(history: dict, path, keys=("loss", "val_loss"), ylabel: str = "
         values = history.get(key)
         if not values:
             continue
-        steps = history.get("val_step") if key == "val_loss" else range(1, len(values) + 1)
+        steps = history["val_step"] if key == "val_loss" else range(1, len(values) + 1)
         ax.plot(list(steps), [v / scale.get(key, 1) for v in values], label=key.replace("_", " "), lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -27,7 +28,7 @@ PROTOCOL = ("denoising_loss",)
 
 @dataclass
 class ScoreState:
-    model: torch.nn.Module
+    model: Any  # a torch module implementing ppdgm.models.family.Denoising
     params: list
     optimizer: torch.optim.Optimizer
     averaged: torch.nn.Module | None
@@ -104,7 +105,7 @@ class ScoreMatching(TrainingEngine):
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         loss, gnorm = loop.descend(state.params, float(loss.detach()), update=state.optimizer.step)
-        if state.averaged is not None:
+        if state.averaged is not None and self.ema is not None:
             with torch.no_grad():
                 for a, p in zip(state.averaged.parameters(), state.model.parameters()):
                     a.lerp_(p, 1 - self.ema)
