@@ -29,12 +29,16 @@ ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "silu": torch.nn.function
 class BayesianLinear(PyroModule):
     """``y = W x + b`` with Normal priors; weight draws ``(*batch, out, in)`` broadcast over data."""
 
+    # PyroSamples: PyroModule draws them and reading the attribute gives the tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+
     def __init__(self, in_features: int, out_features: int, prior_scale: float = 1.0):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = PyroSample(lambda m: dist.Normal(m._zero, prior_scale / math.sqrt(in_features))
+        self.weight = PyroSample(lambda m: dist.Normal(m._zero, prior_scale / math.sqrt(in_features))  # type: ignore[assignment]
                                  .expand([out_features, in_features]).to_event(2))
-        self.bias = PyroSample(lambda m: dist.Normal(m._zero, prior_scale).expand([out_features]).to_event(1))
+        self.bias = PyroSample(lambda m: dist.Normal(m._zero, prior_scale).expand([out_features]).to_event(1))  # type: ignore[assignment]
         self.register_buffer("_zero", torch.zeros(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,8 +94,9 @@ class BNN(ConstructorSpec, PyroModule):
         self.features, self.hidden_features, self.out_features, self.likelihood = features, hidden_features, out_features, likelihood
         self.noise_scale, self.prior_scale, self.activation = noise_scale, prior_scale, activation
         sizes = (features, *hidden_features, out_features)
+        # PyroModule[ModuleList] takes ModuleList's arguments, which pyro's stubs do not know
         self.layers = PyroModule[torch.nn.ModuleList](
-            [BayesianLinear(a, b, prior_scale) for a, b in itertools.pairwise(sizes)])
+            [BayesianLinear(a, b, prior_scale) for a, b in itertools.pairwise(sizes)])  # type: ignore[arg-type]
         self.guide = AutoNormal(self.model, init_scale=0.01)
         self.posterior: dict | None = None
 
@@ -196,7 +201,10 @@ class BNN(ConstructorSpec, PyroModule):
         x, _ = self._check(x, None)
         fn, S = self._conditional(x, samples)
         mean = fn.probs if self.likelihood != "gaussian" else fn.mean
-        lead = next(iter((samples if samples is not None else self.posterior).values())).shape[:2]
+        draws = samples if samples is not None else self.posterior
+        if draws is None:
+            raise ValueError("no posterior draws: pass samples= (a Fit's samples) or call attach_posterior(fit.samples)")
+        lead = next(iter(draws.values())).shape[:2]
         return mean.expand(S, *mean.shape[1:]).reshape(*lead, *mean.shape[1:])
 
     @torch.no_grad()

@@ -173,7 +173,7 @@ class DBM(ConstructorSpec, PyroModule):
         return mu
 
     def _entropy(self, mu: dict, free) -> torch.Tensor:
-        total = 0.0
+        total = torch.zeros(())
         for i in free:
             m = mu[i].clamp(1e-7, 1 - 1e-7)
             if self.units[i] == "bernoulli":
@@ -345,7 +345,7 @@ class DBM(ConstructorSpec, PyroModule):
                 p = mu[i].repeat(num_samples, 1).clamp(1e-6, 1 - 1e-6)
                 state[i] = bernoulli(p)
                 log_q = log_q + (state[i] * p.log() + (1 - state[i]) * (1 - p).log()).sum(-1)
-        log_p = sum(e.own_log_density(i, x) for i, x in state.items())
+        log_p = sum((e.own_log_density(i, x) for i, x in state.items()), torch.zeros(()))
         for j in summed:
             log_p = log_p + e.log_marginal(j, e.natural(j, e.input(j, state)))
         log_w = (log_p - log_q).reshape(num_samples, n)
@@ -483,8 +483,9 @@ class MultimodalDBM(DBM):
         if len(self.visible_index) != 2:
             raise ValueError(f"graph: a multimodal DBM has two visible layers, got {self.visible_layers}")
 
+    # sized by the data's columns and classes, not by a chain of hidden_units as DBM.from_data
     @classmethod
-    def from_data(cls, data, **kwargs):
+    def from_data(cls, data, **kwargs):  # type: ignore[override]
         if data.y is None:
             raise ValueError(f"{data.name}: a multimodal DBM needs labels (dataset.y), got None")
         if kwargs.get("graph") is not None:

@@ -77,9 +77,11 @@ class EBM(ConstructorSpec, PyroModule):
         self.sample_steps, self.reinit_prob, self.alpha = sample_steps, float(reinit_prob), float(alpha)
         self.image_shape = tuple(image_shape) if image_shape is not None else None
         if self.image_shape is not None:
+            if len(self.image_shape) != 2:
+                raise ValueError(f"image_shape: expected (height, width), got {self.image_shape}")
             if self.image_shape[0] * self.image_shape[1] != features:
                 raise ValueError(f"image_shape {self.image_shape} does not hold features={features} pixels")
-            self.energy = ConvEncoder(self.image_shape, 1, (self.hidden_features[0], self.hidden_features[-1]), activation=activation)
+            self.energy: torch.nn.Module = ConvEncoder((self.image_shape[0], self.image_shape[1]), 1, (self.hidden_features[0], self.hidden_features[-1]), activation=activation)
         else:
             self.energy = MLP(features, self.hidden_features, 1, activation)
         self._energies: list[torch.Tensor] = []

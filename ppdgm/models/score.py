@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from typing import ClassVar
 
 import pyro
@@ -108,6 +109,8 @@ def check_decreasing(levels, name: str = "sigmas") -> torch.Tensor:
 class TimeEmbedding(torch.nn.Module):
     """Random Fourier features of ``t`` (fixed at construction from a seeded generator)."""
 
+    w: torch.Tensor  # a buffer
+
     def __init__(self, dim: int, scale: float = 4.0):
         super().__init__()
         w = torch.randn(dim // 2, generator=torch.Generator().manual_seed(0)) * scale
@@ -158,7 +161,7 @@ class ScoreModel(ConstructorSpec, PyroModule):
             raise ValueError(f"eps must be in (0, 1), got {eps!r}")
         if not isinstance(num_scales, int) or num_scales < 1:
             raise ValueError(f"num_scales must be a positive int, got {num_scales!r}")
-        if (low is None) != (high is None) or (low is not None and not low < high):
+        if (low is None) != (high is None) or (low is not None and high is not None and not low < high):
             raise ValueError(f"low and high must both be None or low < high, got low={low!r}, high={high!r}")
         self.sde_kind = sde
         self.sde = VESDE(sigma_min, sigma_max) if sde == "ve" else VPSDE(beta_min, beta_max)
@@ -258,7 +261,7 @@ class ScoreModel(ConstructorSpec, PyroModule):
         """``n`` draws by ``"pc"`` (reverse-SDE predictor-corrector), ``"annealed_langevin"`` or ``"ode"``."""
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
-        methods = {"pc": self.sample_pc, "annealed_langevin": self.sample_annealed_langevin, "ode": self.sample_ode}
+        methods: dict[str, Callable[..., torch.Tensor]] = {"pc": self.sample_pc, "annealed_langevin": self.sample_annealed_langevin, "ode": self.sample_ode}
         if method not in methods:
             raise ValueError(f"method must be one of {tuple(methods)}, got {method!r}")
         return methods[method](n, num_scales=num_scales, **kwargs)

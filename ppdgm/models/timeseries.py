@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import pyro
 import pyro.distributions as dist
@@ -292,7 +292,7 @@ class DeepAR(ConstructorSpec, nn.Module):
         out, state = self.rnn(feats)
         with pyro.plate("data", N):
             if self.weight_decay:
-                sq = sum(w.pow(2).sum() for name, w in self.named_parameters() if "bias" not in name)
+                sq = sum((w.pow(2).sum() for name, w in self.named_parameters() if "bias" not in name), torch.zeros(()))
                 pyro.factor("weight_decay", -0.5 * self.weight_decay * (L - m) * sq.expand(N))
             pyro.sample("y", self._output(out).to_event(1), obs=y[:, m:])
             if not horizon:
@@ -337,7 +337,8 @@ class DeepAR(ConstructorSpec, nn.Module):
             raise ValueError(f"y: expected windows (N, L) or a series (T,), got shape {tuple(y.shape)}")
         _check_domain(y, self.transform, "y")
         tr = pyro.poutine.trace(self.model).get_trace(y, t0)
-        return tr.nodes["y"]["fn"].log_prob(tr.nodes["y"]["value"])
+        likelihood = cast(dist.Distribution, tr.nodes["y"]["fn"])  # a sample site's fn is its distribution
+        return likelihood.log_prob(tr.nodes["y"]["value"])
 
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:
