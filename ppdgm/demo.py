@@ -103,7 +103,8 @@ def main(argv=None) -> int:
     lines = [
         "ppdgm demo: VAE (64-256-16, Bernoulli likelihood) on binarized 8x8 digits",
         f"engine: svi, loss {fit.config['loss']}, batch 100, lr 3e-3 cosine, seed {args.seed}",
-        f"steps run: {fit.timing['steps']} of {steps} ({fit.timing['seconds']:.1f} s, {fit.timing['ms_per_step']:.2f} ms/step)",
+        f"steps run: {fit.timing['steps']} of {steps} "
+        f"({fit.timing['seconds']:.1f} s, {fit.timing['ms_per_step']:.2f} ms/step)",
         f"final train negative ELBO (last 100 steps, per digit): {np.mean(h['loss'][-100:]) / len(train):.3f} nats",
     ]
     if h.get("val_loss"):

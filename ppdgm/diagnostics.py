@@ -297,8 +297,9 @@ class AmortizationCheck:
     ``gap`` = ``log_evidence - elbo`` estimates KL(q(z|x) || p(z|x)) in nats (amortization plus
     approximation gap; ``elbo_se`` is the Monte-Carlo standard error of the ELBO);
     ``log_evidence`` is an importance-sampling estimate of log p(x_i) whose proposal is a
-    Gaussian fitted to the HMC draws mixed with the guide (``log_evidence_se`` its standard error); ``energy_distance`` compares the HMC and guide draws directly (0 when they
-    agree). ``hmc_draws`` are ``(chain, draw, point, *event)``, ``guide_draws`` ``(draw, point, *event)``.
+    Gaussian fitted to the HMC draws mixed with the guide (``log_evidence_se`` its standard error);
+    ``energy_distance`` compares the HMC and guide draws directly (0 when they agree).
+    ``hmc_draws`` are ``(chain, draw, point, *event)``, ``guide_draws`` ``(draw, point, *event)``.
     """
 
     points: list

@@ -16,10 +16,11 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import cast
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
 
 TIMEOUT = timedelta(seconds=int(os.environ.get("PPDGM_DIST_TIMEOUT", "60")))
 
@@ -62,9 +63,9 @@ def is_main_process() -> bool:
 
 def shard_order(n: int, epoch: int, seed: int, world: World) -> torch.Tensor:
     """This rank's indices for ``epoch`` (all of them, in order, for a single process)."""
-    # the sampler takes only len() of its dataset, which a range has
+    indices = cast(Dataset, range(n))  # the sampler takes only len() of its dataset, which a range has
     sampler: DistributedSampler[int] = DistributedSampler(
-        range(n), num_replicas=world.size, rank=world.rank, shuffle=True, seed=seed  # type: ignore[arg-type]
+        indices, num_replicas=world.size, rank=world.rank, shuffle=True, seed=seed
     )
     sampler.set_epoch(epoch)
     return torch.tensor(list(sampler))

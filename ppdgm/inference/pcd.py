@@ -28,8 +28,9 @@ Each step advances the chains ``k`` steps, then descends
 ``-(positive_log_density(batch).mean() - negative_log_density(chains).mean()) + regularizer()``.
 The chain energies of ``record_chains`` chains are recorded as ``Fit.samples["chain_energy"]``
 shaped ``(chains, draws)`` (every ``record_every`` steps, with the gradient norm and learning
-rate; loss and both phases are in the history every step), so ``fit.to_arviz()`` reports R-hat and ESS of the negative phase: a
-large R-hat means the persistent chains do not mix and the gradient is biased.
+rate; loss and both phases are in the history every step), so ``fit.to_arviz()`` reports R-hat
+and ESS of the negative phase: a large R-hat means the persistent chains do not mix and the
+gradient is biased.
 """
 
 from __future__ import annotations

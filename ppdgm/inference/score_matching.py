@@ -3,9 +3,9 @@
 Protocol: ``model`` is a ``torch.nn.Module`` with ``denoising_loss(batch) -> Tensor[batch]`` (the
 per-point weighted regression of the score onto the noise, with its own random times and noise)
 and optionally ``check_data(x, name) -> Tensor`` to validate data before anything runs. The
-engine minimizes the mean loss with Adam (under any of the shared learning-rate schedules) over seeded minibatches, optionally keeps an exponential
-moving average of the weights (copied into the model at the end), evaluates a validation loss
-under fixed noise, and checkpoints/resumes.
+engine minimizes the mean loss with Adam (under any of the shared learning-rate schedules) over
+seeded minibatches, optionally keeps an exponential moving average of the weights (copied into the
+model at the end), evaluates a validation loss under fixed noise, and checkpoints/resumes.
 """
 
 from __future__ import annotations

@@ -94,9 +94,9 @@ class BNN(ConstructorSpec, PyroModule):
         self.features, self.hidden_features, self.out_features, self.likelihood = features, hidden_features, out_features, likelihood
         self.noise_scale, self.prior_scale, self.activation = noise_scale, prior_scale, activation
         sizes = (features, *hidden_features, out_features)
+        layers = [BayesianLinear(a, b, prior_scale) for a, b in itertools.pairwise(sizes)]
         # PyroModule[ModuleList] takes ModuleList's arguments, which pyro's stubs do not know
-        self.layers = PyroModule[torch.nn.ModuleList](
-            [BayesianLinear(a, b, prior_scale) for a, b in itertools.pairwise(sizes)])  # type: ignore[arg-type]
+        self.layers = PyroModule[torch.nn.ModuleList](layers)  # type: ignore[arg-type]
         self.guide = AutoNormal(self.model, init_scale=0.01)
         self.posterior: dict | None = None
 

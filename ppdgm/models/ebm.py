@@ -45,7 +45,8 @@ class EBM(ConstructorSpec, PyroModule):
         alpha: weight of the energy-magnitude penalty.
         buffer_size: capacity of the replay buffer of chain states that :meth:`sample` starts from.
         image_shape: ``(height, width)`` makes the energy a small conv net on the flat images
-            (:class:`ppdgm.nn.ConvEncoder` with ``hidden_features[0]`` and ``hidden_features[-1]`` channels) instead of an MLP.
+            (:class:`ppdgm.nn.ConvEncoder` with ``hidden_features[0]`` and ``hidden_features[-1]``
+            channels) instead of an MLP.
     """
     datasets = ('moons', 'digits')
 
