@@ -4,7 +4,8 @@ Two posteriors: Bayesian logistic regression on scikit-learn's breast-cancer dat
 standardized, plus an intercept) and non-centered eight schools. Each sampler's wall time is
 warm-up + sampling with compilation excluded (NumPyro compiles on a first run that is not timed;
 ChEES's JIT trace is part of its init, reported separately); ESS is the minimum bulk-ESS over
-every scalar parameter. Chains of the NUTS samplers run one after another (2 cores, shared). Prints a markdown table and the ESS/s ratios. Not a test: asserts nothing.
+every scalar parameter. Chains of the NUTS samplers run one after another (2 cores, shared).
+Prints a markdown table and the ESS/s ratios. Not a test: asserts nothing.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_hmc.py            # about 3-4 minutes on 2 cores
     OMP_NUM_THREADS=1 python benchmarks/bench_hmc.py --quick    # a smoke run
@@ -165,13 +166,15 @@ def main():
             print(f"  {name:20s} {sampler:13s} wall {wall:7.2f}s  min bulk-ESS {ess:9.0f}  ESS/s {ess / wall:9.1f}",
                   flush=True)
 
-    print("\n| problem | sampler | chains x (warm-up + draws) | warm wall (s) | compile/init (s) | min bulk-ESS | ESS/s | max R-hat | ChEES ESS/s ratio |")
+    print("\n| problem | sampler | chains x (warm-up + draws) | warm wall (s) | compile/init (s) | min bulk-ESS "
+          "| ESS/s | max R-hat | ChEES ESS/s ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         chees = next(c for c in rows if c["problem"] == r["problem"] and c["sampler"] == "ppdgm ChEES")
         ratio = chees["ess_s"] / r["ess_s"] if r["sampler"] != "ppdgm ChEES" else 1.0
         comp = "-" if np.isnan(r["compile"]) else f"{r['compile']:.2f}"
-        print(f"| {r['problem']} | {r['sampler']} | {r['chains']} x ({r['warmup']} + {r['draws'] // r['chains']}) | {r['wall']:.2f} | {comp} "
+        draws = f"{r['chains']} x ({r['warmup']} + {r['draws'] // r['chains']})"
+        print(f"| {r['problem']} | {r['sampler']} | {draws} | {r['wall']:.2f} | {comp} "
               f"| {r['ess']:.0f} | {r['ess_s']:.1f} | {r['rhat']:.3f} | "
               + (f"{ratio:.1f}x vs this" if r["sampler"] != "ppdgm ChEES" else "-") + " |")
     print("\nPyro NUTS runs with jit_compile=True; its JIT trace is inside its wall time (it cannot be split out).")

@@ -72,7 +72,7 @@ def main():
     for batch in args.batch_sizes:
         sk, sk_time = train_sklearn(train, args.hidden, args.lr, batch, args.epochs, args.seed)
         pp, pp_time = train_ppdgm(train, args.hidden, args.lr, batch, args.epochs, args.seed)
-        ais = dict(num_runs=args.ais_runs, num_betas=args.ais_betas, base_data=train, seed=args.seed)
+        ais = {"num_runs": args.ais_runs, "num_betas": args.ais_betas, "base_data": train, "seed": args.seed}
         sk_model = as_ppdgm(sk)
         sk_ll = log_likelihood(sk_model, test, **ais)
         sk_z = sk_model.last_log_z

@@ -60,7 +60,7 @@ def main():
     a, b = [], []
     for rep in range(args.reps):
         a.append(hand_written(x, args.steps, batch, rep))
-        seconds, fit = with_ppdgm(x, args.steps, batch, rep)
+        seconds, _ = with_ppdgm(x, args.steps, batch, rep)
         b.append(seconds)
     ms_a = 1e3 * statistics.median(a) / args.steps
     ms_b = 1e3 * statistics.median(b) / args.steps

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 
 import pyro
 import pyro.distributions as dist
@@ -116,22 +117,22 @@ def vae_table(steps, repeats, seed):
     train, test = load_digits("train", binarize=True), load_digits("test", binarize=True)
     x, lr, batch = train.x, 1e-3, 100
     rows = {}
-    for rep in range(repeats):
+    for _rep in range(repeats):
         torch.manual_seed(seed)
         peer = TutorialVAE()
-        t = timed(lambda: hand_written_loop(peer, x, steps, batch, lr, seed))
+        t = timed(partial(hand_written_loop, peer, x, steps, batch, lr, seed))
         rows.setdefault("Pyro tutorial VAE, hand-written pyro.infer.SVI loop", []).append((t, peer.model, peer.guide))
 
         torch.manual_seed(seed)
         same = TutorialVAE()
         engine = SVI(num_steps=steps, batch_size=batch, lr=lr, seed=seed, progress=False)
-        t = timed(lambda: engine.run(same.model, same.guide, x))
+        t = timed(partial(engine.run, same.model, same.guide, x))
         rows.setdefault("Pyro tutorial VAE, ppdgm SVI engine", []).append((t, same.model, same.guide))
 
         torch.manual_seed(seed)
         zoo = VAE(features=64, latent_features=16, hidden_features=[256])
         engine = SVI(num_steps=steps, batch_size=batch, lr=lr, seed=seed, progress=False)
-        t = timed(lambda: engine.run(zoo.model, zoo.guide, x))
+        t = timed(partial(engine.run, zoo.model, zoo.guide, x))
         rows.setdefault("ppdgm.models.vae.VAE (64-256-16), ppdgm SVI engine", []).append((t, zoo.model, zoo.guide))
 
     base_ms = None

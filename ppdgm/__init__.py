@@ -5,7 +5,7 @@ Submodules load on first use, so ``import ppdgm`` (and ``ppdgm --help``) does no
 
 import importlib
 
-__all__ = ["Fit", "load", "data", "models", "inference", "diagnostics", "evaluate"]
+__all__ = ["Fit", "data", "diagnostics", "evaluate", "inference", "load", "models"]
 __version__ = "0.1.0"
 
 _SUBMODULES = ("data", "models", "inference", "diagnostics", "evaluate")

@@ -118,7 +118,7 @@ def _log_z0(energy, kept, summed, base) -> torch.Tensor:
 
 def _log_unnormalized(energy, kept, summed, base, state, beta) -> torch.Tensor:
     """``log p*_beta`` of the kept layers' states, the summed layers summed out."""
-    out = 0.0
+    out = torch.zeros((), dtype=torch.float64, device=energy.biases[0].device)
     for i in kept:
         x = state[i]
         if energy.units[i] == "gaussian":
@@ -213,11 +213,11 @@ def exact_log_partition(energy: LayeredEnergy, max_units: int = 24, chunk: int =
         codes = torch.arange(lo, min(lo + chunk, 2**n), device=device)
         bits = ((codes.unsqueeze(-1) // powers) % 2).double()
         state = dict(zip(enum, bits.split([e.sizes[i] for i in enum], -1)))
-        logp = sum(e.own_log_density(i, state[i]) for i in enum)
+        logp = sum((e.own_log_density(i, state[i]) for i in enum), torch.zeros((), dtype=torch.float64))
         for j in other:
             logp = logp + e.log_marginal(j, e.natural(j, e.input(j, state)))
         parts.append(torch.logsumexp(logp, 0))
     return LogZ(float(torch.logsumexp(torch.stack(parts), 0)), 0.0, "exact")
 
 
-__all__ = ["LogZ", "annealed_importance_sampling", "exact_log_partition", "default_betas", "split_colours"]
+__all__ = ["LogZ", "annealed_importance_sampling", "default_betas", "exact_log_partition", "split_colours"]

@@ -53,8 +53,12 @@ class LayeredEnergy:
     def sizes(self) -> list[int]:
         return [b.shape[-1] for b in self.biases]
 
-    def sigma(self, i: int) -> torch.Tensor | None:
-        return self.log_sigmas[i].exp() if self.units[i] == "gaussian" else None
+    def sigma(self, i: int) -> torch.Tensor:
+        """The standard deviation of gaussian layer ``i`` (the only kind of layer that has one)."""
+        log_sigma = self.log_sigmas[i]
+        if log_sigma is None:
+            raise ValueError(f"layer {i}: {self.units[i]} units have no sigma; only gaussian units do")
+        return log_sigma.exp()
 
     def scaled(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """``x_i / sigma_i`` (what layer i sends through its weights)."""
@@ -88,7 +92,7 @@ class LayeredEnergy:
 
     def log_density(self, state: dict) -> torch.Tensor:
         """``-E(x)`` of a full state ``{layer: (n, size)}``."""
-        out = sum(self.own_log_density(i, x) for i, x in state.items())
+        out = sum((self.own_log_density(i, x) for i, x in state.items()), torch.zeros(()))
         for a, b, W in self.edges:
             out = out + ((self.scaled(a, state[a]) @ W) * self.scaled(b, state[b])).sum(-1)
         return out
@@ -164,7 +168,7 @@ def _multinomial_counts(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tens
 def two_colouring(num_layers: int, edges) -> list[int]:
     """Colour 0/1 of each layer so that every edge joins different colours (ValueError if none)."""
     colour = [-1] * num_layers
-    adj = {i: [] for i in range(num_layers)}
+    adj: dict[int, list[int]] = {i: [] for i in range(num_layers)}
     for a, b, *_ in edges:
         adj[a].append(b)
         adj[b].append(a)

@@ -293,9 +293,9 @@ def cmd_sample(args) -> int:
     fit = _load(args)
     if fit.module is None:
         raise UsageError(f"{args.dir}: sampling needs a zoo family (this fit is of a file model)")
-    from ppdgm.reports import save_image_grid
-
     import torch
+
+    from ppdgm.reports import save_image_grid
 
     try:
         with torch.no_grad():

@@ -10,11 +10,13 @@ from __future__ import annotations
 import gzip
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from numpy.typing import DTypeLike
 
 DIGITS_SPLIT = {"train": 1200, "valid": 300, "test": 297}
 SUPPORTS = ("real", "unit_interval", "binary", "counts")
@@ -155,7 +157,7 @@ def make_gaussian_mixture(n: int = 1000, modes: int = 8, radius: float = 2.0, sd
     return torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(centres, dtype=torch.float32)
 
 
-TOYS = {
+TOYS: dict[str, Callable[..., torch.Tensor]] = {
     "moons": make_moons,
     "rings": make_rings,
     "pinwheel": make_pinwheel,
@@ -209,7 +211,7 @@ def load_dataset(name: str, split: str = "train", n: int = 2000) -> Dataset:
 # ---------------------------------------------------------------------------------------------
 # readers for a user's own data
 
-_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_TYPES: dict[int, DTypeLike] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 def read_idx(path) -> np.ndarray:

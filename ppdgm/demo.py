@@ -27,13 +27,13 @@ from ppdgm.models.vae import VAE
 def image_grid(images: torch.Tensor, rows: int, path: Path, title: str, shape=(8, 8)) -> None:
     from matplotlib.figure import Figure
 
-    images = images.detach().cpu().reshape(-1, *shape).numpy()
-    cols = int(np.ceil(len(images) / rows))
+    pixels = images.detach().cpu().reshape(-1, *shape).numpy()
+    cols = int(np.ceil(len(pixels) / rows))
     fig = Figure(figsize=(cols * 0.6, rows * 0.6 + 0.4))
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in np.ravel(axes):
         ax.axis("off")
-    for ax, img in zip(np.ravel(axes), images):
+    for ax, img in zip(np.ravel(axes), pixels):
         ax.imshow(img, cmap="gray_r", vmin=0, vmax=1)
     fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=100, bbox_inches="tight")
@@ -97,7 +97,8 @@ def main(argv=None) -> int:
     lines = [
         "ppdgm demo: VAE (64-256-16, Bernoulli likelihood) on binarized 8x8 digits",
         f"engine: svi, loss {fit.config['loss']}, batch 100, lr 3e-3 cosine, seed {args.seed}",
-        f"steps run: {fit.timing['steps']} of {steps} ({fit.timing['seconds']:.1f} s, {fit.timing['ms_per_step']:.2f} ms/step)",
+        f"steps run: {fit.timing['steps']} of {steps} "
+        f"({fit.timing['seconds']:.1f} s, {fit.timing['ms_per_step']:.2f} ms/step)",
         f"final train negative ELBO (last 100 steps, per digit): {np.mean(h['loss'][-100:]) / len(train):.3f} nats",
     ]
     if h.get("val_loss"):

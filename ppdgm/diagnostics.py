@@ -81,7 +81,8 @@ def samples_to_inference_data(
     samples = {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for k, v in samples.items()}
     first = {k: v[0, 0] for k, v in samples.items()}
     trace = trace_model(model, args, kwargs, condition=first)
-    dims, coords = {}, {}
+    dims: dict[str, list[str]] = {}
+    coords: dict[str, np.ndarray] = {}
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or site_is_subsample(site):
             continue
@@ -162,7 +163,7 @@ def _observed_log_prob(site):
 
 def _looped_log_likelihood(model, flat, args, kwargs, observed):
     n = next(iter(flat.values())).shape[0]
-    ll = {o: [] for o in observed}
+    ll: dict[str, list[torch.Tensor]] = {o: [] for o in observed}
     for i in range(n):
         tr = trace_model(model, args, kwargs, condition={k: v[i] for k, v in flat.items()})
         for o in observed:
@@ -178,7 +179,7 @@ def _batched_log_likelihood(model, flat, args, kwargs, observed, chunk):
     density = BatchedLogDensity(model, args, kwargs, trace=trace_model(model, args, kwargs))
     expect = {o: _observed_log_prob(single.nodes[o]) for o in observed}
     n = next(iter(flat.values())).shape[0]
-    parts = {o: [] for o in observed}
+    parts: dict[str, list[torch.Tensor]] = {o: [] for o in observed}
     with torch.no_grad(), pyro.validation_enabled(False):
         for start in range(0, n, chunk):
             values = {k: v[start : start + chunk] for k, v in flat.items()}
@@ -293,7 +294,8 @@ def split_latents(fit) -> tuple[list[str], list[str]]:
     fit.restore()
     tr = trace_model(fit.model, fit.args, fit.kwargs, condition=condition)
     n = len(fit.args[0]) if fit.args and torch.is_tensor(fit.args[0]) else None
-    global_, local = [], []
+    global_: list[str] = []
+    local: list[str] = []
     for name, site in _sample_sites(tr, observed=False).items():
         per_point = n is not None and any(f.size == n for f in site["cond_indep_stack"])
         (local if per_point else global_).append(name)

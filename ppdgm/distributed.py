@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import cast
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
 
 TIMEOUT = timedelta(seconds=int(os.environ.get("PPDGM_DIST_TIMEOUT", "60")))
 
@@ -61,7 +63,10 @@ def is_main_process() -> bool:
 
 def shard_order(n: int, epoch: int, seed: int, world: World) -> torch.Tensor:
     """This rank's indices for ``epoch`` (all of them, in order, for a single process)."""
-    sampler = DistributedSampler(range(n), num_replicas=world.size, rank=world.rank, shuffle=True, seed=seed)
+    indices = cast(Dataset, range(n))  # the sampler takes only len() of its dataset, which a range has
+    sampler: DistributedSampler[int] = DistributedSampler(
+        indices, num_replicas=world.size, rank=world.rank, shuffle=True, seed=seed
+    )
     sampler.set_epoch(epoch)
     return torch.tensor(list(sampler))
 
@@ -83,7 +88,7 @@ def broadcast_params(params: list[torch.Tensor]) -> None:
             dist.broadcast(p.data, src=0)
 
 
-def average_gradients(params: list[torch.Tensor], *scalars: float) -> list[float]:
+def average_gradients(params: Sequence[torch.Tensor], *scalars: float) -> list[float]:
     """All-reduce the mean of the gradients (in place) and of ``scalars``, in one message."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads] + [grads[0].new_tensor(scalars, dtype=grads[0].dtype)])

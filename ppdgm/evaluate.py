@@ -48,7 +48,7 @@ def log_likelihood(model, x, method: str | None = None, **kwargs) -> NatsEstimat
     if method is not None:
         kwargs["method"] = method
     ll = model.log_likelihood(x, **kwargs)
-    label = method or getattr(model, "likelihood_method", type(model).__name__)
+    label: str = method or str(getattr(model, "likelihood_method", type(model).__name__))
     options = {k: v for k, v in kwargs.items() if k != "method" and isinstance(v, (int, float, str, bool))}
     if options:  # e.g. k=10 overrides the default number of importance samples in the label
         label += " (" + ", ".join(f"{k}={v}" for k, v in options.items()) + ")"
@@ -245,7 +245,7 @@ def mmd(x, y, bandwidth=None, num_permutations: int = 0, seed: int = 0) -> MMDRe
         if not all(h > 0 for h in bandwidths):
             raise ValueError(f"bandwidth must be positive, got {bandwidth!r}")
     d2 = torch.cdist(z, z).pow(2)
-    K = sum(torch.exp(-d2 / (2 * h * h)) for h in bandwidths)
+    K = sum((torch.exp(-d2 / (2 * h * h)) for h in bandwidths), torch.zeros((), device=z.device))
     labels = torch.cat([torch.ones(n), torch.zeros(m)]).to(z.device)
     observed = float(_mmd2_stats(K, labels, n, m))
     p_value = None
@@ -368,6 +368,8 @@ def _train_digits_classifier(config: dict) -> DigitsClassifier:
     from ppdgm.data import load_digits
 
     train, binary = load_digits("train"), load_digits("train", binarize=True)
+    if train.y is None or binary.y is None:
+        raise ValueError("digits: the classifier needs the training labels, and the split has none")
     x, y = torch.cat([train.x, binary.x]), torch.cat([train.y, binary.y])
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(config["seed"])
@@ -396,11 +398,11 @@ def digits_classifier(cache_dir=None) -> DigitsClassifier:
 
     from ppdgm.fit import atomic_save, safe_load
 
-    key = hashlib.sha256(json.dumps({**DIGITS_CLASSIFIER, "split": "train-1200"}, sort_keys=True).encode())
-    key = key.hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps({**DIGITS_CLASSIFIER, "split": "train-1200"}, sort_keys=True).encode())
+    key = digest.hexdigest()[:16]
     if key in _CLASSIFIERS:
         return _CLASSIFIERS[key]
-    path = (cache_dir and __import__("pathlib").Path(cache_dir) or _cache_dir()) / f"digits_classifier-{key}.pt"
+    path = ((cache_dir and __import__("pathlib").Path(cache_dir)) or _cache_dir()) / f"digits_classifier-{key}.pt"
     net = DigitsClassifier(DIGITS_CLASSIFIER["hidden"])
     loaded = False
     if path.exists():

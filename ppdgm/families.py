@@ -13,7 +13,8 @@ Options that a training loop has but a sampler does not (``num_steps``, ``num_ep
 from __future__ import annotations
 
 import inspect
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
@@ -23,11 +24,18 @@ from ppdgm.models import MODELS, model_class
 from ppdgm.models.family import (
     Adversarial,
     Denoising,
+    Family,
     LayerStack,
     PersistentChains,
     PredictsFromDraws,
     PyroProgram,
 )
+
+if TYPE_CHECKING:
+    from ppdgm.data import Dataset
+    from ppdgm.evaluate import NatsEstimate
+    from ppdgm.fit import Fit, PathLike
+    from ppdgm.inference.base import Engine
 
 PROTOCOL_OF_INPUT = {
     "program": PyroProgram,
@@ -44,14 +52,14 @@ PROTOCOL_OF_INPUT = {
 class ScoresInNats(Protocol):
     """A family with an exact or estimated ``log p(x)`` (an implicit model, the GAN, has none)."""
 
-    def log_likelihood(self, x, **options) -> torch.Tensor: ...
+    def log_likelihood(self, x: torch.Tensor, **options: Any) -> torch.Tensor: ...
 
 
 # ------------------------------------------------------------------------------------------------
 # signatures
 
 
-def parameters(fn) -> dict[str, inspect.Parameter]:
+def parameters(fn: Callable) -> dict[str, inspect.Parameter]:
     """Named parameters of ``fn``, following ``**kwargs`` up a class's ``__init__`` chain."""
     if inspect.isclass(fn):
         found: dict[str, inspect.Parameter] = {}
@@ -83,7 +91,7 @@ def engines_taking(option: str) -> list[str]:
     return [name for name in ENGINES if option in parameters(engine_class(name))]
 
 
-def engines_for(cls) -> list[str]:
+def engines_for(cls: type[Family]) -> list[str]:
     """Engines that can run family class ``cls``, its default first: those taking the same input as
     its default engine, and, for a Pyro program, both the optimizers and the samplers of programs."""
     default = engine_class(cls.default_engine).input
@@ -100,7 +108,7 @@ def engines_for(cls) -> list[str]:
 # building
 
 
-def build_family(name: str, dataset, **kwargs):
+def build_family(name: str, dataset: Dataset, **kwargs: Any) -> Family:
     """The family ``name`` sized from ``dataset``, after checking ``kwargs`` names and the data's support.
 
     Unknown keys are refused with the valid ones listed, before anything is built.
@@ -117,12 +125,12 @@ def build_family(name: str, dataset, **kwargs):
     return family
 
 
-def default_engine_config(family) -> dict:
+def default_engine_config(family: Family) -> dict:
     """The settings the family trains well with on its default engine."""
     return dict(family.engine_config)
 
 
-def make_engine(family, engine_name: str | None, options: dict, *, explicit: dict | None = None):
+def make_engine(family: Family | None, engine_name: str | None, options: dict, *, explicit: dict | None = None) -> Engine:
     """An engine configured by, in rising precedence: the family's ``engine_config`` (only for its
     default engine), ``options`` (the command line's generic flags, dropped where the engine does not
     take them when left unset), and ``explicit`` (options the user named: refused if not taken).
@@ -145,7 +153,7 @@ def make_engine(family, engine_name: str | None, options: dict, *, explicit: dic
     return cls(**{**suggested, **given, **(explicit or {})})
 
 
-def check_can_fit(family, engine) -> None:
+def check_can_fit(family: Family, engine: Engine) -> None:
     """Refuse a family/engine pair whose engine protocol the family does not implement."""
     protocol = PROTOCOL_OF_INPUT.get(engine.input)
     if protocol is None:
@@ -155,7 +163,7 @@ def check_can_fit(family, engine) -> None:
                          f"implement {protocol.__name__} (ppdgm.models.family)")
 
 
-def data_args(family, dataset) -> tuple:
+def data_args(family: Family, dataset: Dataset) -> tuple:
     """The tensors the family's programs take, in order."""
     return tuple(family.data_args(dataset))
 
@@ -164,8 +172,12 @@ def data_args(family, dataset) -> tuple:
 # fitting
 
 
-def fit_family(family, engine, train, valid=None, checkpoint_dir=None, resume: bool = False, callbacks=()):
-    """Run ``engine`` on ``family`` with the datasets ``train``/``valid``; the Fit knows its family."""
+def fit_family(family: Any, engine: Engine, train: Dataset, valid: Dataset | None = None,
+               checkpoint_dir: PathLike | None = None, resume: bool = False, callbacks: tuple | list = ()) -> Fit:
+    """Run ``engine`` on ``family`` with the datasets ``train``/``valid``; the Fit knows its family.
+
+    ``family`` is a :class:`~ppdgm.models.family.Family` that implements the protocol of ``engine.input``
+    (checked first), so it is typed by what the engine asks of it rather than as a ``Family``."""
     check_can_fit(family, engine)
     train_args = data_args(family, train)
     valid_args = data_args(family, valid) if valid is not None else None
@@ -192,7 +204,7 @@ def fit_family(family, engine, train, valid=None, checkpoint_dir=None, resume: b
     return fit
 
 
-def _points(args):
+def _points(args: tuple | None) -> torch.Tensor | tuple | None:
     """One tensor stays one tensor; several (a multimodal DBM's parts) go as a tuple."""
     if args is None:
         return None
@@ -203,7 +215,7 @@ def _points(args):
 # evaluating
 
 
-def evaluate_family(family, dataset, **options):
+def evaluate_family(family: Family, dataset: Dataset, **options: Any) -> NatsEstimate | dict[str, float | None]:
     """Held-out ``log p(x)`` in nats (a :class:`ppdgm.evaluate.NatsEstimate`) or, for a family
     without a likelihood, sample quality against the data (MMD, precision/recall, Fréchet)."""
     from ppdgm.evaluate import log_likelihood, sample_quality

@@ -11,13 +11,18 @@ import json
 import os
 import pickle
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyro
 import torch
 from torch.distributions import constraints
+
+# what a file or folder argument may be, and where tensors may be put
+PathLike = str | os.PathLike[str]
+Device = str | torch.device | None
 
 FIT_FILE = "fit.json"
 TENSORS_FILE = "tensors.pt"
@@ -27,7 +32,7 @@ TENSORS_FILE = "tensors.pt"
 # files
 
 
-def atomic_save(obj, path) -> None:
+def atomic_save(obj: Any, path: PathLike) -> None:
     """``torch.save`` to a temp file in the same folder, then rename: a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,7 +49,7 @@ def atomic_save(obj, path) -> None:
         raise
 
 
-def atomic_write_text(text: str, path) -> None:
+def atomic_write_text(text: str, path: PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -53,7 +58,7 @@ def atomic_write_text(text: str, path) -> None:
     os.replace(tmp, path)
 
 
-def safe_load(path, map_location=None):
+def safe_load(path: PathLike, map_location: Any = None) -> Any:
     """Load tensors/containers only; anything that would unpickle code is refused with ValueError,
     and an empty, truncated or otherwise unreadable file is reported as such (also a ValueError)."""
     path = Path(path)
@@ -73,7 +78,7 @@ def safe_load(path, map_location=None):
         raise ValueError(f"{path}: the file is truncated or corrupt, not a complete torch.save file ({detail})") from None
 
 
-def check_writable(directory, what: str = "output folder") -> Path:
+def check_writable(directory: PathLike, what: str = "output folder") -> Path:
     """Make ``directory`` (if needed) and prove a file can be written in it, before any work.
 
     Raises ValueError naming the folder and the reason: an existing file in its place, no
@@ -100,7 +105,7 @@ class UntrustedCodeError(ValueError):
 # constraints of Pyro params, as plain data
 
 
-def constraint_to_spec(c) -> dict:
+def constraint_to_spec(c: constraints.Constraint) -> dict:
     """Describe a torch constraint as a dict of primitives (so it survives ``weights_only``)."""
     spec: dict[str, Any] = {"type": type(c).__name__}
     for attr in ("lower_bound", "upper_bound", "reinterpreted_batch_ndims", "event_dim"):
@@ -112,7 +117,7 @@ def constraint_to_spec(c) -> dict:
     return spec
 
 
-def constraint_from_spec(spec: dict):
+def constraint_from_spec(spec: dict) -> constraints.Constraint:
     import pyro.distributions.constraints as pc
 
     t = spec["type"]
@@ -143,7 +148,7 @@ def param_store_state() -> dict:
     }
 
 
-def restore_param_store(state: dict, device=None) -> None:
+def restore_param_store(state: dict, device: Device = None) -> None:
     """Put saved params into the global param store.
 
     A param that already exists is overwritten in place, so modules registered with
@@ -196,7 +201,7 @@ class Fit:
     def num_steps(self) -> int:
         return len(self.history.get("loss", []))
 
-    def restore(self, device=None) -> "Fit":
+    def restore(self, device: Device = None) -> Fit:
         """Load this fit's parameters into Pyro's param store (so ``model``/``guide`` use them)."""
         if self.params is not None:
             restore_param_store(self.params, device)
@@ -211,14 +216,14 @@ class Fit:
         return torch.distributions.transform_to(c)(self.params["params"][name]).detach()
 
     # -- ArviZ ------------------------------------------------------------------------------
-    def to_arviz(self, num_samples: int = 500, **kwargs):
+    def to_arviz(self, num_samples: int = 500, **kwargs: Any) -> Any:
         """An ``arviz.InferenceData`` with plate names as dims (see :mod:`ppdgm.diagnostics`)."""
         from ppdgm.diagnostics import fit_to_inference_data
 
         return fit_to_inference_data(self, num_samples=num_samples, **kwargs)
 
     # -- files ------------------------------------------------------------------------------
-    def save(self, directory) -> Path:
+    def save(self, directory: PathLike) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {"params": self.params, "samples": self.samples, "extra": self.extra.get("tensors")}
@@ -237,7 +242,7 @@ class Fit:
         return directory
 
 
-def _jsonable(obj):
+def _jsonable(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.tolist()
     if hasattr(obj, "item"):
@@ -245,7 +250,7 @@ def _jsonable(obj):
     return repr(obj)
 
 
-def load(directory, model: Callable | None = None, guide: Callable | None = None, device=None,
+def load(directory: PathLike, model: Callable | None = None, guide: Callable | None = None, device: Device = None,
          trust_code: bool = False) -> Fit:
     """Read a saved Fit. Zoo models are rebuilt from the saved spec. A fit of a user's
     ``file.py:function`` model names that file; it is imported (that is, run) only with

@@ -16,6 +16,7 @@ from its first visible layer.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -29,6 +30,8 @@ class LayerGraph:
 
     ``graph`` is a networkx ``Graph``/``DiGraph``, node-link data (a dict) or the path of a
     node-link ``.json`` file."""
+
+    graph: nx.Graph
 
     def __init__(self, graph):
         if isinstance(graph, LayerGraph):
@@ -208,7 +211,7 @@ def dbm_graph(sizes, units: str = "bernoulli") -> LayerGraph:
     names = ["v"] + [f"h{i}" for i in range(1, len(sizes))]
     for i, (name, size) in enumerate(zip(names, sizes)):
         g.add_node(name, size=size, units=units if i == 0 else "bernoulli", visible=i == 0)
-    g.add_edges_from(zip(names, names[1:]))
+    g.add_edges_from(itertools.pairwise(names))
     return LayerGraph(g)
 
 
@@ -219,7 +222,7 @@ def dbn_graph(sizes, units: str = "bernoulli") -> LayerGraph:
     names = ["v"] + [f"h{i}" for i in range(1, len(sizes))]
     for i, (name, size) in enumerate(zip(names, sizes)):
         g.add_node(name, size=size, units=units if i == 0 else "bernoulli", visible=i == 0)
-    for lower, upper in zip(names, names[1:]):
+    for lower, upper in itertools.pairwise(names):
         g.add_edge(upper, lower)
     g.add_edge(names[-2], names[-1])
     return LayerGraph(g)
@@ -239,6 +242,6 @@ def multimodal_graph(sizes_a, sizes_b, top: int, names=("pixels", "label"), unit
         chain = [name] + [f"{name}_h{i}" for i in range(1, len(sizes))]
         for i, (layer, size) in enumerate(zip(chain, sizes)):
             g.add_node(layer, size=size, units=u if i == 0 else "bernoulli", visible=i == 0)
-        g.add_edges_from(zip(chain, chain[1:]))
+        g.add_edges_from(itertools.pairwise(chain))
         g.add_edge(chain[-1], "top")
     return LayerGraph(g)

@@ -11,7 +11,7 @@ states from which new chains start, re-initializing a few from noise.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -85,14 +85,17 @@ class Langevin:
 
         Returns the final states, or ``(states, path)`` with ``path`` shaped ``(steps + 1, *x0.shape)``.
         """
-        if (log_density is None) == (score is None):
+        if score is None:
+            if log_density is None:
+                raise ValueError("give exactly one of log_density= or score=")
+            score = score_of(log_density)
+        elif log_density is not None:
             raise ValueError("give exactly one of log_density= or score=")
         if not isinstance(x0, torch.Tensor) or not x0.is_floating_point() or x0.dim() < 1:
             raise TypeError(f"x0 must be a floating-point tensor of chain states, got {type(x0).__name__}")
-        score = score if score is not None else score_of(log_density)
         steps = self.num_steps if num_steps is None else num_steps
         x = x0.detach()
-        path = [x] if return_path else None
+        path = [x] if return_path else []
         for _ in range(steps):
             x = self.step(x, score)
             if return_path:
@@ -120,7 +123,7 @@ class ReplayBuffer:
     def sample(self, n: int) -> torch.Tensor:
         """``n`` starting states: from the buffer where it has any, each replaced by noise w.p. ``reinit_prob``."""
         fresh = self.init(n)
-        if len(self) == 0:
+        if self.states is None or len(self) == 0:
             return fresh
         idx = torch.randint(len(self), (n,), device=self.states.device)
         old = self.states[idx].to(fresh.device)

@@ -6,8 +6,9 @@ weights land in Pyro's param store like any other module.
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -49,7 +50,7 @@ class MLP(nn.Sequential):
         _check_sizes(in_dim, hidden, out_dim)
         sizes = [in_dim, *hidden, out_dim]
         layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for i, (a, b) in enumerate(itertools.pairwise(sizes)):
             layers.append(nn.Linear(a, b))
             if i < len(sizes) - 2:
                 layers.append(make_activation(activation))

@@ -15,7 +15,7 @@ def save_image_grid(x, path, image_shape=None, ncols: int | None = None, title: 
     x = torch.as_tensor(x).detach().cpu().float()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    side = int(math.isqrt(x[0].numel())) if x.dim() >= 2 else 0
+    side = math.isqrt(x[0].numel()) if x.dim() >= 2 else 0
     if x.dim() == 2 and x.shape[1] == 2:
         fig = Figure(figsize=(4, 4))
         ax = fig.subplots()
@@ -32,8 +32,8 @@ def save_image_grid(x, path, image_shape=None, ncols: int | None = None, title: 
             if side * side != x[0].numel():
                 raise ValueError(f"cannot show {x[0].numel()}-dim samples as square images; pass image_shape")
             image_shape = (side, side)
-        ncols = ncols or int(math.ceil(math.sqrt(n)))
-        nrows = int(math.ceil(n / ncols))
+        ncols = ncols or math.ceil(math.sqrt(n))
+        nrows = math.ceil(n / ncols)
         h, w = image_shape
         # one tiled image (a 1-pixel gap between tiles): one axes draws in milliseconds, 64 take seconds
         tiles = torch.ones(nrows * (h + 1) + 1, ncols * (w + 1) + 1) * 0.5
@@ -78,7 +78,7 @@ def plot_history(history: dict, path, keys=("loss", "val_loss"), ylabel: str = "
         values = history.get(key)
         if not values:
             continue
-        steps = history.get("val_step") if key == "val_loss" else range(1, len(values) + 1)
+        steps = history["val_step"] if key == "val_loss" else range(1, len(values) + 1)
         ax.plot(list(steps), [v / scale.get(key, 1) for v in values], label=key.replace("_", " "), lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)

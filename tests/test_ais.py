@@ -11,7 +11,7 @@ from ppdgm.models.rbm import RBM
 def randomize(model, weight_scale=1.0, bias_scale=0.5, seed=0):
     torch.manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             p.normal_(0, weight_scale if p.dim() == 2 else bias_scale)
     return model
 

@@ -17,7 +17,7 @@ def test_digits_split_is_fixed_and_disjoint():
     rows = torch.cat([p.x for p in parts.values()])
     assert torch.unique(rows, dim=0).shape[0] == torch.unique(data.load_digits("all").x, dim=0).shape[0]
     assert torch.equal(data.load_digits("test").x, parts["test"].x)  # same split every call
-    assert 0.0 <= float(parts["train"].x.min()) and float(parts["train"].x.max()) <= 1.0
+    assert float(parts["train"].x.min()) >= 0.0 and float(parts["train"].x.max()) <= 1.0
     b = data.load_digits("train", binarize=True).x
     assert set(b.unique().tolist()) == {0.0, 1.0}
     assert torch.equal(b, (parts["train"].x >= 0.5).float())

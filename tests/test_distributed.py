@@ -94,7 +94,8 @@ def test_a_killed_rank_stops_the_job_and_a_rerun_resumes(tmp_path):
     r, _ = launch("train_dist.py", out, 40, 24, "--resume", nproc=2)
     assert r.returncode == 0, r.stderr[-2000:]
     resumed = ppdgm.load(out)
-    whole, _ = launch("train_dist.py", tmp_path / "whole", 40, 24, nproc=2)
+    r, _ = launch("train_dist.py", tmp_path / "whole", 40, 24, nproc=2)
+    assert r.returncode == 0, r.stderr[-2000:]
     expected = ppdgm.load(tmp_path / "whole")
     assert len(resumed.history["loss"]) == 40
     for name, value in expected.params["params"].items():

@@ -102,7 +102,7 @@ def test_site_outside_the_data_plate_is_refused(x):
     def global_guide(x):
         pyro.sample("theta", dist.Normal(0.0, 0.5))
 
-    with pytest.raises(ValueError, match="theta.*outside the plate 'data'"):
+    with pytest.raises(ValueError, match=r"theta.*outside the plate 'data'"):
         iwae_log_likelihood(global_model, global_guide, x, k=2)
 
 

@@ -110,5 +110,5 @@ def test_plain_function_fit_converts_to_arviz_with_plate_dims_and_loo():
 
 
 def test_load_refuses_a_folder_without_a_fit(tmp_path):
-    with pytest.raises(FileNotFoundError, match="fit.json"):
+    with pytest.raises(FileNotFoundError, match=r"fit\.json"):
         ppdgm.load(tmp_path)

@@ -1,3 +1,4 @@
+import itertools
 import json
 
 import networkx as nx
@@ -13,7 +14,7 @@ def chain(sizes):
     names = [f"l{i}" for i in range(len(sizes))]
     for i, (n, s) in enumerate(zip(names, sizes)):
         g.add_node(n, size=s, visible=i == 0)
-    g.add_edges_from(zip(names, names[1:]))
+    g.add_edges_from(itertools.pairwise(names))
     return g
 
 
@@ -39,7 +40,7 @@ def test_json_round_trip(tmp_path):
     assert back.layers == m.layers and back.edges == m.edges and back.graph.graph["top"] == "top"
     assert LayerGraph(m.to_json()).visible == m.visible
     assert LayerGraph(str(path)).edges == m.edges
-    with pytest.raises(ValueError, match="node-link .json"):
+    with pytest.raises(ValueError, match=r"node-link \.json"):
         load_graph(tmp_path / "g.edgelist")
 
 

@@ -17,7 +17,8 @@ generated points over that of real points) and warns of mode collapse when it dr
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import pyro
 import torch
@@ -43,7 +44,7 @@ class DivergenceWarning(RuntimeWarning):
 
 @dataclass
 class AdversarialState:
-    model: object
+    model: Callable
     critic: torch.nn.Module
     g_params: list
     c_params: list
@@ -52,7 +53,7 @@ class AdversarialState:
     x: torch.Tensor
     cond: tuple
     draws: int = 0
-    alerts: list = None
+    alerts: list = field(default_factory=list)
 
 
 class Adversarial(TrainingEngine):
@@ -92,8 +93,8 @@ class Adversarial(TrainingEngine):
             positive_int(arg, val)
         positive_int("checkpoint_every", checkpoint_every, optional=True)
         critic_lr = lr if critic_lr is None else critic_lr
-        for arg, val in (("lr", lr), ("critic_lr", critic_lr), ("gp_weight", gp_weight)):
-            positive_number(arg, val)
+        for arg, number in (("lr", lr), ("critic_lr", critic_lr), ("gp_weight", gp_weight)):
+            positive_number(arg, number)
         betas = ((0.0, 0.9) if loss == "wgan-gp" else (0.5, 0.999)) if betas is None else tuple(betas)
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
@@ -228,7 +229,7 @@ class Adversarial(TrainingEngine):
                              f"{tuple(fake.shape)}: {str(err).splitlines()[0]}") from None
         if out.shape not in ((k,), (k, 1)):
             raise ValueError(f"critic must return one logit per point, shape ({k},); got {tuple(out.shape)}")
-        params = [s["value"].unconstrained() for s in cap.trace.nodes.values()]
+        params = [s["value"].unconstrained() for s in cap.trace.nodes.values() if s["value"] is not None]
         if not params:
             raise ValueError("the generator program has no parameters (register its network with pyro.module "
                              "or make it a PyroModule)")

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyro
 import torch
 
-from ppdgm.fit import Fit, atomic_save, safe_load
+from ppdgm.fit import Device, Fit, PathLike, atomic_save, safe_load
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -33,7 +35,7 @@ class Engine(ABC):
     ``"denoising"``, ``"adversarial"``, ``"layers"``."""
 
     @abstractmethod
-    def run(self, model, *args, **kwargs) -> Fit:  # pragma: no cover - protocol
+    def run(self, model: Any, *args: Any, **kwargs: Any) -> Fit:  # pragma: no cover - protocol
         ...
 
     @property
@@ -42,7 +44,7 @@ class Engine(ABC):
         return {k: _plain(v) for k, v in vars(self).items() if not k.startswith("_")}
 
 
-def _plain(v):
+def _plain(v: Any) -> Any:
     if isinstance(v, (int, float, str, bool, type(None))):
         return v
     if isinstance(v, (list, tuple)):
@@ -65,8 +67,11 @@ def set_seed(seed: int | None) -> None:
 
 def rng_state() -> dict:
     """Python, NumPy and torch RNG states as tensors and primitives (``weights_only``-safe)."""
-    np_state = np.random.get_state()
-    state = {
+    # pyro.set_rng_seed seeds NumPy's global generator, so that is the state a resume restores
+    np_state = np.random.get_state(legacy=True)  # noqa: NPY002
+    if not isinstance(np_state, tuple):  # legacy=True gives the Mersenne Twister's 5-tuple
+        raise RuntimeError(f"NumPy's global generator is not a Mersenne Twister: {type(np_state).__name__}")
+    state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "random": random.getstate(),
         "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
@@ -81,12 +86,12 @@ def set_rng_state(state: dict) -> None:
     r = state["random"]
     random.setstate((r[0], tuple(r[1]), r[2]))
     n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))  # noqa: NPY002
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def resolve_device(device, *tensors) -> torch.device:
+def resolve_device(device: Device, *tensors: Any) -> torch.device:
     """``device=`` if given, else the device of the first tensor, else CPU. Device follows data."""
     if device is not None:
         device = torch.device(device)
@@ -106,7 +111,7 @@ def resolve_device(device, *tensors) -> torch.device:
 class Checkpointer:
     """Saves and restores an engine's state in ``directory/checkpoint.pt``, atomically."""
 
-    def __init__(self, directory, every: int | None):
+    def __init__(self, directory: PathLike | None, every: int | None) -> None:
         if every is not None and (not isinstance(every, int) or every < 1):
             raise ValueError(f"checkpoint_every must be a positive int, got {every!r}")
         self.directory = Path(directory) if directory is not None else None
@@ -135,7 +140,7 @@ class Checkpointer:
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN/inf loss; ``fit`` holds the last finite state."""
 
-    def __init__(self, message: str, fit: Fit | None = None):
+    def __init__(self, message: str, fit: Fit | None = None) -> None:
         super().__init__(message)
         self.fit = fit
 
@@ -145,7 +150,7 @@ def step_timing(seconds: float, steps: int) -> dict:
     return {"seconds": seconds, "steps": steps, "ms_per_step": 1e3 * seconds / max(steps, 1)}
 
 
-def move_module(model, device) -> None:
+def move_module(model: Callable, device: Device) -> None:
     """A zoo model's bound ``model``/``guide`` method takes its module (and parameters) to ``device``."""
     module = getattr(model, "__self__", None)
     if isinstance(module, torch.nn.Module):

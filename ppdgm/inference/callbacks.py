@@ -6,6 +6,7 @@ An experiment tracker (:class:`ppdgm.tracking.MLflowTracker`) or a user's early 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -33,20 +34,24 @@ class Callback:
 
 
 class _PlainCallback(Callback):
-    def __init__(self, fn):
+    def __init__(self, fn: Callable[[int, dict], bool | None]) -> None:
         self.fn = fn
 
-    def on_step(self, step, info):
+    def on_step(self, step: int, info: dict) -> bool | None:
         return self.fn(step, info)
 
 
-def as_callbacks(callbacks) -> list[Callback]:
+CallbackLike = Callback | Callable[[int, dict], bool | None]
+"""What ``callbacks=`` takes: :class:`Callback` objects or plain ``callable(step, info)``."""
+
+
+def as_callbacks(callbacks: CallbackLike | Iterable[CallbackLike] | None) -> list[Callback]:
     """``callbacks`` as :class:`Callback` objects; TypeError before any compute for anything else."""
     if callbacks is None:
         return []
     if callable(callbacks) or isinstance(callbacks, Callback):
         callbacks = [callbacks]
-    out = []
+    out: list[Callback] = []
     for i, cb in enumerate(callbacks):
         if isinstance(cb, Callback):
             out.append(cb)

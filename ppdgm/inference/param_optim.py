@@ -25,11 +25,11 @@ class StoreAdam:
 
     def _add(self, params) -> None:
         store = pyro.get_param_store()
-        new = sorted((p for p in params if id(p) not in self._known), key=store.param_name)
+        new = sorted((p for p in params if id(p) not in self._known), key=lambda p: store.param_name(p) or "")
         if not new:
             return
         self._known.update(id(p) for p in new)
-        self._names += [store.param_name(p) for p in new]
+        self._names += [store.param_name(p) or "" for p in new]
         if self._opt is None:
             self._opt = torch.optim.Adam(new, lr=self.lr, betas=self.betas, eps=self.eps, foreach=True)
         else:
@@ -39,6 +39,8 @@ class StoreAdam:
 
     def __call__(self, params) -> None:
         self._add(params)
+        if self._opt is None:
+            raise ValueError("params: expected the parameters of a step, got none (the model and guide have no pyro.param)")
         self._opt.step()
         self._opt.zero_grad(set_to_none=True)
 
@@ -70,6 +72,8 @@ class StoreAdam:
 
     def _restore(self) -> None:
         state = self._pending
+        if state is None or self._opt is None:
+            return
         params = dict(zip(self._names, self._opt.param_groups[0]["params"]))
         for name, s in state["state"].items():
             if name in params:

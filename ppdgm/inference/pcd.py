@@ -28,14 +28,17 @@ Each step advances the chains ``k`` steps, then descends
 ``-(positive_log_density(batch).mean() - negative_log_density(chains).mean()) + regularizer()``.
 The chain energies of ``record_chains`` chains are recorded as ``Fit.samples["chain_energy"]``
 shaped ``(chains, draws)`` (every ``record_every`` steps, with the gradient norm and learning
-rate; loss and both phases are in the history every step), so ``fit.to_arviz()`` reports R-hat and ESS of the negative phase: a
-large R-hat means the persistent chains do not mix and the gradient is biased.
+rate; loss and both phases are in the history every step), so ``fit.to_arviz()`` reports R-hat
+and ESS of the negative phase: a large R-hat means the persistent chains do not mix and the
+gradient is biased.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -52,17 +55,17 @@ PROTOCOL = ("positive_log_density", "init_chains", "sample_chains", "negative_lo
 
 @dataclass
 class PCDState:
-    model: torch.nn.Module
+    model: Any  # a torch module implementing ppdgm.models.family.PersistentChains
     params: list
-    optimizer: object
-    chains: object
+    optimizer: Any  # a torch optimizer or SGDMomentumSwitch
+    chains: Any
     recorded: list
     blocks: int
     per_block: int
     mine: range
     record_every: int
-    regularizer: object = None
-    contrastive_grads: object = None
+    regularizer: Callable[[], torch.Tensor] | None = None
+    contrastive_grads: Callable | None = None
     momentum: float | None = None
 
 
@@ -127,9 +130,9 @@ class PersistentCD(TrainingEngine):
         for arg, val in (("num_steps", num_steps), ("k", k), ("num_chains", num_chains),
                          ("record_chains", record_chains)):
             positive_int(arg, val)
-        for arg, val in (("num_epochs", num_epochs), ("batch_size", batch_size), ("record_every", record_every),
-                         ("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
-            positive_int(arg, val, optional=True)
+        for arg, optional in (("num_epochs", num_epochs), ("batch_size", batch_size), ("record_every", record_every),
+                              ("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
+            positive_int(arg, optional, optional=True)
         self.lr = positive_number("lr", lr)
         self.optim = choice("optim", optim, OPTIMIZERS)
         moms = momentum if isinstance(momentum, (tuple, list)) else (momentum, momentum)
@@ -339,18 +342,22 @@ class MomentumSGD:
         lr, momentum = self.param_groups[0]["lr"], self.param_groups[0]["momentum"]
         live = [i for i, p in enumerate(self.params) if p.grad is not None]
         params = [self.params[i] for i in live]
-        d = [p.grad for p in params]
+        d = [g for p in params if (g := p.grad) is not None]
         if self.weight_decay:
-            d = torch._foreach_add(d, params, alpha=self.weight_decay)
+            d = list(torch._foreach_add(d, params, alpha=self.weight_decay))
         if momentum:
-            if any(self.buffers[i] is None for i in live):
-                for i, g in zip(live, d):
-                    self.buffers[i] = g.clone() if self.buffers[i] is None else self.buffers[i].mul_(momentum).add_(g)
-            else:
-                bufs = [self.buffers[i] for i in live]
+            bufs = [b for i in live if (b := self.buffers[i]) is not None]
+            if len(bufs) == len(live):
                 torch._foreach_mul_(bufs, momentum)
                 torch._foreach_add_(bufs, d)
-            d = [self.buffers[i] for i in live]
+            else:  # the first step: a buffer starts as the gradient
+                bufs = []
+                for i, g in zip(live, d):
+                    buf = self.buffers[i]
+                    buf = g.clone() if buf is None else buf.mul_(momentum).add_(g)
+                    self.buffers[i] = buf
+                    bufs.append(buf)
+            d = bufs
         torch._foreach_add_(params, d, alpha=-lr)
 
     def state_dict(self) -> dict:

@@ -9,6 +9,7 @@ A schedule is a multiplier of each optimizer's base learning rate at step ``t`` 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from ppdgm.inference.checks import choice, positive_number
 
@@ -36,7 +37,7 @@ def lr_factor(schedule: str | None, step: int, total: int, final: float) -> floa
     raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {schedule!r}")
 
 
-def momentum_switch(step: int, total: int, momentum: tuple, switch: float) -> float:
+def momentum_switch(step: int, total: int, momentum: Sequence[float], switch: float) -> float:
     """``momentum[0]`` for the first ``switch`` fraction of the steps, then ``momentum[1]``
     (Hinton's 0.5 -> 0.9 for RBMs)."""
     return momentum[0] if step < switch * total else momentum[1]

@@ -3,15 +3,16 @@
 Protocol: ``model`` is a ``torch.nn.Module`` with ``denoising_loss(batch) -> Tensor[batch]`` (the
 per-point weighted regression of the score onto the noise, with its own random times and noise)
 and optionally ``check_data(x, name) -> Tensor`` to validate data before anything runs. The
-engine minimizes the mean loss with Adam (under any of the shared learning-rate schedules) over seeded minibatches, optionally keeps an exponential
-moving average of the weights (copied into the model at the end), evaluates a validation loss
-under fixed noise, and checkpoints/resumes.
+engine minimizes the mean loss with Adam (under any of the shared learning-rate schedules) over
+seeded minibatches, optionally keeps an exponential moving average of the weights (copied into the
+model at the end), evaluates a validation loss under fixed noise, and checkpoints/resumes.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -27,7 +28,7 @@ PROTOCOL = ("denoising_loss",)
 
 @dataclass
 class ScoreState:
-    model: torch.nn.Module
+    model: Any  # a torch module implementing ppdgm.models.family.Denoising
     params: list
     optimizer: torch.optim.Optimizer
     averaged: torch.nn.Module | None
@@ -104,7 +105,7 @@ class ScoreMatching(TrainingEngine):
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         loss, gnorm = loop.descend(state.params, float(loss.detach()), update=state.optimizer.step)
-        if state.averaged is not None:
+        if state.averaged is not None and self.ema is not None:
             with torch.no_grad():
                 for a, p in zip(state.averaged.parameters(), state.model.parameters()):
                     a.lerp_(p, 1 - self.ema)

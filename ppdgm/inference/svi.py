@@ -9,7 +9,9 @@ in Pyro's tutorials.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
+from typing import Any
 
 import pyro
 import torch
@@ -55,7 +57,8 @@ class LogDensity(Messenger):
     def __init__(self, plate: str | None = None, scale: float | None = None):
         super().__init__()
         self.plate, self.scale = plate, scale
-        self.log_density, self.params = 0.0, {}
+        self.log_density = 0.0
+        self.params: dict[str, torch.Tensor] = {}
 
     def _pyro_post_param(self, msg):
         self.params[msg["name"]] = msg["value"].unconstrained()
@@ -160,15 +163,15 @@ def _as_tuple(data):
 
 @dataclass
 class SVIState:
-    model: object
-    guide: object
+    model: Callable
+    guide: Callable
     autoguide: str | None
-    optim: object
-    elbo: object
+    optim: PyroOptim | StoreAdam
+    elbo: Any  # a pyro ELBO, or MaximumLikelihood for a model without a guide
     args: tuple
     kwargs: dict
     fit_args: tuple
-    on_device: object
+    on_device: Callable[[], contextlib.AbstractContextManager]
     device: torch.device
 
 
@@ -281,7 +284,7 @@ class SVI(TrainingEngine):
             check_guide_matches(model, guide, (*first, *args), kwargs)
             if loop.batches.batch:
                 self._check_data_plate(model, first, args, kwargs)
-        elbo = self._elbo
+        elbo: ELBO | MaximumLikelihood = self._elbo
         if guide is empty_guide and type(elbo) in (Trace_ELBO, TraceMeanField_ELBO) and self.num_particles == 1:
             elbo = MaximumLikelihood()  # the same objective, without tracing a guide that has no sites
         data = loop.batches.data
@@ -343,14 +346,14 @@ class SVI(TrainingEngine):
             model, guide = ScaleDataPlate(self.data_plate, scale)(model), ScaleDataPlate(self.data_plate, scale)(guide)
         with poutine.trace(param_only=True) as cap:
             loss = elbo.loss_and_grads(model, guide, *args, **kwargs)
-        return loss, [s["value"].unconstrained() for s in cap.trace.nodes.values()]
+        return loss, [s["value"].unconstrained() for s in cap.trace.nodes.values() if s["value"] is not None]
 
     @staticmethod
     def _prepare(data, name, device):
         if data is None:
             return None
         if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.Tensor):
-            if len(data) == 0:
+            if isinstance(data, Sized) and len(data) == 0:
                 raise ValueError(f"{name}: expected a non-empty Dataset, got length 0")
             return data
         parts = tuple(check_data(d, f"{name}[{i}]") if not _is_int(d) else torch.as_tensor(d)
@@ -367,7 +370,7 @@ class SVI(TrainingEngine):
         store = pyro.get_param_store()
         if params is None:
             return [store._params[k] for k in sorted(store._params)]
-        return sorted(params, key=store.param_name)
+        return sorted(params, key=lambda p: store.param_name(p) or "")
 
     def _check_data_plate(self, model, first, args, kwargs):
         with poutine.block(), poutine.trace() as tr:

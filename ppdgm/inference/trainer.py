@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ppdgm import distributed
-from ppdgm.fit import Fit
+from ppdgm.fit import Fit, PathLike
 from ppdgm.inference.base import Checkpointer, Engine, NonFiniteLossError, set_seed, step_timing
-from ppdgm.inference.callbacks import as_callbacks
+from ppdgm.inference.callbacks import CallbackLike, as_callbacks
 from ppdgm.inference.schedules import lr_factor
 from ppdgm.progress import progress_bar
 
@@ -40,21 +42,26 @@ class Minibatches:
     under several ranks); ``full_batch=False`` always cuts minibatches of at most ``batch_size``.
     """
 
-    def __init__(self, data, batch_size, seed, world, full_batch: bool = True):
+    def __init__(self, data: Any, batch_size: int | None, seed: int | None, world: distributed.World,
+                 full_batch: bool = True) -> None:
         self.data, self.seed, self.world = data, seed or 0, world
         self.n = _length(data)
         shard = math.ceil(self.n / world.size) if self.n else 0
         if not full_batch:
-            batch = min(batch_size, shard)
+            if batch_size is None:
+                raise ValueError("batch_size: minibatches (full_batch=False) need a positive int, got None")
+            batch: int | None = min(batch_size, shard)
         else:
             batch = batch_size if (batch_size and batch_size < shard) else None
             if world.parallel and self.n and batch is None:
                 batch = shard
         self.batch = batch
         self.per_epoch = math.ceil(shard / batch) if batch else 1
-        self._epoch, self._shard, self._full = None, None, None
+        self._epoch: int | None = None
+        self._shard: Any = None
+        self._full: Any = None
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> Any:
         """Minibatch ``i`` (counting across epochs)."""
         if self.data is None:
             return ()
@@ -70,7 +77,7 @@ class Minibatches:
             return _collate(self.data, self._shard[pos * self.batch : (pos + 1) * self.batch].tolist())
         return _rows(self._shard, pos * self.batch, (pos + 1) * self.batch)
 
-    def _gather(self, order):
+    def _gather(self, order: torch.Tensor) -> Any:
         if _is_dataset(self.data):
             return order
         if isinstance(self.data, tuple):
@@ -79,11 +86,11 @@ class Minibatches:
         return self.data[order.to(self.data.device)]
 
 
-def _is_dataset(data) -> bool:
+def _is_dataset(data: Any) -> bool:
     return isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.Tensor)
 
 
-def _length(data) -> int:
+def _length(data: Any) -> int:
     if data is None:
         return 0
     if isinstance(data, tuple):
@@ -91,13 +98,13 @@ def _length(data) -> int:
     return len(data) if _is_dataset(data) else data.shape[0]
 
 
-def _rows(data, start, stop):
+def _rows(data: Any, start: int, stop: int) -> Any:
     if isinstance(data, tuple):
         return tuple(d[start:stop] for d in data)
     return data[start:stop]
 
 
-def _collate(dataset, indices):
+def _collate(dataset: Any, indices: Sequence[int]) -> tuple[torch.Tensor, ...]:
     items = [dataset[i] for i in indices]
     if isinstance(items[0], (tuple, list)):
         return tuple(torch.stack([torch.as_tensor(it[j]) for it in items]) for j in range(len(items[0])))
@@ -108,7 +115,8 @@ def _collate(dataset, indices):
 # what a step sees
 
 
-def non_finite_error(step: int, loss, grad_norm, fit: Fit, checkpoint_dir=None, what: str = "loss"):
+def non_finite_error(step: int, loss: float, grad_norm: float | None, fit: Fit, checkpoint_dir: PathLike | None = None,
+                     what: str = "loss") -> NonFiniteLossError:
     """Save the last finite ``fit`` (when a folder is given) and return the error that names the step."""
     if checkpoint_dir is not None:
         fit.save(checkpoint_dir)
@@ -120,7 +128,7 @@ def non_finite_error(step: int, loss, grad_norm, fit: Fit, checkpoint_dir=None, 
 
 
 class _NonFiniteStep(Exception):
-    def __init__(self, loss, grad_norm, what):
+    def __init__(self, loss: float, grad_norm: float | None, what: str) -> None:
         super().__init__(what)
         self.loss, self.grad_norm, self.what = loss, grad_norm, what
 
@@ -139,8 +147,8 @@ class Loop:
     lr_factor: float = 1.0
     history: dict = field(default_factory=dict)
 
-    def descend(self, params, loss: float, *scalars: float, update, clip=..., norm: bool = True,
-                what: str = "loss"):
+    def descend(self, params: Sequence[torch.Tensor], loss: float, *scalars: float, update: Callable[[], Any],
+                clip: Any = ..., norm: bool = True, what: str = "loss") -> tuple[Any, ...]:
         """Finish one gradient update of ``params`` whose gradients the engine has accumulated.
 
         Averages the gradients (and ``loss``, ``scalars``) over ranks, clips them to ``clip``
@@ -148,7 +156,8 @@ class Loop:
         refuses a non-finite loss or norm before anything changes, then calls ``update()``.
         Returns ``(loss, *scalars, grad_norm)`` (grad_norm None when not measured)."""
         if self.world.parallel:
-            loss, *scalars = distributed.average_gradients(params, float(loss), *scalars)
+            loss, *averaged = distributed.average_gradients(params, float(loss), *scalars)
+            scalars = tuple(averaged)
         clip = self.clip_norm if clip is ... else clip
         if clip is not None:
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, clip))
@@ -192,29 +201,55 @@ class TrainingEngine(Engine):
     """Reseed each rank after the broadcast, so ranks draw independent noise."""
     full_batch: bool = True
     """Whether a ``batch_size`` not smaller than the data means the full batch (else: minibatches)."""
-    num_epochs = None
-    patience = None
-    eval_every = None
-    clip_norm = None
-    lr_schedule = None
+    num_epochs: int | None = None
+    patience: int | None = None
+    eval_every: int | None = None
+    clip_norm: float | None = None
+    lr_schedule: str | None = None
     lr_final_factor = 0.1
+    # set by each engine's constructor
+    num_steps: int
+    batch_size: int | None
+    seed: int | None
+    progress: bool | None
 
-    validate = None
+    validate: Callable[[Any, Any], dict] | None = None
+
+    def init(self, problem: Any, loop: Loop) -> Any:
+        raise NotImplementedError
+
+    def step(self, state: Any, loop: Loop) -> dict:
+        raise NotImplementedError
+
+    def parameters(self, state: Any) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def optimizers(self, state: Any) -> list[tuple[Any, float]]:
+        raise NotImplementedError
+
+    def state_dict(self, state: Any) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: Any, saved: dict) -> None:
+        raise NotImplementedError
+
+    def fit_fields(self, state: Any) -> dict:
+        raise NotImplementedError
 
     def eval_interval(self, per_epoch: int, total: int) -> int:
         return self.eval_every or per_epoch
 
-    def weights(self, state) -> dict:
+    def weights(self, state: Any) -> dict:
         raise NotImplementedError
 
-    def load_weights(self, state, saved: dict) -> None:
+    def load_weights(self, state: Any, saved: dict) -> None:
         raise NotImplementedError
 
-    def finish(self, state) -> None:
+    def finish(self, state: Any) -> None:
         pass
 
 
-def set_lr(optimizer, lr: float) -> None:
+def set_lr(optimizer: Any, lr: float) -> None:
     if hasattr(optimizer, "set_lr"):
         optimizer.set_lr(lr)
     else:
@@ -226,7 +261,8 @@ def set_lr(optimizer, lr: float) -> None:
 # the loop
 
 
-def track_validation(best, bad_evals: int, value: float, step: int, patience, weights):
+def track_validation(best: dict | None, bad_evals: int, value: float, step: int, patience: int | None,
+                     weights: Callable[[], dict]) -> tuple[dict, int, bool]:
     """Early-stopping bookkeeping after one validation loss: ``(best, bad_evals, stop)``.
 
     ``best`` is None or ``{"loss", "step", **weights()}``; ``weights`` snapshots what to keep and is
@@ -237,10 +273,11 @@ def track_validation(best, bad_evals: int, value: float, step: int, patience, we
     return best, bad_evals, patience is not None and bad_evals >= patience
 
 
-def train(engine: TrainingEngine, problem, data, *, device, val_data=None, checkpoint_dir=None,
-          resume: bool = False, callbacks=()) -> Fit:
+def train(engine: TrainingEngine, problem: Any, data: Any, *, device: torch.device, val_data: Any = None,
+          checkpoint_dir: PathLike | None = None, resume: bool = False,
+          callbacks: CallbackLike | Iterable[CallbackLike] | None = ()) -> Fit:
     """Train ``engine`` on ``problem`` (whatever its ``init`` takes) and validated ``data``."""
-    callbacks = as_callbacks(callbacks)
+    hooks = as_callbacks(callbacks)
     world = distributed.init_from_env(device)
     n = _length(data)
     if world.parallel and n:
@@ -256,10 +293,11 @@ def train(engine: TrainingEngine, problem, data, *, device, val_data=None, check
         if engine.rank_noise:
             set_seed((engine.seed or 0) + 7919 * world.rank)
     validate = engine.validate if val_data is not None else None
-    history = {k: [] for k in engine.history_keys}
+    history: dict[str, list] = {k: [] for k in engine.history_keys}
     if validate is not None:
         history.update({k: [] for k in engine.validation_keys}, val_step=[])
-    start, best, bad_evals = 0, None, 0
+    start, bad_evals = 0, 0
+    best: dict | None = None
     ckpt = Checkpointer(checkpoint_dir, getattr(engine, "checkpoint_every", None))
     saved = ckpt.load() if resume else None
     if saved is not None:
@@ -268,14 +306,14 @@ def train(engine: TrainingEngine, problem, data, *, device, val_data=None, check
     loop.history = history
     eval_every = engine.eval_interval(batches.per_epoch, total)
 
-    def make_fit(end):
+    def make_fit(end: int) -> Fit:
         fit = Fit(engine=engine.name, config=engine.config, history=history,
                   timing=step_timing(time.perf_counter() - t0, max(end - start, 0)), **engine.fit_fields(state))
         if best is not None:
             fit.extra["best_val"] = {"loss": best["loss"], "step": best["step"]}
         return fit
 
-    for cb in callbacks:
+    for cb in hooks:
         cb.on_start(engine.config)
     pairs = engine.optimizers(state)
     constant = engine.lr_schedule in (None, "constant")
@@ -310,10 +348,10 @@ def train(engine: TrainingEngine, problem, data, *, device, val_data=None, check
             if "val_loss" in values:
                 best, bad_evals, stop = track_validation(best, bad_evals, values["val_loss"], done,
                                                          engine.patience, lambda: {"weights": engine.weights(state)})
-            for cb in callbacks:
+            for cb in hooks:
                 stop = bool(cb.on_validation(done, values)) or stop
         info = {**metrics, "lr": (pairs[0][1] * factor) if pairs else None}
-        for cb in callbacks:
+        for cb in hooks:
             stop = bool(cb.on_step(done, info)) or stop
         if ckpt.due(done) or (stop and ckpt.every):
             snapshot = {"step": done, "engine": engine.state_dict(state), "history": history, "best": best,
@@ -330,6 +368,6 @@ def train(engine: TrainingEngine, problem, data, *, device, val_data=None, check
     if best is not None and engine.patience is not None:
         engine.load_weights(state, best["weights"])
     fit = make_fit(step + 1 if total > start else start)
-    for cb in callbacks:
+    for cb in hooks:
         cb.on_end(fit)
     return fit

@@ -50,6 +50,8 @@ def load_function(target: str):
     if not Path(path).is_file():
         raise ValueError(f"model file {path!r} does not exist")
     spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"model file {path!r}: Python cannot import it (expected a .py file)")
     mod = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(mod)

@@ -18,6 +18,7 @@ by maximum likelihood with SVI and an empty guide.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from itertools import pairwise
 from typing import ClassVar
 
@@ -72,6 +73,7 @@ class _BinaryAutoregressive(ConstructorSpec, nn.Module):
     likelihood_method = "exact"
     guide = None  # no latent sites: SVI runs the model with an empty guide (maximum likelihood)
     name = ""
+    features: int
 
     @classmethod
     def from_data(cls, data, **kwargs):
@@ -96,8 +98,18 @@ class _BinaryAutoregressive(ConstructorSpec, nn.Module):
         if x is not None:
             x = self._check(x)
             n = x.shape[0]
+        elif n is None:
+            raise ValueError("model: give the data x or the number of draws n")
         with pyro.plate("data", n):
             return pyro.sample("x", AutoregressiveBernoulli(self, n), obs=x)
+
+    def _log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row's exact log p(x) (MADE and NADE compute it their own way)."""
+        raise NotImplementedError
+
+    def _sample(self, n: int) -> torch.Tensor:
+        """``n`` exact draws."""
+        raise NotImplementedError
 
     def log_prob(self, x) -> torch.Tensor:
         """Exact per-row log p(x) in nats."""
@@ -121,6 +133,8 @@ class _BinaryAutoregressive(ConstructorSpec, nn.Module):
 
 class MaskedLinear(nn.Linear):
     """A linear layer whose weight is multiplied by a fixed 0/1 ``mask`` of shape (out, in)."""
+
+    masks: torch.Tensor  # a buffer
 
     def __init__(self, in_features: int, out_features: int, num_masks: int = 1):
         super().__init__(in_features, out_features)
@@ -168,7 +182,8 @@ class MADE(_BinaryAutoregressive):
 
     name = "made"
     # minibatches: 2,000 steps on the digits give 17.69 nats in 3.5 s (full batch: 18.91 in 7.8 s)
-    engine_config = {"batch_size": 100, "lr": 3e-3}
+    engine_config: ClassVar[dict] = {"batch_size": 100, "lr": 3e-3}
+    orders: torch.Tensor  # a buffer: each mask's ordering of the features
 
     def __init__(self, features: int = 64, hidden_features=(256,), num_masks: int = 1, order: str = "natural",
                  seed: int = 0):
@@ -185,7 +200,10 @@ class MADE(_BinaryAutoregressive):
         self.features, self.hidden_features, self.num_masks, self.order, self.seed = features, hidden_features, num_masks, order, seed
 
         sizes = [features, *hidden_features, features]
-        self.layers = nn.ModuleList(MaskedLinear(a, b, num_masks) for a, b in pairwise(sizes))
+        # an nn.ModuleList, typed by what it holds (torch's ModuleList is not generic)
+        self.layers: Sequence[MaskedLinear] = nn.ModuleList(  # type: ignore[assignment]
+            MaskedLinear(a, b, num_masks) for a, b in pairwise(sizes)
+        )
         self.register_buffer("orders", torch.empty(num_masks, features, dtype=torch.long))
         gen = torch.Generator().manual_seed(seed)
         for k in range(num_masks):
@@ -242,7 +260,7 @@ class NADE(_BinaryAutoregressive):
     name = "nade"
     # a step costs O(batch x features x hidden) element-wise work (no matmul to hide it in): 2,000 full-batch
     # steps on the digits took 400 s for 17.29 nats, 2,000 minibatches of 100 take 14 s for 17.16
-    engine_config = {"batch_size": 100, "lr": 3e-3}
+    engine_config: ClassVar[dict] = {"batch_size": 100, "lr": 3e-3}
 
     def __init__(self, features: int = 64, hidden_features: int = 100):
         super().__init__()

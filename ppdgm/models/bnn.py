@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import ClassVar
 
 import pyro
 import pyro.distributions as dist
@@ -28,12 +29,16 @@ ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "silu": torch.nn.function
 class BayesianLinear(PyroModule):
     """``y = W x + b`` with Normal priors; weight draws ``(*batch, out, in)`` broadcast over data."""
 
+    # PyroSamples: PyroModule draws them and reading the attribute gives the tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+
     def __init__(self, in_features: int, out_features: int, prior_scale: float = 1.0):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = PyroSample(lambda m: dist.Normal(m._zero, prior_scale / math.sqrt(in_features))
+        self.weight = PyroSample(lambda m: dist.Normal(m._zero, prior_scale / math.sqrt(in_features))  # type: ignore[assignment]
                                  .expand([out_features, in_features]).to_event(2))
-        self.bias = PyroSample(lambda m: dist.Normal(m._zero, prior_scale).expand([out_features]).to_event(1))
+        self.bias = PyroSample(lambda m: dist.Normal(m._zero, prior_scale).expand([out_features]).to_event(1))  # type: ignore[assignment]
         self.register_buffer("_zero", torch.zeros(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +68,7 @@ class BNN(ConstructorSpec, PyroModule):
     # iterations: 32 chains x (200 warm-up + 200 draws) give digits (1,210 weights) function-space
     # R-hat < 1.01 in about a minute on one CPU core; prior draws start the chains where the weights'
     # N(0, 1/fan_in) scale is, rather than uniform(-2, 2) weights the warm-up must first shrink
-    engine_config = {"num_chains": 32, "num_warmup": 200, "num_samples": 200, "init": "prior"}
+    engine_config: ClassVar[dict] = {"num_chains": 32, "num_warmup": 200, "num_samples": 200, "init": "prior"}
     support = "real"
     likelihood_method = "posterior-predictive"
 
@@ -89,8 +94,9 @@ class BNN(ConstructorSpec, PyroModule):
         self.features, self.hidden_features, self.out_features, self.likelihood = features, hidden_features, out_features, likelihood
         self.noise_scale, self.prior_scale, self.activation = noise_scale, prior_scale, activation
         sizes = (features, *hidden_features, out_features)
-        self.layers = PyroModule[torch.nn.ModuleList](
-            [BayesianLinear(a, b, prior_scale) for a, b in itertools.pairwise(sizes)])
+        layers = [BayesianLinear(a, b, prior_scale) for a, b in itertools.pairwise(sizes)]
+        # PyroModule[ModuleList] takes ModuleList's arguments, which pyro's stubs do not know
+        self.layers = PyroModule[torch.nn.ModuleList](layers)  # type: ignore[arg-type]
         self.guide = AutoNormal(self.model, init_scale=0.01)
         self.posterior: dict | None = None
 
@@ -126,7 +132,7 @@ class BNN(ConstructorSpec, PyroModule):
         if y is not None:
             if not isinstance(y, torch.Tensor):
                 raise TypeError(f"y: expected a torch.Tensor, got {type(y).__name__}")
-            if y.shape[0] != x.shape[0] or (self.likelihood != "gaussian" or self.out_features == 1) and y.dim() != 1:
+            if y.shape[0] != x.shape[0] or ((self.likelihood != "gaussian" or self.out_features == 1) and y.dim() != 1):
                 raise ValueError(f"y: expected shape ({x.shape[0]},) to match x {tuple(x.shape)}, got {tuple(y.shape)}")
             if self.likelihood == "bernoulli" and not ((y == 0) | (y == 1)).all():
                 raise ValueError("y: a bernoulli BNN expects targets in {0, 1}")
@@ -195,7 +201,10 @@ class BNN(ConstructorSpec, PyroModule):
         x, _ = self._check(x, None)
         fn, S = self._conditional(x, samples)
         mean = fn.probs if self.likelihood != "gaussian" else fn.mean
-        lead = next(iter((samples if samples is not None else self.posterior).values())).shape[:2]
+        draws = samples if samples is not None else self.posterior
+        if draws is None:
+            raise ValueError("no posterior draws: pass samples= (a Fit's samples) or call attach_posterior(fit.samples)")
+        lead = next(iter(draws.values())).shape[:2]
         return mean.expand(S, *mean.shape[1:]).reshape(*lead, *mean.shape[1:])
 
     @torch.no_grad()

@@ -15,7 +15,9 @@ with a one-hot label layer it is a generative classifier.
 
 from __future__ import annotations
 
+import itertools
 import math
+from typing import ClassVar
 
 import pyro
 import pyro.distributions as dist
@@ -45,7 +47,7 @@ class DBM(ConstructorSpec, PyroModule):
     datasets = ('digits-binary',)
 
     default_engine = "pcd"
-    engine_config = {"optim": "adam", "lr": 0.01, "lr_schedule": "linear", "weight_decay": 1e-4, "k": 5}
+    engine_config: ClassVar[dict] = {"optim": "adam", "lr": 0.01, "lr_schedule": "linear", "weight_decay": 1e-4, "k": 5}
     likelihood_method = "ais-importance-bound"
     support = "binary"
 
@@ -171,7 +173,7 @@ class DBM(ConstructorSpec, PyroModule):
         return mu
 
     def _entropy(self, mu: dict, free) -> torch.Tensor:
-        total = 0.0
+        total = torch.zeros(())
         for i in free:
             m = mu[i].clamp(1e-7, 1 - 1e-7)
             if self.units[i] == "bernoulli":
@@ -343,7 +345,7 @@ class DBM(ConstructorSpec, PyroModule):
                 p = mu[i].repeat(num_samples, 1).clamp(1e-6, 1 - 1e-6)
                 state[i] = bernoulli(p)
                 log_q = log_q + (state[i] * p.log() + (1 - state[i]) * (1 - p).log()).sum(-1)
-        log_p = sum(e.own_log_density(i, x) for i, x in state.items())
+        log_p = sum((e.own_log_density(i, x) for i, x in state.items()), torch.zeros(()))
         for j in summed:
             log_p = log_p + e.log_marginal(j, e.natural(j, e.input(j, state)))
         log_w = (log_p - log_q).reshape(num_samples, n)
@@ -371,7 +373,7 @@ class DBM(ConstructorSpec, PyroModule):
         degree = {i: len(self.energy_graph().neighbours(i)) for i in range(len(self.layers))}
         for path in pathways:
             x = clamped[path[0]]
-            for lower, upper in zip(path, path[1:]):
+            for lower, upper in itertools.pairwise(path):
                 part = _Part(x, self._weight(lower, upper), self.biases[lower], self.units[lower], degree[lower] / 1.0)
                 errors.append(_cd_pretrain([part], self.biases[upper], degree[upper] / 1.0, epochs, lr, batch_size,
                                            momentum, gen))
@@ -471,7 +473,7 @@ class MultimodalDBM(DBM):
     ``pixels -- pixels_h1 -- top -- label``)."""
     datasets = ('digits-binary',)
 
-    engine_config = {"optim": "adam", "lr": 3e-4}  # the settings its labelling test measures
+    engine_config: ClassVar[dict] = {"optim": "adam", "lr": 3e-4}  # the settings its labelling test measures
 
     def __init__(self, graph=None, features: int = 64, hidden_units: int = 128, top_units: int = 64, classes: int = 10,
                  init_scale: float = 0.01, mean_field_steps: int = 10):
@@ -481,8 +483,9 @@ class MultimodalDBM(DBM):
         if len(self.visible_index) != 2:
             raise ValueError(f"graph: a multimodal DBM has two visible layers, got {self.visible_layers}")
 
+    # sized by the data's columns and classes, not by a chain of hidden_units as DBM.from_data
     @classmethod
-    def from_data(cls, data, **kwargs):
+    def from_data(cls, data, **kwargs):  # type: ignore[override]
         if data.y is None:
             raise ValueError(f"{data.name}: a multimodal DBM needs labels (dataset.y), got None")
         if kwargs.get("graph") is not None:

@@ -12,6 +12,8 @@ RBM's ``log Z`` by AIS (Salakhutdinov & Murray 2008).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import ClassVar
 
 import pyro
 import pyro.distributions as dist
@@ -30,7 +32,7 @@ class DBN(ConstructorSpec, PyroModule):
     datasets = ('digits-binary',)
 
     default_engine = "greedy"
-    engine_config = {"optim": "adam", "lr": 0.01, "lr_schedule": "linear", "weight_decay": 1e-4}  # each RBM's
+    engine_config: ClassVar[dict] = {"optim": "adam", "lr": 0.01, "lr_schedule": "linear", "weight_decay": 1e-4}  # each RBM's
     likelihood_method = "ais-importance-weighted-bound"
     support = "binary"
 
@@ -49,7 +51,8 @@ class DBN(ConstructorSpec, PyroModule):
         self.sizes = [g.size(n) for n in g.layers]
         self.units = g.units(g.layers[0])
         self.support = "real" if self.units == "gaussian" else "binary"
-        self.stack = nn.ModuleList([
+        # an nn.ModuleList, typed by what it holds (torch's ModuleList is not generic)
+        self.stack: Sequence[RBM] = nn.ModuleList([  # type: ignore[assignment]
             RBM(features=a, hidden_units=b, units=self.units if k == 0 else "bernoulli", init_scale=init_scale)
             for k, (a, b) in enumerate(zip(self.sizes, self.sizes[1:]))
         ])

@@ -17,7 +17,9 @@ with the model, and :meth:`EBM.sample` starts from it once it holds states.
 
 from __future__ import annotations
 
+import itertools
 import math
+from typing import ClassVar
 
 import pyro
 import torch
@@ -43,13 +45,14 @@ class EBM(ConstructorSpec, PyroModule):
         alpha: weight of the energy-magnitude penalty.
         buffer_size: capacity of the replay buffer of chain states that :meth:`sample` starts from.
         image_shape: ``(height, width)`` makes the energy a small conv net on the flat images
-            (:class:`ppdgm.nn.ConvEncoder` with ``hidden_features[0]`` and ``hidden_features[-1]`` channels) instead of an MLP.
+            (:class:`ppdgm.nn.ConvEncoder` with ``hidden_features[0]`` and ``hidden_features[-1]``
+            channels) instead of an MLP.
     """
     datasets = ('moons', 'digits')
 
     default_engine = "pcd"
     # Langevin chains need several steps per update, and the energy net Adam (Du & Mordatch 2019)
-    engine_config = {"optim": "adam", "k": 10, "num_chains": 256}
+    engine_config: ClassVar[dict] = {"optim": "adam", "k": 10, "num_chains": 256}
     support = "real"
     likelihood_method = "grid quadrature (d <= 2) / AIS"
 
@@ -75,9 +78,11 @@ class EBM(ConstructorSpec, PyroModule):
         self.sample_steps, self.reinit_prob, self.alpha = sample_steps, float(reinit_prob), float(alpha)
         self.image_shape = tuple(image_shape) if image_shape is not None else None
         if self.image_shape is not None:
+            if len(self.image_shape) != 2:
+                raise ValueError(f"image_shape: expected (height, width), got {self.image_shape}")
             if self.image_shape[0] * self.image_shape[1] != features:
                 raise ValueError(f"image_shape {self.image_shape} does not hold features={features} pixels")
-            self.energy = ConvEncoder(self.image_shape, 1, (self.hidden_features[0], self.hidden_features[-1]), activation=activation)
+            self.energy: torch.nn.Module = ConvEncoder((self.image_shape[0], self.image_shape[1]), 1, (self.hidden_features[0], self.hidden_features[-1]), activation=activation)
         else:
             self.energy = MLP(features, self.hidden_features, 1, activation)
         self._energies: list[torch.Tensor] = []
@@ -221,7 +226,7 @@ class EBM(ConstructorSpec, PyroModule):
         x = base.sample(num_chains)
         log_w = torch.zeros(num_chains, device=x.device, dtype=x.dtype)
         eps, accepted = self.step_size, []
-        for b0, b1 in zip(betas[:-1], betas[1:]):
+        for b0, b1 in itertools.pairwise(betas):
             log_w += (b1 - b0) * (self.log_prob(x) - base.log_prob(x))
             x, rate = _mala_step(lambda z, b=b1: b * self.log_prob(z) + (1 - b) * base.log_prob(z), x, eps,
                                  self.low, self.high)

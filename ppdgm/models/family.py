@@ -9,9 +9,12 @@ members, not by inheriting. The join between families and engines lives in one m
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
+
+if TYPE_CHECKING:
+    from ppdgm.data import Dataset
 
 
 @runtime_checkable
@@ -39,14 +42,14 @@ class Family(Protocol):
     support: str
 
     @classmethod
-    def from_data(cls, dataset, **kwargs) -> "Family": ...
+    def from_data(cls, dataset: Dataset, **kwargs: Any) -> Family: ...
 
     @property
     def spec(self) -> dict: ...
 
-    def data_args(self, dataset) -> tuple: ...
+    def data_args(self, dataset: Dataset) -> tuple: ...
 
-    def log_likelihood(self, x, **options) -> torch.Tensor: ...
+    def log_likelihood(self, x: torch.Tensor, **options: Any) -> torch.Tensor: ...
 
     def sample(self, n: int) -> torch.Tensor: ...
 
@@ -60,7 +63,7 @@ class PyroProgram(Protocol):
     """``input = "program"`` (SVI) and ``input = "posterior"`` (NUTS, HMC, ChEES): ``model(*data)``
     is a Pyro program; ``guide`` is its guide or None (an autoguide then)."""
 
-    def model(self, *args, **kwargs) -> Any: ...
+    def model(self, *args: Any, **kwargs: Any) -> Any: ...
 
     guide: Any
 
@@ -69,20 +72,20 @@ class PyroProgram(Protocol):
 class PersistentChains(Protocol):
     """``input = "energy"`` (persistent CD): an unnormalized log-density and a sampler for it."""
 
-    def positive_log_density(self, batch) -> torch.Tensor: ...
+    def positive_log_density(self, batch: torch.Tensor) -> torch.Tensor: ...
 
-    def init_chains(self, num_chains: int, data) -> Any: ...
+    def init_chains(self, num_chains: int, data: torch.Tensor) -> Any: ...
 
-    def sample_chains(self, state, steps: int) -> Any: ...
+    def sample_chains(self, state: Any, steps: int) -> Any: ...
 
-    def negative_log_density(self, state) -> torch.Tensor: ...
+    def negative_log_density(self, state: Any) -> torch.Tensor: ...
 
 
 @runtime_checkable
 class Denoising(Protocol):
     """``input = "denoising"`` (score matching): a per-point denoising score-matching loss."""
 
-    def denoising_loss(self, batch) -> torch.Tensor: ...
+    def denoising_loss(self, batch: torch.Tensor) -> torch.Tensor: ...
 
 
 @runtime_checkable
@@ -90,7 +93,7 @@ class Adversarial(Protocol):
     """``input = "adversarial"``: a generator program ``model(n, *conditioning)`` recording its draws
     at a site, and a ``critic(x, *conditioning) -> logits`` module."""
 
-    def model(self, n: int, *conditioning) -> Any: ...
+    def model(self, n: int, *conditioning: torch.Tensor) -> Any: ...
 
     critic: torch.nn.Module
 
@@ -101,7 +104,7 @@ class LayerStack(Protocol):
 
     stack: Any
 
-    def up(self, x) -> torch.Tensor: ...
+    def up(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 @runtime_checkable

@@ -34,10 +34,10 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import Any, ClassVar, cast
 
 import pyro
 import pyro.distributions as dist
-from pyro.params import param_with_module_name
 import pyro.distributions.transforms as T
 import torch
 from pyro.distributions import ConditionalTransformModule, TransformModule
@@ -47,6 +47,7 @@ from pyro.nn import (
     ConditionalDenseNN,
     DenseNN,
 )
+from pyro.params import param_with_module_name
 from torch import nn
 
 from ppdgm.data import check_data
@@ -104,7 +105,9 @@ class SoftClampedScale(nn.Module):
 
     def __init__(self, net: nn.Module, bound: float = 3.0):
         super().__init__()
-        self.net, self.bound = net, bound
+        # a pyro conditioner; the (conditional) autoregressive ones also have a permutation
+        self.net: Any = net
+        self.bound = bound
 
     def forward(self, *args, **kwargs):
         shift, log_scale = self.net(*args, **kwargs)
@@ -125,7 +128,8 @@ def _spline_param_dims(width: int, count_bins: int) -> list[int]:
 def build_layer(kind: str, features: int, hidden_features: list[int], context: int, count_bins: int, bound: float):
     """One flow layer of ``kind`` (a Pyro ``TransformModule`` or ``ConditionalTransformModule``)."""
     split = features // 2
-    order = torch.arange(features)  # fixed order; the flips between layers mix the dimensions
+    # fixed order; the flips between layers mix the dimensions (pyro types it as the legacy LongTensor)
+    order = cast(torch.LongTensor, torch.arange(features))
     if kind == "realnvp":
         dims = [features - split, features - split]
         if context:
@@ -171,10 +175,14 @@ class FlowModel(ConstructorSpec, nn.Module):
 
     default_engine = "svi"
     # minibatches: 1,500 steps on the 17-level digits give 100.6 nats in 10 s (full batch: 104.2 in 24 s)
-    engine_config = {"batch_size": 200}
+    engine_config: ClassVar[dict] = {"batch_size": 200}
     support = "real"
     likelihood_method = "exact"
     guide = None  # no latent sites: SVI runs it with an empty guide (maximum likelihood)
+    # buffers
+    flip: torch.Tensor
+    base_loc: torch.Tensor
+    base_scale: torch.Tensor
 
     def __init__(self, features: int = 2, kind: str = "maf", num_layers: int = 5, hidden_features=(64, 64),
                  context: int = 0, levels: int | None = None, count_bins: int = 8, bound: float = 3.0,
@@ -211,7 +219,7 @@ class FlowModel(ConstructorSpec, nn.Module):
         self.register_buffer("flip", torch.arange(features - 1, -1, -1))
         self.register_buffer("base_loc", torch.zeros(features))
         self.register_buffer("base_scale", torch.ones(features))
-        self._unconditional = None
+        self._unconditional: tuple | None = None
         self._pyro_params: list | None = None
 
     # -- zoo protocol ------------------------------------------------------------------------
@@ -300,6 +308,7 @@ class FlowModel(ConstructorSpec, nn.Module):
 
     def dequantize(self, x) -> torch.Tensor:
         """Pixel values ``k / (levels - 1)`` -> ``(k + u) / levels`` with ``u ~ U(0, 1)``."""
+        assert self.levels is not None  # only discrete (levels) data is dequantized
         k = (x * (self.levels - 1)).round()
         return (k + torch.rand_like(x)) / self.levels
 

@@ -11,6 +11,7 @@ compare GANs with the sample-quality metrics of :mod:`ppdgm.evaluate` as well.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import pyro
 import pyro.distributions as dist
@@ -56,7 +57,7 @@ class GAN(ConstructorSpec, PyroModule):
     datasets = ('moons', 'digits')
 
     default_engine = "adversarial"
-    engine_config: dict = {}
+    engine_config: ClassVar[dict] = {}
     support = "real"
     likelihood_method = "Parzen window on generator draws (Goodfellow et al. 2014)"
 

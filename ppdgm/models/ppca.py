@@ -7,6 +7,8 @@ optimizes the exact full-data ELBO.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -21,7 +23,8 @@ from ppdgm.models.spec import ConstructorSpec
 class PPCA(ConstructorSpec, PyroModule):
     datasets = ('digits',)
     default_engine = "svi"
-    engine_config: dict = {}
+    engine_config: ClassVar[dict] = {}
+    mu: torch.Tensor  # a PyroParam: reading the attribute gives the tensor
     support = "real"
     likelihood_method = "exact at the guide's posterior median"
 
@@ -32,7 +35,7 @@ class PPCA(ConstructorSpec, PyroModule):
         if not isinstance(latent_features, int) or not 1 <= latent_features <= features:
             raise ValueError(f"latent_features must be an int in [1, features={features}], got {latent_features!r}")
         self.features, self.latent_features, self.prior_scale = features, latent_features, prior_scale
-        self.mu = PyroParam(torch.zeros(features))
+        self.mu = PyroParam(torch.zeros(features))  # type: ignore[assignment]
         self.guide = AutoNormal(self.model, init_scale=0.01)
 
     @classmethod

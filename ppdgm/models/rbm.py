@@ -15,6 +15,7 @@ replicated softmax of Salakhutdinov & Hinton 2009, whose hidden biases scale wit
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import pyro
 import pyro.distributions as dist
@@ -47,7 +48,7 @@ class RBM(ConstructorSpec, PyroModule):
     default_engine = "pcd"
     # Adam with a decaying rate learns digits in a few thousand updates; PCD's plain-SGD default
     # (lr 1e-3) needs ten times as many (the RBM tests measure these settings)
-    engine_config = {"optim": "adam", "lr": 0.01, "lr_schedule": "linear", "weight_decay": 1e-4}
+    engine_config: ClassVar[dict] = {"optim": "adam", "lr": 0.01, "lr_schedule": "linear", "weight_decay": 1e-4}
     likelihood_method = "ais"
     support = "binary"
 

@@ -16,7 +16,10 @@ the model lands in the same nats table as the likelihood families.
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Callable
+from typing import ClassVar
 
 import pyro
 import pyro.distributions as dist
@@ -107,6 +110,8 @@ def check_decreasing(levels, name: str = "sigmas") -> torch.Tensor:
 class TimeEmbedding(torch.nn.Module):
     """Random Fourier features of ``t`` (fixed at construction from a seeded generator)."""
 
+    w: torch.Tensor  # a buffer
+
     def __init__(self, dim: int, scale: float = 4.0):
         super().__init__()
         w = torch.randn(dim // 2, generator=torch.Generator().manual_seed(0)) * scale
@@ -137,7 +142,7 @@ class ScoreModel(ConstructorSpec, PyroModule):
     datasets = ('moons', 'digits')
 
     default_engine = "score_matching"
-    engine_config: dict = {}
+    engine_config: ClassVar[dict] = {}
     support = "real"
     likelihood_method = "probability-flow ODE (RK4, Hutchinson trace)"
 
@@ -157,7 +162,7 @@ class ScoreModel(ConstructorSpec, PyroModule):
             raise ValueError(f"eps must be in (0, 1), got {eps!r}")
         if not isinstance(num_scales, int) or num_scales < 1:
             raise ValueError(f"num_scales must be a positive int, got {num_scales!r}")
-        if (low is None) != (high is None) or (low is not None and not low < high):
+        if (low is None) != (high is None) or (low is not None and high is not None and not low < high):
             raise ValueError(f"low and high must both be None or low < high, got low={low!r}, high={high!r}")
         self.sde_kind = sde
         self.sde = VESDE(sigma_min, sigma_max) if sde == "ve" else VPSDE(beta_min, beta_max)
@@ -257,7 +262,7 @@ class ScoreModel(ConstructorSpec, PyroModule):
         """``n`` draws by ``"pc"`` (reverse-SDE predictor-corrector), ``"annealed_langevin"`` or ``"ode"``."""
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
-        methods = {"pc": self.sample_pc, "annealed_langevin": self.sample_annealed_langevin, "ode": self.sample_ode}
+        methods: dict[str, Callable[..., torch.Tensor]] = {"pc": self.sample_pc, "annealed_langevin": self.sample_annealed_langevin, "ode": self.sample_ode}
         if method not in methods:
             raise ValueError(f"method must be one of {tuple(methods)}, got {method!r}")
         return methods[method](n, num_scales=num_scales, **kwargs)
@@ -333,7 +338,7 @@ class ScoreModel(ConstructorSpec, PyroModule):
         """Map prior draws ``z`` (time 1) to data (time ``eps``) along the probability-flow ODE."""
         x = z
         ts = torch.linspace(1.0, self.eps, num_steps + 1, device=z.device, dtype=z.dtype)
-        for t0, t1 in zip(ts[:-1], ts[1:]):
+        for t0, t1 in itertools.pairwise(ts):
             x = _rk4(lambda y, t: self.flow(y, t), x, t0, t1)
         return self._finish(x)
 
@@ -384,7 +389,7 @@ class ScoreModel(ConstructorSpec, PyroModule):
                 probe = (torch.randint(0, 2, x0.shape, generator=gen) * 2 - 1).to(x0)
             state = torch.cat([x0, torch.zeros_like(x0[:, :1])], -1)
 
-            def rhs(z, t):
+            def rhs(z, t, probe=probe):
                 v, div = self._divergence(z[:, :-1], t, probe)
                 return torch.cat([v, div.unsqueeze(-1)], -1)
 

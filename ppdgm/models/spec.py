@@ -24,7 +24,7 @@ class ConstructorSpec:
         super().__init_subclass__(**kwargs)
         init = cls.__dict__.get("__init__")
         if init is not None and not getattr(init, "_records_arguments", False):
-            cls.__init__ = _recording(init, cls.__qualname__)
+            cls.__init__ = _recording(init, cls.__qualname__)  # type: ignore[method-assign]  # the mixin's purpose
 
     @property
     def spec(self) -> dict:
@@ -59,7 +59,7 @@ def _recording(init, owner: str):
                                       for name, value in list(bound.arguments.items())[1:]}
         init(self, *args, **kwargs)
 
-    __init__._records_arguments = True
+    __init__.__dict__["_records_arguments"] = True
     return __init__
 
 

@@ -12,6 +12,8 @@ alone never trains q(y | x) on them. ``classify(x)`` returns P(y | x).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import pyro
 import pyro.distributions as dist
@@ -22,8 +24,8 @@ from torch.nn.functional import log_softmax, one_hot, softplus
 
 from ppdgm.data import check_data
 from ppdgm.evaluate import iwae_log_likelihood
-from ppdgm.models.vae import LIKELIHOODS, _choice, _positive_int
 from ppdgm.models.spec import ConstructorSpec
+from ppdgm.models.vae import LIKELIHOODS, _choice, _positive_int
 from ppdgm.nn import MLP, concat, make_activation
 
 
@@ -42,7 +44,7 @@ class SemiSupervisedVAE(ConstructorSpec, PyroModule):
     datasets = ('digits-binary', 'digits')
 
     default_engine = "svi"
-    engine_config = {"loss": "enum", "max_plate_nesting": 1}
+    engine_config: ClassVar[dict] = {"loss": "enum", "max_plate_nesting": 1}
     support = "binary"
     likelihood_method = "iwae"
 
@@ -108,11 +110,18 @@ class SemiSupervisedVAE(ConstructorSpec, PyroModule):
         x = check_data(x, "x", support=self.support, rank=2)
         if x.shape[1] != self.features:
             raise ValueError(f"x: expected {self.features} columns, got shape {tuple(x.shape)}")
-        return x.to(self.decoder[0].weight.device)
+        return x.to(self._decoder_weight.device)
+
+    @property
+    def _decoder_weight(self) -> torch.Tensor:
+        """The decoder's first weight, whose device and dtype are the model's."""
+        first = self.decoder[0]
+        assert isinstance(first, torch.nn.Linear)  # an MLP starts with a Linear
+        return first.weight
 
     # -- distributions ----------------------------------------------------------------------
     def _onehot(self, y):
-        return one_hot(y, self.classes).to(self.decoder[0].weight)
+        return one_hot(y, self.classes).to(self._decoder_weight)
 
     def likelihood_dist(self, z, y):
         out = self.decoder(concat(z, self._onehot(y)))
@@ -120,12 +129,13 @@ class SemiSupervisedVAE(ConstructorSpec, PyroModule):
             return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
         if self.likelihood == "continuous_bernoulli":
             return dist.ContinuousBernoulli(logits=out).to_event(1)
+        assert self.x_log_scale is not None  # a gaussian likelihood has a scale
         return dist.Normal(out, self.x_log_scale.exp()).to_event(1)
 
     def _labels(self, x, y, n):
         if y is None:
-            return torch.full((n,), -1, dtype=torch.long, device=self.decoder[0].weight.device)
-        return self._check_y(y, n).to(self.decoder[0].weight.device)
+            return torch.full((n,), -1, dtype=torch.long, device=self._decoder_weight.device)
+        return self._check_y(y, n).to(self._decoder_weight.device)
 
     # -- Pyro programs ------------------------------------------------------------------------
     def model(self, x=None, y=None, n: int | None = None):
@@ -137,7 +147,7 @@ class SemiSupervisedVAE(ConstructorSpec, PyroModule):
             raise ValueError("model needs data x, labels y or a number of points n")
         y = self._labels(x, y, n)
         labelled = y >= 0
-        w = self.decoder[0].weight
+        w = self._decoder_weight
         prior_y = w.new_zeros(self.classes)
         with pyro.plate("data", n):
             z = pyro.sample("z", dist.Normal(w.new_zeros(self.latent_features), 1.0).to_event(1))
@@ -188,7 +198,7 @@ class SemiSupervisedVAE(ConstructorSpec, PyroModule):
     def sample(self, n: int, y=None, mean: bool = False) -> torch.Tensor:
         """``n`` draws of x; ``y`` fixes the classes (an int or ``n`` labels), else y ~ p(y)."""
         _positive_int("n", n)
-        w = self.decoder[0].weight
+        w = self._decoder_weight
         if y is None:
             y = torch.randint(self.classes, (n,), device=w.device)
         y = torch.as_tensor(y, device=w.device)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import ClassVar, cast
 
 import pyro
 import pyro.distributions as dist
@@ -132,7 +133,7 @@ def ar_forecast(history, horizon: int, order: int, num_samples: int = 200, seed:
     if len(history) < 2 * order + 2:
         raise ValueError(f"history: AR({order}) needs at least {2 * order + 2} values, got {len(history)}")
     x = history.double()
-    X = torch.stack([x[order - l : len(x) - l] for l in range(1, order + 1)] + [torch.ones_like(x[order:])], -1)
+    X = torch.stack([x[order - lag : len(x) - lag] for lag in range(1, order + 1)] + [torch.ones_like(x[order:])], -1)
     coef = torch.linalg.lstsq(X, x[order:, None]).solution[:, 0]
     sd = ((x[order:] - X @ coef).pow(2).sum() / (len(X) - order - 1)).sqrt()
     gen = torch.Generator(device=x.device).manual_seed(seed)
@@ -170,7 +171,7 @@ class DeepAR(ConstructorSpec, nn.Module):
     datasets = ('sunspots',)
 
     default_engine = "svi"
-    engine_config: dict = {}
+    engine_config: ClassVar[dict] = {}
     support = "real"
     likelihood_method = "exact one-step-ahead log-likelihood of each window"
     guide = None  # no latent sites: SVI runs it with an empty guide (maximum likelihood)
@@ -181,7 +182,7 @@ class DeepAR(ConstructorSpec, nn.Module):
                  weight_decay: float = 0.1, transform: str | None = None):
         super().__init__()
         lags = [lags] if isinstance(lags, int) else list(lags)
-        if not lags or any(not isinstance(l, int) or l < 1 for l in lags):
+        if not lags or any(not isinstance(lag, int) or lag < 1 for lag in lags):
             raise ValueError(f"lags must be a non-empty list of ints >= 1, got {lags!r}")
         if not isinstance(context_length, int) or context_length <= max(lags):
             raise ValueError(f"context_length must be an int > the largest lag ({max(lags)}), got {context_length!r}")
@@ -286,12 +287,12 @@ class DeepAR(ConstructorSpec, nn.Module):
         z = (self._forward(y) - self.loc) / self.scale
         m = self.max_lag
         steps = torch.arange(m, L, device=p.device, dtype=p.dtype)
-        feats = torch.stack([z[:, m - l : L - l] for l in self.lags]
+        feats = torch.stack([z[:, m - lag : L - lag] for lag in self.lags]
                             + self._time_features(t0[:, None] + steps), -1)
         out, state = self.rnn(feats)
         with pyro.plate("data", N):
             if self.weight_decay:
-                sq = sum(w.pow(2).sum() for name, w in self.named_parameters() if "bias" not in name)
+                sq = sum((w.pow(2).sum() for name, w in self.named_parameters() if "bias" not in name), torch.zeros(()))
                 pyro.factor("weight_decay", -0.5 * self.weight_decay * (L - m) * sq.expand(N))
             pyro.sample("y", self._output(out).to_event(1), obs=y[:, m:])
             if not horizon:
@@ -300,7 +301,7 @@ class DeepAR(ConstructorSpec, nn.Module):
             future = []
             for s in range(horizon):
                 t = L + s
-                f = torch.broadcast_tensors(*[hist[t - l] for l in self.lags], *self._time_features(t0 + t))
+                f = torch.broadcast_tensors(*[hist[t - lag] for lag in self.lags], *self._time_features(t0 + t))
                 h, state = self._step(torch.stack(f, -1), state)
                 value = pyro.sample(f"y_{t}", self._output(h))
                 future.append(value)
@@ -336,7 +337,8 @@ class DeepAR(ConstructorSpec, nn.Module):
             raise ValueError(f"y: expected windows (N, L) or a series (T,), got shape {tuple(y.shape)}")
         _check_domain(y, self.transform, "y")
         tr = pyro.poutine.trace(self.model).get_trace(y, t0)
-        return tr.nodes["y"]["fn"].log_prob(tr.nodes["y"]["value"])
+        likelihood = cast(dist.Distribution, tr.nodes["y"]["fn"])  # a sample site's fn is its distribution
+        return likelihood.log_prob(tr.nodes["y"]["value"])
 
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:

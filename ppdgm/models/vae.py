@@ -15,11 +15,15 @@ prior (``prior="flow"``), both built from ``pyro.distributions.transforms``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import ClassVar
+
 import pyro
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
 from pyro import poutine
+from pyro.distributions import ConditionalTransformModule
 from pyro.nn import PyroModule
 from torch import nn
 from torch.nn.functional import one_hot, softplus
@@ -62,10 +66,10 @@ class VAE(ConstructorSpec, PyroModule):
         prior: ``"normal"`` (standard) or ``"flow"`` (``num_flows`` masked autoregressive layers).
         beta: weight of the KL term (1 is the ELBO).
     """
-    datasets = ('digits-binary', 'digits')
+    datasets: ClassVar[tuple[str, ...]] = ('digits-binary', 'digits')
 
     default_engine = "svi"
-    engine_config: dict = {}
+    engine_config: ClassVar[dict] = {}
     support = "binary"
     likelihood_method = "iwae"
 
@@ -118,8 +122,8 @@ class VAE(ConstructorSpec, PyroModule):
 
         feat = hidden_features[-1]
         if network == "mlp":
-            body = MLP(features + cond_dim, hidden_features[:-1], feat, act)
-            self.decoder = MLP(latent_features + cond_dim, hidden_features[::-1], features, act)
+            body: nn.Module = MLP(features + cond_dim, hidden_features[:-1], feat, act)
+            self.decoder: nn.Module = MLP(latent_features + cond_dim, hidden_features[::-1], features, act)
         else:
             body = ConvEncoder(image_shape, feat, activation=act)
             self.decoder = nn.Sequential(MLP(latent_features + cond_dim, hidden_features[::-1][:1], feat, act), make_activation(act),
@@ -128,7 +132,8 @@ class VAE(ConstructorSpec, PyroModule):
         self.cond_encoder = nn.Linear(cond_dim, feat) if (network == "conv" and cond_dim) else None
         self.encoder_head = nn.Linear(feat, 2 * latent_features)
         self.x_log_scale = nn.Parameter(torch.zeros(features)) if likelihood == "gaussian" else None
-        self.posterior_flows = nn.ModuleList(
+        # an nn.ModuleList, typed by what it holds (torch's ModuleList is not generic)
+        self.posterior_flows: Sequence[ConditionalTransformModule] | None = nn.ModuleList(  # type: ignore[assignment]
             T.conditional_affine_autoregressive(latent_features, feat, hidden_dims=[2 * max(latent_features, 8)])
             for _ in range(num_flows)) if posterior == "iaf" else None
         self.prior_flows = nn.ModuleList(
@@ -150,6 +155,7 @@ class VAE(ConstructorSpec, PyroModule):
             return self.encoder(x)
         if self.network == "mlp":
             return self.encoder(concat(x, c))
+        assert self.cond_encoder is not None  # a conditional conv encoder has one
         return self.encoder(x) + self.cond_encoder(c)
 
     def prior_dist(self, like: torch.Tensor):
@@ -176,6 +182,7 @@ class VAE(ConstructorSpec, PyroModule):
             return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
         if self.likelihood == "continuous_bernoulli":
             return dist.ContinuousBernoulli(logits=out).to_event(1)
+        assert self.x_log_scale is not None  # a gaussian likelihood has a scale
         return dist.Normal(out, self.x_log_scale.exp()).to_event(1)
 
     # -- Pyro programs ---------------------------------------------------------------------------
@@ -328,8 +335,10 @@ class ConditionalVAE(VAE):
     def guide(self, x=None, y=None):
         return self._guide(x, None if x is None else self._onehot(self._check_y(y, x.shape[0])))
 
+    # the label y comes second, where a caller of a conditional model gives it (so a CVAE's
+    # sample and log_likelihood are not a VAE's: mypy's override check says so, rightly)
     @torch.no_grad()
-    def sample(self, n: int, y=None, mean: bool = False) -> torch.Tensor:
+    def sample(self, n: int, y=None, mean: bool = False) -> torch.Tensor:  # type: ignore[override]
         """``n`` draws of p(x | y); ``y`` an int, ``n`` labels, or None for classes in turn."""
         _positive_int("n", n)
         dev = self._device()
@@ -367,7 +376,7 @@ class ConditionalVAE(VAE):
         t = torch.linspace(0, 1, steps, device=z.device).unsqueeze(-1)
         return self.decode((1 - t) * z[0] + t * z[1], int(y1))
 
-    def log_likelihood(self, x, y=None, k: int = 1000, batch_size: int = 100) -> torch.Tensor:
+    def log_likelihood(self, x, y=None, k: int = 1000, batch_size: int = 100) -> torch.Tensor:  # type: ignore[override]
         """Per-point log p(x | y) in nats (importance-weighted bound with ``k`` samples)."""
         x = self._check_x(x)
         y = self._check_y(y, x.shape[0]).to(x.device)

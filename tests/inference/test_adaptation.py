@@ -1,5 +1,6 @@
 """The warm-up pieces one by one, against known numbers."""
 
+import itertools
 import math
 
 import numpy as np
@@ -80,5 +81,5 @@ def test_warmup_windows_double_and_end_at_ninety_percent():
     ends = warmup_windows(1000)
     sizes = np.diff([150, *ends])
     assert ends[-1] == 900 and ends[0] == 150 + 107
-    assert all(b >= a for a, b in zip(sizes[:-2], sizes[1:-1]))  # doubling, but for the last one
+    assert all(b >= a for a, b in itertools.pairwise(sizes[:-1]))  # doubling, but for the last one
     assert warmup_windows(19) == []

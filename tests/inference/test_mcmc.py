@@ -70,7 +70,7 @@ def test_discrete_latent_named():
         pyro.sample("coin", dist.Bernoulli(0.5))
         pyro.sample("w", dist.Normal(0.0, 1.0))
 
-    with pytest.raises(ValueError, match="'coin'.*discrete"):
+    with pytest.raises(ValueError, match=r"'coin'.*discrete"):
         NUTS(num_samples=5, num_warmup=5, num_chains=1).run(model)
 
 

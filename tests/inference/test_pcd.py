@@ -110,7 +110,7 @@ def test_protocol_and_data_errors():
 
     with pytest.raises(TypeError, match=r"missing \['init_chains', 'sample_chains', 'negative_log_density'\]"):
         PersistentCD().run(NotAModel(), torch.ones(3, 2))
-    with pytest.raises(TypeError, match="torch.nn.Module"):
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
         PersistentCD().run(lambda x: x, torch.ones(3, 2))
     with pytest.raises(ValueError, match="data: expected a tensor"):
         PersistentCD().run(RBM(features=2, hidden_units=2), None)
@@ -124,9 +124,9 @@ def test_protocol_and_data_errors():
 )
 def test_bad_configuration_is_refused(arg, bad):
     ok_none = {"batch_size", "checkpoint_every", "lr_schedule"}
-    if bad is None and arg in ok_none or arg == "momentum" and bad == 0:
+    if (bad is None and arg in ok_none) or (arg == "momentum" and bad == 0):
         return
-    if arg == "optim" and bad in ("sgd", "adam") or arg == "lr" and bad == 1.5 or arg == "weight_decay" and bad in (0, 1.5):
+    if (arg == "optim" and bad in ("sgd", "adam")) or (arg == "lr" and bad == 1.5) or (arg == "weight_decay" and bad in (0, 1.5)):
         return
     with pytest.raises(ValueError, match=arg):
         PersistentCD(**{arg: bad})

@@ -8,8 +8,8 @@ whose input kind has no case here fails loudly instead of being skipped.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import arviz as az
 import pyro

@@ -89,7 +89,7 @@ def test_pretrained_pcd_dbm_beats_the_rbm_of_the_same_first_layer_size(digits):
     rbm = RBM(features=64, hidden_units=128)  # as in tests/models/test_rbm.py
     PersistentCD(num_epochs=60, batch_size=50, lr=0.02, optim="adam", lr_schedule="linear", weight_decay=1e-4,
                  num_chains=100, seed=0).run(rbm, train.x)
-    ais = dict(num_runs=100, num_betas=3000, base_data=train.x, seed=1)
+    ais = {"num_runs": 100, "num_betas": 3000, "base_data": train.x, "seed": 1}
     dbm_ll = log_likelihood(dbm, test.x, **ais)  # a lower bound (importance-sampled, h1 summed out)
     rbm_ll = log_likelihood(rbm, test.x, **ais)
     baseline = bernoulli_baseline(train.x, test.x)
@@ -108,7 +108,7 @@ def test_multimodal_dbm_labels_test_digits_and_draws_digits_from_labels(digits):
     accuracy = (mm.predict(test.x) == test.y).float().mean().item()
     assert accuracy >= 0.85, accuracy  # measured 0.882 (0.892 right after pretraining)
     # pixels alone: a bound on log p(pixels) with the label summed out, below the joint's over both modalities
-    ais = dict(num_runs=50, num_betas=500, seed=0)
+    ais = {"num_runs": 50, "num_betas": 500, "seed": 0}
     pixels_only = mm.log_likelihood(test.x[:50], **ais).mean()
     joint = mm.log_likelihood((test.x[:50], test.y[:50]), **ais).mean()
     assert joint < pixels_only < joint + 2.31  # log p(x, y) <= log p(x) and p(y | x) is not much below 1/10

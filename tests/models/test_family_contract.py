@@ -82,7 +82,7 @@ def build(name):
     torch.manual_seed(0)
     model = cls.from_data(data, **TINY.get(name, {}))
     if isinstance(model, protocols.PredictsFromDraws):  # prior draws stand in for the sampler's posterior
-        x, y = model.data_args(data)
+        x, _y = model.data_args(data)
         draws = pyro.infer.Predictive(model.model, num_samples=3)(x, None)
         model.attach_posterior({k: v.unsqueeze(0) for k, v in draws.items() if k != "y"})
     return model, data

@@ -168,7 +168,7 @@ def test_bad_arguments_are_refused():
     assert cond.sample(4).shape == (4, 2)  # no y: one-hot contexts in turn
     with pytest.raises(ValueError, match="unconditional"):
         FlowModel(features=2, num_layers=1, hidden_features=[4]).log_prob(torch.zeros(2, 2), torch.zeros(2, 1))
-    with pytest.raises(ValueError, match="unit_interval|\\[0, 1\\]"):
+    with pytest.raises(ValueError, match=r"unit_interval|\[0, 1\]"):
         FlowModel(features=2, num_layers=1, hidden_features=[4], levels=17).model(torch.full((2, 2), 3.0))
 
 

@@ -236,6 +236,6 @@ def test_any_mismatched_or_off_support_data_is_refused_before_training(rows, col
     x = torch.ones(rows, cols)
     if cols == 6:
         x[rows // 2, cols // 2] = value
-    with pytest.raises(ValueError, match="x: expected|data: expected"):
+    with pytest.raises(ValueError, match=r"x: expected|data: expected"):
         PersistentCD(num_steps=3).run(rbm, x)
     assert torch.equal(rbm.W, before)

@@ -12,7 +12,7 @@ import ppdgm
 from ppdgm.data import make_gaussian_mixture
 from ppdgm.evaluate import mmd, modes_covered
 from ppdgm.inference.score_matching import ScoreMatching, fixed_noise_loss
-from ppdgm.models.score import ScoreModel, VESDE, VPSDE, check_decreasing
+from ppdgm.models.score import VESDE, VPSDE, ScoreModel, check_decreasing
 
 
 @pytest.fixture(scope="module")

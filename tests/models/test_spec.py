@@ -30,7 +30,7 @@ def test_a_graph_argument_becomes_node_link_data_that_rebuilds_an_equal_graph():
 def test_what_a_spec_cannot_hold_is_refused_naming_the_argument():
     with pytest.raises(TypeError, match=r"hidden_features\[1\]: .* got Tensor"):
         VAE(features=6, hidden_features=[4, torch.tensor(3)])
-    with pytest.raises(TypeError, match="value: .* got object"):
+    with pytest.raises(TypeError, match=r"value: .* got object"):
         plain_data(object())
     with pytest.raises(TypeError, match=r"takes \*kw; a spec needs named"):
         type("Loose", (ConstructorSpec,), {"__init__": lambda self, **kw: None})

@@ -204,7 +204,7 @@ def test_conditional_vae_learns_and_generates_chosen_classes(digits):
 # -- semi-supervised M2 -------------------------------------------------------------------------
 def test_m2_hides_labels_reproducibly(digits):
     m = SemiSupervisedVAE()
-    x, y = m.data_args(digits["train"])
+    _x, y = m.data_args(digits["train"])
     assert (y >= 0).sum().item() == 120 and len(y) == 1200
     assert torch.equal(y, m.data_args(digits["train"])[1])
     known = y >= 0
