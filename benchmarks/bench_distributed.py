@@ -34,15 +34,30 @@ def worker(args):
     fit = SVI(num_epochs=args.epochs, batch_size=batch, lr=1e-3, progress=False).run(vae.model, vae.guide, x)
     finish()
     if world.is_main:
-        print(json.dumps({"steps": fit.timing["steps"], "seconds": fit.timing["seconds"], "samples": args.epochs * len(x)}))
+        print(
+            json.dumps(
+                {"steps": fit.timing["steps"], "seconds": fit.timing["seconds"], "samples": args.epochs * len(x)}
+            )
+        )
 
 
 def launch(nproc, args):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PPDGM_BACKEND": "gloo"}
-    me = [os.path.abspath(__file__), "--worker", "--epochs", str(args.epochs), "--batch", str(args.batch),
-          "--hidden", str(args.hidden)]
-    cmd = [sys.executable, *me] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *me]
+    me = [
+        os.path.abspath(__file__),
+        "--worker",
+        "--epochs",
+        str(args.epochs),
+        "--batch",
+        str(args.batch),
+        "--hidden",
+        str(args.hidden),
+    ]
+    cmd = (
+        [sys.executable, *me]
+        if nproc == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *me]
+    )
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -57,8 +72,10 @@ def main():
     if args.worker:
         return worker(args)
     sweep = [(args.batch, args.hidden)] if args.batch else [(50, 512), (300, 1024), (600, 1024)]
-    print(f"VAE 64-H-H-16 on binarized digits (1200 images), {args.epochs} epochs after a warm-up epoch, "
-          f"{os.cpu_count()} CPU cores, gloo, one torch thread per process. Same global batch 2B either way.\n")
+    print(
+        f"VAE 64-H-H-16 on binarized digits (1200 images), {args.epochs} epochs after a warm-up epoch, "
+        f"{os.cpu_count()} CPU cores, gloo, one torch thread per process. Same global batch 2B either way.\n"
+    )
     print("| hidden H | global batch | 1 process steps/s | 2 processes steps/s | speed-up |")
     print("|---|---|---|---|---|")
     for batch, hidden in sweep:

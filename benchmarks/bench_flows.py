@@ -39,8 +39,10 @@ class Timer:
         return self
 
     def __exit__(self, *exc):
-        self.ms = (1e3 * (time.perf_counter() - self.wall) / self.steps,
-                   1e3 * (time.process_time() - self.cpu) / self.steps)
+        self.ms = (
+            1e3 * (time.perf_counter() - self.wall) / self.steps,
+            1e3 * (time.process_time() - self.cpu) / self.steps,
+        )
 
 
 def batches(n, batch, steps, seed=0):
@@ -65,8 +67,13 @@ def dequantize(x, levels, gen):
 
 def run_ppdgm_svi(train, test, cfg):
     pyro.set_rng_seed(0)
-    flow = FlowModel(features=train.shape[1], kind="maf", num_layers=cfg["layers"], hidden_features=cfg["hidden"],
-                     levels=cfg["levels"])
+    flow = FlowModel(
+        features=train.shape[1],
+        kind="maf",
+        num_layers=cfg["layers"],
+        hidden_features=cfg["hidden"],
+        levels=cfg["levels"],
+    )
     svi = SVI(num_steps=cfg["steps"], lr=cfg["lr"], batch_size=cfg["batch"], seed=0, progress=False)
     with Timer(cfg["steps"]) as timer:
         svi.run(flow.model, None, train)
@@ -77,8 +84,13 @@ def run_ppdgm_svi(train, test, cfg):
 
 def run_ppdgm_torch(train, test, cfg):
     torch.manual_seed(0)
-    flow = FlowModel(features=train.shape[1], kind="maf", num_layers=cfg["layers"], hidden_features=cfg["hidden"],
-                     levels=cfg["levels"])
+    flow = FlowModel(
+        features=train.shape[1],
+        kind="maf",
+        num_layers=cfg["layers"],
+        hidden_features=cfg["hidden"],
+        levels=cfg["levels"],
+    )
     opt = torch.optim.Adam(flow.parameters(), lr=cfg["lr"])
     with Timer(cfg["steps"]) as timer:
         for idx in batches(len(train), cfg["batch"], cfg["steps"]):
@@ -126,24 +138,32 @@ def main():
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     scale = 0.05 if args.quick else 1.0
     cases = {
-        "moons (2-D)": (load_dataset("moons", "train", n=2000).x, load_dataset("moons", "test", n=1000).x,
-                        {"layers": 5, "hidden": [64, 64], "lr": 3e-3, "batch": 256, "steps": int(1500 * scale),
-                         "levels": None}),
-        "digits (64-D, 17 levels)": (load_digits("train").x, load_digits("test").x,
-                                     {"layers": 5, "hidden": [128], "lr": 1e-3, "batch": 200,
-                                      "steps": int(600 * scale), "levels": 17}),
+        "moons (2-D)": (
+            load_dataset("moons", "train", n=2000).x,
+            load_dataset("moons", "test", n=1000).x,
+            {"layers": 5, "hidden": [64, 64], "lr": 3e-3, "batch": 256, "steps": int(1500 * scale), "levels": None},
+        ),
+        "digits (64-D, 17 levels)": (
+            load_digits("train").x,
+            load_digits("test").x,
+            {"layers": 5, "hidden": [128], "lr": 1e-3, "batch": 200, "steps": int(600 * scale), "levels": 17},
+        ),
     }
-    runners = {"ppdgm (SVI engine)": run_ppdgm_svi, "ppdgm FlowModel, torch loop": run_ppdgm_torch,
-               "zuko": run_zuko}
-    print("| data | library | params | steps | wall ms/step | CPU ms/step | CPU time ratio vs zuko "
-          "| test NLL (nats) | NLL - zuko NLL |")
+    runners = {"ppdgm (SVI engine)": run_ppdgm_svi, "ppdgm FlowModel, torch loop": run_ppdgm_torch, "zuko": run_zuko}
+    print(
+        "| data | library | params | steps | wall ms/step | CPU ms/step | CPU time ratio vs zuko "
+        "| test NLL (nats) | NLL - zuko NLL |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for data, (train, test, cfg) in cases.items():
         results = {name: fn(train, test, cfg) for name, fn in runners.items()}
         (_, z_cpu), z_nll, _ = results["zuko"]
         for name, ((wall, cpu), nll, params) in results.items():
-            print(f"| {data} | {name} | {params} | {cfg['steps']} | {wall:.2f} | {cpu:.2f} | {cpu / z_cpu:.2f} "
-                  f"| {nll:.3f} | {nll - z_nll:+.3f} |", flush=True)
+            print(
+                f"| {data} | {name} | {params} | {cfg['steps']} | {wall:.2f} | {cpu:.2f} | {cpu / z_cpu:.2f} "
+                f"| {nll:.3f} | {nll - z_nll:+.3f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -85,21 +85,25 @@ def min_ess_and_rhat(samples: dict) -> tuple[float, float]:
     idata = az.from_dict(posterior={k: np.asarray(v) for k, v in samples.items()})
     ess = az.ess(idata, method="bulk")
     rhat = az.rhat(idata)
-    return (float(min(ess[k].values.min() for k in ess.data_vars)),
-            float(max(rhat[k].values.max() for k in rhat.data_vars)))
+    return (
+        float(min(ess[k].values.min() for k in ess.data_vars)),
+        float(max(rhat[k].values.max() for k in rhat.data_vars)),
+    )
 
 
 def run_pyro_nuts(model, args, warmup, samples, chains):
     t = time.perf_counter()
-    fit = NUTS(num_warmup=warmup, num_samples=samples, num_chains=chains, jit_compile=True, seed=0,
-               progress=False).run(model, *args)
+    fit = NUTS(num_warmup=warmup, num_samples=samples, num_chains=chains, jit_compile=True, seed=0, progress=False).run(
+        model, *args
+    )
     wall = time.perf_counter() - t
     return {k: v.numpy() for k, v in fit.samples.items()}, wall, float("nan"), fit.timing["grad_evals"]
 
 
 def run_chees(model, args, warmup, samples, chains):
-    fit = ChEES(num_chains=chains, num_warmup=warmup, num_samples=samples, jit_compile=True, seed=0,
-                progress=False).run(model, *args)
+    fit = ChEES(
+        num_chains=chains, num_warmup=warmup, num_samples=samples, jit_compile=True, seed=0, progress=False
+    ).run(model, *args)
     wall = fit.timing["warmup_seconds"] + fit.timing["sample_seconds"]
     return {k: v.numpy() for k, v in fit.samples.items()}, wall, fit.timing["init_seconds"], fit.timing["grad_evals"]
 
@@ -111,8 +115,9 @@ def run_numpyro(model, args, warmup, samples, chains):
     from numpyro.infer import NUTS as NNUTS
 
     args = tuple(a.numpy() for a in args)
-    mcmc = MCMC(NNUTS(model), num_warmup=warmup, num_samples=samples, num_chains=1, progress_bar=False,
-                jit_model_args=True)
+    mcmc = MCMC(
+        NNUTS(model), num_warmup=warmup, num_samples=samples, num_chains=1, progress_bar=False, jit_model_args=True
+    )
     t = time.perf_counter()
     mcmc.run(jax.random.PRNGKey(100), *args)
     jax.block_until_ready(mcmc.get_samples())
@@ -133,8 +138,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny runs, to check the script works")
     parser.add_argument("--chees-chains", type=int, default=64)
-    parser.add_argument("--samplers", default="pyro,chees,numpyro",
-                        help="comma-separated subset of pyro, chees, numpyro (ChEES always runs: the ratios need it)")
+    parser.add_argument(
+        "--samplers",
+        default="pyro,chees,numpyro",
+        help="comma-separated subset of pyro, chees, numpyro (ChEES always runs: the ratios need it)",
+    )
     opt = parser.parse_args()
     torch.set_num_threads(1)
     q = opt.quick
@@ -160,23 +168,42 @@ def main():
             pyro.clear_param_store()
             draws, wall, compile_s, grads = fn(m, args, cfg["warmup"], cfg["samples"], cfg["chains"])
             ess, rhat = min_ess_and_rhat(draws)
-            rows.append({"problem": name, "sampler": sampler, "chains": cfg["chains"], "warmup": cfg["warmup"],
-                             "draws": cfg["chains"] * cfg["samples"],
-                             "wall": wall, "compile": compile_s, "ess": ess, "ess_s": ess / wall, "rhat": rhat, "grads": grads})
-            print(f"  {name:20s} {sampler:13s} wall {wall:7.2f}s  min bulk-ESS {ess:9.0f}  ESS/s {ess / wall:9.1f}",
-                  flush=True)
+            rows.append(
+                {
+                    "problem": name,
+                    "sampler": sampler,
+                    "chains": cfg["chains"],
+                    "warmup": cfg["warmup"],
+                    "draws": cfg["chains"] * cfg["samples"],
+                    "wall": wall,
+                    "compile": compile_s,
+                    "ess": ess,
+                    "ess_s": ess / wall,
+                    "rhat": rhat,
+                    "grads": grads,
+                }
+            )
+            print(
+                f"  {name:20s} {sampler:13s} wall {wall:7.2f}s  min bulk-ESS {ess:9.0f}  ESS/s {ess / wall:9.1f}",
+                flush=True,
+            )
 
-    print("\n| problem | sampler | chains x (warm-up + draws) | warm wall (s) | compile/init (s) | min bulk-ESS "
-          "| ESS/s | max R-hat | ChEES ESS/s ratio |")
+    print(
+        "\n| problem | sampler | chains x (warm-up + draws) | warm wall (s) | compile/init (s) | min bulk-ESS "
+        "| ESS/s | max R-hat | ChEES ESS/s ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         chees = next(c for c in rows if c["problem"] == r["problem"] and c["sampler"] == "ppdgm ChEES")
         ratio = chees["ess_s"] / r["ess_s"] if r["sampler"] != "ppdgm ChEES" else 1.0
         comp = "-" if np.isnan(r["compile"]) else f"{r['compile']:.2f}"
         draws = f"{r['chains']} x ({r['warmup']} + {r['draws'] // r['chains']})"
-        print(f"| {r['problem']} | {r['sampler']} | {draws} | {r['wall']:.2f} | {comp} "
-              f"| {r['ess']:.0f} | {r['ess_s']:.1f} | {r['rhat']:.3f} | "
-              + (f"{ratio:.1f}x vs this" if r["sampler"] != "ppdgm ChEES" else "-") + " |")
+        print(
+            f"| {r['problem']} | {r['sampler']} | {draws} | {r['wall']:.2f} | {comp} "
+            f"| {r['ess']:.0f} | {r['ess_s']:.1f} | {r['rhat']:.3f} | "
+            + (f"{ratio:.1f}x vs this" if r["sampler"] != "ppdgm ChEES" else "-")
+            + " |"
+        )
     print("\nPyro NUTS runs with jit_compile=True; its JIT trace is inside its wall time (it cannot be split out).")
 
 

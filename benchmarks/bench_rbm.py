@@ -32,8 +32,17 @@ def train_sklearn(x, hidden, lr, batch_size, epochs, seed):
 def train_ppdgm(x, hidden, lr, batch_size, epochs, seed):
     torch.manual_seed(seed)
     rbm = RBM(features=x.shape[1], hidden_units=hidden)
-    engine = PersistentCD(num_epochs=epochs, batch_size=batch_size, lr=lr, optim="sgd", momentum=0.0,
-                          num_chains=batch_size, k=1, seed=seed, progress=False)
+    engine = PersistentCD(
+        num_epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        optim="sgd",
+        momentum=0.0,
+        num_chains=batch_size,
+        k=1,
+        seed=seed,
+        progress=False,
+    )
     t0 = time.perf_counter()
     engine.run(rbm, x)
     return rbm, (time.perf_counter() - t0) / epochs
@@ -62,10 +71,14 @@ def main():
     train = load_digits("train", binarize=True).x
     test = load_digits("test", binarize=True).x
     base = bernoulli_baseline(train, test)
-    print(f"binarized digits: {len(train)} train / {len(test)} test; hidden={args.hidden}, lr={args.lr}, "
-          f"epochs={args.epochs}, PCD-1, SGD; factorized-Bernoulli test log p(x) = {base.mean:.2f} nats\n")
-    print("| batch | sklearn s/epoch | ppdgm s/epoch | ratio ppdgm/sklearn | sklearn test log p(x) (AIS) | "
-          "ppdgm test log p(x) (AIS) |")
+    print(
+        f"binarized digits: {len(train)} train / {len(test)} test; hidden={args.hidden}, lr={args.lr}, "
+        f"epochs={args.epochs}, PCD-1, SGD; factorized-Bernoulli test log p(x) = {base.mean:.2f} nats\n"
+    )
+    print(
+        "| batch | sklearn s/epoch | ppdgm s/epoch | ratio ppdgm/sklearn | sklearn test log p(x) (AIS) | "
+        "ppdgm test log p(x) (AIS) |"
+    )
     print("|---:|---:|---:|---:|---:|---:|")
     train_sklearn(train, args.hidden, args.lr, 10, 1, args.seed)  # warm-up: first-call costs of both libraries
     train_ppdgm(train, args.hidden, args.lr, 10, 1, args.seed)
@@ -77,9 +90,12 @@ def main():
         sk_ll = log_likelihood(sk_model, test, **ais)
         sk_z = sk_model.last_log_z
         pp_ll = log_likelihood(pp, test, **ais)
-        print(f"| {batch} | {sk_time:.4f} | {pp_time:.4f} | {pp_time / sk_time:.2f}x | "
-              f"{sk_ll.mean:.2f} ± {sk_ll.stderr:.2f} (log Z s.e. {sk_z.stderr:.2f}) | "
-              f"{pp_ll.mean:.2f} ± {pp_ll.stderr:.2f} (log Z s.e. {pp.last_log_z.stderr:.2f}) |", flush=True)
+        print(
+            f"| {batch} | {sk_time:.4f} | {pp_time:.4f} | {pp_time / sk_time:.2f}x | "
+            f"{sk_ll.mean:.2f} ± {sk_ll.stderr:.2f} (log Z s.e. {sk_z.stderr:.2f}) | "
+            f"{pp_ll.mean:.2f} ± {pp_ll.stderr:.2f} (log Z s.e. {pp.last_log_z.stderr:.2f}) |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -66,12 +66,18 @@ def categorical_baseline(train: torch.Tensor, test: torch.Tensor) -> float:
 
 def data_for(kind):
     if kind == "binary":
-        return load_digits("train", binarize=True), load_digits("valid", binarize=True), \
-            load_digits("test", binarize=True)
+        return (
+            load_digits("train", binarize=True),
+            load_digits("valid", binarize=True),
+            load_digits("test", binarize=True),
+        )
     if kind == "discrete":
         return load_digits("train"), load_digits("valid"), load_digits("test")
-    return (dequantize(load_digits("train"), 0), dequantize(load_digits("valid"), 1),
-            dequantize(load_digits("test"), 2))
+    return (
+        dequantize(load_digits("train"), 0),
+        dequantize(load_digits("valid"), 1),
+        dequantize(load_digits("test"), 2),
+    )
 
 
 def training_kind(name, kind):
@@ -137,8 +143,11 @@ def main():
         _, va, te = data_for(kind)
         floors[kind] = quality(te.x, va.x)
         tr = data_for(kind)[0]
-        base = bernoulli_baseline(tr.x, te.x).nll if kind == "binary" else categorical_baseline(
-            load_digits("train").x, load_digits("test").x)
+        base = (
+            bernoulli_baseline(tr.x, te.x).nll
+            if kind == "binary"
+            else categorical_baseline(load_digits("train").x, load_digits("test").x)
+        )
         rows.append(("held-out data", "—", kind, base, *floors[kind], None, "per-pixel baseline NLL"))
     only = set(args.only.split(",")) if args.only else None
     for name, kind, steps in FAMILIES:
@@ -166,17 +175,23 @@ def main():
         print(f"done {name}", flush=True)
 
     print()
-    print("| family | engine | data | test NLL (nats) | MMD² | precision | recall | Fréchet | Fréchet / floor | "
-          "train s | note |")
+    print(
+        "| family | engine | data | test NLL (nats) | MMD² | precision | recall | Fréchet | Fréchet / floor | "
+        "train s | note |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, engine, kind, nll, m, p, r, fd, secs, note in rows:
         floor = floors[kind][3]
-        print(f"| {name} | {engine} | {kind} | {fmt(nll, '.2f')} | {m:.4f} | {p:.2f} | {r:.2f} | {fd:.2f} | "
-              f"{fd / floor:.1f}x | {fmt(secs, '.1f')} | {note} |")
+        print(
+            f"| {name} | {engine} | {kind} | {fmt(nll, '.2f')} | {m:.4f} | {p:.2f} | {r:.2f} | {fd:.2f} | "
+            f"{fd / floor:.1f}x | {fmt(secs, '.1f')} | {note} |"
+        )
     for note in notes:
         print(f"- {note}")
-    print("\nNLL: binary rows on binarized digits; dequantized rows bound -log P of the 17-level image; "
-          "lower is better. Fréchet / floor: ratio to the held-out split's distance to the test split.")
+    print(
+        "\nNLL: binary rows on binarized digits; dequantized rows bound -log P of the 17-level image; "
+        "lower is better. Fréchet / floor: ratio to the held-out split's distance to the test split."
+    )
 
 
 if __name__ == "__main__":

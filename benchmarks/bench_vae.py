@@ -99,7 +99,7 @@ def hand_written_loop(vae, x, steps, batch, lr, seed):
         epoch, pos = divmod(step, per_epoch)
         if pos == 0:
             order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        svi.step(x[order[pos * batch:(pos + 1) * batch]])
+        svi.step(x[order[pos * batch : (pos + 1) * batch]])
 
 
 def timed(fn):
@@ -136,8 +136,10 @@ def vae_table(steps, repeats, seed):
         rows.setdefault("ppdgm.models.vae.VAE (64-256-16), ppdgm SVI engine", []).append((t, zoo.model, zoo.guide))
 
     base_ms = None
-    lines = [f"| {steps} steps, batch {batch}, Adam lr {lr} | ms/step | ratio | test NLL (nats, k=1000) |",
-             "|---|---:|---:|---:|"]
+    lines = [
+        f"| {steps} steps, batch {batch}, Adam lr {lr} | ms/step | ratio | test NLL (nats, k=1000) |",
+        "|---|---:|---:|---:|",
+    ]
     for name, runs in rows.items():
         ms = 1e3 * min(t for t, _, _ in runs) / steps
         base_ms = base_ms or ms
@@ -150,15 +152,18 @@ def vae_table(steps, repeats, seed):
 
 
 def m2_table(steps, seed):
-    lines = ["| digits (120 of 1,200 labelled) | M2 test accuracy | LogisticRegression (same 120 labels) | M2 ms/step |",
-             "|---|---:|---:|---:|"]
+    lines = [
+        "| digits (120 of 1,200 labelled) | M2 test accuracy | LogisticRegression (same 120 labels) | M2 ms/step |",
+        "|---|---:|---:|---:|",
+    ]
     for binarize, likelihood in ((True, "bernoulli"), (False, "continuous_bernoulli")):
         train, test = load_digits("train", binarize=binarize), load_digits("test", binarize=binarize)
         torch.manual_seed(seed)
         m = SemiSupervisedVAE.from_data(train, likelihood=likelihood)
         x, y = m.data_args(train)
-        fit = SVI(loss="enum", max_plate_nesting=1, num_steps=steps, batch_size=100, lr=3e-3, seed=seed,
-                  progress=False).run(m.model, m.guide, (x, y))
+        fit = SVI(
+            loss="enum", max_plate_nesting=1, num_steps=steps, batch_size=100, lr=3e-3, seed=seed, progress=False
+        ).run(m.model, m.guide, (x, y))
         known = y >= 0
         logreg = LogisticRegression(max_iter=5000).fit(x[known].numpy(), y[known].numpy())
         lr_acc = (logreg.predict(test.x.numpy()) == test.y.numpy()).mean()

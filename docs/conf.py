@@ -88,21 +88,29 @@ def _family_page(name: str) -> str:
     engine = family.default_engine
     engine_module, engine_cls, _ = _registered(ENGINES, engine)
     datasets = ", ".join(f"`{d}`" for d in family.datasets)
-    return _page(name, MODELS, f"""Registered in `ppdgm.models.MODELS` as `{name}`. It trains with the
+    return _page(
+        name,
+        MODELS,
+        f"""Registered in `ppdgm.models.MODELS` as `{name}`. It trains with the
 [`{engine}`](../engines/{engine}.md) engine ({{class}}`~{engine_module}.{engine_cls}`) and suits the
 bundled datasets {datasets}:
 
 ```bash
 ppdgm fit {name} --data {family.datasets[0]} --out runs/{name}
-```""")
+```""",
+    )
 
 
 def _engine_page(name: str) -> str:
     engine = _registered(ENGINES, name)[2]
     families = [f"[`{f}`](../families/{f}.md)" for f in MODELS if _registered(MODELS, f)[2].default_engine == name]
     trains = f"It is the default engine of {', '.join(families)}." if families else ""
-    return _page(name, ENGINES, f"""Registered in `ppdgm.inference.ENGINES` as `{name}`; its `run` takes input of kind
-`{engine.input}` (see [the architecture](../../architecture.md)). {trains}""")
+    return _page(
+        name,
+        ENGINES,
+        f"""Registered in `ppdgm.inference.ENGINES` as `{name}`; its `run` takes input of kind
+`{engine.input}` (see [the architecture](../../architecture.md)). {trains}""",
+    )
 
 
 def _sync_folder(folder: Path, files: dict[str, bytes]) -> None:

@@ -51,11 +51,13 @@ def default_betas(num_betas: int, dtype=torch.float64) -> torch.Tensor:
     n1 = max(2, round(0.035 * num_betas))
     n2 = max(2, round(0.275 * num_betas))
     n3 = max(2, num_betas - n1 - n2)
-    return torch.cat([
-        torch.linspace(0, 0.5, n1 + 1, dtype=dtype)[:-1],
-        torch.linspace(0.5, 0.9, n2 + 1, dtype=dtype)[:-1],
-        torch.linspace(0.9, 1.0, n3, dtype=dtype),
-    ])
+    return torch.cat(
+        [
+            torch.linspace(0, 0.5, n1 + 1, dtype=dtype)[:-1],
+            torch.linspace(0.5, 0.9, n2 + 1, dtype=dtype)[:-1],
+            torch.linspace(0.9, 1.0, n3, dtype=dtype),
+        ]
+    )
 
 
 def split_colours(energy: LayeredEnergy) -> tuple[list[int], list[int]]:
@@ -71,7 +73,9 @@ def split_colours(energy: LayeredEnergy) -> tuple[list[int], list[int]]:
 
 def _double(energy: LayeredEnergy) -> LayeredEnergy:
     return LayeredEnergy(
-        list(energy.names), list(energy.units), list(energy.visible),
+        list(energy.names),
+        list(energy.units),
+        list(energy.visible),
         [b.detach().double() for b in energy.biases],
         [(a, b, W.detach().double()) for a, b, W in energy.edges],
         [s.detach().double() if s is not None else None for s in energy.log_sigmas],
@@ -137,9 +141,14 @@ def _transition(energy, kept, summed, base, state, beta) -> dict:
 
 
 @torch.no_grad()
-def annealed_importance_sampling(energy: LayeredEnergy, num_runs: int = 100, num_betas: int = 10000,
-                                 betas: torch.Tensor | None = None, base_data: dict | None = None,
-                                 seed: int | None = None) -> LogZ:
+def annealed_importance_sampling(
+    energy: LayeredEnergy,
+    num_runs: int = 100,
+    num_betas: int = 10000,
+    betas: torch.Tensor | None = None,
+    base_data: dict | None = None,
+    seed: int | None = None,
+) -> LogZ:
     """``log Z`` of a layered Boltzmann machine by AIS.
 
     Args:

@@ -20,6 +20,7 @@ from pyro.poutine.util import site_is_subsample
 
 from ppdgm.diagnostics import to_numpy, trace_model
 
+
 @dataclass
 class AmortizationCheck:
     """Per chosen data point: how far the guide q(z | x) is from the HMC posterior p(z | x).
@@ -27,8 +28,9 @@ class AmortizationCheck:
     ``gap`` = ``log_evidence - elbo`` estimates KL(q(z|x) || p(z|x)) in nats (amortization plus
     approximation gap; ``elbo_se`` is the Monte-Carlo standard error of the ELBO);
     ``log_evidence`` is an importance-sampling estimate of log p(x_i) whose proposal is a
-    Gaussian fitted to the HMC draws mixed with the guide (``log_evidence_se`` its standard error); ``energy_distance`` compares the HMC and guide draws directly (0 when they
-    agree). ``hmc_draws`` are ``(chain, draw, point, *event)``, ``guide_draws`` ``(draw, point, *event)``.
+    Gaussian fitted to the HMC draws mixed with the guide (``log_evidence_se`` its standard error);
+    ``energy_distance`` compares the HMC and guide draws directly (0 when they agree).
+    ``hmc_draws`` are ``(chain, draw, point, *event)``, ``guide_draws`` ``(draw, point, *event)``.
     """
 
     points: list
@@ -47,8 +49,10 @@ class AmortizationCheck:
     def summary(self) -> str:
         rows = [f"{'point':>6} {'ELBO':>10} {'IWAE':>10} {'log p(x)':>10} {'gap (nats)':>11} {'energy dist':>12}"]
         for i, p in enumerate(self.points):
-            rows.append(f"{p:>6} {self.elbo[i]:>10.3f} {self.iwae[i]:>10.3f} {self.log_evidence[i]:>10.3f} "
-                        f"{self.gap[i]:>11.3f} {self.energy_distance[i]:>12.4f}")
+            rows.append(
+                f"{p:>6} {self.elbo[i]:>10.3f} {self.iwae[i]:>10.3f} {self.log_evidence[i]:>10.3f} "
+                f"{self.gap[i]:>11.3f} {self.energy_distance[i]:>12.4f}"
+            )
         rows.append(f"mean gap {self.gap.mean():.3f} nats over {len(self.points)} points")
         return "\n".join(rows)
 
@@ -65,8 +69,9 @@ class AmortizationCheck:
         """Overlaid marginal densities of HMC and guide draws (``az.plot_density``) for ``points``."""
         data = self.to_arviz()
         sel = {"point": list(points if points is not None else self.points[:4])}
-        return az.plot_density([data["HMC"].sel(**sel), data["guide"].sel(**sel)], data_labels=["HMC", "guide"],
-                               shade=0.1, **kwargs)
+        return az.plot_density(
+            [data["HMC"].sel(**sel), data["guide"].sel(**sel)], data_labels=["HMC", "guide"], shade=0.1, **kwargs
+        )
 
 
 def energy_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -118,27 +123,42 @@ def amortized_posterior_check(
     site = mtr.nodes[latent]
     frames = {f.name: f for f in site["cond_indep_stack"]}
     if data_plate not in frames:
-        raise ValueError(f"latent: site {latent!r} is not inside the plate {data_plate!r} (its plates: {sorted(frames)})")
+        raise ValueError(
+            f"latent: site {latent!r} is not inside the plate {data_plate!r} (its plates: {sorted(frames)})"
+        )
     support = site["fn"].support
     if getattr(support, "base_constraint", support) is not torch.distributions.constraints.real:
-        raise ValueError(f"latent: site {latent!r} must have real support for the Gaussian proposal, got {site['fn'].support}")
-    latents = {n for n, s in mtr.nodes.items() if s["type"] == "sample" and not s["is_observed"]
-               and not site_is_subsample(s)}
+        raise ValueError(
+            f"latent: site {latent!r} must have real support for the Gaussian proposal, got {site['fn'].support}"
+        )
+    latents = {
+        n for n, s in mtr.nodes.items() if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)
+    }
     local = {n for n in latents if any(f.name == data_plate for f in mtr.nodes[n]["cond_indep_stack"])}
     if local != {latent}:
-        raise ValueError(f"latent: expected {latent!r} to be the only latent site in plate {data_plate!r}, found {sorted(local)}")
+        raise ValueError(
+            f"latent: expected {latent!r} to be the only latent site in plate {data_plate!r}, found {sorted(local)}"
+        )
     fixed = {n: gtr.nodes[n]["value"] for n in latents - local if n in gtr.nodes}
     cond_model = poutine.condition(model, data=fixed) if fixed else model
     cond_guide = poutine.condition(guide, data=fixed) if fixed else guide
     plate_dim = frames[data_plate].dim
-    event_shape = site["value"].shape[site["value"].dim() - site["fn"].event_dim:]
+    event_shape = site["value"].shape[site["value"].dim() - site["fn"].event_dim :]
     if site["value"].dim() - site["fn"].event_dim != -plate_dim or site["value"].shape[0] != m:
-        raise ValueError(f"latent: expected site {latent!r} shaped (points, *event) with plate {data_plate!r} "
-                         f"leftmost, got shape {tuple(site['value'].shape)}")
+        raise ValueError(
+            f"latent: expected site {latent!r} shaped (points, *event) with plate {data_plate!r} "
+            f"leftmost, got shape {tuple(site['value'].shape)}"
+        )
 
     # HMC on latent | x_sub, every chain one batch
-    hmc = ChEES(num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples, seed=seed,
-                jit_compile=jit_compile, progress=False).run(cond_model, x_sub, *args, **kwargs)
+    hmc = ChEES(
+        num_chains=num_chains,
+        num_warmup=num_warmup,
+        num_samples=num_samples,
+        seed=seed,
+        jit_compile=jit_compile,
+        progress=False,
+    ).run(cond_model, x_sub, *args, **kwargs)
     hmc_z = hmc.samples[latent]  # (chain, draw, m, *event)
 
     density = BatchedLogDensity(cond_model, (x_sub, *args), kwargs)
@@ -158,13 +178,22 @@ def amortized_posterior_check(
     def model_lp(z):  # log p(x_i, z_i) for z (k, m, *event)
         k = z.shape[0]
         tr = density.trace({latent: z})
-        names = [n for n, s in tr.nodes.items() if s["type"] == "sample" and n != density.plate_name
-                 and not site_is_subsample(s) and any(f.name == data_plate for f in s["cond_indep_stack"])]
+        names = [
+            n
+            for n, s in tr.nodes.items()
+            if s["type"] == "sample"
+            and n != density.plate_name
+            and not site_is_subsample(s)
+            and any(f.name == data_plate for f in s["cond_indep_stack"])
+        ]
         return per_point(tr, names, k)
 
     def guide_trace(k, z=None):
-        fn = poutine.condition(cond_guide, data={latent: z.reshape(k, *[1] * (nest + plate_dim), m, *event_shape)}) \
-            if z is not None else cond_guide
+        fn = (
+            poutine.condition(cond_guide, data={latent: z.reshape(k, *[1] * (nest + plate_dim), m, *event_shape)})
+            if z is not None
+            else cond_guide
+        )
         with poutine.block(), pyro.plate("_particles", k, dim=-(nest + 1)):
             return poutine.trace(fn).get_trace(x_sub, *args, **kwargs)
 
@@ -203,9 +232,16 @@ def amortized_posterior_check(
         sel_g = gz.reshape(k, m, d)[:n_dist]
         ed = torch.stack([energy_distance(sel_h[:, i], sel_g[:, i]) for i in range(m)])
     return AmortizationCheck(
-        points=points, latent=latent, elbo=elbo.cpu(), elbo_se=elbo_se.cpu(), iwae=iwae.cpu(), log_evidence=log_evidence.cpu(),
-        log_evidence_se=se.cpu(), gap=(log_evidence - elbo).cpu(), energy_distance=ed.float().cpu(),
-        hmc_draws=hmc_z.cpu(), guide_draws=gz.cpu(), hmc_fit=hmc,
+        points=points,
+        latent=latent,
+        elbo=elbo.cpu(),
+        elbo_se=elbo_se.cpu(),
+        iwae=iwae.cpu(),
+        log_evidence=log_evidence.cpu(),
+        log_evidence_se=se.cpu(),
+        gap=(log_evidence - elbo).cpu(),
+        energy_distance=ed.float().cpu(),
+        hmc_draws=hmc_z.cpu(),
+        guide_draws=gz.cpu(),
+        hmc_fit=hmc,
     )
-
-

@@ -113,9 +113,16 @@ def _file_program(args):
 
 def _engine_options(args) -> dict:
     """The command line's generic flags as engine constructor arguments (None = not given)."""
-    return {"num_steps": args.steps, "num_epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-            "seed": args.seed, "device": args.device, "checkpoint_every": args.checkpoint_every,
-            "progress": args.progress}
+    return {
+        "num_steps": args.steps,
+        "num_epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "device": args.device,
+        "checkpoint_every": args.checkpoint_every,
+        "progress": args.progress,
+    }
 
 
 def _announce_resume(out: Path) -> None:
@@ -147,8 +154,9 @@ def _tracker(args, out: Path, spec: dict):
     from ppdgm.tracking import MLflowTracker
 
     params = {"model": args.model, "data": args.data, "spec": spec}
-    return MLflowTracker(args.tracking_uri, out=out, params=params, resume=args.resume, log_fit=False,
-                         warn=_warn("fit"))
+    return MLflowTracker(
+        args.tracking_uri, out=out, params=params, resume=args.resume, log_fit=False, warn=_warn("fit")
+    )
 
 
 def _quiet_mlflow() -> None:
@@ -177,7 +185,9 @@ def cmd_fit(args) -> int:
         from ppdgm.models import MODELS
 
         if args.model not in MODELS:
-            raise UsageError(f"unknown model {args.model!r}; expected one of {sorted(MODELS)} or path/to/file.py:function")
+            raise UsageError(
+                f"unknown model {args.model!r}; expected one of {sorted(MODELS)} or path/to/file.py:function"
+            )
     elif args.set:
         raise UsageError("--set configures a zoo family; a file model takes its arguments from its own code")
 
@@ -203,8 +213,10 @@ def cmd_fit(args) -> int:
         spec = family.spec
     engine = make_engine(family, args.engine, _engine_options(args), explicit=engine_opts)
     if file_model and engine.input not in ("program", "posterior"):
-        raise UsageError(f"engine {engine.name!r} needs a zoo family ({engine.input}); a file model is a Pyro "
-                         f"program: use svi, nuts, hmc or chees")
+        raise UsageError(
+            f"engine {engine.name!r} needs a zoo family ({engine.input}); a file model is a Pyro "
+            f"program: use svi, nuts, hmc or chees"
+        )
     if args.resume:
         _announce_resume(out)
     tracker = _tracker(args, out, spec)
@@ -214,13 +226,21 @@ def cmd_fit(args) -> int:
         if family is not None:
             fit = fit_family(family, engine, train, valid, checkpoint_dir=out, resume=args.resume, callbacks=callbacks)
         elif engine.input == "program":
-            fit = engine.run(model, guide, (train.x,), val_data=(valid.x,) if valid else None,
-                             checkpoint_dir=out, resume=args.resume, callbacks=callbacks)
+            fit = engine.run(
+                model,
+                guide,
+                (train.x,),
+                val_data=(valid.x,) if valid else None,
+                checkpoint_dir=out,
+                resume=args.resume,
+                callbacks=callbacks,
+            )
         else:
             fit = engine.run(model, train.x, checkpoint_dir=out, resume=args.resume, callbacks=callbacks)
     except OSError as err:
-        raise WriteError(f"could not write to {out} while training ({one_line(err)}); checkpoints already "
-                         f"written there are kept") from err
+        raise WriteError(
+            f"could not write to {out} while training ({one_line(err)}); checkpoints already written there are kept"
+        ) from err
     except Exception as err:
         raise ModelError(one_line(err)) from err
     if family is None:
@@ -237,8 +257,10 @@ def cmd_fit(args) -> int:
     try:
         fit.save(out)
     except OSError as err:
-        raise WriteError(f"training finished but saving the fit to {out} failed ({one_line(err)}); "
-                         f"checkpoints already written there are kept") from err
+        raise WriteError(
+            f"training finished but saving the fit to {out} failed ({one_line(err)}); "
+            f"checkpoints already written there are kept"
+        ) from err
     from ppdgm.reports import convergence_warnings, write_fit_report
 
     try:
@@ -252,8 +274,10 @@ def cmd_fit(args) -> int:
     else:  # a sampler: draws shaped (chain, draw, ...)
         chains, draws = next(iter(fit.samples.values())).shape[:2]
         work = f"{chains} chains x {draws} draws"
-    print(f"saved {fit.engine} fit of {args.model} to {out} ({work}, {fit.timing.get('seconds', 0):.1f} s); "
-          f"wrote {', '.join(written)}")
+    print(
+        f"saved {fit.engine} fit of {args.model} to {out} ({work}, {fit.timing.get('seconds', 0):.1f} s); "
+        f"wrote {', '.join(written)}"
+    )
     if tracker is not None and tracker.stopped is None:
         print(f"tracked as MLflow run {tracker.run_id} in {tracker.tracking_uri}")
     for warning in convergence_warnings(fit):
@@ -265,9 +289,17 @@ def launch_torchrun(nproc: int) -> int:
     """Re-run this ``ppdgm fit`` command under torchrun with ``nproc`` processes on this machine."""
     argv = sys.argv[1:]
     i = argv.index("--nproc")
-    argv = argv[:i] + argv[i + 2:]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "--module", "ppdgm.cli", *argv]
+    argv = argv[:i] + argv[i + 2 :]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "--module",
+        "ppdgm.cli",
+        *argv,
+    ]
     return subprocess.call(cmd)
 
 
@@ -348,8 +380,12 @@ def cmd_diagnose(args) -> int:
     if not fit.args and fit.config.get("data"):  # data is not saved with a fit; reload it by name
         train = load_dataset(fit.config["data"], "train")
         fit.args = data_args(fit.module, train) if fit.module is not None else (train.x,)
-    print(diagnose_text(fit, var_names=args.var, num_samples=args.num_samples, max_rows=args.max_rows,
-                        progress=args.progress), end="")
+    print(
+        diagnose_text(
+            fit, var_names=args.var, num_samples=args.num_samples, max_rows=args.max_rows, progress=args.progress
+        ),
+        end="",
+    )
     for warning in convergence_warnings(fit):
         print(f"ppdgm diagnose: warning: {warning}", file=sys.stderr)
     return 0
@@ -371,27 +407,46 @@ class HelpWithDefaults(argparse.HelpFormatter):
 
 def parser() -> argparse.ArgumentParser:
     fmt = HelpWithDefaults
-    p = argparse.ArgumentParser(prog="ppdgm", description="Deep generative models as Pyro programs.",
-                                epilog="exit codes: 0 done, 1 model error at run time, 2 usage, input or write error")
+    p = argparse.ArgumentParser(
+        prog="ppdgm",
+        description="Deep generative models as Pyro programs.",
+        epilog="exit codes: 0 done, 1 model error at run time, 2 usage, input or write error",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("list", help="families, the engines that run them and the datasets they suit",
-                   formatter_class=fmt).set_defaults(func=cmd_list)
+    sub.add_parser(
+        "list", help="families, the engines that run them and the datasets they suit", formatter_class=fmt
+    ).set_defaults(func=cmd_list)
 
     progress = argparse.ArgumentParser(add_help=False)
-    progress.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                          help="progress bars: --progress shows them even off a terminal, --no-progress never "
-                               "(default: on a terminal only)")
+    progress.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bars: --progress shows them even off a terminal, --no-progress never "
+        "(default: on a terminal only)",
+    )
     threads = argparse.ArgumentParser(add_help=False)
-    threads.add_argument("--threads", type=int, default=1,
-                         help="torch CPU threads; the bundled models are small-tensor loops that run fastest on "
-                              "one (a GAN on digits: 50 ms/step at 1 thread, 2.6 s at 2 on a busy 2-core machine)")
+    threads.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads; the bundled models are small-tensor loops that run fastest on "
+        "one (a GAN on digits: 50 ms/step at 1 thread, 2.6 s at 2 on a busy 2-core machine)",
+    )
     trust = argparse.ArgumentParser(add_help=False)
-    trust.add_argument("--trust-code", action="store_true",
-                       help="allow opening a fit of a file.py:function model, which runs that file")
+    trust.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="allow opening a fit of a file.py:function model, which runs that file",
+    )
 
-    f = sub.add_parser("fit", help="fit a model to data with an engine and save the Fit", formatter_class=fmt,
-                       parents=[progress, threads])
+    f = sub.add_parser(
+        "fit",
+        help="fit a model to data with an engine and save the Fit",
+        formatter_class=fmt,
+        parents=[progress, threads],
+    )
     f.add_argument("model", help="a zoo family (see `ppdgm list`) or path/to/file.py:function")
     f.add_argument("--data", required=True, help="bundled dataset name (see `ppdgm list`) or a .npy/.csv/IDX file")
     f.add_argument("--out", required=True, help="output folder: fit, checkpoints, plots, summary")
@@ -406,34 +461,59 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--checkpoint-every", type=int, help="steps between checkpoints written to --out")
     f.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     f.add_argument("--nproc", type=int, help="data-parallel processes on this machine (starts torchrun)")
-    f.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="family constructor argument, repeatable (unknown keys list the valid ones)")
-    f.add_argument("--engine-opt", action="append", metavar="KEY=VALUE",
-                   help="engine constructor argument, repeatable, e.g. num_samples=200 for a sampler")
-    f.add_argument("--track", choices=["mlflow"],
-                   help="record params, metric series and the saved fit in an MLflow store (pip install ppdgm[track])")
-    f.add_argument("--tracking-uri", metavar="URI",
-                   help="MLflow tracking URI for --track (default: sqlite:///<out>/../mlruns.db)")
+    f.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="family constructor argument, repeatable (unknown keys list the valid ones)",
+    )
+    f.add_argument(
+        "--engine-opt",
+        action="append",
+        metavar="KEY=VALUE",
+        help="engine constructor argument, repeatable, e.g. num_samples=200 for a sampler",
+    )
+    f.add_argument(
+        "--track",
+        choices=["mlflow"],
+        help="record params, metric series and the saved fit in an MLflow store (pip install ppdgm[track])",
+    )
+    f.add_argument(
+        "--tracking-uri", metavar="URI", help="MLflow tracking URI for --track (default: sqlite:///<out>/../mlruns.db)"
+    )
     f.set_defaults(func=cmd_fit)
 
-    s = sub.add_parser("sample", help="draw samples from a saved fit into an image grid", formatter_class=fmt,
-                       parents=[trust, threads])
+    s = sub.add_parser(
+        "sample", help="draw samples from a saved fit into an image grid", formatter_class=fmt, parents=[trust, threads]
+    )
     s.add_argument("dir", help="folder of a saved fit")
     s.add_argument("-n", type=int, default=64, help="number of samples")
     s.add_argument("-o", "--output", default="samples.png", help="image file to write")
     s.set_defaults(func=cmd_sample)
 
-    e = sub.add_parser("evaluate", help="held-out log-likelihood in nats of a saved fit", formatter_class=fmt,
-                       parents=[progress, trust, threads])
+    e = sub.add_parser(
+        "evaluate",
+        help="held-out log-likelihood in nats of a saved fit",
+        formatter_class=fmt,
+        parents=[progress, trust, threads],
+    )
     e.add_argument("dir", help="folder of a saved fit")
     e.add_argument("--data", help="dataset (default: the one it was fit on)")
     e.add_argument("--split", default="test", help="train, valid or test")
-    e.add_argument("--opt", action="append", metavar="KEY=VALUE",
-                   help="estimator option, repeatable, e.g. k=1000 (IWAE) or num_chains=16 (AIS)")
+    e.add_argument(
+        "--opt",
+        action="append",
+        metavar="KEY=VALUE",
+        help="estimator option, repeatable, e.g. k=1000 (IWAE) or num_chains=16 (AIS)",
+    )
     e.set_defaults(func=cmd_evaluate)
 
-    d = sub.add_parser("diagnose", help="ArviZ summary (R-hat, ESS, MCSE) of what a saved fit inferred",
-                       formatter_class=fmt, parents=[progress, trust, threads])
+    d = sub.add_parser(
+        "diagnose",
+        help="ArviZ summary (R-hat, ESS, MCSE) of what a saved fit inferred",
+        formatter_class=fmt,
+        parents=[progress, trust, threads],
+    )
     d.add_argument("dir", help="folder of a saved fit")
     d.add_argument("--var", action="append", help="variables to summarize, repeatable (default: global ones)")
     d.add_argument("--num-samples", type=int, default=200, help="guide draws for optimized fits")

@@ -177,8 +177,9 @@ def load_sunspots(split: str = "train") -> Dataset:
     try:
         from statsmodels.datasets import sunspots
     except ImportError:
-        raise ValueError("the sunspots dataset ships with statsmodels, which is not installed: "
-                         "pip install statsmodels") from None
+        raise ValueError(
+            "the sunspots dataset ships with statsmodels, which is not installed: pip install statsmodels"
+        ) from None
     series = torch.tensor(sunspots.load_pandas().data["SUNACTIVITY"].to_numpy(), dtype=torch.float32)
     if split == "all":
         return Dataset(series, None, "sunspots-all")

@@ -47,10 +47,16 @@ def loss_plot(fit, n_train: int, n_valid: int, path: Path) -> None:
     ax = fig.subplots()
     ax.plot(loss, lw=0.5, alpha=0.5, label="train (minibatch)")
     w = min(50, len(loss))
-    ax.plot(np.arange(w - 1, len(loss)), np.convolve(loss, np.ones(w) / w, mode="valid"), label=f"train ({w}-step mean)")
+    ax.plot(
+        np.arange(w - 1, len(loss)), np.convolve(loss, np.ones(w) / w, mode="valid"), label=f"train ({w}-step mean)"
+    )
     if fit.history.get("val_loss"):
         ax.plot(fit.history["val_step"], np.asarray(fit.history["val_loss"]) / n_valid, "o-", ms=2, label="validation")
-    ax.set(xlabel="step", ylabel="negative ELBO per digit (nats)", ylim=(np.percentile(loss, 1) - 1, np.percentile(loss, 99) + 1))
+    ax.set(
+        xlabel="step",
+        ylabel="negative ELBO per digit (nats)",
+        ylim=(np.percentile(loss, 1) - 1, np.percentile(loss, 99) + 1),
+    )
     ax.legend()
     fig.savefig(path, dpi=100, bbox_inches="tight")
 
@@ -69,8 +75,9 @@ def main(argv=None) -> int:
 
     train, valid, test = (load_digits(s, binarize=True) for s in ("train", "valid", "test"))
     vae = VAE.from_data(train)  # 64-256-16, the architecture of Pyro's VAE tutorial
-    engine = SVI(num_steps=steps, batch_size=100, lr=3e-3, lr_schedule="cosine", eval_every=120,
-                 patience=8, seed=args.seed)
+    engine = SVI(
+        num_steps=steps, batch_size=100, lr=3e-3, lr_schedule="cosine", eval_every=120, patience=8, seed=args.seed
+    )
     print(f"training a VAE on {len(train)} binarized digits for up to {steps} steps ...", file=sys.stderr)
     fit = engine.run(vae.model, vae.guide, vae.data_args(train), val_data=vae.data_args(valid))
     fit.module, fit.spec = vae, vae.spec
@@ -82,15 +89,24 @@ def main(argv=None) -> int:
     (out / "test_nll.txt").write_text(
         f"VAE test NLL (IWAE, k={k}): {nll.nll:.3f} +/- {nll.stderr:.3f} nats per digit (n={nll.n})\n"
         f"factorized Bernoulli baseline: {base.nll:.3f} +/- {base.stderr:.3f} nats per digit\n"
-        f"improvement: {base.nll - nll.nll:.3f} nats\n")
+        f"improvement: {base.nll - nll.nll:.3f} nats\n"
+    )
 
     x = test.x[:10]
     image_grid(vae.sample(64, mean=True), 8, out / "samples.png", "VAE samples (decoder means)")
-    image_grid(torch.cat([x, vae.reconstruct(x)]), 2, out / "reconstructions.png",
-               "test digits (top) and reconstructions (bottom)")
+    image_grid(
+        torch.cat([x, vae.reconstruct(x)]),
+        2,
+        out / "reconstructions.png",
+        "test digits (top) and reconstructions (bottom)",
+    )
     pairs = [(0, 1), (2, 3), (4, 5), (6, 7)]
-    image_grid(torch.cat([vae.interpolate(test.x[a], test.x[b], steps=10) for a, b in pairs]), len(pairs),
-               out / "interpolation.png", "latent-space interpolation between test digits")
+    image_grid(
+        torch.cat([vae.interpolate(test.x[a], test.x[b], steps=10) for a, b in pairs]),
+        len(pairs),
+        out / "interpolation.png",
+        "latent-space interpolation between test digits",
+    )
     loss_plot(fit, len(train), len(valid), out / "loss.png")
 
     h = fit.history
@@ -103,8 +119,10 @@ def main(argv=None) -> int:
     ]
     if h.get("val_loss"):
         best = fit.extra.get("best_val", {})
-        lines.append(f"best validation negative ELBO: {best.get('loss', min(h['val_loss'])) / len(valid):.3f} nats "
-                     f"per digit at step {best.get('step', '?')}")
+        lines.append(
+            f"best validation negative ELBO: {best.get('loss', min(h['val_loss'])) / len(valid):.3f} nats "
+            f"per digit at step {best.get('step', '?')}"
+        )
     lines += [str(nll), str(base)]
     (out / "summary.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -91,10 +91,16 @@ def samples_to_inference_data(
             if f.vectorized:
                 coords.setdefault(f.name, np.arange(f.size))
     posterior = {k: to_numpy(v) for k, v in samples.items()}
-    observed = {n: s for n, s in _sample_sites(trace, observed=True).items()
-                if n not in samples and not s["infer"].get("_deterministic")}
-    deterministic = [n for n, s in trace.nodes.items() if s["type"] == "sample" and n not in samples
-                     and s["infer"].get("_deterministic")]
+    observed = {
+        n: s
+        for n, s in _sample_sites(trace, observed=True).items()
+        if n not in samples and not s["infer"].get("_deterministic")
+    }
+    deterministic = [
+        n
+        for n, s in trace.nodes.items()
+        if s["type"] == "sample" and n not in samples and s["infer"].get("_deterministic")
+    ]
     if deterministic:
         posterior.update(deterministic_draws(model, samples, args, kwargs, deterministic))
     groups = {"posterior": posterior}
@@ -109,8 +115,9 @@ def samples_to_inference_data(
         flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in samples.items()}
         with torch.no_grad():
             # uncondition: the observed sites are drawn anew, not returned as the data
-            pred = Predictive(poutine.uncondition(model), posterior_samples=flat,
-                              return_sites=list(observed))(*args, **kwargs)
+            pred = Predictive(poutine.uncondition(model), posterior_samples=flat, return_sites=list(observed))(
+                *args, **kwargs
+            )
         groups["posterior_predictive"] = {
             n: to_numpy(v).reshape(chains, draws, *observed[n]["value"].shape) for n, v in pred.items() if n in observed
         }
@@ -146,8 +153,10 @@ def deterministic_draws(model, samples: dict, args=(), kwargs=None, names=()) ->
     kwargs = kwargs or {}
     chains, draws = next(iter(samples.values())).shape[:2]
     flat = {k: torch.as_tensor(v).reshape(chains * draws, *v.shape[2:]) for k, v in samples.items()}
-    shapes = {n: trace_model(model, args, kwargs, condition={k: v[0] for k, v in flat.items()}).nodes[n]["value"].shape
-              for n in names}
+    shapes = {
+        n: trace_model(model, args, kwargs, condition={k: v[0] for k, v in flat.items()}).nodes[n]["value"].shape
+        for n in names
+    }
     with torch.no_grad():
         try:
             out = Predictive(model, posterior_samples=flat, return_sites=list(names), parallel=True)(*args, **kwargs)
@@ -224,8 +233,9 @@ def guide_draws(model, guide, args=(), kwargs=None, num_samples: int = 500) -> d
     return {k: v.reshape(1, num_samples, *shapes[k]) for k, v in pred.items() if k in shapes}
 
 
-def fit_to_inference_data(fit, num_samples: int = 500, log_likelihood: bool = True,
-                          posterior_predictive: bool = False) -> az.InferenceData:
+def fit_to_inference_data(
+    fit, num_samples: int = 500, log_likelihood: bool = True, posterior_predictive: bool = False
+) -> az.InferenceData:
     """What ``Fit.to_arviz()`` returns (draws from ``fit.samples`` or from the guide)."""
     if fit.engine in ("pcd", "greedy"):
         return chain_energy_inference_data(fit)
@@ -249,8 +259,13 @@ def fit_to_inference_data(fit, num_samples: int = 500, log_likelihood: bool = Tr
         raise ValueError("the model has no latent sites: there is no posterior to convert")
     stats = (fit.extra.get("tensors") or {}).get("sample_stats") if fit.samples else None
     return samples_to_inference_data(
-        fit.model, samples, fit.args, fit.kwargs, log_likelihood=log_likelihood,
-        posterior_predictive=posterior_predictive, sample_stats=stats,
+        fit.model,
+        samples,
+        fit.args,
+        fit.kwargs,
+        log_likelihood=log_likelihood,
+        posterior_predictive=posterior_predictive,
+        sample_stats=stats,
     )
 
 
@@ -309,8 +324,7 @@ def latent_draws(fit, names, num_samples: int = 200) -> dict:
     if fit.guide is None or not names:
         return {}
     fit.restore()
-    return {k: v for k, v in guide_draws(fit.model, fit.guide, fit.args, fit.kwargs, num_samples).items()
-            if k in names}
+    return {k: v for k, v in guide_draws(fit.model, fit.guide, fit.args, fit.kwargs, num_samples).items() if k in names}
 
 
 def per_point_summary(draws: dict) -> str:
@@ -321,9 +335,11 @@ def per_point_summary(draws: dict) -> str:
         v = v.detach().double()
         flat = v.reshape(v.shape[0], v.shape[1], v.shape[2], -1)  # chain, draw, point, element
         mean, sd = flat.mean((0, 1)), flat.std(1).mean(0) if flat.shape[1] > 1 else torch.zeros(flat.shape[2:])
-        row = (f"{name:<12} points {flat.shape[2]:>6}  elements/point {flat.shape[3]:>4}  "
-               f"posterior mean [{mean.min():.3g}, {mean.max():.3g}]  posterior sd median {sd.median():.3g} "
-               f"[{sd.min():.3g}, {sd.max():.3g}]")
+        row = (
+            f"{name:<12} points {flat.shape[2]:>6}  elements/point {flat.shape[3]:>4}  "
+            f"posterior mean [{mean.min():.3g}, {mean.max():.3g}]  posterior sd median {sd.median():.3g} "
+            f"[{sd.min():.3g}, {sd.max():.3g}]"
+        )
         if flat.shape[0] > 1 and flat.shape[1] > 3:
             rhat = az.rhat(az.convert_to_dataset({"x": to_numpy(flat.reshape(*flat.shape[:2], -1))}))["x"].values
             row += f"  R-hat max {np.nanmax(rhat):.3f}, {np.mean(rhat > 1.01):.1%} of elements > 1.01"

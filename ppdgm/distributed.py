@@ -77,8 +77,10 @@ def check_nproc(nproc, n: int, batch_size: int | None) -> None:
         raise ValueError(f"--nproc must be an int >= 1, got {nproc!r}")
     batches = math.ceil(n / batch_size) if batch_size else n
     if nproc > batches:
-        raise ValueError(f"--nproc {nproc} is larger than the data's {batches} minibatches of {batch_size}: "
-                         "some ranks would get no data")
+        raise ValueError(
+            f"--nproc {nproc} is larger than the data's {batches} minibatches of {batch_size}: "
+            "some ranks would get no data"
+        )
 
 
 def broadcast_params(params: list[torch.Tensor]) -> None:

@@ -92,16 +92,19 @@ def iwae_log_likelihood(
     expectation as ``k`` grows and converges to ``log p(x)``.
     """
     if not callable(model) or not callable(guide):
-        raise TypeError(f"model and guide must be callable Pyro programs, got {type(model).__name__} "
-                        f"and {type(guide).__name__}")
+        raise TypeError(
+            f"model and guide must be callable Pyro programs, got {type(model).__name__} and {type(guide).__name__}"
+        )
     for arg, val in (("k", k), ("batch_size", batch_size)):
         if not isinstance(val, int) or isinstance(val, bool) or val < 1:
             raise ValueError(f"{arg} must be a positive int, got {val!r}")
     if particle_batch is not None and (not isinstance(particle_batch, int) or particle_batch < 1):
         raise ValueError(f"particle_batch must be a positive int or None, got {particle_batch!r}")
     if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() == 0:
-        raise ValueError("expected the data as the first positional argument: a tensor with one row per point, "
-                         f"got {type(args[0]).__name__ if args else 'nothing'}")
+        raise ValueError(
+            "expected the data as the first positional argument: a tensor with one row per point, "
+            f"got {type(args[0]).__name__ if args else 'nothing'}"
+        )
     n = args[0].shape[0]
     if n == 0:
         raise ValueError("expected at least one data point, got an empty tensor")
@@ -111,8 +114,10 @@ def iwae_log_likelihood(
     with torch.no_grad(), progress_bar(n, f"IWAE k={k}") as bar:
         for start in range(0, n, batch_size):
             chunk = _rows(args, n, start, min(start + batch_size, n))
-            lw = [_log_weights(model, guide, chunk, kwargs, min(particle_batch, k - i), nesting, data_plate)
-                  for i in range(0, k, particle_batch)]
+            lw = [
+                _log_weights(model, guide, chunk, kwargs, min(particle_batch, k - i), nesting, data_plate)
+                for i in range(0, k, particle_batch)
+            ]
             out.append(torch.logsumexp(torch.cat(lw), 0) - math.log(k))
             bar.update(len(out[-1]))
     return torch.cat(out)
@@ -125,8 +130,12 @@ def _rows(args, n, start, stop):
 def _is_weighted(site) -> bool:
     from pyro.poutine.util import site_is_subsample
 
-    return (site["type"] == "sample" and not site_is_subsample(site)
-            and not site["infer"].get("_deterministic") and not site["infer"].get("is_auxiliary"))
+    return (
+        site["type"] == "sample"
+        and not site_is_subsample(site)
+        and not site["infer"].get("_deterministic")
+        and not site["infer"].get("is_auxiliary")
+    )
 
 
 def _max_plate_nesting(model, guide, args, kwargs) -> int:
@@ -135,8 +144,14 @@ def _max_plate_nesting(model, guide, args, kwargs) -> int:
     with poutine.block(), torch.no_grad():
         gtr = poutine.trace(guide).get_trace(*args, **kwargs)
         mtr = poutine.trace(poutine.replay(model, trace=gtr)).get_trace(*args, **kwargs)
-    dims = [f.dim for tr in (gtr, mtr) for s in tr.nodes.values() if s["type"] == "sample"
-            for f in s["cond_indep_stack"] if f.vectorized and f.dim is not None]
+    dims = [
+        f.dim
+        for tr in (gtr, mtr)
+        for s in tr.nodes.values()
+        if s["type"] == "sample"
+        for f in s["cond_indep_stack"]
+        if f.vectorized and f.dim is not None
+    ]
     return max([1, *(-d for d in dims)])
 
 
@@ -351,8 +366,11 @@ def _cache_dir():
     import tempfile
     from pathlib import Path
 
-    for base in (os.environ.get("PPDGM_CACHE"), Path.home() / ".cache" / "ppdgm",
-                 Path(tempfile.gettempdir()) / "ppdgm-cache"):
+    for base in (
+        os.environ.get("PPDGM_CACHE"),
+        Path.home() / ".cache" / "ppdgm",
+        Path(tempfile.gettempdir()) / "ppdgm-cache",
+    ):
         if base is None:
             continue
         try:
@@ -424,5 +442,4 @@ def sample_quality(real, fake, features=None, k: int = 3, num_permutations: int 
     m = mmd(real, fake, num_permutations=num_permutations, seed=seed)
     pr = precision_recall(real, fake, k=k)
     fd = frechet_distance(real, fake, features=features)
-    return {"mmd2": m.mmd2, "mmd_p_value": m.p_value, "precision": pr.precision, "recall": pr.recall,
-            "frechet": fd}
+    return {"mmd2": m.mmd2, "mmd_p_value": m.p_value, "precision": pr.precision, "recall": pr.recall, "frechet": fd}

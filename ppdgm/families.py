@@ -68,12 +68,19 @@ def parameters(fn: Callable) -> dict[str, inspect.Parameter]:
             if init is None:
                 continue
             params = inspect.signature(init).parameters
-            found.update({k: p for k, p in params.items() if k != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
-                          and k not in found})
+            found.update(
+                {
+                    k: p
+                    for k, p in params.items()
+                    if k != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and k not in found
+                }
+            )
             if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
                 break
         return found
-    return {k: p for k, p in inspect.signature(fn).parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return {
+        k: p for k, p in inspect.signature(fn).parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    }
 
 
 def family_keys(name: str) -> list[str]:
@@ -130,7 +137,9 @@ def default_engine_config(family: Family) -> dict:
     return dict(family.engine_config)
 
 
-def make_engine(family: Family | None, engine_name: str | None, options: dict, *, explicit: dict | None = None) -> Engine:
+def make_engine(
+    family: Family | None, engine_name: str | None, options: dict, *, explicit: dict | None = None
+) -> Engine:
     """An engine configured by, in rising precedence: the family's ``engine_config`` (only for its
     default engine), ``options`` (the command line's generic flags, dropped where the engine does not
     take them when left unset), and ``explicit`` (options the user named: refused if not taken).
@@ -159,8 +168,10 @@ def check_can_fit(family: Family, engine: Engine) -> None:
     if protocol is None:
         raise ValueError(f"engine {engine.name!r} declares an unknown input {engine.input!r}")
     if not isinstance(family, protocol):
-        raise ValueError(f"family {family.spec['name']} cannot be fit by engine {engine.name!r}: it does not "
-                         f"implement {protocol.__name__} (ppdgm.models.family)")
+        raise ValueError(
+            f"family {family.spec['name']} cannot be fit by engine {engine.name!r}: it does not "
+            f"implement {protocol.__name__} (ppdgm.models.family)"
+        )
 
 
 def data_args(family: Family, dataset: Dataset) -> tuple:
@@ -172,8 +183,15 @@ def data_args(family: Family, dataset: Dataset) -> tuple:
 # fitting
 
 
-def fit_family(family: Any, engine: Engine, train: Dataset, valid: Dataset | None = None,
-               checkpoint_dir: PathLike | None = None, resume: bool = False, callbacks: tuple | list = ()) -> Fit:
+def fit_family(
+    family: Any,
+    engine: Engine,
+    train: Dataset,
+    valid: Dataset | None = None,
+    checkpoint_dir: PathLike | None = None,
+    resume: bool = False,
+    callbacks: tuple | list = (),
+) -> Fit:
     """Run ``engine`` on ``family`` with the datasets ``train``/``valid``; the Fit knows its family.
 
     ``family`` is a :class:`~ppdgm.models.family.Family` that implements the protocol of ``engine.input``
@@ -224,8 +242,10 @@ def evaluate_family(family: Family, dataset: Dataset, **options: Any) -> NatsEst
     if not isinstance(family, ScoresInNats):
         with torch.no_grad():
             fake = family.sample(len(args[0]))
-        return {k: round(float(v), 4) if v is not None else None
-                for k, v in sample_quality(args[0], fake.reshape(len(fake), -1), **options).items()}
+        return {
+            k: round(float(v), 4) if v is not None else None
+            for k, v in sample_quality(args[0], fake.reshape(len(fake), -1), **options).items()
+        }
     # the further tensors of data_args (a BNN's targets, a forecaster's start times) go by name
     # (parameters that default to None; estimator options such as method= have real defaults)
     names = []

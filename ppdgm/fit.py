@@ -75,7 +75,9 @@ def safe_load(path: PathLike, map_location: Any = None) -> Any:
         raise ValueError(f"{path}: the file is corrupt ({str(err).splitlines()[0]})") from None
     except (EOFError, RuntimeError, OSError, KeyError, ValueError, AttributeError, TypeError) as err:
         detail = str(err).splitlines()[0][:120] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path}: the file is truncated or corrupt, not a complete torch.save file ({detail})") from None
+        raise ValueError(
+            f"{path}: the file is truncated or corrupt, not a complete torch.save file ({detail})"
+        ) from None
 
 
 def check_writable(directory: PathLike, what: str = "output folder") -> Path:
@@ -250,8 +252,13 @@ def _jsonable(obj: Any) -> Any:
     return repr(obj)
 
 
-def load(directory: PathLike, model: Callable | None = None, guide: Callable | None = None, device: Device = None,
-         trust_code: bool = False) -> Fit:
+def load(
+    directory: PathLike,
+    model: Callable | None = None,
+    guide: Callable | None = None,
+    device: Device = None,
+    trust_code: bool = False,
+) -> Fit:
     """Read a saved Fit. Zoo models are rebuilt from the saved spec. A fit of a user's
     ``file.py:function`` model names that file; it is imported (that is, run) only with
     ``trust_code=True`` — otherwise pass ``model=`` (and ``guide=``) or expect
@@ -265,10 +272,13 @@ def load(directory: PathLike, model: Callable | None = None, guide: Callable | N
         raise ValueError(f"{directory / FIT_FILE}: the file is truncated or corrupt ({err})") from None
     spec = meta.get("spec")
     if model is None and spec and "function" in spec and not trust_code:
-        files = [spec["function"].rpartition(":")[0]] + ([spec["guide"].rpartition(":")[0]] if spec.get("guide") else [])
+        files = [spec["function"].rpartition(":")[0]] + (
+            [spec["guide"].rpartition(":")[0]] if spec.get("guide") else []
+        )
         raise UntrustedCodeError(
             f"{directory / FIT_FILE} names Python code ({', '.join(files)}); opening it would run that file: "
-            f"pass trust_code=True (command line: --trust-code) if you trust it, or model= to supply the model")
+            f"pass trust_code=True (command line: --trust-code) if you trust it, or model= to supply the model"
+        )
     tensors = safe_load(directory / TENSORS_FILE, map_location=device) if (directory / TENSORS_FILE).exists() else {}
     extra = dict(meta.get("extra") or {})
     if tensors.get("extra") is not None:

@@ -101,8 +101,10 @@ class LayerGraph:
         if len(self.visible) != 1:
             raise ValueError(f"graph: a DBN has one visible layer, got {self.visible}")
         if len(pairs) != 1:
-            raise ValueError(f"graph: a DBN's DiGraph needs exactly one undirected (both-ways) top pair, got "
-                             f"{[tuple(p) for p in pairs]}")
+            raise ValueError(
+                f"graph: a DBN's DiGraph needs exactly one undirected (both-ways) top pair, got "
+                f"{[tuple(p) for p in pairs]}"
+            )
         top = tuple(sorted(next(iter(pairs)), key=lambda n: depth[n]))
         deepest = max(depth.values())
         if depth[top[1]] != deepest:
@@ -162,8 +164,11 @@ class LayerGraph:
         return graph_to_json(self.graph)
 
     def __repr__(self) -> str:
-        parts = [f"{n}[{self.size(n)}{', ' + self.units(n) if self.units(n) != 'bernoulli' else ''}"
-                 f"{', visible' if self.is_visible(n) else ''}]" for n in self.layers]
+        parts = [
+            f"{n}[{self.size(n)}{', ' + self.units(n) if self.units(n) != 'bernoulli' else ''}"
+            f"{', visible' if self.is_visible(n) else ''}]"
+            for n in self.layers
+        ]
         return f"LayerGraph({'DBN' if self.directed else 'undirected'}: {' '.join(parts)}; edges {self.edges})"
 
 

@@ -17,8 +17,12 @@ import torch
 
 
 def check_step_size(step_size, name: str = "step_size") -> float:
-    if isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not math.isfinite(step_size) \
-            or step_size <= 0:
+    if (
+        isinstance(step_size, bool)
+        or not isinstance(step_size, (int, float))
+        or not math.isfinite(step_size)
+        or step_size <= 0
+    ):
         raise ValueError(f"{name} must be a positive finite number, got {step_size!r}")
     return float(step_size)
 
@@ -46,8 +50,14 @@ class Langevin:
         clamp: ``(low, high)`` to keep states inside the data's box, or None.
     """
 
-    def __init__(self, step_size: float = 0.01, num_steps: int = 100, noise_scale: float | None = None,
-                 grad_clip: float | None = None, clamp: tuple[float, float] | None = None):
+    def __init__(
+        self,
+        step_size: float = 0.01,
+        num_steps: int = 100,
+        noise_scale: float | None = None,
+        grad_clip: float | None = None,
+        clamp: tuple[float, float] | None = None,
+    ):
         self.step_size = check_step_size(step_size)
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
             raise ValueError(f"num_steps must be a non-negative int, got {num_steps!r}")
@@ -62,8 +72,9 @@ class Langevin:
         self.grad_clip = grad_clip
         self.clamp = tuple(clamp) if clamp is not None else None
 
-    def step(self, x: torch.Tensor, score: Callable, step_size: float | None = None,
-             noise_scale: float | None = None) -> torch.Tensor:
+    def step(
+        self, x: torch.Tensor, score: Callable, step_size: float | None = None, noise_scale: float | None = None
+    ) -> torch.Tensor:
         """One Langevin move of every chain (rows of ``x``)."""
         eps = self.step_size if step_size is None else step_size
         sd = self.noise_scale if noise_scale is None else noise_scale
@@ -79,8 +90,14 @@ class Langevin:
         return x.detach()
 
     @torch.no_grad()
-    def run(self, x0: torch.Tensor, log_density: Callable | None = None, score: Callable | None = None,
-            num_steps: int | None = None, return_path: bool = False):
+    def run(
+        self,
+        x0: torch.Tensor,
+        log_density: Callable | None = None,
+        score: Callable | None = None,
+        num_steps: int | None = None,
+        return_path: bool = False,
+    ):
         """Advance chains from ``x0`` by ``num_steps`` steps; give ``log_density`` or ``score``.
 
         Returns the final states, or ``(states, path)`` with ``path`` shaped ``(steps + 1, *x0.shape)``.

@@ -36,8 +36,13 @@ def latent_sites(trace) -> dict:
 
 def max_plate_nesting(trace) -> int:
     """How many batch dimensions the vectorized plates of ``trace`` use on the left."""
-    dims = [f.dim for s in trace.nodes.values() if s["type"] == "sample"
-            for f in s["cond_indep_stack"] if f.vectorized and f.dim is not None]
+    dims = [
+        f.dim
+        for s in trace.nodes.values()
+        if s["type"] == "sample"
+        for f in s["cond_indep_stack"]
+        if f.vectorized and f.dim is not None
+    ]
     return -min(dims) if dims else 0
 
 
@@ -49,8 +54,7 @@ def check_continuous_latents(trace, allow_enumerated: bool) -> None:
         if discrete and not (allow_enumerated and site["infer"].get("enumerate")):
             bad.append(name)
     if bad:
-        how = ("mark them infer={'enumerate': 'parallel'} so NUTS/HMC sum them out, or "
-               if allow_enumerated else "")
+        how = "mark them infer={'enumerate': 'parallel'} so NUTS/HMC sum them out, or " if allow_enumerated else ""
         raise ValueError(
             f"HMC needs continuous latent sites, but {bad} {'is' if len(bad) == 1 else 'are'} discrete "
             f"(support {latent_sites(trace)[bad[0]]['fn'].support}); {how}observe them, or marginalize them "
@@ -105,7 +109,9 @@ class BatchedLogDensity:
             self.sites.append(_Site(name, value.shape, fn.event_dim, t, ushape, offset, numel))
             offset += numel
         self.dim = offset
-        self.dtype = next(iter(latent_sites(trace).values()))["value"].dtype if self.sites else torch.get_default_dtype()
+        self.dtype = (
+            next(iter(latent_sites(trace).values()))["value"].dtype if self.sites else torch.get_default_dtype()
+        )
 
     # -- unconstrained <-> constrained --------------------------------------------------------
     def split(self, u: torch.Tensor) -> dict:

@@ -78,8 +78,14 @@ class ConvEncoder(nn.Module):
     2x2 max-pool halves it once.
     """
 
-    def __init__(self, image_shape: tuple[int, int], out_dim: int, channels: Sequence[int] = (16, 32),
-                 in_channels: int = 1, activation: str = "relu"):
+    def __init__(
+        self,
+        image_shape: tuple[int, int],
+        out_dim: int,
+        channels: Sequence[int] = (16, 32),
+        in_channels: int = 1,
+        activation: str = "relu",
+    ):
         super().__init__()
         h, w = _check_image(image_shape)
         if len(channels) != 2 or not all(isinstance(c, int) and c >= 1 for c in channels):
@@ -87,9 +93,12 @@ class ConvEncoder(nn.Module):
         c1, c2 = channels
         self.image_shape, self.in_channels = (h, w), in_channels
         self.net = nn.Sequential(
-            nn.Conv2d(in_channels, c1, 3, padding=1), make_activation(activation),
-            nn.Conv2d(c1, c2, 3, padding=1), make_activation(activation),
-            nn.MaxPool2d(2), nn.Flatten(),
+            nn.Conv2d(in_channels, c1, 3, padding=1),
+            make_activation(activation),
+            nn.Conv2d(c1, c2, 3, padding=1),
+            make_activation(activation),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
             nn.Linear(c2 * (h // 2) * (w // 2), out_dim),
         )
 
@@ -103,8 +112,14 @@ class ConvDecoder(nn.Module):
     """Features ``(..., in_dim)`` -> flat image parameters ``(..., c*h*w)``: a linear map to a half-size
     grid, a 2x nearest upsample and two 3x3 convs (mirrors :class:`ConvEncoder`)."""
 
-    def __init__(self, in_dim: int, image_shape: tuple[int, int], channels: Sequence[int] = (32, 16),
-                 out_channels: int = 1, activation: str = "relu"):
+    def __init__(
+        self,
+        in_dim: int,
+        image_shape: tuple[int, int],
+        channels: Sequence[int] = (32, 16),
+        out_channels: int = 1,
+        activation: str = "relu",
+    ):
         super().__init__()
         h, w = _check_image(image_shape)
         if len(channels) != 2 or not all(isinstance(c, int) and c >= 1 for c in channels):
@@ -112,10 +127,12 @@ class ConvDecoder(nn.Module):
         c1, c2 = channels
         self.image_shape, self.out_channels = (h, w), out_channels
         self.net = nn.Sequential(
-            nn.Linear(in_dim, c1 * (h // 2) * (w // 2)), make_activation(activation),
+            nn.Linear(in_dim, c1 * (h // 2) * (w // 2)),
+            make_activation(activation),
             nn.Unflatten(1, (c1, h // 2, w // 2)),
             nn.Upsample(size=(h, w), mode="nearest"),
-            nn.Conv2d(c1, c2, 3, padding=1), make_activation(activation),
+            nn.Conv2d(c1, c2, 3, padding=1),
+            make_activation(activation),
             nn.Conv2d(c2, out_channels, 3, padding=1),
         )
 
@@ -125,8 +142,11 @@ class ConvDecoder(nn.Module):
 
 
 def _check_image(image_shape):
-    if (not isinstance(image_shape, (tuple, list)) or len(image_shape) != 2
-            or not all(isinstance(s, int) and s >= 2 for s in image_shape)):
+    if (
+        not isinstance(image_shape, (tuple, list))
+        or len(image_shape) != 2
+        or not all(isinstance(s, int) and s >= 2 for s in image_shape)
+    ):
         raise ValueError(f"image_shape must be (height, width) with both >= 2, got {image_shape!r}")
     return tuple(image_shape)
 

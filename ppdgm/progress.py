@@ -28,7 +28,6 @@ def progress_bar(total: int, desc: str, enabled: bool | None = None):
     disable = (not sys.stderr.isatty()) if enabled is None else not enabled
     try:
         import ipywidgets  # noqa: F401
-
         from tqdm.auto import tqdm
     except ImportError:
         from tqdm.std import tqdm

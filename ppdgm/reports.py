@@ -39,8 +39,9 @@ def save_image_grid(x, path, image_shape=None, ncols: int | None = None, title: 
         tiles = torch.ones(nrows * (h + 1) + 1, ncols * (w + 1) + 1) * 0.5
         for i in range(n):
             r, c = divmod(i, ncols)
-            tiles[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + c * (w + 1): 1 + c * (w + 1) + w] = (
-                x[i].reshape(h, w).clamp(0, 1))
+            tiles[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = (
+                x[i].reshape(h, w).clamp(0, 1)
+            )
         fig = Figure(figsize=(ncols * 0.6, nrows * 0.6))
         ax = fig.subplots()
         ax.imshow(tiles, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
@@ -65,8 +66,9 @@ LOSS_LABELS = {
 """What each training engine's ``history["loss"]`` measures, for the y-axis of loss.png."""
 
 
-def plot_history(history: dict, path, keys=("loss", "val_loss"), ylabel: str = "loss",
-                 scale: dict | None = None) -> Path:
+def plot_history(
+    history: dict, path, keys=("loss", "val_loss"), ylabel: str = "loss", scale: dict | None = None
+) -> Path:
     """Training curves of the named history entries (validation plotted at its own steps).
 
     ``scale`` divides an entry (e.g. ``{"loss": 1200, "val_loss": 300}`` puts a loss summed over
@@ -112,8 +114,13 @@ def plot_density_over_data(module, data, path) -> Path | None:
         logp = module.log_likelihood(grid).reshape(80, 80)
     fig = Figure(figsize=(4, 4))
     ax = fig.subplots()
-    ax.imshow(np.exp((logp - logp.max()).numpy()), origin="lower", extent=(lo[0], hi[0], lo[1], hi[1]),
-              cmap="viridis", aspect="auto")
+    ax.imshow(
+        np.exp((logp - logp.max()).numpy()),
+        origin="lower",
+        extent=(lo[0], hi[0], lo[1], hi[1]),
+        cmap="viridis",
+        aspect="auto",
+    )
     ax.scatter(data[:, 0], data[:, 1], s=2, c="white", alpha=0.4, label="data")
     ax.legend(loc="upper right")
     ax.set_title("model density (unnormalized) and data")
@@ -137,7 +144,6 @@ def summary_text(fit, max_rows: int = 40, num_samples: int = 200, var_names=None
 
     if fit.engine in ("pcd", "greedy"):
         import arviz as az  # imported only where a table is made: it costs seconds
-
 
         if not fit.samples or "chain_energy" not in fit.samples:
             return "no chain energies recorded (the run was shorter than record_every)\n"
@@ -184,13 +190,15 @@ def convergence_warnings(fit, tail: float = 0.2) -> list[str]:
     loss = np.asarray(fit.history.get("loss") or [], dtype=float)
     if fit.engine != "adversarial" and len(loss) >= 50 and np.isfinite(loss).all():
         k = max(5, int(len(loss) * tail / 2))
-        before, last = loss[-2 * k:-k], loss[-k:]
+        before, last = loss[-2 * k : -k], loss[-k:]
         drop = before.mean() - last.mean()
         noise = np.sqrt(before.var(ddof=1) / k + last.var(ddof=1) / k)
         if drop > 3 * noise and drop > 1e-3 * abs(last.mean()):
-            out.append(f"the loss is still falling over the last {2 * k} of {len(loss)} steps "
-                       f"({before.mean():.4g} -> {last.mean():.4g}); the fit has not converged: "
-                       f"train longer or with a larger learning rate (--steps, --lr)")
+            out.append(
+                f"the loss is still falling over the last {2 * k} of {len(loss)} steps "
+                f"({before.mean():.4g} -> {last.mean():.4g}); the fit has not converged: "
+                f"train longer or with a larger learning rate (--steps, --lr)"
+            )
     if fit.samples and fit.engine not in ("pcd", "greedy"):
         import arviz as az
 
@@ -208,8 +216,10 @@ def convergence_warnings(fit, tail: float = 0.2) -> list[str]:
         if "diverging" in stats:
             n = int(torch.as_tensor(stats["diverging"]).sum())
             if n:
-                out.append(f"{n} divergent transitions: the posterior is hard to explore; raise target_accept "
-                           f"or reparameterize")
+                out.append(
+                    f"{n} divergent transitions: the posterior is hard to explore; raise target_accept "
+                    f"or reparameterize"
+                )
     return out
 
 
@@ -218,7 +228,7 @@ def diagnose_text(fit, var_names=None, num_samples: int = 200, max_rows: int = 4
     hist = fit.history
     text = ""
     if hist.get("loss"):
-        tail = hist["loss"][-max(1, len(hist["loss"]) // 10):]
+        tail = hist["loss"][-max(1, len(hist["loss"]) // 10) :]
         text += f"{fit.engine}: {len(hist['loss'])} steps, final loss {sum(tail) / len(tail):.4g} (mean of last 10%)\n"
     return text + summary_text(fit, max_rows=max_rows, num_samples=num_samples, var_names=var_names)
 
@@ -243,8 +253,13 @@ def write_fit_report(fit, out) -> list[str]:
         if draws is not None:
             save_image_grid(draws, out / "samples.png")
             written.append("samples.png")
-        if (fit.engine in DENSITY_ENGINES and data is not None and data.dim() == 2 and data.shape[1] == 2
-                and callable(getattr(module, "log_likelihood", None))):
+        if (
+            fit.engine in DENSITY_ENGINES
+            and data is not None
+            and data.dim() == 2
+            and data.shape[1] == 2
+            and callable(getattr(module, "log_likelihood", None))
+        ):
             plot_density_over_data(module, data, out / "density.png")
             written.append("density.png")
     if fit.model is not None and (fit.guide is not None or fit.samples):

@@ -125,9 +125,19 @@ class MLflowTracker(Callback):
         warn: called with the one message saying tracking stopped (default: ``warnings.warn``).
     """
 
-    def __init__(self, tracking_uri: str | None = None, *, out=None, experiment: str = "ppdgm",
-                 run_name: str | None = None, params: dict | None = None, resume: bool = False,
-                 log_fit: bool = True, flush_every: int = 200, warn=None):
+    def __init__(
+        self,
+        tracking_uri: str | None = None,
+        *,
+        out=None,
+        experiment: str = "ppdgm",
+        run_name: str | None = None,
+        params: dict | None = None,
+        resume: bool = False,
+        log_fit: bool = True,
+        flush_every: int = 200,
+        warn=None,
+    ):
         if tracking_uri is not None and not isinstance(tracking_uri, str):
             raise TypeError(f"tracking_uri must be a str such as 'sqlite:///runs/mlruns.db', got {tracking_uri!r}")
         if params is not None and not isinstance(params, dict):
@@ -153,7 +163,7 @@ class MLflowTracker(Callback):
             return None
         try:
             return action(*args)
-        except Exception as err:  # noqa: BLE001 -- any store, driver or file error stops tracking, never the fit
+        except Exception as err:
             reason = " ".join(str(err).split())[:300] or type(err).__name__
             self.stopped = f"tracking stopped: could not {what} ({self.tracking_uri}): {reason}"
             self.warn(self.stopped)
@@ -195,7 +205,7 @@ class MLflowTracker(Callback):
         have = self.client.get_run(self.run_id).data.params
         params = [Param(k, v) for k, v in flatten_params(settings).items() if k not in have]
         for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=params[i:i + MAX_PARAMS_PER_BATCH])
+            self.client.log_batch(self.run_id, params=params[i : i + MAX_PARAMS_PER_BATCH])
 
     def _queue(self, step: int, values: dict, prefix: str = "") -> None:
         from mlflow.entities import Metric
@@ -213,7 +223,7 @@ class MLflowTracker(Callback):
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
         for i in range(0, len(pending), MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=pending[i:i + MAX_METRICS_PER_BATCH])
+            self.client.log_batch(self.run_id, metrics=pending[i : i + MAX_METRICS_PER_BATCH])
 
     # -- the callback ------------------------------------------------------------------------------
 
@@ -235,8 +245,11 @@ class MLflowTracker(Callback):
         if self.run_id is None or self.stopped is not None:
             return
         self._queue_history(fit)
-        self._queue(fit.num_steps, {k: v for k, v in fit.timing.items() if _numeric(v) is not None and math.isfinite(v)},
-                    prefix="timing.")
+        self._queue(
+            fit.num_steps,
+            {k: v for k, v in fit.timing.items() if _numeric(v) is not None and math.isfinite(v)},
+            prefix="timing.",
+        )
         self._guarded("log metrics", self._flush)
         if self.log_fit:
             self._guarded("log the fit as artifacts", self._log_fit, fit)
@@ -308,8 +321,10 @@ def log_evaluation(folder, result, split: str, warn=None) -> bool:
         client = MlflowClient(saved["tracking_uri"])
         for key, value in metrics.items():
             client.log_metric(saved["run_id"], key, value)
-    except Exception as err:  # noqa: BLE001 -- the evaluation is printed already; logging it is optional
-        warn(f"the evaluation was not logged to the fit's MLflow run ({saved['tracking_uri']}): "
-             f"{' '.join(str(err).split())[:300]}")
+    except Exception as err:
+        warn(
+            f"the evaluation was not logged to the fit's MLflow run ({saved['tracking_uri']}): "
+            f"{' '.join(str(err).split())[:300]}"
+        )
         return False
     return True

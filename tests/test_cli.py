@@ -31,8 +31,22 @@ def test_fit_a_users_own_pyro_file_on_csv_data_then_diagnose(tmp_path, capsys):
     data = np.random.default_rng(0).normal(loc=[3.0, -1.0], size=(200, 2))
     np.savetxt(tmp_path / "d.csv", data, delimiter=",")
     out = tmp_path / "run"
-    code = main(["fit", f"{tmp_path / 'mine.py'}:model", "--data", str(tmp_path / "d.csv"), "--out", str(out),
-                 "--steps", "400", "--lr", "0.05", "--batch-size", "50"])
+    code = main(
+        [
+            "fit",
+            f"{tmp_path / 'mine.py'}:model",
+            "--data",
+            str(tmp_path / "d.csv"),
+            "--out",
+            str(out),
+            "--steps",
+            "400",
+            "--lr",
+            "0.05",
+            "--batch-size",
+            "50",
+        ]
+    )
     assert code == 0
     assert {"fit.json", "tensors.pt", "loss.png", "summary.txt"} <= {p.name for p in out.iterdir()}
     fit = ppdgm.load(out, trust_code=True)
@@ -44,8 +58,27 @@ def test_fit_a_users_own_pyro_file_on_csv_data_then_diagnose(tmp_path, capsys):
 
 def test_zoo_fit_sample_evaluate(tmp_path, capsys):
     out = tmp_path / "ppca"
-    assert main(["fit", "ppca", "--data", "digits", "--out", str(out), "--steps", "60", "--lr", "0.02",
-                 "--batch-size", "200", "--set", "latent_features=4"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "ppca",
+                "--data",
+                "digits",
+                "--out",
+                str(out),
+                "--steps",
+                "60",
+                "--lr",
+                "0.02",
+                "--batch-size",
+                "200",
+                "--set",
+                "latent_features=4",
+            ]
+        )
+        == 0
+    )
     assert main(["sample", str(out), "-n", "9", "-o", str(tmp_path / "g.png")]) == 0
     assert (tmp_path / "g.png").stat().st_size > 0
     capsys.readouterr()
@@ -75,8 +108,11 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, capsys, tmp_path, mon
 
 
 def test_bad_arguments_print_no_traceback_from_the_shell():
-    r = subprocess.run([sys.executable, "-m", "ppdgm.cli", "fit", "ppca", "--data", "nope", "--out", "/tmp/x"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "ppdgm.cli", "fit", "ppca", "--data", "nope", "--out", "/tmp/x"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr and "error" in r.stderr
     r = subprocess.run([sys.executable, "-m", "ppdgm.cli", "fit", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--data" in r.stdout
@@ -89,8 +125,25 @@ def test_a_familys_suggested_engine_settings_apply_and_flags_override_them(tmp_p
     assert main(["fit", "rbm", "--data", "digits-binary", "--out", str(tmp_path / "a"), "--steps", "3"]) == 0
     config = ppdgm.load(tmp_path / "a").config
     assert {k: config[k] for k in suggested} == suggested
-    assert main(["fit", "rbm", "--data", "digits-binary", "--out", str(tmp_path / "b"), "--steps", "3",
-                 "--lr", "0.5", "--engine-opt", "optim=sgd"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "rbm",
+                "--data",
+                "digits-binary",
+                "--out",
+                str(tmp_path / "b"),
+                "--steps",
+                "3",
+                "--lr",
+                "0.5",
+                "--engine-opt",
+                "optim=sgd",
+            ]
+        )
+        == 0
+    )
     config = ppdgm.load(tmp_path / "b").config
     assert config["lr"] == 0.5 and config["optim"] == "sgd" and config["lr_schedule"] == suggested["lr_schedule"]
 
@@ -110,8 +163,20 @@ def _user_fit(tmp_path, code=USER_MODEL, steps="30", lr="0.05", extra=()):
     data = np.random.default_rng(0).normal(loc=[3.0, -1.0], size=(100, 2))
     np.savetxt(tmp_path / "d.csv", data, delimiter=",")
     out = tmp_path / "run"
-    argv = ["fit", f"{tmp_path / 'mine.py'}:model", "--data", str(tmp_path / "d.csv"), "--out", str(out),
-            "--steps", steps, "--lr", lr, "--no-progress", *extra]
+    argv = [
+        "fit",
+        f"{tmp_path / 'mine.py'}:model",
+        "--data",
+        str(tmp_path / "d.csv"),
+        "--out",
+        str(out),
+        "--steps",
+        steps,
+        "--lr",
+        lr,
+        "--no-progress",
+        *extra,
+    ]
     return main(argv), out
 
 
@@ -139,7 +204,9 @@ def test_sample_into_an_unwritable_folder_is_refused_before_sampling(tmp_path, c
 
     assert main(["fit", "rbm", "--data", "digits-binary", "--out", str(tmp_path / "r"), "--steps", "2"]) == 0
     capsys.readouterr()
-    monkeypatch.setattr(tempfile, "mkstemp", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    monkeypatch.setattr(
+        tempfile, "mkstemp", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+    )
     assert main(["sample", str(tmp_path / "r"), "-o", str(tmp_path / "ro" / "s.png")]) == 2
     assert "not writable" in _one_line_error(capsys)
 
@@ -158,8 +225,10 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_checkpoint(tmp_path,
 
     monkeypatch.setattr(ppdgm.fit, "atomic_save", full)
     out = tmp_path / "r"
-    assert main(["fit", "rbm", "--data", "digits-binary", "--out", str(out), "--steps", "2", "--checkpoint-every",
-                 "1"]) == 2
+    assert (
+        main(["fit", "rbm", "--data", "digits-binary", "--out", str(out), "--steps", "2", "--checkpoint-every", "1"])
+        == 2
+    )
     err = _one_line_error(capsys)
     assert "No space left on device" in err and "kept" in err
     assert (out / "checkpoint.pt").stat().st_size > 0
@@ -168,8 +237,10 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_checkpoint(tmp_path,
 @pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated"])
 def test_empty_or_truncated_files_are_named_as_such(tmp_path, capsys, content):
     out = tmp_path / "r"
-    assert main(["fit", "rbm", "--data", "digits-binary", "--out", str(out), "--steps", "2", "--checkpoint-every",
-                 "1"]) == 0
+    assert (
+        main(["fit", "rbm", "--data", "digits-binary", "--out", str(out), "--steps", "2", "--checkpoint-every", "1"])
+        == 0
+    )
     capsys.readouterr()
     (out / "checkpoint.pt").write_bytes(content)
     assert main(["fit", "rbm", "--data", "digits-binary", "--out", str(out), "--steps", "4", "--resume"]) == 2
@@ -239,14 +310,44 @@ def test_a_run_that_has_not_converged_warns(tmp_path, capsys):
     data = np.random.default_rng(0).normal(loc=[3.0, -2.0], size=(200, 2))
     np.savetxt(tmp_path / "d.csv", data, delimiter=",")
     out = tmp_path / "slow"
-    assert main(["fit", f"{tmp_path / 'mine.py'}:model", "--data", str(tmp_path / "d.csv"), "--out", str(out),
-                 "--steps", "2000", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                f"{tmp_path / 'mine.py'}:model",
+                "--data",
+                str(tmp_path / "d.csv"),
+                "--out",
+                str(out),
+                "--steps",
+                "2000",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "has not converged" in err
     assert "WARNING" in (out / "summary.txt").read_text()
     # the same model at a learning rate that converges does not warn
-    assert main(["fit", f"{tmp_path / 'mine.py'}:model", "--data", str(tmp_path / "d.csv"), "--out",
-                 str(tmp_path / "fast"), "--steps", "2000", "--lr", "0.05", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                f"{tmp_path / 'mine.py'}:model",
+                "--data",
+                str(tmp_path / "d.csv"),
+                "--out",
+                str(tmp_path / "fast"),
+                "--steps",
+                "2000",
+                "--lr",
+                "0.05",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "has not converged" not in capsys.readouterr().err
 
 
@@ -254,19 +355,37 @@ def test_resume_says_where_it_starts(tmp_path, capsys):
     out = tmp_path / "r"
     assert main(["fit", "rbm", "--data", "digits-binary", "--out", str(out), "--steps", "2", "--resume"]) == 0
     assert "starting from scratch" in capsys.readouterr().err
-    assert main(["fit", "rbm", "--data", "digits-binary", "--out", str(tmp_path / "c"), "--steps", "2",
-                 "--checkpoint-every", "2"]) == 0
-    assert main(["fit", "rbm", "--data", "digits-binary", "--out", str(tmp_path / "c"), "--steps", "4",
-                 "--resume"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "rbm",
+                "--data",
+                "digits-binary",
+                "--out",
+                str(tmp_path / "c"),
+                "--steps",
+                "2",
+                "--checkpoint-every",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["fit", "rbm", "--data", "digits-binary", "--out", str(tmp_path / "c"), "--steps", "4", "--resume"]) == 0
+    )
     assert "resuming from checkpoint.pt at step 2" in capsys.readouterr().err
 
 
 def test_help_is_quick_because_it_does_not_import_torch():
-    code = ("import sys; from ppdgm.cli import parser\n"
-            "for argv in (['--help'], ['fit', '--help']):\n"
-            "    try: parser().parse_args(argv)\n"
-            "    except SystemExit: pass\n"
-            "print('torch' in sys.modules)")
+    code = (
+        "import sys; from ppdgm.cli import parser\n"
+        "for argv in (['--help'], ['fit', '--help']):\n"
+        "    try: parser().parse_args(argv)\n"
+        "    except SystemExit: pass\n"
+        "print('torch' in sys.modules)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stdout.strip().endswith("False"), r.stdout + r.stderr
     r = subprocess.run([sys.executable, "-m", "ppdgm.cli", "fit", "--help"], capture_output=True, text=True)

@@ -1,6 +1,5 @@
 """ArviZ for every HMC/SVI result (named dims, LOO) and the amortized-guide-vs-HMC check."""
 
-
 import arviz as az
 import matplotlib
 import numpy as np
@@ -140,8 +139,9 @@ def test_amortized_check_on_a_trained_vae():
     x = load_digits("train", binarize=True).x
     vae = vae_module.VAE(features=64, latent_features=2, hidden_features=(32,))
     SVI(num_steps=200, batch_size=100, lr=3e-3).run(vae.model, vae.guide, x)
-    chk = amortized_posterior_check(vae.model, vae.guide, x, points=[0, 1, 2], num_chains=16, num_warmup=120,
-                                    num_samples=60, num_importance=1000)
+    chk = amortized_posterior_check(
+        vae.model, vae.guide, x, points=[0, 1, 2], num_chains=16, num_warmup=120, num_samples=60, num_importance=1000
+    )
     se = (chk.elbo_se**2 + chk.log_evidence_se**2).sqrt()
     assert (chk.gap > -4 * se).all() and chk.gap.mean() > 0
     assert (chk.iwae <= chk.log_evidence + 4 * chk.log_evidence_se + 0.05).all()
@@ -159,8 +159,10 @@ def test_models_without_a_posterior_convert_to_their_draws_of_the_data():
     x = torch.randn(200, 2) * torch.tensor([1.0, 0.2])
     score = ScoreModel(features=2, hidden_features=[8], num_scales=20)
     flow = FlowModel(features=2, num_layers=1, hidden_features=[8])
-    fits = [ScoreMatching(num_steps=5, progress=False).run(score, x),
-            SVI(num_steps=5, progress=False).run(flow.model, None, x)]
+    fits = [
+        ScoreMatching(num_steps=5, progress=False).run(score, x),
+        SVI(num_steps=5, progress=False).run(flow.model, None, x),
+    ]
     fits[1].module = flow  # what `ppdgm fit` attaches
     for fit in fits:
         idata = fit.to_arviz(num_samples=30)

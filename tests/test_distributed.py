@@ -16,13 +16,26 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 
 def launch(script, *args, nproc=1, timeout=120):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PPDGM_BACKEND": "gloo",
-           "PPDGM_DIST_TIMEOUT": "30"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore",
+        "PPDGM_BACKEND": "gloo",
+        "PPDGM_DIST_TIMEOUT": "30",
+    }
     if nproc == 1:
         cmd = [sys.executable, str(SCRIPTS / script), *map(str, args)]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "--monitor_interval=0.5", str(SCRIPTS / script), *map(str, args)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "--monitor_interval=0.5",
+            str(SCRIPTS / script),
+            *map(str, args),
+        ]
     t0 = time.monotonic()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     return r, time.monotonic() - t0

@@ -30,8 +30,22 @@ def site(tmp_path_factory):
     shutil.copy(ROOT / "README.md", tmp / "README.md")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     build = subprocess.run(
-        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", str(tmp / "docs"), str(tmp / "html")],
-        capture_output=True, text=True, env=env, timeout=280,
+        [
+            sys.executable,
+            "-m",
+            "sphinx",
+            "-W",
+            "--keep-going",
+            "-q",
+            "-b",
+            "html",
+            str(tmp / "docs"),
+            str(tmp / "html"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=280,
     )
     assert build.returncode == 0, f"sphinx-build -W failed:\n{build.stderr[-6000:]}"
     return tmp / "html"

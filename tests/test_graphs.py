@@ -167,9 +167,12 @@ def layer_graph_specs(draw):
     directed = draw(st.booleans())
     g = nx.DiGraph() if directed else nx.Graph()
     for i in range(n):
-        g.add_node(f"l{i}", size=draw(st.sampled_from([1, 2, 3, 5, 0, -1])),
-                   units=draw(st.sampled_from(["bernoulli", "bernoulli", "gaussian", "softmax", "relu"])),
-                   visible=draw(st.booleans()))
+        g.add_node(
+            f"l{i}",
+            size=draw(st.sampled_from([1, 2, 3, 5, 0, -1])),
+            units=draw(st.sampled_from(["bernoulli", "bernoulli", "gaussian", "softmax", "relu"])),
+            visible=draw(st.booleans()),
+        )
     pairs = [(f"l{i}", f"l{j}") for i in range(n) for j in range(n)]
     g.add_edges_from(draw(st.lists(st.sampled_from(pairs), max_size=8)))
     return g

@@ -30,8 +30,9 @@ def imports(name: str) -> tuple[set, set]:
     path = MODULES[name]
     tree = ast.parse(path.read_text())
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    inside = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
-              for n in ast.walk(f)}
+    inside = {
+        id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(f)
+    }
     top, deferred = set(), set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -60,8 +61,10 @@ KNOWN_CROSSINGS: dict[str, str] = {}
 
 
 def known(names):
-    return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_CROSSINGS[n]))
-            if n in KNOWN_CROSSINGS else n for n in sorted(names)]
+    return [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_CROSSINGS[n])) if n in KNOWN_CROSSINGS else n
+        for n in sorted(names)
+    ]
 
 
 def test_the_walker_sees_known_imports():

@@ -81,12 +81,15 @@ def test_nonpositive_step_size_is_refused(step):
         Langevin(step_size=step)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"num_steps": -1}, "num_steps"),
-    ({"noise_scale": -0.1}, "noise_scale"),
-    ({"grad_clip": 0.0}, "grad_clip"),
-    ({"clamp": (1.0, 0.0)}, "clamp"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_steps": -1}, "num_steps"),
+        ({"noise_scale": -0.1}, "noise_scale"),
+        ({"grad_clip": 0.0}, "grad_clip"),
+        ({"clamp": (1.0, 0.0)}, "clamp"),
+    ],
+)
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Langevin(**kwargs)

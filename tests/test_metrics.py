@@ -30,8 +30,10 @@ def test_permutation_p_value_separates_same_and_different_laws():
 
 def test_permutation_p_values_are_roughly_uniform_under_the_null():
     g = torch.Generator().manual_seed(1)
-    ps = [mmd(torch.randn(40, 1, generator=g), torch.randn(40, 1, generator=g), num_permutations=50, seed=i).p_value
-          for i in range(40)]
+    ps = [
+        mmd(torch.randn(40, 1, generator=g), torch.randn(40, 1, generator=g), num_permutations=50, seed=i).p_value
+        for i in range(40)
+    ]
     assert 0.3 < sum(ps) / len(ps) < 0.7  # uniform mean 0.5, s.e. ~0.05
     assert sum(p < 0.05 for p in ps) <= 6  # nominal 5% of 40 = 2
 
@@ -86,8 +88,9 @@ def test_digits_classifier_is_deterministic_and_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "_CLASSIFIERS", {})
     b = ev.digits_classifier(cache_dir=tmp_path)  # read back from disk
     retrained = ev._train_digits_classifier(ev.DIGITS_CLASSIFIER)  # same recipe, same weights
-    for (_, pa), (_, pb), (_, pc) in zip(a.state_dict().items(), b.state_dict().items(),
-                                        retrained.state_dict().items()):
+    for (_, pa), (_, pb), (_, pc) in zip(
+        a.state_dict().items(), b.state_dict().items(), retrained.state_dict().items()
+    ):
         assert torch.equal(pa, pb) and torch.equal(pa, pc)
     files[0].write_bytes(b"not a checkpoint")  # a damaged cache is rebuilt, not trusted
     monkeypatch.setattr(ev, "_CLASSIFIERS", {})
@@ -107,15 +110,18 @@ def test_mismatched_columns_are_refused(d1, d2):
             fn(x, y)
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda: mmd(torch.zeros(1, 2), torch.zeros(5, 2)), "at least 2 points"),
-    (lambda: mmd(torch.zeros(5, 2), torch.zeros(5, 2), bandwidth=-1.0), "bandwidth"),
-    (lambda: mmd(torch.zeros(5, 2), torch.zeros(5, 2), num_permutations=-3), "num_permutations"),
-    (lambda: precision_recall(torch.zeros(5, 2), torch.zeros(5, 2), k=5), "k must be"),
-    (lambda: frechet_distance(torch.zeros(5, 2), torch.zeros(5, 2), features=3), "features"),
-    (lambda: mmd(torch.zeros(5), torch.zeros(5, 1)), "rank-2"),
-    (lambda: mmd(torch.full((5, 2), float("nan")), torch.zeros(5, 2)), "finite"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: mmd(torch.zeros(1, 2), torch.zeros(5, 2)), "at least 2 points"),
+        (lambda: mmd(torch.zeros(5, 2), torch.zeros(5, 2), bandwidth=-1.0), "bandwidth"),
+        (lambda: mmd(torch.zeros(5, 2), torch.zeros(5, 2), num_permutations=-3), "num_permutations"),
+        (lambda: precision_recall(torch.zeros(5, 2), torch.zeros(5, 2), k=5), "k must be"),
+        (lambda: frechet_distance(torch.zeros(5, 2), torch.zeros(5, 2), features=3), "features"),
+        (lambda: mmd(torch.zeros(5), torch.zeros(5, 1)), "rank-2"),
+        (lambda: mmd(torch.full((5, 2), float("nan")), torch.zeros(5, 2)), "finite"),
+    ],
+)
 def test_bad_input_is_refused(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()

@@ -19,7 +19,7 @@ from ppdgm.inference.chees import ChEES
 from ppdgm.tracking import RUN_FILE, MLflowTracker, flatten_params
 
 mlflow = pytest.importorskip("mlflow")
-from mlflow.tracking import MlflowClient
+from mlflow.tracking import MlflowClient  # noqa: E402  (after the skip when mlflow is missing)
 
 USER_MODEL = textwrap.dedent(
     """
@@ -56,7 +56,9 @@ def artifacts(client, run_id):
 
 
 def test_params_are_flattened_within_mlflows_limits():
-    flat = flatten_params({"engine": {"lr": 0.01, "optim": "adam"}, "model": {"hidden": [64] * 5000, "act": torch.tanh}})
+    flat = flatten_params(
+        {"engine": {"lr": 0.01, "optim": "adam"}, "model": {"hidden": [64] * 5000, "act": torch.tanh}}
+    )
     assert flat["engine.lr"] == "0.01" and flat["engine.optim"] == "adam" and flat["model.act"] == "tanh"
     assert len(flat["model.hidden"]) == 6000 and flat["model.hidden"].startswith("[64, 64")
 
@@ -65,7 +67,8 @@ def test_a_training_run_is_read_back_with_params_series_and_artifacts(store, tmp
     x = torch.randn(60) + 2.0
     tracker = MLflowTracker(store, out=tmp_path / "fit", params={"name": "normal_mean"}, flush_every=7)
     fit = SVI(num_steps=40, lr=0.05, eval_every=10, progress=False).run(
-        normal_mean, None, (x,), val_data=(x[:20],), callbacks=[tracker])
+        normal_mean, None, (x,), val_data=(x[:20],), callbacks=[tracker]
+    )
     client = MlflowClient(store)
     run = client.get_run(tracker.run_id)
     assert json.loads((tmp_path / "fit" / RUN_FILE).read_text())["run_id"] == tracker.run_id
@@ -85,7 +88,8 @@ def test_a_training_run_is_read_back_with_params_series_and_artifacts(store, tmp
 def test_a_sampler_logs_step_size_and_acceptance_per_iteration(store, tmp_path):
     tracker = MLflowTracker(store, out=tmp_path / "chees")
     fit = ChEES(num_samples=15, num_warmup=25, num_chains=4, progress=False).run(
-        normal_mean, torch.randn(30), callbacks=[tracker])
+        normal_mean, torch.randn(30), callbacks=[tracker]
+    )
     client = MlflowClient(store)
     step_size = sorted(client.get_metric_history(tracker.run_id, "step_size"), key=lambda m: m.step)
     assert [m.step for m in step_size] == list(range(1, 41))
@@ -97,8 +101,26 @@ def test_a_sampler_logs_step_size_and_acceptance_per_iteration(store, tmp_path):
 
 def test_cli_fit_then_evaluate_log_into_one_run(store, tmp_path, capsys):
     out = tmp_path / "flow"
-    assert main(["fit", "flow", "--data", "moons", "--out", str(out), "--steps", "20", "--no-progress",
-                 "--track", "mlflow", "--tracking-uri", store]) == 0, capsys.readouterr().err
+    assert (
+        main(
+            [
+                "fit",
+                "flow",
+                "--data",
+                "moons",
+                "--out",
+                str(out),
+                "--steps",
+                "20",
+                "--no-progress",
+                "--track",
+                "mlflow",
+                "--tracking-uri",
+                store,
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     run_id = json.loads((out / RUN_FILE).read_text())["run_id"]
     assert main(["evaluate", str(out), "--split", "valid", "--no-progress"]) == 0
     captured = capsys.readouterr()
@@ -118,11 +140,26 @@ def test_a_killed_and_resumed_cli_fit_is_one_run_logging_each_step_once(store, t
     (tmp_path / "mine.py").write_text(USER_MODEL)
     np.save(tmp_path / "d.npy", np.random.default_rng(0).normal(size=(100, 2)).astype("float32"))
     out = tmp_path / "run"
-    argv = ["fit", f"{tmp_path / 'mine.py'}:model", "--data", str(tmp_path / "d.npy"), "--out", str(out),
-            "--steps", "1500", "--checkpoint-every", "100", "--no-progress", "--track", "mlflow",
-            "--tracking-uri", store]
-    proc = subprocess.Popen([sys.executable, "-m", "ppdgm.cli", *argv], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    argv = [
+        "fit",
+        f"{tmp_path / 'mine.py'}:model",
+        "--data",
+        str(tmp_path / "d.npy"),
+        "--out",
+        str(out),
+        "--steps",
+        "1500",
+        "--checkpoint-every",
+        "100",
+        "--no-progress",
+        "--track",
+        "mlflow",
+        "--tracking-uri",
+        store,
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ppdgm.cli", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 120
     while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -164,8 +201,23 @@ def test_tracking_uri_without_track_is_refused(tmp_path, capsys):
 def test_an_unwritable_store_warns_once_and_the_fit_still_saves(tmp_path, capsys):
     (tmp_path / "a_file").write_text("not a folder")
     out = tmp_path / "f"
-    code = main(["fit", "flow", "--data", "moons", "--out", str(out), "--steps", "10", "--no-progress",
-                 "--track", "mlflow", "--tracking-uri", f"sqlite:///{tmp_path / 'a_file' / 'mlruns.db'}"])
+    code = main(
+        [
+            "fit",
+            "flow",
+            "--data",
+            "moons",
+            "--out",
+            str(out),
+            "--steps",
+            "10",
+            "--no-progress",
+            "--track",
+            "mlflow",
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'a_file' / 'mlruns.db'}",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 0 and (out / "fit.json").exists() and (out / "loss.png").exists()
     warnings = [line for line in err.splitlines() if "warning" in line]

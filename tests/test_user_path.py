@@ -19,9 +19,12 @@ from ppdgm.models import MODELS, model_class
 # per family: "set" -> --set (constructor names, one place to rename), "engine" -> --engine-opt,
 # "evaluate" -> evaluate --opt (a cheap estimator), "budget" -> fit flags
 TINY = {
-    "bnn": {"set": {"hidden_features": [8]}, "budget": [],
-            "engine": {"num_chains": 4, "num_warmup": 4, "num_samples": 4, "checkpoint_every": 2},
-            "sample": 2},  # a BNN draws targets given inputs: `sample -n` is refused in one line
+    "bnn": {
+        "set": {"hidden_features": [8]},
+        "budget": [],
+        "engine": {"num_chains": 4, "num_warmup": 4, "num_samples": 4, "checkpoint_every": 2},
+        "sample": 2,
+    },  # a BNN draws targets given inputs: `sample -n` is refused in one line
     "rbm": {"evaluate": {"num_runs": 4, "num_betas": 50}},
     "dbm": {"set": {"hidden_units": [16, 8]}, "evaluate": {"num_runs": 4, "num_betas": 50, "num_samples": 4}},
     "mdbm": {"evaluate": {"num_runs": 4, "num_betas": 50}},
@@ -37,8 +40,16 @@ STEPS = ["--steps", "4", "--batch-size", "50", "--checkpoint-every", "2"]
 
 def fit_argv(name, out, budget=None):
     tiny = TINY.get(name, {})
-    argv = ["fit", name, "--data", model_class(name).datasets[0], "--out", str(out), "--no-progress",
-            *(tiny.get("budget", STEPS) if budget is None else budget)]
+    argv = [
+        "fit",
+        name,
+        "--data",
+        model_class(name).datasets[0],
+        "--out",
+        str(out),
+        "--no-progress",
+        *(tiny.get("budget", STEPS) if budget is None else budget),
+    ]
     for flag, key in (("--set", "set"), ("--engine-opt", "engine")):
         for k, v in tiny.get(key, {}).items():
             argv += [flag, f"{k}={v}".replace(" ", "")]
@@ -72,6 +83,7 @@ def test_every_family_through_the_user_path(name, tmp_path, capsys):
 
 
 def test_a_family_runs_from_the_shell_without_a_traceback(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "ppdgm.cli", *fit_argv("made", tmp_path / "m")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "ppdgm.cli", *fit_argv("made", tmp_path / "m")], capture_output=True, text=True
+    )
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr

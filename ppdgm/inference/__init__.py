@@ -40,5 +40,4 @@ def __getattr__(attr):
     raise AttributeError(f"module 'ppdgm.inference' has no attribute {attr!r}")
 
 
-__all__ = ["Engine", "NonFiniteLossError", "ENGINES", "engine_class", "annealed_importance_sampling",
-           *_BY_CLASS]
+__all__ = ["Engine", "NonFiniteLossError", "ENGINES", "engine_class", "annealed_importance_sampling", *_BY_CLASS]

@@ -80,16 +80,34 @@ class Adversarial(TrainingEngine):
     rank_noise = True
     full_batch = False
 
-    def __init__(self, loss: str = "wgan-gp", num_steps: int = 2000, batch_size: int = 128,
-                 lr: float = 5e-4, critic_lr: float | None = None, betas=None, n_critic: int | None = None,
-                 gp_weight: float = 10.0, site: str = "x", monitor_every: int = 100,
-                 collapse_threshold: float = 0.1, checkpoint_every: int | None = None, seed: int | None = 0,
-                 device=None, progress: bool | None = None, lr_schedule: str | None = None,
-                 lr_final_factor: float = 0.1):
+    def __init__(
+        self,
+        loss: str = "wgan-gp",
+        num_steps: int = 2000,
+        batch_size: int = 128,
+        lr: float = 5e-4,
+        critic_lr: float | None = None,
+        betas=None,
+        n_critic: int | None = None,
+        gp_weight: float = 10.0,
+        site: str = "x",
+        monitor_every: int = 100,
+        collapse_threshold: float = 0.1,
+        checkpoint_every: int | None = None,
+        seed: int | None = 0,
+        device=None,
+        progress: bool | None = None,
+        lr_schedule: str | None = None,
+        lr_final_factor: float = 0.1,
+    ):
         choice("loss", loss, LOSSES)
         n_critic = (5 if loss == "wgan-gp" else 1) if n_critic is None else n_critic
-        for arg, val in (("num_steps", num_steps), ("batch_size", batch_size), ("n_critic", n_critic),
-                         ("monitor_every", monitor_every)):
+        for arg, val in (
+            ("num_steps", num_steps),
+            ("batch_size", batch_size),
+            ("n_critic", n_critic),
+            ("monitor_every", monitor_every),
+        ):
             positive_int(arg, val)
         positive_int("checkpoint_every", checkpoint_every, optional=True)
         critic_lr = lr if critic_lr is None else critic_lr
@@ -111,12 +129,15 @@ class Adversarial(TrainingEngine):
         """Trace the generator program once and read its data site."""
         tr = poutine.trace(model).get_trace(n, *cond)
         if self.site not in tr.nodes:
-            raise ValueError(f"the generator program records no site {self.site!r} (pass site= to the engine); "
-                             f"its sites are {[k for k, s in tr.nodes.items() if s['type'] == 'sample']}")
+            raise ValueError(
+                f"the generator program records no site {self.site!r} (pass site= to the engine); "
+                f"its sites are {[k for k, s in tr.nodes.items() if s['type'] == 'sample']}"
+            )
         return tr.nodes[self.site]["value"]
 
-    def run(self, model, critic, data, *, val_data=None, checkpoint_dir=None, resume: bool = False,
-            callbacks=()) -> Fit:
+    def run(
+        self, model, critic, data, *, val_data=None, checkpoint_dir=None, resume: bool = False, callbacks=()
+    ) -> Fit:
         """Train the generator program ``model`` against ``critic`` on ``data`` (a tensor, or a
         tuple ``(x, *conditioning)`` whose extra parts are passed to both networks)."""
         if not callable(model):
@@ -129,14 +150,22 @@ class Adversarial(TrainingEngine):
         x = check_data(parts[0], "data", rank=2)
         cond = tuple(torch.as_tensor(c) for c in parts[1:])
         if any(c.shape[0] != x.shape[0] for c in cond):
-            raise ValueError(f"data: expected conditioning tensors with {x.shape[0]} rows, got "
-                             f"{[tuple(c.shape) for c in cond]}")
+            raise ValueError(
+                f"data: expected conditioning tensors with {x.shape[0]} rows, got {[tuple(c.shape) for c in cond]}"
+            )
         device = resolve_device(self.device, x)
         x, cond = x.to(device), tuple(c.to(device) for c in cond)
         move_module(model, device)
         critic.to(device)
-        return train(self, (model, critic), (x, *cond), device=device, checkpoint_dir=checkpoint_dir,
-                     resume=resume, callbacks=callbacks)
+        return train(
+            self,
+            (model, critic),
+            (x, *cond),
+            device=device,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            callbacks=callbacks,
+        )
 
     # -----------------------------------------------------------------------------------------
     # the algorithm the driver runs
@@ -163,16 +192,18 @@ class Adversarial(TrainingEngine):
             c_loss = self._critic_loss(critic, xr, xf, cr)
             state.c_opt.zero_grad(set_to_none=True)
             c_loss.backward()
-            c_value, c_norm = loop.descend(state.c_params, float(c_loss.detach()), update=state.c_opt.step,
-                                           clip=None, what="critic loss")
+            c_value, c_norm = loop.descend(
+                state.c_params, float(c_loss.detach()), update=state.c_opt.step, clip=None, what="critic loss"
+            )
         xr, *cr = loop.batches[state.draws - 1]
         g_out = critic(self.generate(model, xr.shape[0], cr), *cr)
         g_loss = -g_out.mean() if self.loss == "wgan-gp" else torch.nn.functional.softplus(-g_out).mean()
         state.g_opt.zero_grad(set_to_none=True)
         state.c_opt.zero_grad(set_to_none=True)
         g_loss.backward()
-        g_value, g_norm = loop.descend(state.g_params, float(g_loss.detach()), update=state.g_opt.step,
-                                       clip=None, what="generator loss")
+        g_value, g_norm = loop.descend(
+            state.g_params, float(g_loss.detach()), update=state.g_opt.step, clip=None, what="generator loss"
+        )
         state.c_opt.zero_grad(set_to_none=True)
         metrics = {"loss": g_value, "critic_loss": c_value, "grad_norm": g_norm, "critic_grad_norm": c_norm}
         done = loop.step + 1
@@ -190,9 +221,14 @@ class Adversarial(TrainingEngine):
         return [(state.g_opt, self.lr), (state.c_opt, self.critic_lr)]
 
     def state_dict(self, state: AdversarialState) -> dict:
-        return {"params": param_store_state(), "critic": state.critic.state_dict(),
-                "g_optim": state.g_opt.state_dict(), "c_optim": state.c_opt.state_dict(),
-                "draws": state.draws, "alerts": state.alerts}
+        return {
+            "params": param_store_state(),
+            "critic": state.critic.state_dict(),
+            "g_optim": state.g_opt.state_dict(),
+            "c_optim": state.c_opt.state_dict(),
+            "draws": state.draws,
+            "alerts": state.alerts,
+        }
 
     def load_state_dict(self, state: AdversarialState, saved: dict) -> None:
         restore_param_store(saved["params"], state.x.device)
@@ -206,9 +242,14 @@ class Adversarial(TrainingEngine):
         module = getattr(state.model, "__self__", None)  # a zoo GAN's bound model method: keep its module
         module = module if isinstance(module, torch.nn.Module) else None
         spec = getattr(module, "spec", None)
-        return {"params": param_store_state(), "extra": {"tensors": {"critic": critic}, "warnings": state.alerts},
-                "model": state.model, "args": (state.x, *state.cond), "module": module,
-                "spec": spec if isinstance(spec, dict) else None}
+        return {
+            "params": param_store_state(),
+            "extra": {"tensors": {"critic": critic}, "warnings": state.alerts},
+            "model": state.model,
+            "args": (state.x, *state.cond),
+            "module": module,
+            "spec": spec if isinstance(spec, dict) else None,
+        }
 
     # -----------------------------------------------------------------------------------------
     def _check_shapes(self, model, critic, x, cond) -> list:
@@ -219,20 +260,26 @@ class Adversarial(TrainingEngine):
             fake = self.generate(model, k, c2)
         if not isinstance(fake, torch.Tensor) or tuple(fake.shape[1:]) != tuple(x.shape[1:]):
             got = tuple(fake.shape) if isinstance(fake, torch.Tensor) else type(fake).__name__
-            raise ValueError(f"generator/data shape mismatch: the generator's site {self.site!r} gave shape {got} "
-                             f"for {k} draws; the data points have shape {tuple(x.shape[1:])}")
+            raise ValueError(
+                f"generator/data shape mismatch: the generator's site {self.site!r} gave shape {got} "
+                f"for {k} draws; the data points have shape {tuple(x.shape[1:])}"
+            )
         try:
             with torch.no_grad():
                 out = critic(fake, *c2)
         except RuntimeError as err:
-            raise ValueError(f"generator/critic shape mismatch: the critic cannot take generated points shaped "
-                             f"{tuple(fake.shape)}: {str(err).splitlines()[0]}") from None
+            raise ValueError(
+                f"generator/critic shape mismatch: the critic cannot take generated points shaped "
+                f"{tuple(fake.shape)}: {str(err).splitlines()[0]}"
+            ) from None
         if out.shape not in ((k,), (k, 1)):
             raise ValueError(f"critic must return one logit per point, shape ({k},); got {tuple(out.shape)}")
         params = [s["value"].unconstrained() for s in cap.trace.nodes.values() if s["value"] is not None]
         if not params:
-            raise ValueError("the generator program has no parameters (register its network with pyro.module "
-                             "or make it a PyroModule)")
+            raise ValueError(
+                "the generator program has no parameters (register its network with pyro.module "
+                "or make it a PyroModule)"
+            )
         return params
 
     def _critic_loss(self, critic, xr, xf, cr) -> torch.Tensor:
@@ -266,18 +313,28 @@ class Adversarial(TrainingEngine):
         kinds = {a["kind"] for a in previous}
         alerts = []
         if ratio < self.collapse_threshold and "mode_collapse" not in kinds:
-            alerts.append({"kind": "mode_collapse", "step": done, "message":
-                           f"mode collapse at step {done}: generated samples are {ratio:.3g} times as spread out "
-                           f"as the data (threshold {self.collapse_threshold})"})
+            alerts.append(
+                {
+                    "kind": "mode_collapse",
+                    "step": done,
+                    "message": f"mode collapse at step {done}: generated samples are {ratio:.3g} times as spread out "
+                    f"as the data (threshold {self.collapse_threshold})",
+                }
+            )
             warnings.warn(alerts[-1]["message"], ModeCollapseWarning, stacklevel=3)
-        window = critic_losses[-self.monitor_every:]
+        window = critic_losses[-self.monitor_every :]
         mean_c = sum(window) / len(window)
         first = critic_losses[: self.monitor_every]
         scale = abs(sum(first) / len(first)) + 1.0
         diverged = mean_c < 1e-3 if self.loss == "nonsaturating" else abs(mean_c) > 100 * scale
         if diverged and "divergence" not in kinds:
-            alerts.append({"kind": "divergence", "step": done, "message":
-                           f"training diverged at step {done}: mean critic loss {mean_c:.3g} over the last "
-                           f"{len(window)} steps (the critic separates real from generated data outright)"})
+            alerts.append(
+                {
+                    "kind": "divergence",
+                    "step": done,
+                    "message": f"training diverged at step {done}: mean critic loss {mean_c:.3g} over the last "
+                    f"{len(window)} steps (the critic separates real from generated data outright)",
+                }
+            )
             warnings.warn(alerts[-1]["message"], DivergenceWarning, stacklevel=3)
         return ratio, alerts

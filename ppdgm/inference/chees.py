@@ -28,8 +28,8 @@ from pyro import poutine
 from ppdgm.fit import Fit
 from ppdgm.inference.adaptation import DualAveraging, TrajectoryAdam, Welford, halton, warmup_windows
 from ppdgm.inference.base import Checkpointer
-from ppdgm.inference.sampling import Sampler, Step, default_device, frozen_params
 from ppdgm.inference.callbacks import as_callbacks
+from ppdgm.inference.sampling import Sampler, Step, default_device, frozen_params
 from ppdgm.logdensity import BatchedLogDensity
 
 INIT_METHODS = ("uniform", "prior")
@@ -54,8 +54,14 @@ class ChEESState:
 
     @classmethod
     def from_dict(cls, d: dict) -> ChEESState:
-        return cls(**{**d, "averager": DualAveraging(**d["averager"]), "log_length": TrajectoryAdam(**d["log_length"]),
-                      "variance": Welford(**d["variance"])})
+        return cls(
+            **{
+                **d,
+                "averager": DualAveraging(**d["averager"]),
+                "log_length": TrajectoryAdam(**d["log_length"]),
+                "variance": Welford(**d["variance"]),
+            }
+        )
 
 
 class ChEES(Sampler):
@@ -81,16 +87,34 @@ class ChEES(Sampler):
 
     name = "chees"
 
-    def __init__(self, num_chains: int = 64, num_samples: int = 500, num_warmup: int = 500,
-                 target_accept: float = 0.651, trajectory_lr: float = 0.025, max_leapfrog_steps: int = 1000,
-                 adapt_mass: bool = True, init="uniform", init_step_size: float | None = None,
-                 max_init_tries: int = 100, jit_compile: bool = False, checkpoint_every: int | None = None,
-                 seed: int | None = 0, device=None, progress: bool | None = None):
+    def __init__(
+        self,
+        num_chains: int = 64,
+        num_samples: int = 500,
+        num_warmup: int = 500,
+        target_accept: float = 0.651,
+        trajectory_lr: float = 0.025,
+        max_leapfrog_steps: int = 1000,
+        adapt_mass: bool = True,
+        init="uniform",
+        init_step_size: float | None = None,
+        max_init_tries: int = 100,
+        jit_compile: bool = False,
+        checkpoint_every: int | None = None,
+        seed: int | None = 0,
+        device=None,
+        progress: bool | None = None,
+    ):
         if not isinstance(num_chains, int) or isinstance(num_chains, bool) or num_chains < 2:
-            raise ValueError(f"num_chains must be an int >= 2 for ChEES (its adaptation and R-hat compare "
-                             f"chains), got {num_chains!r}")
-        for arg, val in (("num_samples", num_samples), ("max_leapfrog_steps", max_leapfrog_steps),
-                         ("max_init_tries", max_init_tries)):
+            raise ValueError(
+                f"num_chains must be an int >= 2 for ChEES (its adaptation and R-hat compare "
+                f"chains), got {num_chains!r}"
+            )
+        for arg, val in (
+            ("num_samples", num_samples),
+            ("max_leapfrog_steps", max_leapfrog_steps),
+            ("max_init_tries", max_init_tries),
+        ):
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ValueError(f"{arg} must be a positive int, got {val!r}")
         if not isinstance(num_warmup, int) or isinstance(num_warmup, bool) or num_warmup < 0:
@@ -104,7 +128,11 @@ class ChEES(Sampler):
         if init_step_size is not None and not init_step_size > 0:
             raise ValueError(f"init_step_size must be positive or None, got {init_step_size!r}")
         self.num_chains, self.num_samples, self.num_warmup = num_chains, num_samples, num_warmup
-        self.target_accept, self.trajectory_lr, self.max_leapfrog_steps = target_accept, float(trajectory_lr), max_leapfrog_steps
+        self.target_accept, self.trajectory_lr, self.max_leapfrog_steps = (
+            target_accept,
+            float(trajectory_lr),
+            max_leapfrog_steps,
+        )
         self.adapt_mass, self.init_step_size, self.max_init_tries = adapt_mass, init_step_size, max_init_tries
         self.jit_compile = bool(jit_compile)
         Checkpointer(None, checkpoint_every)  # validates it
@@ -129,8 +157,12 @@ class ChEES(Sampler):
             with pyro.validation_enabled(False), torch.no_grad(), frozen_params():
                 run = self._driver(checkpoint_dir, self.checkpoint_every, callbacks).run([chains], device, resume)
         state = run.states[0]
-        extra = {"step_size": state["step_size"], "trajectory_length": math.exp(state["log_length"]["value"]),
-                 "inverse_mass": state["inverse_mass"].tolist(), "divergences": int(run.draws.stats["diverging"].sum())}
+        extra = {
+            "step_size": state["step_size"],
+            "trajectory_length": math.exp(state["log_length"]["value"]),
+            "inverse_mass": state["inverse_mass"].tolist(),
+            "divergences": int(run.draws.stats["diverging"].sum()),
+        }
         return self._fit(run, run.history[0], extra, model, args, kwargs, callbacks)
 
 
@@ -152,9 +184,16 @@ class ChEESChains:
             inv_mass = torch.ones(self.density.dim, device=self.device, dtype=q.dtype)
             step_size = self._find_step_size(q, potential, grad, inv_mass)
             self.state = ChEESState(
-                q, potential, grad, inv_mass, step_size, DualAveraging.start(step_size, self.config.target_accept),
-                TrajectoryAdam(math.log(max(step_size, 1e-8) * 5), self.config.trajectory_lr), Welford.empty(inv_mass),
-                window_start=int(0.15 * self.config.num_warmup))
+                q,
+                potential,
+                grad,
+                inv_mass,
+                step_size,
+                DualAveraging.start(step_size, self.config.target_accept),
+                TrajectoryAdam(math.log(max(step_size, 1e-8) * 5), self.config.trajectory_lr),
+                Welford.empty(inv_mass),
+                window_start=int(0.15 * self.config.num_warmup),
+            )
         if self.config.jit_compile:
             self.density.compile(self.state.position)
 
@@ -175,8 +214,9 @@ class ChEESChains:
         s, cfg = self.state, self.config
         length = halton(iteration + 1) * math.exp(s.log_length.value)
         n_steps = int(min(cfg.max_leapfrog_steps, max(1, math.ceil(length / s.step_size))))
-        q1, p1, pot1, g1, h0, h1 = self._trajectory(s.position, s.potential, s.grad, s.inverse_mass, s.step_size,
-                                                     n_steps)
+        q1, p1, pot1, g1, h0, h1 = self._trajectory(
+            s.position, s.potential, s.grad, s.inverse_mass, s.step_size, n_steps
+        )
         delta = h0 - h1
         finite = torch.isfinite(delta) & torch.isfinite(q1).all(1)
         log_accept = torch.where(finite, delta.clamp(max=0.0), torch.full_like(delta, -math.inf))
@@ -193,12 +233,22 @@ class ChEESChains:
         s.grad = torch.where(accepted[:, None], g1, s.grad)
         if warmup:
             self._adapt_mass(iteration)
-        stats = {"diverging": diverging, "acceptance_rate": accept_prob, "energy": h0, "lp": -s.potential,
-                 "step_size": torch.full_like(h0, s.step_size),
-                 "n_steps": torch.full(h0.shape, n_steps, dtype=torch.long, device=h0.device)}
-        history = {"step_size": s.step_size, "trajectory_length": math.exp(s.log_length.value), "num_steps": n_steps,
-                   "accept_harmonic": accept_h, "accept_mean": float(accept_prob.mean()),
-                   "divergences": int(diverging.sum())}
+        stats = {
+            "diverging": diverging,
+            "acceptance_rate": accept_prob,
+            "energy": h0,
+            "lp": -s.potential,
+            "step_size": torch.full_like(h0, s.step_size),
+            "n_steps": torch.full(h0.shape, n_steps, dtype=torch.long, device=h0.device),
+        }
+        history = {
+            "step_size": s.step_size,
+            "trajectory_length": math.exp(s.log_length.value),
+            "num_steps": n_steps,
+            "accept_harmonic": accept_h,
+            "accept_mean": float(accept_prob.mean()),
+            "divergences": int(diverging.sum()),
+        }
         return Step(history, stats, n_steps)
 
     # -- pieces of a step ---------------------------------------------------------------------
@@ -226,10 +276,17 @@ class ChEESChains:
                 # block outside the plate: the plate must see the sites to batch them
                 with poutine.block(), pyro.plate("_init", n, dim=-(density.nesting + 1)):
                     tr = poutine.trace(density.model).get_trace(*density.args, **density.kwargs)
-                return density.unconstrain({s.name: tr.nodes[s.name]["value"].reshape(n, *s.shape)
-                                            for s in density.sites})
-            values = {s.name: torch.as_tensor(cfg._init_values[s.name], device=device, dtype=density.dtype)
-                      .expand(n, *s.shape) if s.name in cfg._init_values else None for s in density.sites}
+                return density.unconstrain(
+                    {s.name: tr.nodes[s.name]["value"].reshape(n, *s.shape) for s in density.sites}
+                )
+            values = {
+                s.name: torch.as_tensor(cfg._init_values[s.name], device=device, dtype=density.dtype).expand(
+                    n, *s.shape
+                )
+                if s.name in cfg._init_values
+                else None
+                for s in density.sites
+            }
             missing = [k for k, v in values.items() if v is None]
             if missing:
                 raise ValueError(f"init: no initial value for latent sites {missing}")
@@ -247,8 +304,11 @@ class ChEESChains:
         bad = ~(torch.isfinite(potential) & torch.isfinite(grad).all(1))
         _, terms = density.log_density(u[bad], per_site=True)
         sites = [n for n, lp in terms.items() if not torch.isfinite(lp).all()]
-        where = (f"site {sites[0]!r} has a non-finite log density" + (f" (also {sites[1:]})" if sites[1:] else "")
-                 if sites else "the gradient of the log density is not finite")
+        where = (
+            f"site {sites[0]!r} has a non-finite log density" + (f" (also {sites[1:]})" if sites[1:] else "")
+            if sites
+            else "the gradient of the log density is not finite"
+        )
         raise ValueError(
             f"no initial point with a finite log density for {int(bad.sum())} of {C} chains after "
             f"{cfg.max_init_tries} tries: {where}; check that site's distribution parameters and observed "

@@ -14,8 +14,8 @@ import torch
 
 from ppdgm.fit import Fit
 from ppdgm.inference.base import set_seed, step_timing
-from ppdgm.inference.pcd import PersistentCD
 from ppdgm.inference.callbacks import Callback, as_callbacks
+from ppdgm.inference.pcd import PersistentCD
 
 
 class _StopsTheStack(Callback):
@@ -58,8 +58,10 @@ class GreedyLayerwise(PersistentCD):
         """Train ``model.stack`` bottom-up; checkpoints of layer ``k`` go to ``checkpoint_dir/layer{k}``."""
         stack = getattr(model, "stack", None)
         if not isinstance(model, torch.nn.Module) or stack is None or not callable(getattr(model, "up", None)):
-            raise TypeError(f"model must be a torch.nn.Module with a `stack` of RBMs and an `up(x)` recognition "
-                            f"pass (a DBN), got {type(model).__name__}")
+            raise TypeError(
+                f"model must be a torch.nn.Module with a `stack` of RBMs and an `up(x)` recognition "
+                f"pass (a DBN), got {type(model).__name__}"
+            )
         check = getattr(model, "check_data", None)
         x = check(data, "data") if check else data
         vx = check(val_data, "val_data") if (check and val_data is not None) else val_data

@@ -23,8 +23,8 @@ from pyro.infer.mcmc import NUTS as PyroNUTS
 
 from ppdgm import distributed
 from ppdgm.fit import Fit
-from ppdgm.inference.sampling import Draws, Sampler, SamplingRun, Step, default_device
 from ppdgm.inference.callbacks import as_callbacks
+from ppdgm.inference.sampling import Draws, Sampler, SamplingRun, Step, default_device
 from ppdgm.logdensity import nonfinite_sites
 
 
@@ -37,8 +37,11 @@ def initial_point_error(model, args, kwargs, init_strategy, tries: int) -> Value
             for name in nonfinite_sites(tr):
                 counts[name] = counts.get(name, 0) + 1
     named = sorted(counts, key=counts.get, reverse=True)
-    where = (f"site {named[0]!r} has a non-finite log density" + (f" (also {named[1:]})" if named[1:] else "")
-             if named else "the gradient of the log density is not finite")
+    where = (
+        f"site {named[0]!r} has a non-finite log density" + (f" (also {named[1:]})" if named[1:] else "")
+        if named
+        else "the gradient of the log density is not finite"
+    )
     return ValueError(
         f"no initial point with a finite log density after {tries} tries: {where}; check that site's "
         "distribution parameters and observed values (e.g. data outside its support), or pass "
@@ -69,8 +72,9 @@ class PyroChain:
         except ValueError as err:
             if "cannot find valid initial params" not in str(err):
                 raise
-            raise initial_point_error(self.model, self.args, self.kwargs, engine._init_strategy,
-                                      engine.max_init_tries) from None
+            raise initial_point_error(
+                self.model, self.args, self.kwargs, engine._init_strategy, engine.max_init_tries
+            ) from None
         self.params, self.calls, self.evaluated = self.kernel.initial_params, 0, []
         inner = self.kernel.potential_fn
 
@@ -105,18 +109,28 @@ class PyroChain:
             accepted, self.accepted = float(count - self.accepted), count
             diverging = len(diagnostics["divergences"]) > self.divergences
             self.divergences = len(diagnostics["divergences"])
-        history = {"step_size": step_size, "mean_accept_prob": accept_prob, "num_grads": self.calls - calls,
-                   "diverging": diverging, "potential": -self.lp}
-        stats = {"diverging": torch.tensor([diverging]), "acceptance_rate": torch.tensor([accepted]),
-                 "n_steps": torch.tensor([self.calls - calls]), "step_size": torch.tensor([step_size]),
-                 "lp": torch.tensor([self.lp])}
+        history = {
+            "step_size": step_size,
+            "mean_accept_prob": accept_prob,
+            "num_grads": self.calls - calls,
+            "diverging": diverging,
+            "potential": -self.lp,
+        }
+        stats = {
+            "diverging": torch.tensor([diverging]),
+            "acceptance_rate": torch.tensor([accepted]),
+            "n_steps": torch.tensor([self.calls - calls]),
+            "step_size": torch.tensor([step_size]),
+            "lp": torch.tensor([self.lp]),
+        }
         return Step(history, stats, self.calls - calls)
 
     def _log_density(self) -> float:
         """log density of the current point: remembered when the kernel evaluated it (or when the
         chain was already there), else computed once."""
-        found = next((value for z, value in reversed(self.evaluated)
-                      if all(z.get(k) is v for k, v in self.params.items())), None)
+        found = next(
+            (value for z, value in reversed(self.evaluated) if all(z.get(k) is v for k, v in self.params.items())), None
+        )
         if found is None:
             with torch.no_grad():
                 found = self._potential({k: v.detach() for k, v in self.params.items()})
@@ -141,12 +155,27 @@ class NUTS(Sampler):
 
     name = "nuts"
 
-    def __init__(self, num_samples: int = 1000, num_warmup: int = 500, num_chains: int = 2,
-                 target_accept: float = 0.8, max_tree_depth: int = 10, dense_mass: bool = False,
-                 jit_compile: bool = False, init_strategy=init_to_uniform, max_init_tries: int = 100,
-                 seed: int | None = 0, device=None, progress: bool | None = None):
-        for arg, val in (("num_samples", num_samples), ("num_chains", num_chains), ("max_tree_depth", max_tree_depth),
-                         ("max_init_tries", max_init_tries)):
+    def __init__(
+        self,
+        num_samples: int = 1000,
+        num_warmup: int = 500,
+        num_chains: int = 2,
+        target_accept: float = 0.8,
+        max_tree_depth: int = 10,
+        dense_mass: bool = False,
+        jit_compile: bool = False,
+        init_strategy=init_to_uniform,
+        max_init_tries: int = 100,
+        seed: int | None = 0,
+        device=None,
+        progress: bool | None = None,
+    ):
+        for arg, val in (
+            ("num_samples", num_samples),
+            ("num_chains", num_chains),
+            ("max_tree_depth", max_tree_depth),
+            ("max_init_tries", max_init_tries),
+        ):
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ValueError(f"{arg} must be a positive int, got {val!r}")
         if not isinstance(num_warmup, int) or isinstance(num_warmup, bool) or num_warmup < 0:
@@ -162,9 +191,15 @@ class NUTS(Sampler):
         self.seed, self.device, self.progress = seed, device, progress
 
     def _kernel(self, model):
-        return PyroNUTS(model, target_accept_prob=self.target_accept, max_tree_depth=self.max_tree_depth,
-                        full_mass=self.dense_mass, jit_compile=self.jit_compile, ignore_jit_warnings=True,
-                        init_strategy=self._init_strategy)
+        return PyroNUTS(
+            model,
+            target_accept_prob=self.target_accept,
+            max_tree_depth=self.max_tree_depth,
+            full_mass=self.dense_mass,
+            jit_compile=self.jit_compile,
+            ignore_jit_warnings=True,
+            init_strategy=self._init_strategy,
+        )
 
     def run(self, model, *args, checkpoint_dir=None, resume: bool = False, callbacks=(), **kwargs) -> Fit:
         """Draw from the posterior of ``model(*args, **kwargs)``; returns a Fit with ``samples``.
@@ -191,13 +226,17 @@ class NUTS(Sampler):
 
 def _gather_chains(run: SamplingRun, mine: list, num_chains: int, device) -> SamplingRun:
     """Chains ran on ranks ``c % world``: every rank gets all of them, in chain order."""
-    mine_draws = [({k: v[i].cpu() for k, v in run.draws.samples.items()},
-                   {k: v[i].cpu() for k, v in run.draws.stats.items()}) for i in range(len(mine))]
+    mine_draws = [
+        ({k: v[i].cpu() for k, v in run.draws.samples.items()}, {k: v[i].cpu() for k, v in run.draws.stats.items()})
+        for i in range(len(mine))
+    ]
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, (mine, mine_draws, run.history))
     by_chain = {c: (d, h) for ids, ds, hs in gathered for c, d, h in zip(ids, ds, hs)}
-    samples, stats = ({k: torch.stack([by_chain[c][0][part][k] for c in range(num_chains)]).to(device)
-                       for k in by_chain[0][0][part]} for part in (0, 1))
+    samples, stats = (
+        {k: torch.stack([by_chain[c][0][part][k] for c in range(num_chains)]).to(device) for k in by_chain[0][0][part]}
+        for part in (0, 1)
+    )
     draws = Draws(num_chains, run.draws.num_samples, samples, stats)
     return SamplingRun(draws, [by_chain[c][1] for c in range(num_chains)], [None] * num_chains, run.timing)
 
@@ -214,14 +253,27 @@ class HMC(NUTS):
 
     name = "hmc"
 
-    def __init__(self, num_samples: int = 1000, num_warmup: int = 500, num_chains: int = 2,
-                 trajectory_length: float = 1.0, target_accept: float = 0.8, **kwargs):
+    def __init__(
+        self,
+        num_samples: int = 1000,
+        num_warmup: int = 500,
+        num_chains: int = 2,
+        trajectory_length: float = 1.0,
+        target_accept: float = 0.8,
+        **kwargs,
+    ):
         super().__init__(num_samples, num_warmup, num_chains, target_accept, **kwargs)
         if not (isinstance(trajectory_length, (int, float)) and trajectory_length > 0):
             raise ValueError(f"trajectory_length must be a positive number, got {trajectory_length!r}")
         self.trajectory_length = float(trajectory_length)
 
     def _kernel(self, model):
-        return PyroHMC(model, trajectory_length=self.trajectory_length, target_accept_prob=self.target_accept,
-                       full_mass=self.dense_mass, jit_compile=self.jit_compile, ignore_jit_warnings=True,
-                       init_strategy=self._init_strategy)
+        return PyroHMC(
+            model,
+            trajectory_length=self.trajectory_length,
+            target_accept_prob=self.target_accept,
+            full_mass=self.dense_mass,
+            jit_compile=self.jit_compile,
+            ignore_jit_warnings=True,
+            init_strategy=self._init_strategy,
+        )

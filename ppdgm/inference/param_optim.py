@@ -40,7 +40,9 @@ class StoreAdam:
     def __call__(self, params) -> None:
         self._add(params)
         if self._opt is None:
-            raise ValueError("params: expected the parameters of a step, got none (the model and guide have no pyro.param)")
+            raise ValueError(
+                "params: expected the parameters of a step, got none (the model and guide have no pyro.param)"
+            )
         self._opt.step()
         self._opt.zero_grad(set_to_none=True)
 

@@ -124,14 +124,29 @@ class PersistentCD(TrainingEngine):
         device=None,
         progress: bool | None = None,
     ):
-        if chain_blocks is not None and (isinstance(chain_blocks, bool) or not isinstance(chain_blocks, int)
-                                         or chain_blocks < 1 or num_chains % chain_blocks):
-            raise ValueError(f"chain_blocks must be a positive int dividing num_chains={num_chains}, got {chain_blocks!r}")
-        for arg, val in (("num_steps", num_steps), ("k", k), ("num_chains", num_chains),
-                         ("record_chains", record_chains)):
+        if chain_blocks is not None and (
+            isinstance(chain_blocks, bool)
+            or not isinstance(chain_blocks, int)
+            or chain_blocks < 1
+            or num_chains % chain_blocks
+        ):
+            raise ValueError(
+                f"chain_blocks must be a positive int dividing num_chains={num_chains}, got {chain_blocks!r}"
+            )
+        for arg, val in (
+            ("num_steps", num_steps),
+            ("k", k),
+            ("num_chains", num_chains),
+            ("record_chains", record_chains),
+        ):
             positive_int(arg, val)
-        for arg, optional in (("num_epochs", num_epochs), ("batch_size", batch_size), ("record_every", record_every),
-                              ("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
+        for arg, optional in (
+            ("num_epochs", num_epochs),
+            ("batch_size", batch_size),
+            ("record_every", record_every),
+            ("eval_every", eval_every),
+            ("checkpoint_every", checkpoint_every),
+        ):
             positive_int(arg, optional, optional=True)
         self.lr = positive_number("lr", lr)
         self.optim = choice("optim", optim, OPTIMIZERS)
@@ -158,8 +173,9 @@ class PersistentCD(TrainingEngine):
             raise TypeError(f"model must be a torch.nn.Module implementing {PROTOCOL}, got {type(model).__name__}")
         missing = [m for m in PROTOCOL if not callable(getattr(model, m, None))]
         if missing:
-            raise TypeError(f"model {type(model).__name__} does not implement the persistent-CD protocol: "
-                            f"missing {missing}")
+            raise TypeError(
+                f"model {type(model).__name__} does not implement the persistent-CD protocol: missing {missing}"
+            )
         if data is None:
             raise ValueError("data: expected a tensor (or tuple of tensors) of training points, got None")
         data = self._check(model, data, "data")
@@ -168,9 +184,16 @@ class PersistentCD(TrainingEngine):
         model.to(device)
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError(f"model {type(model).__name__} has no trainable parameters")
-        return train(self, model, _to(data, device), device=device,
-                     val_data=_to(val_data, device) if val_data is not None else None,
-                     checkpoint_dir=checkpoint_dir, resume=resume, callbacks=callbacks)
+        return train(
+            self,
+            model,
+            _to(data, device),
+            device=device,
+            val_data=_to(val_data, device) if val_data is not None else None,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            callbacks=callbacks,
+        )
 
     # -----------------------------------------------------------------------------------------
     # the algorithm the driver runs
@@ -179,16 +202,27 @@ class PersistentCD(TrainingEngine):
         world = loop.world
         blocks = self.chain_blocks or world.size
         if blocks % world.size or self.num_chains % blocks:
-            raise ValueError(f"chain_blocks={blocks} must be a multiple of the {world.size} ranks and divide "
-                             f"num_chains={self.num_chains}")
+            raise ValueError(
+                f"chain_blocks={blocks} must be a multiple of the {world.size} ranks and divide "
+                f"num_chains={self.num_chains}"
+            )
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = self._make_optimizer(params)
         with torch.no_grad():
             chains = model.init_chains(self.num_chains, loop.batches.data)
-        state = PCDState(model, params, optimizer, None, [], blocks, self.num_chains // blocks,
-                         range(world.rank * blocks // world.size, (world.rank + 1) * blocks // world.size),
-                         self.record_every or max(1, loop.total // 500), getattr(model, "regularizer", None),
-                         getattr(model, "contrastive_grads", None))
+        state = PCDState(
+            model,
+            params,
+            optimizer,
+            None,
+            [],
+            blocks,
+            self.num_chains // blocks,
+            range(world.rank * blocks // world.size, (world.rank + 1) * blocks // world.size),
+            self.record_every or max(1, loop.total // 500),
+            getattr(model, "regularizer", None),
+            getattr(model, "contrastive_grads", None),
+        )
         state.chains = self._my_blocks(state, chains)
         return state
 
@@ -221,8 +255,9 @@ class PersistentCD(TrainingEngine):
                 loss = loss + float(penalty.detach())
         done = step + 1
         due = done % state.record_every == 0
-        loss, pos_mean, neg_mean, gnorm = loop.descend(state.params, loss, pos_mean, neg_mean,
-                                                       update=state.optimizer.step, norm=due)
+        loss, pos_mean, neg_mean, gnorm = loop.descend(
+            state.params, loss, pos_mean, neg_mean, update=state.optimizer.step, norm=due
+        )
         metrics = {"loss": loss, "positive": pos_mean, "negative": neg_mean}
         if due:  # chain energies cost a pass over the chains: measured at record steps only
             energy = self._record(state, neg, loop.world)
@@ -240,11 +275,17 @@ class PersistentCD(TrainingEngine):
         return [(state.optimizer, self.lr)]
 
     def state_dict(self, state: PCDState) -> dict:
-        parallel = torch.distributed.is_available() and torch.distributed.is_initialized() \
+        parallel = (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
             and torch.distributed.get_world_size() > 1
-        return {"module": state.model.state_dict(), "optim": state.optimizer.state_dict(),
-                "chains": _gather_rows(state.chains) if parallel else state.chains,
-                "recorded": torch.stack(state.recorded, 1) if state.recorded else None}
+        )
+        return {
+            "module": state.model.state_dict(),
+            "optim": state.optimizer.state_dict(),
+            "chains": _gather_rows(state.chains) if parallel else state.chains,
+            "recorded": torch.stack(state.recorded, 1) if state.recorded else None,
+        }
 
     def load_state_dict(self, state: PCDState, saved: dict) -> None:
         state.model.load_state_dict(saved["module"])
@@ -256,10 +297,14 @@ class PersistentCD(TrainingEngine):
     def fit_fields(self, state: PCDState) -> dict:
         model = state.model
         spec = getattr(model, "spec", None)
-        return {"samples": {"chain_energy": torch.stack(state.recorded, 1)} if state.recorded else None,
-                "spec": spec if isinstance(spec, dict) else None,
-                "extra": {"tensors": {"chains": _detach(state.chains)}},
-                "model": getattr(model, "model", None), "guide": getattr(model, "guide", None), "module": model}
+        return {
+            "samples": {"chain_energy": torch.stack(state.recorded, 1)} if state.recorded else None,
+            "spec": spec if isinstance(spec, dict) else None,
+            "extra": {"tensors": {"chains": _detach(state.chains)}},
+            "model": getattr(model, "model", None),
+            "guide": getattr(model, "guide", None),
+            "module": model,
+        }
 
     # -----------------------------------------------------------------------------------------
     def _make_optimizer(self, params):
@@ -272,9 +317,11 @@ class PersistentCD(TrainingEngine):
         if state.blocks == 1:
             return chains
         if any(t.shape[0] != self.num_chains for t in _leaves(chains)):
-            raise ValueError(f"chain blocks (and distributed PCD) need chain states with the {self.num_chains} "
-                             f"chains on dim 0; {type(state.model).__name__} has shapes "
-                             f"{[tuple(t.shape) for t in _leaves(chains)]}")
+            raise ValueError(
+                f"chain blocks (and distributed PCD) need chain states with the {self.num_chains} "
+                f"chains on dim 0; {type(state.model).__name__} has shapes "
+                f"{[tuple(t.shape) for t in _leaves(chains)]}"
+            )
         return _rows(chains, state.mine.start * state.per_block, state.mine.stop * state.per_block)
 
     def _advance(self, state: PCDState, step: int):
@@ -285,8 +332,11 @@ class PersistentCD(TrainingEngine):
         for i, b in enumerate(state.mine):
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(((self.seed or 0) * 1_000_003 + step) * 1_009 + b)
-                out.append(state.model.sample_chains(_rows(state.chains, i * state.per_block,
-                                                           (i + 1) * state.per_block), self.k))
+                out.append(
+                    state.model.sample_chains(
+                        _rows(state.chains, i * state.per_block, (i + 1) * state.per_block), self.k
+                    )
+                )
         return _cat_rows(out)
 
     def _record(self, state: PCDState, neg, world) -> float:
@@ -319,8 +369,10 @@ class PersistentCD(TrainingEngine):
                 return checker(data, name)
             parts = (check_data(data, name),)
         if len({p.shape[0] for p in parts}) != 1:
-            raise ValueError(f"{name}: expected tensors sharing their first (data) dimension, got shapes "
-                             f"{[tuple(p.shape) for p in parts]}")
+            raise ValueError(
+                f"{name}: expected tensors sharing their first (data) dimension, got shapes "
+                f"{[tuple(p.shape) for p in parts]}"
+            )
         return parts if isinstance(data, (tuple, list)) else parts[0]
 
 

@@ -23,8 +23,8 @@ import torch
 from ppdgm.fit import Fit
 from ppdgm.inference.base import Checkpointer, Engine, move_module, resolve_device, set_seed
 from ppdgm.inference.callbacks import Callback, as_callbacks
-from ppdgm.progress import progress_bar
 from ppdgm.logdensity import check_continuous_latents, latent_sites, prototype_trace
+from ppdgm.progress import progress_bar
 
 
 @dataclass
@@ -74,8 +74,10 @@ class Draws:
 
     def rows(self, chains: slice, until: int) -> dict:
         """The first ``until`` draws of ``chains`` on the host (for a checkpoint)."""
-        return {group: {k: v[chains, :until].cpu() for k, v in getattr(self, group).items()}
-                for group in ("samples", "stats")}
+        return {
+            group: {k: v[chains, :until].cpu() for k, v in getattr(self, group).items()}
+            for group in ("samples", "stats")
+        }
 
     def restore(self, chains: slice, saved: dict, device) -> None:
         until = next(iter(saved["samples"].values())).shape[1] if saved["samples"] else 0
@@ -107,8 +109,17 @@ class SamplingDriver:
     ``g * (num_warmup + num_samples) + i + 1``). Their return value is ignored: a sampler does not
     stop early, since its draws are preallocated and an ArviZ posterior needs them all."""
 
-    def __init__(self, name: str, num_warmup: int, num_samples: int, settings: dict, progress: bool | None,
-                 checkpoint: Checkpointer, callbacks: list[Callback] = (), config: dict | None = None):
+    def __init__(
+        self,
+        name: str,
+        num_warmup: int,
+        num_samples: int,
+        settings: dict,
+        progress: bool | None,
+        checkpoint: Checkpointer,
+        callbacks: list[Callback] = (),
+        config: dict | None = None,
+    ):
         self.name, self.num_warmup, self.num_samples = name, num_warmup, num_samples
         self.settings, self.progress, self.checkpoint = settings, progress, checkpoint
         self.callbacks, self.config = list(callbacks), config if config is not None else settings
@@ -120,15 +131,21 @@ class SamplingDriver:
             return {"finished": {}, "current": None}
         if saved["settings"] != self.settings:
             changed = sorted(k for k in self.settings if saved["settings"].get(k) != self.settings[k])
-            raise ValueError(f"{self.checkpoint.path}: the checkpoint was written with other sampler settings "
-                             f"({changed}); rerun without resume or with the same settings")
+            raise ValueError(
+                f"{self.checkpoint.path}: the checkpoint was written with other sampler settings "
+                f"({changed}); rerun without resume or with the same settings"
+            )
         return saved
 
     def run(self, groups: list, device, resume: bool = False) -> SamplingRun:
         saved = self.load() if resume else {"finished": {}, "current": None}
         total = self.num_warmup + self.num_samples
         draws = Draws(sum(g.width for g in groups), self.num_samples)
-        histories, states, timing = [], [], {"init_seconds": 0.0, "warmup_seconds": 0.0, "sample_seconds": 0.0, "grad_evals": 0}
+        histories, states, timing = (
+            [],
+            [],
+            {"init_seconds": 0.0, "warmup_seconds": 0.0, "sample_seconds": 0.0, "grad_evals": 0},
+        )
         for cb in self.callbacks:
             cb.on_start(self.config)
         bar = progress_bar(len(groups) * total, self.name, self.progress)
@@ -149,8 +166,12 @@ class SamplingDriver:
             history, grad_evals = self._run_group(index, group, chains, draws, device, current, saved, bar, timing)
             histories.append(history)
             states.append(group.state_dict() if hasattr(group, "state_dict") else None)
-            saved["finished"][index] = {"draws": draws.rows(chains, self.num_samples), "history": history,
-                                        "grad_evals": grad_evals, "state": states[-1]}
+            saved["finished"][index] = {
+                "draws": draws.rows(chains, self.num_samples),
+                "history": history,
+                "grad_evals": grad_evals,
+                "state": states[-1],
+            }
             self.checkpoint.save({"settings": self.settings, **saved})
         bar.close()
         timing["seconds"] = time.perf_counter() - t_start
@@ -186,9 +207,20 @@ class SamplingDriver:
             for cb in self.callbacks:
                 cb.on_step(index * (W + self.num_samples) + it + 1, out.history)
             if self.checkpoint.due(it + 1) and hasattr(group, "state_dict") and it + 1 < W + self.num_samples:
-                self.checkpoint.save({"settings": self.settings, "finished": saved["finished"], "current": {
-                    "group": index, "iteration": it + 1, "state": group.state_dict(), "history": history,
-                    "grad_evals": grad_evals, "draws": draws.rows(chains, max(it + 1 - W, 0))}})
+                self.checkpoint.save(
+                    {
+                        "settings": self.settings,
+                        "finished": saved["finished"],
+                        "current": {
+                            "group": index,
+                            "iteration": it + 1,
+                            "state": group.state_dict(),
+                            "history": history,
+                            "grad_evals": grad_evals,
+                            "draws": draws.rows(chains, max(it + 1 - W, 0)),
+                        },
+                    }
+                )
             bar.update(1)
             if it % 20 == 0:
                 bar.set_postfix({k: f"{v:.3g}" for k, v in out.history.items() if isinstance(v, float)}, refresh=False)
@@ -253,15 +285,31 @@ class Sampler(Engine):
         return {k: v for k, v in self.config.items() if k not in ("device", "progress", "checkpoint_every")}
 
     def _driver(self, checkpoint_dir, every: int | None = None, callbacks=()) -> SamplingDriver:
-        return SamplingDriver(self.name, self.num_warmup, self.num_samples, self._settings(), self.progress,
-                              Checkpointer(checkpoint_dir, every), as_callbacks(callbacks), self.config)
+        return SamplingDriver(
+            self.name,
+            self.num_warmup,
+            self.num_samples,
+            self._settings(),
+            self.progress,
+            Checkpointer(checkpoint_dir, every),
+            as_callbacks(callbacks),
+            self.config,
+        )
 
     def _fit(self, run: SamplingRun, history: dict, extra: dict, model, args, kwargs, callbacks=()) -> Fit:
         """The Fit every sampler returns: draws ``(chain, draw, ...)``, ``sample_stats`` for ArviZ;
         handed to the ``callbacks``' ``on_end``."""
-        fit = Fit(engine=self.name, config=self.config, history=history, timing=run.timing,
-                  samples=run.draws.samples, extra={**extra, "tensors": {"sample_stats": run.draws.stats}},
-                  model=model, args=args, kwargs=kwargs)
+        fit = Fit(
+            engine=self.name,
+            config=self.config,
+            history=history,
+            timing=run.timing,
+            samples=run.draws.samples,
+            extra={**extra, "tensors": {"sample_stats": run.draws.stats}},
+            model=model,
+            args=args,
+            kwargs=kwargs,
+        )
         for cb in as_callbacks(callbacks):
             cb.on_end(fit)
         return fit

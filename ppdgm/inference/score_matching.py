@@ -53,14 +53,29 @@ class ScoreMatching(TrainingEngine):
     input = "denoising"
     rank_noise = True
 
-    def __init__(self, num_steps: int = 2000, batch_size: int | None = 256, lr: float = 1e-3,
-                 clip_norm: float | None = None, ema: float | None = None, eval_every: int | None = None,
-                 patience: int | None = None, checkpoint_every: int | None = None, seed: int | None = 0,
-                 device=None, progress: bool | None = None, lr_schedule: str | None = None,
-                 lr_final_factor: float = 0.1):
+    def __init__(
+        self,
+        num_steps: int = 2000,
+        batch_size: int | None = 256,
+        lr: float = 1e-3,
+        clip_norm: float | None = None,
+        ema: float | None = None,
+        eval_every: int | None = None,
+        patience: int | None = None,
+        checkpoint_every: int | None = None,
+        seed: int | None = 0,
+        device=None,
+        progress: bool | None = None,
+        lr_schedule: str | None = None,
+        lr_final_factor: float = 0.1,
+    ):
         positive_int("num_steps", num_steps)
-        for arg, val in (("batch_size", batch_size), ("eval_every", eval_every), ("patience", patience),
-                         ("checkpoint_every", checkpoint_every)):
+        for arg, val in (
+            ("batch_size", batch_size),
+            ("eval_every", eval_every),
+            ("patience", patience),
+            ("checkpoint_every", checkpoint_every),
+        ):
             positive_int(arg, val, optional=True)
         self.lr = positive_number("lr", lr)
         self.clip_norm = positive_number("clip_norm", clip_norm, optional=True)
@@ -83,9 +98,16 @@ class ScoreMatching(TrainingEngine):
         val_data = checker(val_data, "val_data") if val_data is not None else None
         device = resolve_device(self.device, data)
         model.to(device)
-        fit = train(self, model, data.to(device), device=device,
-                    val_data=val_data.to(device) if val_data is not None else None,
-                    checkpoint_dir=checkpoint_dir, resume=resume, callbacks=callbacks)
+        fit = train(
+            self,
+            model,
+            data.to(device),
+            device=device,
+            val_data=val_data.to(device) if val_data is not None else None,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            callbacks=callbacks,
+        )
         fit.args = (data.to(device),)
         return fit
 
@@ -131,8 +153,11 @@ class ScoreMatching(TrainingEngine):
             state.model.load_state_dict(state.averaged.state_dict())
 
     def state_dict(self, state: ScoreState) -> dict:
-        return {"module": state.model.state_dict(), "optim": state.optimizer.state_dict(),
-                "ema": state.averaged.state_dict() if state.averaged is not None else None}
+        return {
+            "module": state.model.state_dict(),
+            "optim": state.optimizer.state_dict(),
+            "ema": state.averaged.state_dict() if state.averaged is not None else None,
+        }
 
     def load_state_dict(self, state: ScoreState, saved: dict) -> None:
         state.model.load_state_dict(saved["module"])

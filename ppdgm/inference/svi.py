@@ -221,8 +221,13 @@ class SVI(TrainingEngine):
             raise ValueError(f"loss must be one of {LOSSES} or a pyro.infer.ELBO, got {loss!r}")
         positive_int("num_steps", num_steps)
         positive_int("num_particles", num_particles)
-        for arg, val in (("num_epochs", num_epochs), ("batch_size", batch_size), ("eval_every", eval_every),
-                         ("patience", patience), ("checkpoint_every", checkpoint_every)):
+        for arg, val in (
+            ("num_epochs", num_epochs),
+            ("batch_size", batch_size),
+            ("eval_every", eval_every),
+            ("patience", patience),
+            ("checkpoint_every", checkpoint_every),
+        ):
             positive_int(arg, val, optional=True)
         self.lr = positive_number("lr", lr)
         self.optim = choice("optim", optim, OPTIMIZERS)
@@ -260,8 +265,16 @@ class SVI(TrainingEngine):
         data = self._prepare(data, "data", device)
         val_data = self._prepare(val_data, "val_data", device)
         move_module(model, device)
-        return train(self, (model, guide, args, kwargs), data, device=device, val_data=val_data,
-                     checkpoint_dir=checkpoint_dir, resume=resume, callbacks=callbacks)
+        return train(
+            self,
+            (model, guide, args, kwargs),
+            data,
+            device=device,
+            val_data=val_data,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            callbacks=callbacks,
+        )
 
     # -----------------------------------------------------------------------------------------
     # the algorithm the driver runs
@@ -288,15 +301,26 @@ class SVI(TrainingEngine):
         if guide is empty_guide and type(elbo) in (Trace_ELBO, TraceMeanField_ELBO) and self.num_particles == 1:
             elbo = MaximumLikelihood()  # the same objective, without tracing a guide that has no sites
         data = loop.batches.data
-        return SVIState(model, guide, autoguide, self._make_optim(), elbo, args, kwargs,
-                        data if isinstance(data, tuple) else (), on_device, device)
+        return SVIState(
+            model,
+            guide,
+            autoguide,
+            self._make_optim(),
+            elbo,
+            args,
+            kwargs,
+            data if isinstance(data, tuple) else (),
+            on_device,
+            device,
+        )
 
     def step(self, state: SVIState, loop: Loop) -> dict:
         b = loop.batches[loop.step]
         scale = loop.batches.n / b[0].shape[0] if loop.batches.batch else None
         with state.on_device():
-            loss, params = self._loss_and_params(state.elbo, state.model, state.guide, scale,
-                                                 (*b, *state.args), state.kwargs)
+            loss, params = self._loss_and_params(
+                state.elbo, state.model, state.guide, scale, (*b, *state.args), state.kwargs
+            )
         if loop.world.parallel:
             params = self._named_params(params)
         clip = self.clip_norm if self.optim == "adam" else None  # ClippedAdam clips by itself
@@ -328,9 +352,14 @@ class SVI(TrainingEngine):
         state.optim.set_state(saved["optim"])
 
     def fit_fields(self, state: SVIState) -> dict:
-        return {"params": param_store_state(), "extra": {"autoguide": state.autoguide} if state.autoguide else {},
-                "model": state.model, "guide": state.guide, "args": (*state.fit_args, *state.args),
-                "kwargs": state.kwargs}
+        return {
+            "params": param_store_state(),
+            "extra": {"autoguide": state.autoguide} if state.autoguide else {},
+            "model": state.model,
+            "guide": state.guide,
+            "args": (*state.fit_args, *state.args),
+            "kwargs": state.kwargs,
+        }
 
     # -----------------------------------------------------------------------------------------
     def _make_optim(self):
@@ -356,12 +385,16 @@ class SVI(TrainingEngine):
             if isinstance(data, Sized) and len(data) == 0:
                 raise ValueError(f"{name}: expected a non-empty Dataset, got length 0")
             return data
-        parts = tuple(check_data(d, f"{name}[{i}]") if not _is_int(d) else torch.as_tensor(d)
-                      for i, d in enumerate(_as_tuple(data)))
+        parts = tuple(
+            check_data(d, f"{name}[{i}]") if not _is_int(d) else torch.as_tensor(d)
+            for i, d in enumerate(_as_tuple(data))
+        )
         lengths = {p.shape[0] if p.dim() else None for p in parts}
         if len(lengths) != 1 or None in lengths:
-            raise ValueError(f"{name}: expected tensors sharing their first (data) dimension, got shapes "
-                             f"{[tuple(p.shape) for p in parts]}")
+            raise ValueError(
+                f"{name}: expected tensors sharing their first (data) dimension, got shapes "
+                f"{[tuple(p.shape) for p in parts]}"
+            )
         return tuple(p.to(device) for p in parts)
 
     @staticmethod

@@ -26,7 +26,6 @@ from ppdgm.inference.callbacks import CallbackLike, as_callbacks
 from ppdgm.inference.schedules import lr_factor
 from ppdgm.progress import progress_bar
 
-
 # ---------------------------------------------------------------------------------------------
 # data order
 
@@ -42,8 +41,9 @@ class Minibatches:
     under several ranks); ``full_batch=False`` always cuts minibatches of at most ``batch_size``.
     """
 
-    def __init__(self, data: Any, batch_size: int | None, seed: int | None, world: distributed.World,
-                 full_batch: bool = True) -> None:
+    def __init__(
+        self, data: Any, batch_size: int | None, seed: int | None, world: distributed.World, full_batch: bool = True
+    ) -> None:
         self.data, self.seed, self.world = data, seed or 0, world
         self.n = _length(data)
         shard = math.ceil(self.n / world.size) if self.n else 0
@@ -115,8 +115,14 @@ def _collate(dataset: Any, indices: Sequence[int]) -> tuple[torch.Tensor, ...]:
 # what a step sees
 
 
-def non_finite_error(step: int, loss: float, grad_norm: float | None, fit: Fit, checkpoint_dir: PathLike | None = None,
-                     what: str = "loss") -> NonFiniteLossError:
+def non_finite_error(
+    step: int,
+    loss: float,
+    grad_norm: float | None,
+    fit: Fit,
+    checkpoint_dir: PathLike | None = None,
+    what: str = "loss",
+) -> NonFiniteLossError:
     """Save the last finite ``fit`` (when a folder is given) and return the error that names the step."""
     if checkpoint_dir is not None:
         fit.save(checkpoint_dir)
@@ -147,8 +153,16 @@ class Loop:
     lr_factor: float = 1.0
     history: dict = field(default_factory=dict)
 
-    def descend(self, params: Sequence[torch.Tensor], loss: float, *scalars: float, update: Callable[[], Any],
-                clip: Any = ..., norm: bool = True, what: str = "loss") -> tuple[Any, ...]:
+    def descend(
+        self,
+        params: Sequence[torch.Tensor],
+        loss: float,
+        *scalars: float,
+        update: Callable[[], Any],
+        clip: Any = ...,
+        norm: bool = True,
+        what: str = "loss",
+    ) -> tuple[Any, ...]:
         """Finish one gradient update of ``params`` whose gradients the engine has accumulated.
 
         Averages the gradients (and ``loss``, ``scalars``) over ranks, clips them to ``clip``
@@ -261,8 +275,9 @@ def set_lr(optimizer: Any, lr: float) -> None:
 # the loop
 
 
-def track_validation(best: dict | None, bad_evals: int, value: float, step: int, patience: int | None,
-                     weights: Callable[[], dict]) -> tuple[dict, int, bool]:
+def track_validation(
+    best: dict | None, bad_evals: int, value: float, step: int, patience: int | None, weights: Callable[[], dict]
+) -> tuple[dict, int, bool]:
     """Early-stopping bookkeeping after one validation loss: ``(best, bad_evals, stop)``.
 
     ``best`` is None or ``{"loss", "step", **weights()}``; ``weights`` snapshots what to keep and is
@@ -273,9 +288,17 @@ def track_validation(best: dict | None, bad_evals: int, value: float, step: int,
     return best, bad_evals, patience is not None and bad_evals >= patience
 
 
-def train(engine: TrainingEngine, problem: Any, data: Any, *, device: torch.device, val_data: Any = None,
-          checkpoint_dir: PathLike | None = None, resume: bool = False,
-          callbacks: CallbackLike | Iterable[CallbackLike] | None = ()) -> Fit:
+def train(
+    engine: TrainingEngine,
+    problem: Any,
+    data: Any,
+    *,
+    device: torch.device,
+    val_data: Any = None,
+    checkpoint_dir: PathLike | None = None,
+    resume: bool = False,
+    callbacks: CallbackLike | Iterable[CallbackLike] | None = (),
+) -> Fit:
     """Train ``engine`` on ``problem`` (whatever its ``init`` takes) and validated ``data``."""
     hooks = as_callbacks(callbacks)
     world = distributed.init_from_env(device)
@@ -307,8 +330,13 @@ def train(engine: TrainingEngine, problem: Any, data: Any, *, device: torch.devi
     eval_every = engine.eval_interval(batches.per_epoch, total)
 
     def make_fit(end: int) -> Fit:
-        fit = Fit(engine=engine.name, config=engine.config, history=history,
-                  timing=step_timing(time.perf_counter() - t0, max(end - start, 0)), **engine.fit_fields(state))
+        fit = Fit(
+            engine=engine.name,
+            config=engine.config,
+            history=history,
+            timing=step_timing(time.perf_counter() - t0, max(end - start, 0)),
+            **engine.fit_fields(state),
+        )
         if best is not None:
             fit.extra["best_val"] = {"loss": best["loss"], "step": best["step"]}
         return fit
@@ -334,8 +362,9 @@ def train(engine: TrainingEngine, problem: Any, data: Any, *, device: torch.devi
             metrics = engine.step(state, loop)
         except _NonFiniteStep as err:
             bar.close()
-            raise non_finite_error(step, err.loss, err.grad_norm, make_fit(step),
-                                   checkpoint_dir if world.is_main else None, what=err.what) from None
+            raise non_finite_error(
+                step, err.loss, err.grad_norm, make_fit(step), checkpoint_dir if world.is_main else None, what=err.what
+            ) from None
         for k, v in metrics.items():
             if v is not None:
                 history.setdefault(k, []).append(v)
@@ -346,16 +375,27 @@ def train(engine: TrainingEngine, problem: Any, data: Any, *, device: torch.devi
                 history[k].append(v)
             history["val_step"].append(done)
             if "val_loss" in values:
-                best, bad_evals, stop = track_validation(best, bad_evals, values["val_loss"], done,
-                                                         engine.patience, lambda: {"weights": engine.weights(state)})
+                best, bad_evals, stop = track_validation(
+                    best,
+                    bad_evals,
+                    values["val_loss"],
+                    done,
+                    engine.patience,
+                    lambda: {"weights": engine.weights(state)},
+                )
             for cb in hooks:
                 stop = bool(cb.on_validation(done, values)) or stop
         info = {**metrics, "lr": (pairs[0][1] * factor) if pairs else None}
         for cb in hooks:
             stop = bool(cb.on_step(done, info)) or stop
         if ckpt.due(done) or (stop and ckpt.every):
-            snapshot = {"step": done, "engine": engine.state_dict(state), "history": history, "best": best,
-                        "bad_evals": bad_evals}  # every rank builds it (some states gather), rank 0 writes
+            snapshot = {
+                "step": done,
+                "engine": engine.state_dict(state),
+                "history": history,
+                "best": best,
+                "bad_evals": bad_evals,
+            }  # every rank builds it (some states gather), rank 0 writes
             if world.is_main:
                 ckpt.save(snapshot)
         bar.update(1)

@@ -59,8 +59,9 @@ def load_function(target: str):
         raise ValueError(f"{err.filename or path}:{err.lineno}: syntax error: {err.msg}") from None
     except Exception as err:  # the user's module failed while importing: say where
         line = _line_in(err, path)
-        raise ValueError(f"{path}{f':{line}' if line else ''}: error while importing it: "
-                         f"{type(err).__name__}: {err}") from None
+        raise ValueError(
+            f"{path}{f':{line}' if line else ''}: error while importing it: {type(err).__name__}: {err}"
+        ) from None
     if not callable(getattr(mod, func, None)):
         raise ValueError(f"{path} has no function {func!r}")
     return getattr(mod, func)
@@ -84,8 +85,10 @@ def build_from_spec(spec: dict, trust_code: bool = False):
         obj = model_class(spec["name"])(**spec.get("kwargs", {}))
         return obj.model, getattr(obj, "guide", None), obj
     if not trust_code:
-        raise ValueError(f"the saved model is Python code ({spec.get('function')}); rebuilding it runs that file: "
-                         f"pass trust_code=True if you trust it")
+        raise ValueError(
+            f"the saved model is Python code ({spec.get('function')}); rebuilding it runs that file: "
+            f"pass trust_code=True if you trust it"
+        )
     model = load_function(spec["function"])
     guide = load_function(spec["guide"]) if spec.get("guide") else None
     if guide is None and spec.get("autoguide") == "AutoNormal":

@@ -178,15 +178,17 @@ class MADE(_BinaryAutoregressive):
         order: ``"natural"`` (0..D-1) or ``"random"`` for the first (or only) ordering.
         seed: seeds the orderings and masks, so ``spec`` rebuilds the same network.
     """
-    datasets = ('digits-binary',)
+
+    datasets = ("digits-binary",)
 
     name = "made"
     # minibatches: 2,000 steps on the digits give 17.69 nats in 3.5 s (full batch: 18.91 in 7.8 s)
     engine_config: ClassVar[dict] = {"batch_size": 100, "lr": 3e-3}
     orders: torch.Tensor  # a buffer: each mask's ordering of the features
 
-    def __init__(self, features: int = 64, hidden_features=(256,), num_masks: int = 1, order: str = "natural",
-                 seed: int = 0):
+    def __init__(
+        self, features: int = 64, hidden_features=(256,), num_masks: int = 1, order: str = "natural", seed: int = 0
+    ):
         super().__init__()
         if not isinstance(features, int) or features < 2:
             raise ValueError(f"features must be an int >= 2, got {features!r}")
@@ -197,7 +199,13 @@ class MADE(_BinaryAutoregressive):
             raise ValueError(f"num_masks must be a positive int, got {num_masks!r}")
         if order not in ("natural", "random"):
             raise ValueError(f"order must be 'natural' or 'random', got {order!r}")
-        self.features, self.hidden_features, self.num_masks, self.order, self.seed = features, hidden_features, num_masks, order, seed
+        self.features, self.hidden_features, self.num_masks, self.order, self.seed = (
+            features,
+            hidden_features,
+            num_masks,
+            order,
+            seed,
+        )
 
         sizes = [features, *hidden_features, features]
         # an nn.ModuleList, typed by what it holds (torch's ModuleList is not generic)
@@ -255,7 +263,8 @@ class MADE(_BinaryAutoregressive):
 
 class NADE(_BinaryAutoregressive):
     """Neural autoregressive distribution estimator over binary vectors (natural order)."""
-    datasets = ('digits-binary',)
+
+    datasets = ("digits-binary",)
 
     name = "nade"
     # a step costs O(batch x features x hidden) element-wise work (no matmul to hide it in): 2,000 full-batch

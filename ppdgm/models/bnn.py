@@ -36,8 +36,13 @@ class BayesianLinear(PyroModule):
     def __init__(self, in_features: int, out_features: int, prior_scale: float = 1.0):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = PyroSample(lambda m: dist.Normal(m._zero, prior_scale / math.sqrt(in_features))  # type: ignore[assignment]
-                                 .expand([out_features, in_features]).to_event(2))
+        self.weight = PyroSample(
+            lambda m: (
+                dist.Normal(m._zero, prior_scale / math.sqrt(in_features))  # type: ignore[assignment]
+                .expand([out_features, in_features])
+                .to_event(2)
+            )
+        )
         self.bias = PyroSample(lambda m: dist.Normal(m._zero, prior_scale).expand([out_features]).to_event(1))  # type: ignore[assignment]
         self.register_buffer("_zero", torch.zeros(()))
 
@@ -61,7 +66,8 @@ class BNN(ConstructorSpec, PyroModule):
         noise_scale: the Gaussian noise sd; None puts a HalfNormal(1) prior on it (site ``sigma``).
         prior_scale: prior sd scale of weights and biases.
     """
-    datasets = ('digits',)
+
+    datasets = ("digits",)
 
     default_engine = "chees"
     # every leapfrog step runs the net on all the data for every chain, so the budget is chains x
@@ -72,11 +78,23 @@ class BNN(ConstructorSpec, PyroModule):
     support = "real"
     likelihood_method = "posterior-predictive"
 
-    def __init__(self, features: int = 1, hidden_features=(16,), out_features: int = 1, likelihood: str = "gaussian",
-                 noise_scale: float | None = None, prior_scale: float = 1.0, activation: str = "tanh"):
+    def __init__(
+        self,
+        features: int = 1,
+        hidden_features=(16,),
+        out_features: int = 1,
+        likelihood: str = "gaussian",
+        noise_scale: float | None = None,
+        prior_scale: float = 1.0,
+        activation: str = "tanh",
+    ):
         super().__init__()
         hidden_features = tuple(hidden_features)
-        for arg, val in (("features", features), ("out_features", out_features), *((f"hidden_features[{i}]", h) for i, h in enumerate(hidden_features))):
+        for arg, val in (
+            ("features", features),
+            ("out_features", out_features),
+            *((f"hidden_features[{i}]", h) for i, h in enumerate(hidden_features)),
+        ):
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ValueError(f"{arg} must be a positive int, got {val!r}")
         if likelihood not in LIKELIHOODS:
@@ -91,7 +109,12 @@ class BNN(ConstructorSpec, PyroModule):
             raise ValueError(f"noise_scale must be positive or None, got {noise_scale!r}")
         if not prior_scale > 0:
             raise ValueError(f"prior_scale must be positive, got {prior_scale!r}")
-        self.features, self.hidden_features, self.out_features, self.likelihood = features, hidden_features, out_features, likelihood
+        self.features, self.hidden_features, self.out_features, self.likelihood = (
+            features,
+            hidden_features,
+            out_features,
+            likelihood,
+        )
         self.noise_scale, self.prior_scale, self.activation = noise_scale, prior_scale, activation
         sizes = (features, *hidden_features, out_features)
         layers = [BayesianLinear(a, b, prior_scale) for a, b in itertools.pairwise(sizes)]
@@ -136,25 +159,36 @@ class BNN(ConstructorSpec, PyroModule):
                 raise ValueError(f"y: expected shape ({x.shape[0]},) to match x {tuple(x.shape)}, got {tuple(y.shape)}")
             if self.likelihood == "bernoulli" and not ((y == 0) | (y == 1)).all():
                 raise ValueError("y: a bernoulli BNN expects targets in {0, 1}")
-            if self.likelihood == "categorical" and (y.is_floating_point() or y.min() < 0 or y.max() >= self.out_features):
-                raise ValueError(f"y: a categorical BNN expects integer classes in [0, {self.out_features}), got "
-                                 f"dtype {y.dtype}, range [{y.min().item()}, {y.max().item()}]")
+            if self.likelihood == "categorical" and (
+                y.is_floating_point() or y.min() < 0 or y.max() >= self.out_features
+            ):
+                raise ValueError(
+                    f"y: a categorical BNN expects integer classes in [0, {self.out_features}), got "
+                    f"dtype {y.dtype}, range [{y.min().item()}, {y.max().item()}]"
+                )
         return x, y
 
     def model(self, x, y=None):
         x, y = self._check(x, y)
         f = self(x)
         if self.likelihood == "gaussian":
-            sigma = (pyro.sample("sigma", dist.HalfNormal(torch.ones((), device=x.device)))
-                     if self.noise_scale is None else torch.tensor(self.noise_scale, device=x.device))
+            sigma = (
+                pyro.sample("sigma", dist.HalfNormal(torch.ones((), device=x.device)))
+                if self.noise_scale is None
+                else torch.tensor(self.noise_scale, device=x.device)
+            )
             y = y.to(f.dtype) if y is not None else None
             with pyro.plate("data", x.shape[0]):
                 if self.out_features == 1:
                     return pyro.sample("y", dist.Normal(f.squeeze(-1), sigma), obs=y)
-                return pyro.sample("y", dist.Normal(f, sigma.unsqueeze(-1) if sigma.dim() else sigma).to_event(1), obs=y)
+                return pyro.sample(
+                    "y", dist.Normal(f, sigma.unsqueeze(-1) if sigma.dim() else sigma).to_event(1), obs=y
+                )
         with pyro.plate("data", x.shape[0]):
             if self.likelihood == "bernoulli":
-                return pyro.sample("y", dist.Bernoulli(logits=f.squeeze(-1)), obs=y.to(f.dtype) if y is not None else None)
+                return pyro.sample(
+                    "y", dist.Bernoulli(logits=f.squeeze(-1)), obs=y.to(f.dtype) if y is not None else None
+                )
             return pyro.sample("y", dist.Categorical(logits=f), obs=y)
 
     # -- using posterior draws ----------------------------------------------------------------
@@ -172,7 +206,9 @@ class BNN(ConstructorSpec, PyroModule):
     def _draws(self, samples):
         samples = samples if samples is not None else self.posterior
         if not samples:
-            raise ValueError("no posterior draws: pass samples= (a Fit's samples) or call attach_posterior(fit.samples)")
+            raise ValueError(
+                "no posterior draws: pass samples= (a Fit's samples) or call attach_posterior(fit.samples)"
+            )
         return {k: v.reshape(-1, *v.shape[2:]) for k, v in samples.items()}
 
     def _conditional(self, x, samples):
@@ -203,7 +239,9 @@ class BNN(ConstructorSpec, PyroModule):
         mean = fn.probs if self.likelihood != "gaussian" else fn.mean
         draws = samples if samples is not None else self.posterior
         if draws is None:
-            raise ValueError("no posterior draws: pass samples= (a Fit's samples) or call attach_posterior(fit.samples)")
+            raise ValueError(
+                "no posterior draws: pass samples= (a Fit's samples) or call attach_posterior(fit.samples)"
+            )
         lead = next(iter(draws.values())).shape[:2]
         return mean.expand(S, *mean.shape[1:]).reshape(*lead, *mean.shape[1:])
 

@@ -27,9 +27,9 @@ from pyro.nn import PyroModule
 from torch import nn
 from torch.distributions import constraints
 
+from ppdgm.boltzmann import LayeredEnergy, bernoulli
 from ppdgm.data import check_data
 from ppdgm.graphs import LayerGraph, dbm_graph, multimodal_graph
-from ppdgm.boltzmann import LayeredEnergy, bernoulli
 from ppdgm.models.spec import ConstructorSpec
 
 SUPPORT_OF_UNITS = {"bernoulli": "binary", "gaussian": "real", "softmax": "counts"}
@@ -44,15 +44,17 @@ class DBM(ConstructorSpec, PyroModule):
         init_scale: standard deviation of the initial weights.
         mean_field_steps: fixed-point sweeps of the mean-field guide.
     """
-    datasets = ('digits-binary',)
+
+    datasets = ("digits-binary",)
 
     default_engine = "pcd"
     engine_config: ClassVar[dict] = {"optim": "adam", "lr": 0.01, "lr_schedule": "linear", "weight_decay": 1e-4, "k": 5}
     likelihood_method = "ais-importance-bound"
     support = "binary"
 
-    def __init__(self, graph=None, sizes=None, units: str = "bernoulli", init_scale: float = 0.01,
-                 mean_field_steps: int = 10):
+    def __init__(
+        self, graph=None, sizes=None, units: str = "bernoulli", init_scale: float = 0.01, mean_field_steps: int = 10
+    ):
         super().__init__()
         if (graph is None) == (sizes is None):
             raise ValueError("give exactly one of graph= (a networkx layer graph) or sizes= (a list of layer sizes)")
@@ -77,8 +79,9 @@ class DBM(ConstructorSpec, PyroModule):
         sizes = [g.size(n) for n in self.layers]
         self.sizes = sizes
         self.biases = nn.ParameterList([nn.Parameter(torch.zeros(s)) for s in sizes])
-        self.weights = nn.ParameterList([nn.Parameter(init_scale * torch.randn(sizes[a], sizes[b]))
-                                         for a, b in self.edge_index])
+        self.weights = nn.ParameterList(
+            [nn.Parameter(init_scale * torch.randn(sizes[a], sizes[b])) for a, b in self.edge_index]
+        )
         self.register_buffer("log_sigma", torch.zeros(max(sizes)))
         supports = {SUPPORT_OF_UNITS[self.units[i]] for i in self.visible_index}
         self.support = supports.pop() if len(supports) == 1 else "real"
@@ -95,9 +98,15 @@ class DBM(ConstructorSpec, PyroModule):
 
     # -- energy -----------------------------------------------------------------------------
     def energy_graph(self) -> LayeredEnergy:
-        sigmas = [self.log_sigma[: s] if u == "gaussian" else None for s, u in zip(self.sizes, self.units)]
-        return LayeredEnergy(list(self.layers), list(self.units), list(self.is_visible), list(self.biases),
-                             [(a, b, W) for (a, b), W in zip(self.edge_index, self.weights)], sigmas)
+        sigmas = [self.log_sigma[:s] if u == "gaussian" else None for s, u in zip(self.sizes, self.units)]
+        return LayeredEnergy(
+            list(self.layers),
+            list(self.units),
+            list(self.is_visible),
+            list(self.biases),
+            [(a, b, W) for (a, b), W in zip(self.edge_index, self.weights)],
+            sigmas,
+        )
 
     def data_args(self, dataset) -> tuple:
         return (self.check_data(dataset.x, "x"),)
@@ -109,27 +118,34 @@ class DBM(ConstructorSpec, PyroModule):
         layer become one-hot rows."""
         parts = tuple(data) if isinstance(data, (tuple, list)) else (data,)
         if isinstance(data, (tuple, list)) and len(parts) != len(self.visible_index):
-            raise ValueError(f"{name}: expected {len(self.visible_index)} tensor(s), one per visible layer "
-                             f"{self.visible_layers}, got {len(parts)}")
+            raise ValueError(
+                f"{name}: expected {len(self.visible_index)} tensor(s), one per visible layer "
+                f"{self.visible_layers}, got {len(parts)}"
+            )
         out = []
         for part, i in zip(parts, self.visible_index):
             label = f"{name}[{self.layers[i]}]"
             if self.units[i] == "softmax" and isinstance(part, torch.Tensor) and part.dim() == 1:
                 if part.is_floating_point() or part.min() < 0 or part.max() >= self.sizes[i]:
-                    raise ValueError(f"{label}: expected integer class labels in [0, {self.sizes[i]}), got "
-                                     f"dtype {part.dtype}, range [{part.min()}, {part.max()}]")
+                    raise ValueError(
+                        f"{label}: expected integer class labels in [0, {self.sizes[i]}), got "
+                        f"dtype {part.dtype}, range [{part.min()}, {part.max()}]"
+                    )
                 part = F.one_hot(part.long(), self.sizes[i])
             x = check_data(part, label, support=SUPPORT_OF_UNITS[self.units[i]], rank=2)
             if x.shape[1] != self.sizes[i]:
-                raise ValueError(f"{label}: expected {self.sizes[i]} columns (the layer's size), got shape "
-                                 f"{tuple(x.shape)}")
+                raise ValueError(
+                    f"{label}: expected {self.sizes[i]} columns (the layer's size), got shape {tuple(x.shape)}"
+                )
             if self.units[i] == "softmax" and not (x.sum(-1) == 1).all():
-                raise ValueError(f"{label}: a DBM's softmax layer takes one-hot rows, got row sums "
-                                 f"{x.sum(-1).unique()[:5].tolist()}")
+                raise ValueError(
+                    f"{label}: a DBM's softmax layer takes one-hot rows, got row sums {x.sum(-1).unique()[:5].tolist()}"
+                )
             out.append(x.to(dtype=self.biases[0].dtype))  # the device stays the data's
         if len({x.shape[0] for x in out}) != 1:
-            raise ValueError(f"{name}: the visible layers' tensors have different numbers of rows: "
-                             f"{[tuple(x.shape) for x in out]}")
+            raise ValueError(
+                f"{name}: the visible layers' tensors have different numbers of rows: {[tuple(x.shape) for x in out]}"
+            )
         return tuple(out) if isinstance(data, (tuple, list)) else out[0]
 
     def _input(self, data, name: str = "data"):
@@ -162,8 +178,9 @@ class DBM(ConstructorSpec, PyroModule):
                 scale = 2.0 if len(known) < len(e.neighbours(i)) else 1.0
                 eta = e.natural(i, scale * e.input(i, known))
             else:
-                eta = e.natural(i, torch.zeros(n, self.sizes[i], dtype=self.biases[i].dtype,
-                                               device=self.biases[i].device))
+                eta = e.natural(
+                    i, torch.zeros(n, self.sizes[i], dtype=self.biases[i].dtype, device=self.biases[i].device)
+                )
             mu[i] = e.mean(i, eta)
         for _ in range(steps or self.mean_field_steps):
             for colour in (1, 0):
@@ -268,7 +285,9 @@ class DBM(ConstructorSpec, PyroModule):
         clamped = {}
         for name, x in observed.items():
             if name not in self.visible_layers:
-                raise ValueError(f"observed: {name!r} is not a visible layer; expected names from {self.visible_layers}")
+                raise ValueError(
+                    f"observed: {name!r} is not a visible layer; expected names from {self.visible_layers}"
+                )
             i = self.index[name]
             label = f"observed[{name}]"
             x = check_data(x, label, support=SUPPORT_OF_UNITS[self.units[i]], rank=2)
@@ -284,8 +303,16 @@ class DBM(ConstructorSpec, PyroModule):
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
         e = self.energy_graph()
-        state = tuple(_draw(e, i, self.biases[i].new_full((n, self.sizes[i]), 0.5 if self.units[i] == "bernoulli"
-                                                           else 1.0 / self.sizes[i])) for i in range(len(self.layers)))
+        state = tuple(
+            _draw(
+                e,
+                i,
+                self.biases[i].new_full(
+                    (n, self.sizes[i]), 0.5 if self.units[i] == "bernoulli" else 1.0 / self.sizes[i]
+                ),
+            )
+            for i in range(len(self.layers))
+        )
         state = self.sample_chains(state, steps)
         out = tuple(state[i] for i in self.visible_index)
         return out if len(out) > 1 else out[0]
@@ -302,8 +329,9 @@ class DBM(ConstructorSpec, PyroModule):
         return annealed_importance_sampling(self.energy_graph(), base_data=base, **ais_kwargs)
 
     @torch.no_grad()
-    def log_likelihood(self, data, method: str = "ais", base_data=None, num_samples: int = 100,
-                       **ais_kwargs) -> torch.Tensor:
+    def log_likelihood(
+        self, data, method: str = "ais", base_data=None, num_samples: int = 100, **ais_kwargs
+    ) -> torch.Tensor:
         """Per-point lower bound on ``log p(v)`` in nats, ``log Z`` by AIS or exact enumeration
         (kept as ``self.last_log_z``).
 
@@ -316,8 +344,9 @@ class DBM(ConstructorSpec, PyroModule):
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         if method == "ais":
-            self.last_log_z = self.log_partition("ais", base_data=data if base_data is None else base_data,
-                                                 **ais_kwargs)
+            self.last_log_z = self.log_partition(
+                "ais", base_data=data if base_data is None else base_data, **ais_kwargs
+            )
         else:
             self.last_log_z = self.log_partition(method)
         bound = self.importance_bound(data, num_samples)
@@ -353,8 +382,15 @@ class DBM(ConstructorSpec, PyroModule):
 
     # -- greedy pretraining -----------------------------------------------------------------
     @torch.no_grad()
-    def pretrain(self, data, epochs: int = 20, lr: float = 0.05, batch_size: int = 100, momentum: float = 0.5,
-                 seed: int | None = 0) -> list[float]:
+    def pretrain(
+        self,
+        data,
+        epochs: int = 20,
+        lr: float = 0.05,
+        batch_size: int = 100,
+        momentum: float = 0.5,
+        seed: int | None = 0,
+    ) -> list[float]:
         """Greedy layer-wise CD-1 pretraining (Salakhutdinov & Hinton 2009), for tree-shaped graphs
         whose pathways run from each visible layer up to one top layer (a chain DBM, a multimodal DBM).
 
@@ -375,14 +411,15 @@ class DBM(ConstructorSpec, PyroModule):
             x = clamped[path[0]]
             for lower, upper in itertools.pairwise(path):
                 part = _Part(x, self._weight(lower, upper), self.biases[lower], self.units[lower], degree[lower] / 1.0)
-                errors.append(_cd_pretrain([part], self.biases[upper], degree[upper] / 1.0, epochs, lr, batch_size,
-                                           momentum, gen))
+                errors.append(
+                    _cd_pretrain([part], self.biases[upper], degree[upper] / 1.0, epochs, lr, batch_size, momentum, gen)
+                )
                 x = torch.sigmoid(degree[upper] * (x @ part.W) + self.biases[upper])
             reps[path[-1]] = x
-        parts = [_Part(reps[n], self._weight(n, top), self.biases[n], self.units[n], degree[n] / 1.0)
-                 for n in reps]
-        errors.append(_cd_pretrain(parts, self.biases[top], degree[top] / len(parts), epochs, lr, batch_size,
-                                   momentum, gen))
+        parts = [_Part(reps[n], self._weight(n, top), self.biases[n], self.units[n], degree[n] / 1.0) for n in reps]
+        errors.append(
+            _cd_pretrain(parts, self.biases[top], degree[top] / len(parts), epochs, lr, batch_size, momentum, gen)
+        )
         return errors
 
     def _weight(self, lower: int, upper: int) -> torch.Tensor:
@@ -402,9 +439,11 @@ class DBM(ConstructorSpec, PyroModule):
         und = g.graph
         top = und.graph.get("top", g.layers[-1] if g.is_chain else None)
         if top is None or top not in self.index or not nx.is_tree(und):
-            raise ValueError("pretrain: greedy pretraining needs a tree of pathways meeting at a top layer (a chain, "
-                             "or a graph whose graph['top'] names the shared layer, as multimodal_graph sets); got "
-                             f"{g}")
+            raise ValueError(
+                "pretrain: greedy pretraining needs a tree of pathways meeting at a top layer (a chain, "
+                "or a graph whose graph['top'] names the shared layer, as multimodal_graph sets); got "
+                f"{g}"
+            )
         rest = und.subgraph([n for n in und if n != top])
         paths = []
         for n in und.neighbors(top):
@@ -418,7 +457,9 @@ class DBM(ConstructorSpec, PyroModule):
 
 def _check_visible_size(size: int, data) -> None:
     if size != data.x.shape[1]:
-        raise ValueError(f"graph: the first visible layer has {size} units but {data.name} has {data.x.shape[1]} columns")
+        raise ValueError(
+            f"graph: the first visible layer has {size} units but {data.name} has {data.x.shape[1]} columns"
+        )
 
 
 class _Part:
@@ -471,12 +512,21 @@ def _cd_pretrain(parts, c, up, epochs, lr, batch_size, momentum, gen) -> float:
 class MultimodalDBM(DBM):
     """Digit pixels and a one-hot label joined at a shared top (``graph`` overrides the default
     ``pixels -- pixels_h1 -- top -- label``)."""
-    datasets = ('digits-binary',)
+
+    datasets = ("digits-binary",)
 
     engine_config: ClassVar[dict] = {"optim": "adam", "lr": 3e-4}  # the settings its labelling test measures
 
-    def __init__(self, graph=None, features: int = 64, hidden_units: int = 128, top_units: int = 64, classes: int = 10,
-                 init_scale: float = 0.01, mean_field_steps: int = 10):
+    def __init__(
+        self,
+        graph=None,
+        features: int = 64,
+        hidden_units: int = 128,
+        top_units: int = 64,
+        classes: int = 10,
+        init_scale: float = 0.01,
+        mean_field_steps: int = 10,
+    ):
         if graph is None:
             graph = multimodal_graph([features, hidden_units], [classes], top_units).graph
         super().__init__(graph=graph, init_scale=init_scale, mean_field_steps=mean_field_steps)

@@ -29,10 +29,16 @@ from ppdgm.models.spec import ConstructorSpec
 class DBN(ConstructorSpec, PyroModule):
     """``DBN(sizes=[64, 128, 64])`` or ``DBN(graph=nx_digraph)``: a stack of RBMs whose lower ones
     become directed layers. Bernoulli units everywhere (visible units may be gaussian)."""
-    datasets = ('digits-binary',)
+
+    datasets = ("digits-binary",)
 
     default_engine = "greedy"
-    engine_config: ClassVar[dict] = {"optim": "adam", "lr": 0.01, "lr_schedule": "linear", "weight_decay": 1e-4}  # each RBM's
+    engine_config: ClassVar[dict] = {
+        "optim": "adam",
+        "lr": 0.01,
+        "lr_schedule": "linear",
+        "weight_decay": 1e-4,
+    }  # each RBM's
     likelihood_method = "ais-importance-weighted-bound"
     support = "binary"
 
@@ -42,8 +48,10 @@ class DBN(ConstructorSpec, PyroModule):
             raise ValueError("give exactly one of sizes= (a list of layer sizes) or graph= (a networkx DiGraph)")
         g = dbn_graph(sizes, units=units) if sizes is not None else LayerGraph(graph)
         if not g.directed:
-            raise ValueError("graph: a DBN is a DiGraph (directed edges down, one undirected top pair); "
-                             "an undirected Graph describes an RBM or DBM")
+            raise ValueError(
+                "graph: a DBN is a DiGraph (directed edges down, one undirected top pair); "
+                "an undirected Graph describes an RBM or DBM"
+            )
         for layer in g.hidden:
             if g.units(layer) != "bernoulli":
                 raise ValueError(f"graph: hidden layer {layer!r} must have bernoulli units, got {g.units(layer)!r}")
@@ -52,10 +60,12 @@ class DBN(ConstructorSpec, PyroModule):
         self.units = g.units(g.layers[0])
         self.support = "real" if self.units == "gaussian" else "binary"
         # an nn.ModuleList, typed by what it holds (torch's ModuleList is not generic)
-        self.stack: Sequence[RBM] = nn.ModuleList([  # type: ignore[assignment]
-            RBM(features=a, hidden_units=b, units=self.units if k == 0 else "bernoulli", init_scale=init_scale)
-            for k, (a, b) in enumerate(zip(self.sizes, self.sizes[1:]))
-        ])
+        self.stack: Sequence[RBM] = nn.ModuleList(
+            [  # type: ignore[assignment]
+                RBM(features=a, hidden_units=b, units=self.units if k == 0 else "bernoulli", init_scale=init_scale)
+                for k, (a, b) in enumerate(zip(self.sizes, self.sizes[1:]))
+            ]
+        )
 
     @classmethod
     def from_data(cls, data, hidden_units=(128, 64), **kwargs):
@@ -63,8 +73,9 @@ class DBN(ConstructorSpec, PyroModule):
         if kwargs.get("graph") is not None:
             obj = cls(**kwargs)
             if obj.sizes[0] != data.x.shape[1]:
-                raise ValueError(f"graph: the visible layer has {obj.sizes[0]} units but {data.name} has "
-                                 f"{data.x.shape[1]} columns")
+                raise ValueError(
+                    f"graph: the visible layer has {obj.sizes[0]} units but {data.name} has {data.x.shape[1]} columns"
+                )
             return obj
         return cls(sizes=[int(data.x.shape[1]), *hidden_units], **kwargs)
 
@@ -109,8 +120,7 @@ class DBN(ConstructorSpec, PyroModule):
         L = len(self.stack)
         with pyro.plate("data", n):
             top = self.top
-            below = pyro.sample(f"h{L - 1}" if L > 1 else "v", _uniform(top.features, top.b),
-                                obs=v if L == 1 else None)
+            below = pyro.sample(f"h{L - 1}" if L > 1 else "v", _uniform(top.features, top.b), obs=v if L == 1 else None)
             above = pyro.sample(f"h{L}", _uniform(top.hidden_units, top.c))
             pyro.factor("energy", -top.energy(below, above))
             for k in range(L - 2, -1, -1):
@@ -133,8 +143,9 @@ class DBN(ConstructorSpec, PyroModule):
 
     # -- likelihood -------------------------------------------------------------------------
     @torch.no_grad()
-    def log_likelihood(self, x, method: str = "ais", num_samples: int = 100, base_data=None,
-                       **ais_kwargs) -> torch.Tensor:
+    def log_likelihood(
+        self, x, method: str = "ais", num_samples: int = 100, base_data=None, **ais_kwargs
+    ) -> torch.Tensor:
         """Per-point importance-weighted lower bound on ``log p(x)`` in nats:
         ``log mean_s p(x, h^s) / q(h^s | x)`` over ``num_samples`` recognition samples of
         ``h1..h_{L-1}`` with the top layer summed out, ``-F_top(h_{L-1}) - log Z_top`` (AIS, or exact).
@@ -156,7 +167,9 @@ class DBN(ConstructorSpec, PyroModule):
         log_w = -self.top.free_energy(layers[-1]) - self.last_log_z.value
         for k, rbm in enumerate(self.stack[:-1]):
             lower, upper = layers[k], layers[k + 1]
-            log_w = log_w + _log_prob(rbm, lower, upper, generative=True) - _log_prob(rbm, lower, upper, generative=False)
+            log_w = (
+                log_w + _log_prob(rbm, lower, upper, generative=True) - _log_prob(rbm, lower, upper, generative=False)
+            )
         log_w = log_w.reshape(num_samples, n)
         return torch.logsumexp(log_w, 0) - math.log(num_samples)
 
@@ -172,4 +185,3 @@ def _log_prob(rbm: RBM, lower, upper, generative: bool) -> torch.Tensor:
             return dist.Normal(rbm.visible_mean(upper), rbm.log_sigma.exp()).log_prob(lower).sum(-1)
         return dist.Bernoulli(logits=rbm.visible_natural(upper)).log_prob(lower).sum(-1)
     return dist.Bernoulli(logits=rbm.hidden_natural(lower)).log_prob(upper).sum(-1)
-

@@ -48,7 +48,8 @@ class EBM(ConstructorSpec, PyroModule):
             (:class:`ppdgm.nn.ConvEncoder` with ``hidden_features[0]`` and ``hidden_features[-1]``
             channels) instead of an MLP.
     """
-    datasets = ('moons', 'digits')
+
+    datasets = ("moons", "digits")
 
     default_engine = "pcd"
     # Langevin chains need several steps per update, and the energy net Adam (Du & Mordatch 2019)
@@ -56,10 +57,22 @@ class EBM(ConstructorSpec, PyroModule):
     support = "real"
     likelihood_method = "grid quadrature (d <= 2) / AIS"
 
-    def __init__(self, features: int = 2, hidden_features=(128, 128), activation: str = "silu", low: float = -4.0,
-                 high: float = 4.0, step_size: float = 0.01, noise_scale: float | None = None,
-                 grad_clip: float | None = None, sample_steps: int = 500, reinit_prob: float = 0.05,
-                 alpha: float = 1e-3, buffer_size: int = 10000, image_shape: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        features: int = 2,
+        hidden_features=(128, 128),
+        activation: str = "silu",
+        low: float = -4.0,
+        high: float = 4.0,
+        step_size: float = 0.01,
+        noise_scale: float | None = None,
+        grad_clip: float | None = None,
+        sample_steps: int = 500,
+        reinit_prob: float = 0.05,
+        alpha: float = 1e-3,
+        buffer_size: int = 10000,
+        image_shape: tuple[int, int] | None = None,
+    ):
         super().__init__()
         if isinstance(features, bool) or not isinstance(features, int) or features < 1:
             raise ValueError(f"features must be a positive int, got {features!r}")
@@ -82,7 +95,12 @@ class EBM(ConstructorSpec, PyroModule):
                 raise ValueError(f"image_shape: expected (height, width), got {self.image_shape}")
             if self.image_shape[0] * self.image_shape[1] != features:
                 raise ValueError(f"image_shape {self.image_shape} does not hold features={features} pixels")
-            self.energy: torch.nn.Module = ConvEncoder((self.image_shape[0], self.image_shape[1]), 1, (self.hidden_features[0], self.hidden_features[-1]), activation=activation)
+            self.energy: torch.nn.Module = ConvEncoder(
+                (self.image_shape[0], self.image_shape[1]),
+                1,
+                (self.hidden_features[0], self.hidden_features[-1]),
+                activation=activation,
+            )
         else:
             self.energy = MLP(features, self.hidden_features, 1, activation)
         self._energies: list[torch.Tensor] = []
@@ -101,8 +119,10 @@ class EBM(ConstructorSpec, PyroModule):
 
     def get_extra_state(self):
         states = self.buffer.states
-        return {"replay": states.detach() if states is not None else torch.zeros(0, self.features),
-                "chain_steps": self.chain_steps}
+        return {
+            "replay": states.detach() if states is not None else torch.zeros(0, self.features),
+            "chain_steps": self.chain_steps,
+        }
 
     def set_extra_state(self, state):
         replay = state.get("replay") if isinstance(state, dict) else None
@@ -228,13 +248,18 @@ class EBM(ConstructorSpec, PyroModule):
         eps, accepted = self.step_size, []
         for b0, b1 in itertools.pairwise(betas):
             log_w += (b1 - b0) * (self.log_prob(x) - base.log_prob(x))
-            x, rate = _mala_step(lambda z, b=b1: b * self.log_prob(z) + (1 - b) * base.log_prob(z), x, eps,
-                                 self.low, self.high)
+            x, rate = _mala_step(
+                lambda z, b=b1: b * self.log_prob(z) + (1 - b) * base.log_prob(z), x, eps, self.low, self.high
+            )
             eps *= math.exp(0.1 * (rate - 0.6))
             accepted.append(rate)
         ess = float(log_w.logsumexp(0).mul(2).sub((2 * log_w).logsumexp(0)).exp())
-        self.last_ais = {"acceptance": sum(accepted) / len(accepted), "final_step_size": eps,
-                         "effective_sample_size": ess, "base": base.kind}
+        self.last_ais = {
+            "acceptance": sum(accepted) / len(accepted),
+            "final_step_size": eps,
+            "effective_sample_size": ess,
+            "base": base.kind,
+        }
         return float(torch.logsumexp(log_w, 0) - math.log(num_chains))
 
     @torch.no_grad()

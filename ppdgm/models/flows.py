@@ -87,8 +87,9 @@ class _SplineCouplingGiven(T.SplineCoupling):
     def __init__(self, parent: ConditionalSplineCoupling, hypernet):
         TransformModule.__init__(self, cache_size=1)
         self.lower_spline = parent.lower_spline
-        self.upper_spline = T.ConditionalSpline(hypernet, parent.input_dim - parent.split_dim,
-                                                parent.count_bins, parent.bound)
+        self.upper_spline = T.ConditionalSpline(
+            hypernet, parent.input_dim - parent.split_dim, parent.count_bins, parent.bound
+        )
         self.split_dim = parent.split_dim
         self.identity = False
 
@@ -134,18 +135,21 @@ def build_layer(kind: str, features: int, hidden_features: list[int], context: i
         dims = [features - split, features - split]
         if context:
             return T.ConditionalAffineCoupling(
-                split, SoftClampedScale(ConditionalDenseNN(split, context, hidden_features, dims)))
+                split, SoftClampedScale(ConditionalDenseNN(split, context, hidden_features, dims))
+            )
         return T.AffineCoupling(split, SoftClampedScale(DenseNN(split, hidden_features, dims)))
     if kind in ("maf", "iaf"):
         if context:
             return T.ConditionalAffineAutoregressive(
-                SoftClampedScale(ConditionalAutoRegressiveNN(features, context, hidden_features, permutation=order)))
+                SoftClampedScale(ConditionalAutoRegressiveNN(features, context, hidden_features, permutation=order))
+            )
         return T.AffineAutoregressive(SoftClampedScale(AutoRegressiveNN(features, hidden_features, permutation=order)))
     if kind == "nsf_coupling":
         dims = _spline_param_dims(features - split, count_bins)
         if context:
-            return ConditionalSplineCoupling(features, split, ConditionalDenseNN(split, context, hidden_features, dims),
-                                             count_bins, bound)
+            return ConditionalSplineCoupling(
+                features, split, ConditionalDenseNN(split, context, hidden_features, dims), count_bins, bound
+            )
         return T.SplineCoupling(features, split, DenseNN(split, hidden_features, dims), count_bins, bound)
     if kind == "nsf_ar":
         dims = _spline_param_dims(1, count_bins)
@@ -171,7 +175,8 @@ class FlowModel(ConstructorSpec, nn.Module):
         count_bins, bound: spline bins and the half-width of the spline's box (identity outside).
         alpha: the logit squeeze used with ``levels``.
     """
-    datasets = ('moons', 'digits')
+
+    datasets = ("moons", "digits")
 
     default_engine = "svi"
     # minibatches: 1,500 steps on the 17-level digits give 100.6 nats in 10 s (full batch: 104.2 in 24 s)
@@ -184,9 +189,18 @@ class FlowModel(ConstructorSpec, nn.Module):
     base_loc: torch.Tensor
     base_scale: torch.Tensor
 
-    def __init__(self, features: int = 2, kind: str = "maf", num_layers: int = 5, hidden_features=(64, 64),
-                 context: int = 0, levels: int | None = None, count_bins: int = 8, bound: float = 3.0,
-                 alpha: float = 0.05):
+    def __init__(
+        self,
+        features: int = 2,
+        kind: str = "maf",
+        num_layers: int = 5,
+        hidden_features=(64, 64),
+        context: int = 0,
+        levels: int | None = None,
+        count_bins: int = 8,
+        bound: float = 3.0,
+        alpha: float = 0.05,
+    ):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -206,7 +220,12 @@ class FlowModel(ConstructorSpec, nn.Module):
             raise ValueError(f"alpha must be in (0, 0.5), got {alpha!r}")
         self.features, self.kind, self.num_layers, self.hidden_features = features, kind, num_layers, hidden_features
         self.context, self.levels, self.count_bins, self.bound, self.alpha = (
-            context, levels, count_bins, float(bound), float(alpha))
+            context,
+            levels,
+            count_bins,
+            float(bound),
+            float(alpha),
+        )
         self.support = "unit_interval" if levels else "real"
         if levels:
             self.likelihood_method = f"uniform-dequantization bound ({levels} levels)"
@@ -301,8 +320,9 @@ class FlowModel(ConstructorSpec, nn.Module):
         """What ``pyro.module("flow", self)`` does, without walking the module tree every step
         (the parameters are fixed once built; ``.to()`` and ``load_state_dict`` keep them)."""
         if self._pyro_params is None:
-            self._pyro_params = [(param_with_module_name("flow", n), p)
-                                 for n, p in self.named_parameters() if p.requires_grad]
+            self._pyro_params = [
+                (param_with_module_name("flow", n), p) for n, p in self.named_parameters() if p.requires_grad
+            ]
         for name, p in self._pyro_params:
             pyro.param(name, p)
 

@@ -54,15 +54,24 @@ class GAN(ConstructorSpec, PyroModule):
         output: ``"identity"`` for real data, ``"sigmoid"`` for data in [0, 1] (digit intensities).
         classes: > 0 makes both networks conditional on a label ``y``.
     """
-    datasets = ('moons', 'digits')
+
+    datasets = ("moons", "digits")
 
     default_engine = "adversarial"
     engine_config: ClassVar[dict] = {}
     support = "real"
     likelihood_method = "Parzen window on generator draws (Goodfellow et al. 2014)"
 
-    def __init__(self, features: int = 2, latent_features: int = 2, hidden_features=(128, 128), critic_hidden_features=(128, 128),
-                 activation: str = "relu", output: str = "identity", classes: int = 0):
+    def __init__(
+        self,
+        features: int = 2,
+        latent_features: int = 2,
+        hidden_features=(128, 128),
+        critic_hidden_features=(128, 128),
+        activation: str = "relu",
+        output: str = "identity",
+        classes: int = 0,
+    ):
         super().__init__()
         for arg, val in (("features", features), ("latent_features", latent_features)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
@@ -72,7 +81,11 @@ class GAN(ConstructorSpec, PyroModule):
         if isinstance(classes, bool) or not isinstance(classes, int) or classes < 0:
             raise ValueError(f"classes must be a non-negative int, got {classes!r}")
         self.features, self.latent_features, self.output, self.classes = features, latent_features, output, classes
-        self.hidden_features, self.critic_hidden_features, self.activation = list(hidden_features), list(critic_hidden_features), activation
+        self.hidden_features, self.critic_hidden_features, self.activation = (
+            list(hidden_features),
+            list(critic_hidden_features),
+            activation,
+        )
         self.generator = MLP(latent_features + classes, self.hidden_features, features, activation)
         self.critic = Critic(features, self.critic_hidden_features, classes)
 
@@ -117,8 +130,9 @@ class GAN(ConstructorSpec, PyroModule):
             return self.model(n, y)
 
     @torch.no_grad()
-    def log_likelihood(self, x, y=None, num_samples: int = 10000, bandwidth: float | None = None,
-                       batch_size: int = 500) -> torch.Tensor:
+    def log_likelihood(
+        self, x, y=None, num_samples: int = 10000, bandwidth: float | None = None, batch_size: int = 500
+    ) -> torch.Tensor:
         """Per-point Parzen-window log density in nats: ``log mean_j N(x; G(z_j), bandwidth^2 I)`` over
         ``num_samples`` generator draws (of the point's label ``y`` for a conditional GAN).
         ``bandwidth`` None takes Silverman's rule of thumb on the draws."""
@@ -148,6 +162,8 @@ def _parzen(x, draws, bandwidth, batch_size):
         bandwidth = float(draws.std(0).mean()) * (4 / (d + 2)) ** (1 / (d + 4)) * n ** (-1 / (d + 4))
         bandwidth = max(bandwidth, 1e-3)
     norm = math.log(n) + 0.5 * d * math.log(2 * math.pi * bandwidth**2)
-    out = [torch.logsumexp(-torch.cdist(chunk, draws).square() / (2 * bandwidth**2), -1) - norm
-           for chunk in x.split(batch_size)]
+    out = [
+        torch.logsumexp(-torch.cdist(chunk, draws).square() / (2 * bandwidth**2), -1) - norm
+        for chunk in x.split(batch_size)
+    ]
     return torch.cat(out)

@@ -21,7 +21,7 @@ from ppdgm.models.spec import ConstructorSpec
 
 
 class PPCA(ConstructorSpec, PyroModule):
-    datasets = ('digits',)
+    datasets = ("digits",)
     default_engine = "svi"
     engine_config: ClassVar[dict] = {}
     mu: torch.Tensor  # a PyroParam: reading the attribute gives the tensor
@@ -53,8 +53,10 @@ class PPCA(ConstructorSpec, PyroModule):
 
     def model(self, x=None, n: int | None = None):
         mu = self.mu
-        W = pyro.sample("W", dist.Normal(mu.new_zeros(()), self.prior_scale)
-                        .expand([self.features, self.latent_features]).to_event(2))
+        W = pyro.sample(
+            "W",
+            dist.Normal(mu.new_zeros(()), self.prior_scale).expand([self.features, self.latent_features]).to_event(2),
+        )
         sigma = pyro.sample("sigma", dist.LogNormal(mu.new_tensor(-1.0), 1.0))
         n = x.shape[0] if x is not None else n
         with pyro.plate("data", n):

@@ -24,8 +24,8 @@ from pyro.nn import PyroModule
 from torch import nn
 from torch.distributions import constraints
 
-from ppdgm.data import check_data
 from ppdgm.boltzmann import LayeredEnergy, bernoulli
+from ppdgm.data import check_data
 from ppdgm.models.spec import ConstructorSpec
 
 SUPPORT_OF_UNITS = {"bernoulli": "binary", "gaussian": "real", "softmax": "counts"}
@@ -43,7 +43,8 @@ class RBM(ConstructorSpec, PyroModule):
             ``min_beta``, swapped between neighbours after each Gibbs sweep (parallel tempering,
             Desjardins et al. 2010); the negative phase uses the ``beta = 1`` replicas.
     """
-    datasets = ('digits-binary',)
+
+    datasets = ("digits-binary",)
 
     default_engine = "pcd"
     # Adam with a decaying rate learns digits in a few thousand updates; PCD's plain-SGD default
@@ -52,8 +53,17 @@ class RBM(ConstructorSpec, PyroModule):
     likelihood_method = "ais"
     support = "binary"
 
-    def __init__(self, features: int = 64, hidden_units: int = 128, units: str = "bernoulli", sigma: float = 1.0,
-                 learn_sigma: bool = False, init_scale: float = 0.01, temperatures: int = 1, min_beta: float = 0.5):
+    def __init__(
+        self,
+        features: int = 64,
+        hidden_units: int = 128,
+        units: str = "bernoulli",
+        sigma: float = 1.0,
+        learn_sigma: bool = False,
+        init_scale: float = 0.01,
+        temperatures: int = 1,
+        min_beta: float = 0.5,
+    ):
         super().__init__()
         for arg, val in (("features", features), ("hidden_units", hidden_units)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
@@ -89,8 +99,9 @@ class RBM(ConstructorSpec, PyroModule):
         if graph is not None:
             obj = cls.from_graph(graph, **kwargs)
             if obj.features != data.x.shape[1]:
-                raise ValueError(f"graph: the visible layer has {obj.features} units but {data.name} has "
-                                 f"{data.x.shape[1]} columns")
+                raise ValueError(
+                    f"graph: the visible layer has {obj.features} units but {data.name} has {data.x.shape[1]} columns"
+                )
             return obj
         return cls(features=int(data.x.shape[1]), **kwargs)
 
@@ -113,13 +124,26 @@ class RBM(ConstructorSpec, PyroModule):
         functions; a replicated softmax needs the document ``length`` (its hidden biases scale
         with it, and its partition function sums over word sequences of that length)."""
         if self.units != "softmax":
-            return LayeredEnergy(["v", "h"], [self.units, "bernoulli"], [True, False], [self.b, self.c],
-                                 [(0, 1, self.W)], [self.log_sigma, None])
+            return LayeredEnergy(
+                ["v", "h"],
+                [self.units, "bernoulli"],
+                [True, False],
+                [self.b, self.c],
+                [(0, 1, self.W)],
+                [self.log_sigma, None],
+            )
         if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-            raise ValueError(f"length: a replicated softmax's energy needs a positive int document length, got "
-                             f"{length!r}")
-        return LayeredEnergy(["v", "h"], ["softmax", "bernoulli"], [True, False], [self.b, self.c * length],
-                             [(0, 1, self.W)], counts={0: length})
+            raise ValueError(
+                f"length: a replicated softmax's energy needs a positive int document length, got {length!r}"
+            )
+        return LayeredEnergy(
+            ["v", "h"],
+            ["softmax", "bernoulli"],
+            [True, False],
+            [self.b, self.c * length],
+            [(0, 1, self.W)],
+            counts={0: length},
+        )
 
     def _raw(self):
         """``(W, b, c, log_sigma)`` straight from the module's dicts: the PCD loop skips PyroModule's
@@ -195,8 +219,11 @@ class RBM(ConstructorSpec, PyroModule):
         log-densities ``-F``; None (autograd) when the variances are learned or a subclass
         redefines either phase."""
         cls = type(self)
-        if (self.learn_sigma or cls.positive_log_density is not RBM.positive_log_density
-                or cls.negative_log_density is not RBM.negative_log_density):
+        if (
+            self.learn_sigma
+            or cls.positive_log_density is not RBM.positive_log_density
+            or cls.negative_log_density is not RBM.negative_log_density
+        ):
             return None
         W, b, c, log_sigma = self._raw()
         chains = chains[0] if chains.dim() == 3 else chains  # the beta = 1 replicas when tempering
@@ -234,7 +261,9 @@ class RBM(ConstructorSpec, PyroModule):
 
     def betas(self, like: torch.Tensor) -> torch.Tensor:
         """The replicas' inverse temperatures, ``1`` first, shaped ``(temperatures, 1, 1)``."""
-        return torch.linspace(1.0, self.min_beta, self.temperatures, dtype=like.dtype, device=like.device).view(-1, 1, 1)
+        return torch.linspace(1.0, self.min_beta, self.temperatures, dtype=like.dtype, device=like.device).view(
+            -1, 1, 1
+        )
 
     def tempered_log_density(self, v: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
         """``log sum_h exp(-beta E(v, h))`` of bernoulli units, for each replica's ``beta``."""
@@ -257,8 +286,12 @@ class RBM(ConstructorSpec, PyroModule):
                 continue
             hi = lo + 1
             v_lo, v_hi, b_lo, b_hi = state[lo], state[hi], betas[lo], betas[hi]
-            log_ratio = (self.tempered_log_density(v_hi, b_lo) + self.tempered_log_density(v_lo, b_hi)
-                         - self.tempered_log_density(v_lo, b_lo) - self.tempered_log_density(v_hi, b_hi))
+            log_ratio = (
+                self.tempered_log_density(v_hi, b_lo)
+                + self.tempered_log_density(v_lo, b_hi)
+                - self.tempered_log_density(v_lo, b_lo)
+                - self.tempered_log_density(v_hi, b_hi)
+            )
             swap = (torch.rand_like(log_ratio).log() < log_ratio).unsqueeze(-1)
             state = state.clone()
             state[lo] = torch.where(swap, v_hi, v_lo)
@@ -274,8 +307,9 @@ class RBM(ConstructorSpec, PyroModule):
     def check_data(self, x, name: str = "x") -> torch.Tensor:
         x = check_data(x, name, support=self.support, rank=2)
         if x.shape[1] != self.features:
-            raise ValueError(f"{name}: expected {self.features} columns (the visible layer's size), got shape "
-                             f"{tuple(x.shape)}")
+            raise ValueError(
+                f"{name}: expected {self.features} columns (the visible layer's size), got shape {tuple(x.shape)}"
+            )
         return x.to(dtype=self.W.dtype)  # the device stays the data's: engines move the model to it
 
     def _input(self, x, name: str = "x") -> torch.Tensor:
@@ -357,11 +391,17 @@ class RBM(ConstructorSpec, PyroModule):
             self.last_log_z = self.log_partition(method, base_data=base, **ais_kwargs)
             return -self.free_energy(x) - self.last_log_z.value
         lengths = x.sum(-1).round().long()
-        self.last_log_z = {int(n): self.log_partition(method, base_data=base, length=int(n), **ais_kwargs)
-                           for n in lengths.unique().tolist() if n > 0}
+        self.last_log_z = {
+            int(n): self.log_partition(method, base_data=base, length=int(n), **ais_kwargs)
+            for n in lengths.unique().tolist()
+            if n > 0
+        }
         empty = self.hidden_units * math.log(2)  # an empty document: only the hidden units sum
-        log_z = torch.tensor([self.last_log_z[int(n)].value if n > 0 else empty for n in lengths.tolist()],
-                             dtype=x.dtype, device=x.device)
+        log_z = torch.tensor(
+            [self.last_log_z[int(n)].value if n > 0 else empty for n in lengths.tolist()],
+            dtype=x.dtype,
+            device=x.device,
+        )
         return -self.free_energy(x) - log_z
 
 

@@ -45,8 +45,10 @@ class VESDE:
 
     def __init__(self, sigma_min: float, sigma_max: float):
         if not (sigma_min > 0 and sigma_max > sigma_min):
-            raise ValueError("the noise schedule must decrease from sigma_max to sigma_min > 0 along the reverse "
-                             f"process; got sigma_min={sigma_min!r}, sigma_max={sigma_max!r}")
+            raise ValueError(
+                "the noise schedule must decrease from sigma_max to sigma_min > 0 along the reverse "
+                f"process; got sigma_min={sigma_min!r}, sigma_max={sigma_max!r}"
+            )
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self._log_ratio = math.log(self.sigma_max / self.sigma_min)
 
@@ -70,8 +72,10 @@ class VPSDE:
 
     def __init__(self, beta_min: float, beta_max: float):
         if not (beta_min > 0 and beta_max >= beta_min):
-            raise ValueError("the noise schedule must have 0 < beta_min <= beta_max so the noise decreases "
-                             f"along the reverse process; got beta_min={beta_min!r}, beta_max={beta_max!r}")
+            raise ValueError(
+                "the noise schedule must have 0 < beta_min <= beta_max so the noise decreases "
+                f"along the reverse process; got beta_min={beta_min!r}, beta_max={beta_max!r}"
+            )
         self.beta_min, self.beta_max = float(beta_min), float(beta_max)
 
     def beta(self, t):
@@ -139,18 +143,34 @@ class ScoreModel(ConstructorSpec, PyroModule):
             plus the network's correction. An untrained model is that Gaussian, and the network
             need not learn the data's small-variance directions, where likelihoods are decided.
     """
-    datasets = ('moons', 'digits')
+
+    datasets = ("moons", "digits")
 
     default_engine = "score_matching"
     engine_config: ClassVar[dict] = {}
     support = "real"
     likelihood_method = "probability-flow ODE (RK4, Hutchinson trace)"
 
-    def __init__(self, features: int = 2, hidden_features=(256, 256), activation: str = "silu", embed_dim: int = 16,
-                 sde: str = "vp", sigma_min: float = 0.01, sigma_max: float = 5.0, beta_min: float = 0.1,
-                 beta_max: float = 20.0, eps: float = 1e-3, low: float | None = None, high: float | None = None,
-                 num_scales: int = 500, snr: float = 0.16, loc: float = 0.0, scale: float = 1.0,
-                 gaussian_base: bool = False):
+    def __init__(
+        self,
+        features: int = 2,
+        hidden_features=(256, 256),
+        activation: str = "silu",
+        embed_dim: int = 16,
+        sde: str = "vp",
+        sigma_min: float = 0.01,
+        sigma_max: float = 5.0,
+        beta_min: float = 0.1,
+        beta_max: float = 20.0,
+        eps: float = 1e-3,
+        low: float | None = None,
+        high: float | None = None,
+        num_scales: int = 500,
+        snr: float = 0.16,
+        loc: float = 0.0,
+        scale: float = 1.0,
+        gaussian_base: bool = False,
+    ):
         super().__init__()
         if isinstance(features, bool) or not isinstance(features, int) or features < 1:
             raise ValueError(f"features must be a positive int, got {features!r}")
@@ -166,7 +186,12 @@ class ScoreModel(ConstructorSpec, PyroModule):
             raise ValueError(f"low and high must both be None or low < high, got low={low!r}, high={high!r}")
         self.sde_kind = sde
         self.sde = VESDE(sigma_min, sigma_max) if sde == "ve" else VPSDE(beta_min, beta_max)
-        self.features, self.hidden_features, self.activation, self.embed_dim = features, list(hidden_features), activation, embed_dim
+        self.features, self.hidden_features, self.activation, self.embed_dim = (
+            features,
+            list(hidden_features),
+            activation,
+            embed_dim,
+        )
         self.sigma_min, self.sigma_max, self.beta_min, self.beta_max = sigma_min, sigma_max, beta_min, beta_max
         self.eps, self.low, self.high, self.num_scales, self.snr = float(eps), low, high, num_scales, float(snr)
         if not (isinstance(scale, (int, float)) and scale > 0 and math.isfinite(loc)):
@@ -262,14 +287,19 @@ class ScoreModel(ConstructorSpec, PyroModule):
         """``n`` draws by ``"pc"`` (reverse-SDE predictor-corrector), ``"annealed_langevin"`` or ``"ode"``."""
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
-        methods: dict[str, Callable[..., torch.Tensor]] = {"pc": self.sample_pc, "annealed_langevin": self.sample_annealed_langevin, "ode": self.sample_ode}
+        methods: dict[str, Callable[..., torch.Tensor]] = {
+            "pc": self.sample_pc,
+            "annealed_langevin": self.sample_annealed_langevin,
+            "ode": self.sample_ode,
+        }
         if method not in methods:
             raise ValueError(f"method must be one of {tuple(methods)}, got {method!r}")
         return methods[method](n, num_scales=num_scales, **kwargs)
 
     @torch.no_grad()
-    def sample_pc(self, n: int, num_scales: int | None = None, snr: float | None = None,
-                  corrector_steps: int = 1) -> torch.Tensor:
+    def sample_pc(
+        self, n: int, num_scales: int | None = None, snr: float | None = None, corrector_steps: int = 1
+    ) -> torch.Tensor:
         """Reverse-SDE Euler-Maruyama predictor with ``corrector_steps`` Langevin corrections per level,
         step sizes from the signal-to-noise ratio ``snr`` (Song et al. 2021, Algorithm 5)."""
         steps = num_scales or self.num_scales
@@ -293,8 +323,9 @@ class ScoreModel(ConstructorSpec, PyroModule):
         return self._finish(x_mean)
 
     @torch.no_grad()
-    def sample_annealed_langevin(self, n: int, num_scales: int | None = None, sigmas=None, steps_per_level: int = 5,
-                                 step_size: float = 2e-5) -> torch.Tensor:
+    def sample_annealed_langevin(
+        self, n: int, num_scales: int | None = None, sigmas=None, steps_per_level: int = 5, step_size: float = 2e-5
+    ) -> torch.Tensor:
         """Annealed Langevin dynamics (Song & Ermon 2019): ``steps_per_level`` Langevin steps at each
         noise level, step ``step_size * (std_i / std_last)^2``, then one denoising (Tweedie) step.
 
@@ -324,7 +355,7 @@ class ScoreModel(ConstructorSpec, PyroModule):
             t = torch.log(sigmas / self.sde.sigma_min) / self.sde._log_ratio
         else:
             # solve -(1/4) t^2 (bmax - bmin) - (1/2) t bmin = log sqrt(1 - std^2)
-            c = 0.5 * torch.log1p(-sigmas.clamp(max=1 - 1e-12) ** 2)
+            c = 0.5 * torch.log1p(-(sigmas.clamp(max=1 - 1e-12) ** 2))
             a, b = 0.25 * (self.sde.beta_max - self.sde.beta_min), 0.5 * self.sde.beta_min
             t = -c / b if a == 0 else (-b + torch.sqrt(b * b - 4 * a * c)) / (2 * a)
         return t.clamp(self.eps, 1.0)
@@ -363,16 +394,19 @@ class ScoreModel(ConstructorSpec, PyroModule):
             x = x.detach().requires_grad_(True)
             v = self.flow(x, t)
             if probe is None:  # exact: one backward pass per dimension
-                div = sum(torch.autograd.grad(v[:, i].sum(), x, retain_graph=i < x.shape[1] - 1)[0][:, i]
-                          for i in range(x.shape[1]))
+                div = sum(
+                    torch.autograd.grad(v[:, i].sum(), x, retain_graph=i < x.shape[1] - 1)[0][:, i]
+                    for i in range(x.shape[1])
+                )
             else:
                 (vjp,) = torch.autograd.grad((v * probe).sum(), x)
                 div = (vjp * probe).sum(-1)
         return v.detach(), div.detach()
 
     @torch.no_grad()
-    def log_likelihood(self, x, num_steps: int = 100, divergence: str = "hutchinson", num_probes: int = 1,
-                       seed: int = 0) -> torch.Tensor:
+    def log_likelihood(
+        self, x, num_steps: int = 100, divergence: str = "hutchinson", num_probes: int = 1, seed: int = 0
+    ) -> torch.Tensor:
         """Per-point log p(x) in nats by the probability-flow ODE from ``eps`` to 1 (RK4, ``num_steps``):
         ``log p_eps(x) = log p_1(x_1) + int div v dt``, the divergence by Hutchinson's estimator with
         Rademacher probes (averaged over ``num_probes`` solves) or ``"exact"``."""
@@ -395,7 +429,7 @@ class ScoreModel(ConstructorSpec, PyroModule):
 
             ts = torch.linspace(self.eps, 1.0, num_steps + 1, device=x0.device, dtype=x0.dtype)
             with progress_bar(num_steps, "probability-flow ODE") as bar:
-                for t0, t1 in zip(ts[:-1], ts[1:]):
+                for t0, t1 in itertools.pairwise(ts):
                     state = _rk4(rhs, state, t0, t1)
                     bar.update(1)
             total += (self.sde.prior_log_prob(state[:, :-1]) + state[:, -1]).double()

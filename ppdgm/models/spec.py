@@ -55,8 +55,9 @@ def _recording(init, owner: str):
             bound = signature.bind(self, *args, **kwargs)
             bound.apply_defaults()
             # written straight into __dict__: it precedes nn.Module.__init__ and is no attribute of torch's
-            self.__dict__[_RECORD] = {name: plain_data(value, name)
-                                      for name, value in list(bound.arguments.items())[1:]}
+            self.__dict__[_RECORD] = {
+                name: plain_data(value, name) for name, value in list(bound.arguments.items())[1:]
+            }
         init(self, *args, **kwargs)
 
     __init__.__dict__["_records_arguments"] = True
@@ -83,5 +84,7 @@ def plain_data(value, name: str = "value"):
         return {str(k): plain_data(v, f"{name}[{k!r}]") for k, v in value.items()}
     if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
         return value.item()
-    raise TypeError(f"{name}: a zoo family's constructor arguments must be plain data (numbers, strings, lists, "
-                    f"dicts, networkx graphs) so its spec can rebuild it, got {type(value).__name__}")
+    raise TypeError(
+        f"{name}: a zoo family's constructor arguments must be plain data (numbers, strings, lists, "
+        f"dicts, networkx graphs) so its spec can rebuild it, got {type(value).__name__}"
+    )

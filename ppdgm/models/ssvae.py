@@ -41,23 +41,36 @@ class SemiSupervisedVAE(ConstructorSpec, PyroModule):
             choice, ``label_seed``) and hides the rest as ``-1``, so ``ppdgm fit ssvae`` runs the
             semi-supervised setting from a fully labelled dataset.
     """
-    datasets = ('digits-binary', 'digits')
+
+    datasets = ("digits-binary", "digits")
 
     default_engine = "svi"
     engine_config: ClassVar[dict] = {"loss": "enum", "max_plate_nesting": 1}
     support = "binary"
     likelihood_method = "iwae"
 
-    def __init__(self, features: int = 64, classes: int = 10, latent_features: int = 16, hidden_features=(256,),
-                 activation: str = "softplus", likelihood: str = "bernoulli", alpha: float = 100.0,
-                 labelled_fraction: float = 0.1, label_seed: int = 0):
+    def __init__(
+        self,
+        features: int = 64,
+        classes: int = 10,
+        latent_features: int = 16,
+        hidden_features=(256,),
+        activation: str = "softplus",
+        likelihood: str = "bernoulli",
+        alpha: float = 100.0,
+        labelled_fraction: float = 0.1,
+        label_seed: int = 0,
+    ):
         super().__init__()
         _positive_int("features", features)
         _positive_int("classes", classes, 2)
         _positive_int("latent_features", latent_features)
         hidden_features = list(hidden_features) if isinstance(hidden_features, (list, tuple)) else hidden_features
-        if not isinstance(hidden_features, list) or not hidden_features or not all(
-                isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden_features):
+        if (
+            not isinstance(hidden_features, list)
+            or not hidden_features
+            or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden_features)
+        ):
             raise ValueError(f"hidden_features must be a non-empty list of positive ints, got {hidden_features!r}")
         _choice("likelihood", likelihood, LIKELIHOODS)
         make_activation(activation)
@@ -65,7 +78,12 @@ class SemiSupervisedVAE(ConstructorSpec, PyroModule):
             raise ValueError(f"alpha must be a non-negative number, got {alpha!r}")
         if not isinstance(labelled_fraction, (int, float)) or not 0 < labelled_fraction <= 1:
             raise ValueError(f"labelled_fraction must be in (0, 1], got {labelled_fraction!r}")
-        self.features, self.classes, self.latent_features, self.hidden_features = features, classes, latent_features, hidden_features
+        self.features, self.classes, self.latent_features, self.hidden_features = (
+            features,
+            classes,
+            latent_features,
+            hidden_features,
+        )
         self.activation, self.likelihood, self.alpha = activation, likelihood, float(alpha)
         self.labelled_fraction, self.label_seed = float(labelled_fraction), label_seed
         self.support = LIKELIHOODS[likelihood]
@@ -99,11 +117,13 @@ class SemiSupervisedVAE(ConstructorSpec, PyroModule):
     def _check_y(self, y, n):
         y = torch.as_tensor(y)
         if y.is_floating_point() or y.dim() != 1 or y.shape[0] != n:
-            raise ValueError(f"y: expected {n} integer labels (-1 where missing), got dtype {y.dtype} "
-                             f"and shape {tuple(y.shape)}")
+            raise ValueError(
+                f"y: expected {n} integer labels (-1 where missing), got dtype {y.dtype} and shape {tuple(y.shape)}"
+            )
         if y.numel() and (y.min() < -1 or y.max() >= self.classes):
-            raise ValueError(f"y: expected labels in [0, {self.classes}) or -1 for missing, "
-                             f"got range [{y.min()}, {y.max()}]")
+            raise ValueError(
+                f"y: expected labels in [0, {self.classes}) or -1 for missing, got range [{y.min()}, {y.max()}]"
+            )
         return y.long()
 
     def _check_x(self, x):

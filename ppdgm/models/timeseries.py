@@ -105,7 +105,9 @@ def seasonal_naive(history, horizon: int, period: int) -> torch.Tensor:
     if not isinstance(period, int) or period < 1:
         raise ValueError(f"period must be a positive int, got {period!r}")
     if len(history) < period:
-        raise ValueError(f"history: the seasonal-naive forecast needs at least period={period} values, got {len(history)}")
+        raise ValueError(
+            f"history: the seasonal-naive forecast needs at least period={period} values, got {len(history)}"
+        )
     T = len(history)
     return torch.stack([history[T + s - period * (s // period + 1)] for s in range(horizon)])
 
@@ -168,7 +170,8 @@ class DeepAR(ConstructorSpec, nn.Module):
             (u = log(1 + y), values > -1): the likelihood is put on u; sample sites, forecasts and
             log-likelihoods stay in the series' units.
     """
-    datasets = ('sunspots',)
+
+    datasets = ("sunspots",)
 
     default_engine = "svi"
     engine_config: ClassVar[dict] = {}
@@ -176,10 +179,20 @@ class DeepAR(ConstructorSpec, nn.Module):
     likelihood_method = "exact one-step-ahead log-likelihood of each window"
     guide = None  # no latent sites: SVI runs it with an empty guide (maximum likelihood)
 
-    def __init__(self, context_length: int = 24, window: int | None = None, lags: Sequence[int] = (1,),
-                 period: int | None = None, hidden_features: int = 32, num_layers: int = 1,
-                 likelihood: str = "normal", loc: float = 0.0, scale: float = 1.0,
-                 weight_decay: float = 0.1, transform: str | None = None):
+    def __init__(
+        self,
+        context_length: int = 24,
+        window: int | None = None,
+        lags: Sequence[int] = (1,),
+        period: int | None = None,
+        hidden_features: int = 32,
+        num_layers: int = 1,
+        likelihood: str = "normal",
+        loc: float = 0.0,
+        scale: float = 1.0,
+        weight_decay: float = 0.1,
+        transform: str | None = None,
+    ):
         super().__init__()
         lags = [lags] if isinstance(lags, int) else list(lags)
         if not lags or any(not isinstance(lag, int) or lag < 1 for lag in lags):
@@ -263,8 +276,10 @@ class DeepAR(ConstructorSpec, nn.Module):
         """One GRU step for inputs with any leading dims ``(..., F)`` and state ``(L, ..., H)``."""
         lead = features.shape[:-1]
         state = state.expand(self.num_layers, *lead, self.hidden_features)
-        out, new = self.rnn(features.reshape(-1, 1, features.shape[-1]),
-                            state.reshape(self.num_layers, -1, self.hidden_features).contiguous())
+        out, new = self.rnn(
+            features.reshape(-1, 1, features.shape[-1]),
+            state.reshape(self.num_layers, -1, self.hidden_features).contiguous(),
+        )
         return out.reshape(*lead, self.hidden_features), new.reshape(self.num_layers, *lead, self.hidden_features)
 
     # -- Pyro program ----------------------------------------------------------------------------
@@ -287,8 +302,9 @@ class DeepAR(ConstructorSpec, nn.Module):
         z = (self._forward(y) - self.loc) / self.scale
         m = self.max_lag
         steps = torch.arange(m, L, device=p.device, dtype=p.dtype)
-        feats = torch.stack([z[:, m - lag : L - lag] for lag in self.lags]
-                            + self._time_features(t0[:, None] + steps), -1)
+        feats = torch.stack(
+            [z[:, m - lag : L - lag] for lag in self.lags] + self._time_features(t0[:, None] + steps), -1
+        )
         out, state = self.rnn(feats)
         with pyro.plate("data", N):
             if self.weight_decay:
@@ -319,7 +335,9 @@ class DeepAR(ConstructorSpec, nn.Module):
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         history = _check_domain(check_series(history, "history"), self.transform, "history")
         if len(history) < self.context_length:
-            raise ValueError(f"history: expected at least context_length={self.context_length} values, got {len(history)}")
+            raise ValueError(
+                f"history: expected at least context_length={self.context_length} values, got {len(history)}"
+            )
         ctx = history[-self.context_length :][None]
         t0 = torch.tensor([start + len(history) - self.context_length])
         predictive = Predictive(self.model, num_samples=num_samples, return_sites=["forecast"], parallel=True)
@@ -351,9 +369,17 @@ class DeepAR(ConstructorSpec, nn.Module):
         return draws
 
 
-def backtest(series, make_model: Callable[[torch.Tensor], DeepAR], *, horizon: int, origins: Sequence[int],
-             train: Callable[[DeepAR, torch.Tensor], object], period: int | None = None,
-             ar_order: int | None = None, num_samples: int = 200) -> list[dict]:
+def backtest(
+    series,
+    make_model: Callable[[torch.Tensor], DeepAR],
+    *,
+    horizon: int,
+    origins: Sequence[int],
+    train: Callable[[DeepAR, torch.Tensor], object],
+    period: int | None = None,
+    ar_order: int | None = None,
+    num_samples: int = 200,
+) -> list[dict]:
     """Rolling-origin evaluation: for each origin T, build ``make_model(series[:T])``, train it on
     ``series[:T]`` (``train(model, train_series)``, e.g. SVI on ``model.windows(train_series)``), forecast
     ``series[T:T + horizon]`` and score it. Rows hold ``origin``, ``crps``, ``mae``; with
@@ -370,7 +396,9 @@ def backtest(series, make_model: Callable[[torch.Tensor], DeepAR], *, horizon: i
         past, truth = series[:origin], series[origin : origin + horizon]
         model = make_model(past)
         if len(past) < model.context_length:
-            raise ValueError(f"series: the history before origin {origin} is shorter than context_length={model.context_length}")
+            raise ValueError(
+                f"series: the history before origin {origin} is shorter than context_length={model.context_length}"
+            )
         train(model, past)
         samples = model.forecast(past, horizon, num_samples=num_samples)
         row = {"origin": origin, "crps": crps(samples, truth), "mae": mae(samples, truth)}

@@ -66,7 +66,8 @@ class VAE(ConstructorSpec, PyroModule):
         prior: ``"normal"`` (standard) or ``"flow"`` (``num_flows`` masked autoregressive layers).
         beta: weight of the KL term (1 is the ELBO).
     """
-    datasets: ClassVar[tuple[str, ...]] = ('digits-binary', 'digits')
+
+    datasets: ClassVar[tuple[str, ...]] = ("digits-binary", "digits")
 
     default_engine = "svi"
     engine_config: ClassVar[dict] = {}
@@ -88,18 +89,46 @@ class VAE(ConstructorSpec, PyroModule):
         beta: float = 1.0,
     ):
         super().__init__()
-        self._init(features, latent_features, hidden_features, likelihood, network, image_shape, activation, posterior,
-                   prior, num_flows, beta, cond_dim=0)
+        self._init(
+            features,
+            latent_features,
+            hidden_features,
+            likelihood,
+            network,
+            image_shape,
+            activation,
+            posterior,
+            prior,
+            num_flows,
+            beta,
+            cond_dim=0,
+        )
 
     # -- construction ---------------------------------------------------------------------------
-    def _init(self, features, latent_features, hidden_features, likelihood, network, image_shape, act, posterior, prior,
-              num_flows, beta, cond_dim):
+    def _init(
+        self,
+        features,
+        latent_features,
+        hidden_features,
+        likelihood,
+        network,
+        image_shape,
+        act,
+        posterior,
+        prior,
+        num_flows,
+        beta,
+        cond_dim,
+    ):
         _positive_int("features", features)
         _positive_int("latent_features", latent_features)
         _positive_int("num_flows", num_flows)
         hidden_features = list(hidden_features) if isinstance(hidden_features, (list, tuple)) else hidden_features
-        if not isinstance(hidden_features, list) or not hidden_features or not all(
-                isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden_features):
+        if (
+            not isinstance(hidden_features, list)
+            or not hidden_features
+            or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden_features)
+        ):
             raise ValueError(f"hidden_features must be a non-empty list of positive ints, got {hidden_features!r}")
         _choice("likelihood", likelihood, LIKELIHOODS)
         _choice("network", network, NETWORKS)
@@ -111,9 +140,15 @@ class VAE(ConstructorSpec, PyroModule):
         if network == "conv":
             image_shape = tuple(image_shape) if image_shape is not None else image_side(features)
             if image_shape is None or image_shape[0] * image_shape[1] != features:
-                raise ValueError(f"network='conv' needs image_shape (h, w) with h*w == features={features}, "
-                                 f"got {image_shape!r}")
-        self.features, self.latent_features, self.hidden_features, self.likelihood = features, latent_features, hidden_features, likelihood
+                raise ValueError(
+                    f"network='conv' needs image_shape (h, w) with h*w == features={features}, got {image_shape!r}"
+                )
+        self.features, self.latent_features, self.hidden_features, self.likelihood = (
+            features,
+            latent_features,
+            hidden_features,
+            likelihood,
+        )
         self.network, self.image_shape, self.activation = network, image_shape, act
         self.posterior, self.prior, self.num_flows, self.beta = posterior, prior, num_flows, float(beta)
         self.cond_dim = cond_dim
@@ -126,19 +161,32 @@ class VAE(ConstructorSpec, PyroModule):
             self.decoder: nn.Module = MLP(latent_features + cond_dim, hidden_features[::-1], features, act)
         else:
             body = ConvEncoder(image_shape, feat, activation=act)
-            self.decoder = nn.Sequential(MLP(latent_features + cond_dim, hidden_features[::-1][:1], feat, act), make_activation(act),
-                                         ConvDecoder(feat, image_shape, activation=act))
+            self.decoder = nn.Sequential(
+                MLP(latent_features + cond_dim, hidden_features[::-1][:1], feat, act),
+                make_activation(act),
+                ConvDecoder(feat, image_shape, activation=act),
+            )
         self.encoder = nn.Sequential(body, make_activation(act))
         self.cond_encoder = nn.Linear(cond_dim, feat) if (network == "conv" and cond_dim) else None
         self.encoder_head = nn.Linear(feat, 2 * latent_features)
         self.x_log_scale = nn.Parameter(torch.zeros(features)) if likelihood == "gaussian" else None
         # an nn.ModuleList, typed by what it holds (torch's ModuleList is not generic)
-        self.posterior_flows: Sequence[ConditionalTransformModule] | None = nn.ModuleList(  # type: ignore[assignment]
-            T.conditional_affine_autoregressive(latent_features, feat, hidden_dims=[2 * max(latent_features, 8)])
-            for _ in range(num_flows)) if posterior == "iaf" else None
-        self.prior_flows = nn.ModuleList(
-            T.affine_autoregressive(latent_features, hidden_dims=[2 * max(latent_features, 8)])
-            for _ in range(num_flows)) if prior == "flow" else None
+        self.posterior_flows: Sequence[ConditionalTransformModule] | None = (
+            nn.ModuleList(  # type: ignore[assignment]
+                T.conditional_affine_autoregressive(latent_features, feat, hidden_dims=[2 * max(latent_features, 8)])
+                for _ in range(num_flows)
+            )
+            if posterior == "iaf"
+            else None
+        )
+        self.prior_flows = (
+            nn.ModuleList(
+                T.affine_autoregressive(latent_features, hidden_dims=[2 * max(latent_features, 8)])
+                for _ in range(num_flows)
+            )
+            if prior == "flow"
+            else None
+        )
 
     @classmethod
     def from_data(cls, data, **kwargs):
@@ -291,16 +339,40 @@ class ConditionalVAE(VAE):
     ``model(x, y)`` and ``guide(x, y)`` take integer labels in ``[0, classes)``;
     ``sample(n, y)`` draws digits of chosen classes; ``log_likelihood(x, y)`` is log p(x | y).
     """
-    datasets = ('digits-binary',)
 
-    def __init__(self, features: int = 64, classes: int = 10, latent_features: int = 16, hidden_features=(256,),
-                 likelihood: str = "bernoulli", network: str = "mlp", image_shape=None,
-                 activation: str = "softplus", posterior: str = "normal", prior: str = "normal",
-                 num_flows: int = 2, beta: float = 1.0):
+    datasets = ("digits-binary",)
+
+    def __init__(
+        self,
+        features: int = 64,
+        classes: int = 10,
+        latent_features: int = 16,
+        hidden_features=(256,),
+        likelihood: str = "bernoulli",
+        network: str = "mlp",
+        image_shape=None,
+        activation: str = "softplus",
+        posterior: str = "normal",
+        prior: str = "normal",
+        num_flows: int = 2,
+        beta: float = 1.0,
+    ):
         PyroModule.__init__(self)
         self.classes = _positive_int("classes", classes, 2)
-        self._init(features, latent_features, hidden_features, likelihood, network, image_shape, activation, posterior,
-                   prior, num_flows, beta, cond_dim=classes)
+        self._init(
+            features,
+            latent_features,
+            hidden_features,
+            likelihood,
+            network,
+            image_shape,
+            activation,
+            posterior,
+            prior,
+            num_flows,
+            beta,
+            cond_dim=classes,
+        )
 
     @classmethod
     def from_data(cls, data, **kwargs):

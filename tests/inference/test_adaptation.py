@@ -45,8 +45,11 @@ def test_dual_averaging_reset_restarts_the_schedule():
 
 @pytest.mark.parametrize("batch", [1, 7, 64])
 def test_welford_equals_numpy_mean_and_variance(batch):
-    rows = torch.randn(700, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(batch)) * torch.tensor(
-        [1.0, 3.0, 0.1], dtype=torch.float64) + 5
+    rows = (
+        torch.randn(700, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(batch))
+        * torch.tensor([1.0, 3.0, 0.1], dtype=torch.float64)
+        + 5
+    )
     w = Welford.empty(rows[0])
     for chunk in rows.split(batch):
         w.update(chunk)
@@ -54,8 +57,9 @@ def test_welford_equals_numpy_mean_and_variance(batch):
     np.testing.assert_allclose(w.mean.numpy(), rows.numpy().mean(0), rtol=1e-12)
     np.testing.assert_allclose(w.variance.numpy(), rows.numpy().var(0, ddof=1), rtol=1e-10)
     shrink = 700 / 705
-    np.testing.assert_allclose(w.regularized_variance().numpy(),
-                               shrink * rows.numpy().var(0, ddof=1) + 1e-3 * 5 / 705, rtol=1e-10)
+    np.testing.assert_allclose(
+        w.regularized_variance().numpy(), shrink * rows.numpy().var(0, ddof=1) + 1e-3 * 5 / 705, rtol=1e-10
+    )
 
 
 def test_adam_step_equals_torch_adam():

@@ -132,8 +132,9 @@ def test_fewer_than_two_chains_is_an_error(n):
         ChEES(num_chains=n)
 
 
-@pytest.mark.parametrize("kw", [{"num_samples": 0}, {"num_warmup": -1}, {"target_accept": 1.5},
-                                {"init": "zeros"}, {"trajectory_lr": 0}])
+@pytest.mark.parametrize(
+    "kw", [{"num_samples": 0}, {"num_warmup": -1}, {"target_accept": 1.5}, {"init": "zeros"}, {"trajectory_lr": 0}]
+)
 def test_bad_config(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         ChEES(**kw)

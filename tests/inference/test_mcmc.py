@@ -25,7 +25,9 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
     ids=["normal-normal", "gaussian-10d"],
 )
 def test_nuts_matches_analytic_posterior(model, args, site, mean, sd, n, dense):
-    fit = NUTS(num_samples=n, num_warmup=150, num_chains=2, dense_mass=dense, jit_compile=True, seed=2).run(model, *args)
+    fit = NUTS(num_samples=n, num_warmup=150, num_chains=2, dense_mass=dense, jit_compile=True, seed=2).run(
+        model, *args
+    )
     draws = fit.samples[site].double().numpy()
     assert draws.shape[:2] == (2, n)
     zm, zs = max_z_scores(draws, mean, sd)
@@ -83,8 +85,9 @@ def test_nonfinite_initial_density_names_the_site():
         NUTS(num_samples=5, num_warmup=5, num_chains=1, max_init_tries=3).run(model)
 
 
-@pytest.mark.parametrize("kw", [{"num_samples": 0}, {"num_chains": 0}, {"num_warmup": -1},
-                                {"target_accept": 1.0}, {"max_tree_depth": 0}])
+@pytest.mark.parametrize(
+    "kw", [{"num_samples": 0}, {"num_chains": 0}, {"num_warmup": -1}, {"target_accept": 1.0}, {"max_tree_depth": 0}]
+)
 def test_bad_config(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         NUTS(**kw)

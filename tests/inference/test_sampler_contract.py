@@ -71,7 +71,9 @@ def test_killed_run_resumes_to_the_uninterrupted_draws(name, killed_at, tmp_path
         assert torch.equal(resumed.extra["tensors"]["sample_stats"][k].nan_to_num(), v.nan_to_num()), k
     finished = engine.run(normal_normal, X, checkpoint_dir=tmp_path, resume=True)  # nothing left to run
     assert torch.equal(finished.samples["mu"], whole.samples["mu"])
-    assert {k: v for k, v in finished.extra.items() if k != "tensors"} == {k: v for k, v in whole.extra.items() if k != "tensors"}
+    assert {k: v for k, v in finished.extra.items() if k != "tensors"} == {
+        k: v for k, v in whole.extra.items() if k != "tensors"
+    }
     with pytest.raises(ValueError, match=r"other sampler settings \(\['seed'\]\)"):
         make(name, seed=5).run(normal_normal, X, checkpoint_dir=tmp_path, resume=True)
 

@@ -35,8 +35,17 @@ def test_minibatch_svi_matches_the_conjugate_posterior():
     X, y = regression_data()
     mean, sd = analytic_posterior(X, y)
     guide = AutoMultivariateNormal(linear_regression, init_scale=0.05)
-    engine = SVI(num_steps=1000, batch_size=50, lr=0.05, lr_schedule="exponential", lr_final_factor=0.01,
-                 num_particles=8, vectorize_particles=True, max_plate_nesting=1, progress=False)
+    engine = SVI(
+        num_steps=1000,
+        batch_size=50,
+        lr=0.05,
+        lr_schedule="exponential",
+        lr_final_factor=0.01,
+        num_particles=8,
+        vectorize_particles=True,
+        max_plate_nesting=1,
+        progress=False,
+    )
     fit = engine.run(linear_regression, guide, (X, y))
     post = guide.get_posterior()
     # without the N/batch scaling the sd would come out sqrt(50/500) = 0.32 times too small
@@ -67,8 +76,15 @@ def test_iwae_bound_is_tighter_than_the_elbo_on_a_fixed_guide():
         neg_elbo = elbo.loss(linear_regression, guide, X[:50], y[:50])
         neg_iwae = sum(iwae.loss(linear_regression, guide, X[:50], y[:50]) for _ in range(20)) / 20
     assert neg_iwae < neg_elbo
-    fit = SVI(loss="iwae", num_particles=10, num_steps=20, lr=0.01, max_plate_nesting=1,
-              vectorize_particles=True, progress=False).run(linear_regression, guide, (X[:50], y[:50]))
+    fit = SVI(
+        loss="iwae",
+        num_particles=10,
+        num_steps=20,
+        lr=0.01,
+        max_plate_nesting=1,
+        vectorize_particles=True,
+        progress=False,
+    ).run(linear_regression, guide, (X[:50], y[:50]))
     assert all(math.isfinite(v) for v in fit.history["loss"])
 
 
@@ -98,8 +114,9 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_finite_params(tmp_path):
 
     seen = []
     with pytest.raises(NonFiniteLossError, match="at step 4") as err:
-        SVI(num_steps=100, lr=1.0, progress=False).run(runaway, checkpoint_dir=tmp_path,
-                                                       callbacks=[lambda step, info: seen.append(step)])
+        SVI(num_steps=100, lr=1.0, progress=False).run(
+            runaway, checkpoint_dir=tmp_path, callbacks=[lambda step, info: seen.append(step)]
+        )
     fit = err.value.fit
     assert seen == [1, 2, 3, 4] and len(fit.history["loss"]) == 4
     assert fit.param("c").item() == pytest.approx(4.0)  # the last finite parameters, not NaN
@@ -109,7 +126,8 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_finite_params(tmp_path):
 def test_early_stopping_keeps_the_best_validation_parameters():
     X, y = regression_data()
     fit = SVI(num_steps=2000, lr=0.05, eval_every=10, patience=3, progress=False).run(
-        linear_regression, None, (X[:400], y[:400]), val_data=(X[400:], y[400:]))
+        linear_regression, None, (X[:400], y[:400]), val_data=(X[400:], y[400:])
+    )
     assert len(fit.history["loss"]) < 2000  # stopped early
     best = fit.extra["best_val"]
     assert best["loss"] == min(fit.history["val_loss"])
@@ -137,8 +155,14 @@ def test_guide_mismatch_and_missing_data_plate_fail_before_training():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"loss": "elbow"}, "loss must be one of"), ({"num_steps": 0}, "num_steps"), ({"lr": -1}, "lr"),
-     ({"batch_size": 0}, "batch_size"), ({"optim": "sgdx"}, "optim"), ({"lr_schedule": "step"}, "lr_schedule")],
+    [
+        ({"loss": "elbow"}, "loss must be one of"),
+        ({"num_steps": 0}, "num_steps"),
+        ({"lr": -1}, "lr"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"optim": "sgdx"}, "optim"),
+        ({"lr_schedule": "step"}, "lr_schedule"),
+    ],
 )
 def test_bad_engine_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -165,7 +189,9 @@ def test_torch_dataset_minibatches():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_svi_on_cuda():
     X, y = regression_data()
-    fit = SVI(num_steps=200, lr=0.05, batch_size=100, device="cuda", progress=False).run(linear_regression, None, (X, y))
+    fit = SVI(num_steps=200, lr=0.05, batch_size=100, device="cuda", progress=False).run(
+        linear_regression, None, (X, y)
+    )
     assert fit.params["params"]["AutoNormal.locs.w"].device.type == "cuda"
     assert torch.allclose(fit.params["params"]["AutoNormal.locs.w"].cpu(), torch.tensor([1.0, -2.0, 0.5]), atol=0.2)
 

@@ -8,16 +8,17 @@ import pytest
 import torch
 
 from ppdgm.distributed import World
+from ppdgm.inference.callbacks import Callback, as_callbacks
 from ppdgm.inference.checks import choice, positive_int, positive_number
 from ppdgm.inference.pcd import PersistentCD
 from ppdgm.inference.schedules import SCHEDULES, lr_factor, momentum_switch
-from ppdgm.inference.callbacks import Callback, as_callbacks
 from ppdgm.inference.trainer import Minibatches
 from ppdgm.models.rbm import RBM
 
 
-@pytest.mark.parametrize("schedule, at_half", [
-    ("constant", 1.0), (None, 1.0), ("linear", 0.55), ("exponential", 0.1**0.5), ("cosine", 0.55)])
+@pytest.mark.parametrize(
+    "schedule, at_half", [("constant", 1.0), (None, 1.0), ("linear", 0.55), ("exponential", 0.1**0.5), ("cosine", 0.55)]
+)
 def test_schedules_start_at_one_end_at_the_final_factor_and_pass_their_midpoint(schedule, at_half):
     assert lr_factor(schedule, 0, 100, 0.1) == pytest.approx(1.0)
     assert lr_factor(schedule, 50, 100, 0.1) == pytest.approx(at_half)
@@ -52,9 +53,16 @@ def test_every_training_engine_takes_every_schedule(schedule):
 def test_schedule_reaches_the_optimizer_each_step():
     lrs = []
     rbm = RBM(features=4, hidden_units=3)
-    PersistentCD(num_steps=10, batch_size=5, num_chains=5, lr=0.2, lr_schedule="linear", lr_final_factor=0.5,
-                 record_every=1, progress=False).run(rbm, torch.bernoulli(torch.full((20, 4), 0.5)),
-                                                     callbacks=[lambda step, info: lrs.append(info["lr"])])
+    PersistentCD(
+        num_steps=10,
+        batch_size=5,
+        num_chains=5,
+        lr=0.2,
+        lr_schedule="linear",
+        lr_final_factor=0.5,
+        record_every=1,
+        progress=False,
+    ).run(rbm, torch.bernoulli(torch.full((20, 4), 0.5)), callbacks=[lambda step, info: lrs.append(info["lr"])])
     assert lrs == pytest.approx([0.2 * (1 - 0.5 * t / 10) for t in range(10)])
 
 
@@ -108,7 +116,8 @@ def test_callback_protocol_sees_start_steps_validation_and_end():
 
     x = torch.bernoulli(torch.full((20, 4), 0.5))
     PersistentCD(num_steps=10, batch_size=10, num_chains=5, record_every=2, progress=False).run(
-        RBM(features=4, hidden_units=3), x, val_data=x, callbacks=Tracker())
+        RBM(features=4, hidden_units=3), x, val_data=x, callbacks=Tracker()
+    )
     assert events[0] == ("start", 10) and events[-1] == ("end", 4)
     assert ("val", 2, ["val_positive"]) in events and ("step", 3, ["loss", "lr", "negative", "positive"]) in events
     assert ("step", 4, ["chain_energy", "grad_norm", "loss", "lr", "negative", "positive", "record_step"]) in events

@@ -57,6 +57,7 @@ def _poisonable(module):
 
 # -- program (SVI): a plain Pyro function with a global latent and a param -------------------
 
+
 class _Program:
     poisoned = False
 
@@ -83,6 +84,7 @@ def _program_case() -> Case:
 
 # -- energy (persistent CD): an RBM --------------------------------------------------------------
 
+
 def _binary(n, d, seed=0):
     return torch.bernoulli(torch.full((n, d), 0.4), generator=torch.Generator().manual_seed(seed))
 
@@ -96,12 +98,17 @@ def _energy_case() -> Case:
         torch.manual_seed(1)
         return _poisonable(RBM(features=6, hidden_units=4))
 
-    return Case(config={"batch_size": 10, "num_chains": 6, "lr": 0.05}, build=build,
-                run=lambda engine, rbm, **kw: engine.run(rbm, x, **kw), weights=_module_weights,
-                poison=lambda rbm: setattr(rbm, "poisoned", True))
+    return Case(
+        config={"batch_size": 10, "num_chains": 6, "lr": 0.05},
+        build=build,
+        run=lambda engine, rbm, **kw: engine.run(rbm, x, **kw),
+        weights=_module_weights,
+        poison=lambda rbm: setattr(rbm, "poisoned", True),
+    )
 
 
 # -- denoising (score matching): a small score network -------------------------------------------
+
 
 def _denoising_case() -> Case:
     from ppdgm.models.score import ScoreModel
@@ -116,12 +123,17 @@ def _denoising_case() -> Case:
         model.denoising_loss = lambda batch: loss(batch) * (math.nan if model.poisoned else 1.0)
         return model
 
-    return Case(config={"batch_size": 16, "lr": 1e-2}, build=build,
-                run=lambda engine, model, **kw: engine.run(model, x, **kw), weights=_module_weights,
-                poison=lambda model: setattr(model, "poisoned", True))
+    return Case(
+        config={"batch_size": 16, "lr": 1e-2},
+        build=build,
+        run=lambda engine, model, **kw: engine.run(model, x, **kw),
+        weights=_module_weights,
+        poison=lambda model: setattr(model, "poisoned", True),
+    )
 
 
 # -- adversarial: a GAN's generator program and critic --------------------------------------------
+
 
 def _adversarial_case() -> Case:
     from ppdgm.models.gan import GAN
@@ -136,12 +148,17 @@ def _adversarial_case() -> Case:
         gan.critic.forward = lambda *a: forward(*a) * (math.nan if gan.critic.poisoned else 1.0)
         return gan
 
-    return Case(config={"batch_size": 16, "n_critic": 2}, build=build,
-                run=lambda engine, gan, **kw: engine.run(gan.model, gan.critic, x, **kw),
-                weights=_module_weights, poison=lambda gan: setattr(gan.critic, "poisoned", True))
+    return Case(
+        config={"batch_size": 16, "n_critic": 2},
+        build=build,
+        run=lambda engine, gan, **kw: engine.run(gan.model, gan.critic, x, **kw),
+        weights=_module_weights,
+        poison=lambda gan: setattr(gan.critic, "poisoned", True),
+    )
 
 
 # -- layers (greedy layer-wise): a DBN ------------------------------------------------------------
+
 
 def _layers_case() -> Case:
     from ppdgm.models.dbn import DBN
@@ -155,13 +172,22 @@ def _layers_case() -> Case:
             _poisonable(rbm)
         return dbn
 
-    return Case(config={"batch_size": 10, "num_chains": 10, "lr": 0.05}, build=build,
-                run=lambda engine, dbn, **kw: engine.run(dbn, x, **kw), weights=_module_weights,
-                poison=lambda dbn: [setattr(rbm, "poisoned", True) for rbm in dbn.stack])
+    return Case(
+        config={"batch_size": 10, "num_chains": 10, "lr": 0.05},
+        build=build,
+        run=lambda engine, dbn, **kw: engine.run(dbn, x, **kw),
+        weights=_module_weights,
+        poison=lambda dbn: [setattr(rbm, "poisoned", True) for rbm in dbn.stack],
+    )
 
 
-CASES = {"program": _program_case, "energy": _energy_case, "denoising": _denoising_case,
-         "adversarial": _adversarial_case, "layers": _layers_case}
+CASES = {
+    "program": _program_case,
+    "energy": _energy_case,
+    "denoising": _denoising_case,
+    "adversarial": _adversarial_case,
+    "layers": _layers_case,
+}
 
 TRAINING = sorted(name for name in ENGINES if engine_class(name).input != "posterior")
 

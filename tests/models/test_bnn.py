@@ -53,8 +53,9 @@ def test_mlp_bnn_regression_beats_the_mean_and_predicts():
     xt = torch.linspace(-2.8, 2.8, 25).unsqueeze(-1)
     yt = torch.sin(xt.squeeze(-1))
     bnn = BNN(features=1, hidden_features=(6,), noise_scale=0.1)
-    fit = ChEES(num_chains=16, num_warmup=120, num_samples=40, max_leapfrog_steps=40, jit_compile=True,
-                seed=0).run(bnn.model, x, y)
+    fit = ChEES(num_chains=16, num_warmup=120, num_samples=40, max_leapfrog_steps=40, jit_compile=True, seed=0).run(
+        bnn.model, x, y
+    )
     pred = bnn.predict(xt, fit.samples)
     rmse = ((pred - yt) ** 2).mean().sqrt()
     assert rmse < 0.35 * yt.std(), rmse  # the mean predictor scores 1.0 * std
@@ -93,8 +94,11 @@ def test_classification_and_registry():
     assert cls.from_data(bin_ds).likelihood == "bernoulli"
 
 
-@given(batch=st.lists(st.integers(1, 3), min_size=0, max_size=2), n=st.integers(1, 5),
-       hidden=st.lists(st.integers(1, 4), max_size=2))
+@given(
+    batch=st.lists(st.integers(1, 3), min_size=0, max_size=2),
+    n=st.integers(1, 5),
+    hidden=st.lists(st.integers(1, 4), max_size=2),
+)
 @settings(max_examples=25, deadline=None)
 def test_weight_draws_broadcast_against_data(batch, n, hidden):
     """A batch of weight draws on the left gives a batch of outputs; draw b equals a single run."""
@@ -106,8 +110,14 @@ def test_weight_draws_broadcast_against_data(batch, n, hidden):
     weights = {k: v["value"] for k, v in tr.nodes.items() if k.startswith("layers")}
     logits = tr.nodes["y"]["fn"].logits
     assert logits.shape == (B, n, 3)
-    one = {k: v[B - 1].squeeze(0) if v.dim() > 2 and k.endswith("weight") else v[B - 1].reshape(v.shape[-1:])
-           if k.endswith("bias") else v[B - 1] for k, v in weights.items()}
+    one = {
+        k: v[B - 1].squeeze(0)
+        if v.dim() > 2 and k.endswith("weight")
+        else v[B - 1].reshape(v.shape[-1:])
+        if k.endswith("bias")
+        else v[B - 1]
+        for k, v in weights.items()
+    }
     single = pyro.poutine.trace(pyro.poutine.condition(bnn.model, data=one)).get_trace(x)
     assert torch.allclose(single.nodes["y"]["fn"].logits, logits[B - 1], atol=1e-5)
 
@@ -119,8 +129,11 @@ def test_layer_is_one_matrix_product_per_draw():
 
     g = torch.Generator().manual_seed(0)
     layer, x = BayesianLinear(3, 2), torch.randn(5, 3, generator=g)
-    for w, b in ((torch.randn(4, 1, 2, 3, generator=g), torch.randn(4, 1, 2, generator=g)),
-                 (torch.randn(5, 2, 3, generator=g), torch.randn(2, generator=g)), (torch.randn(2, 3), torch.zeros(2))):
+    for w, b in (
+        (torch.randn(4, 1, 2, 3, generator=g), torch.randn(4, 1, 2, generator=g)),
+        (torch.randn(5, 2, 3, generator=g), torch.randn(2, generator=g)),
+        (torch.randn(2, 3), torch.zeros(2)),
+    ):
         layer.weight, layer.bias = w, b
         want = torch.einsum("...oi,...i->...o", w, x) + b
         assert torch.allclose(layer(x), want, atol=1e-6)
@@ -143,9 +156,16 @@ def test_suggested_engine_settings_sample_a_classifier():
     assert float(az.rhat(az.convert_to_dataset({"p": probs}))["p"].max()) < 1.02
 
 
-@pytest.mark.parametrize("kw,match", [({"hidden_features": (0,)}, "hidden_features"), ({"likelihood": "poisson"}, "likelihood"),
-                                      ({"likelihood": "bernoulli", "out_features": 2}, "out_features"),
-                                      ({"noise_scale": -1.0}, "noise_scale"), ({"activation": "gelu2"}, "activation")])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"hidden_features": (0,)}, "hidden_features"),
+        ({"likelihood": "poisson"}, "likelihood"),
+        ({"likelihood": "bernoulli", "out_features": 2}, "out_features"),
+        ({"noise_scale": -1.0}, "noise_scale"),
+        ({"activation": "gelu2"}, "activation"),
+    ],
+)
 def test_bad_config(kw, match):
     with pytest.raises(ValueError, match=match):
         BNN(**kw)
@@ -180,7 +200,12 @@ def test_classifier_bnn_predicts_from_guide_draws(likelihood, classes):
     centres = torch.tensor([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]])[:classes]
     y = torch.arange(300) % classes
     x = centres[y] + 0.5 * torch.randn(300, 2, generator=g)
-    bnn = BNN(features=2, hidden_features=(8,), out_features=classes if likelihood == "categorical" else 1, likelihood=likelihood)
+    bnn = BNN(
+        features=2,
+        hidden_features=(8,),
+        out_features=classes if likelihood == "categorical" else 1,
+        likelihood=likelihood,
+    )
     fit = SVI(num_steps=400, lr=0.03, progress=False).run(bnn.model, None, (x, y))
     bnn.attach_posterior(guide_draws(bnn.model, fit.guide, (x, y), num_samples=100))
     probs = bnn.predict(x)

@@ -48,8 +48,12 @@ def test_block_gibbs_samples_the_exact_joint_of_a_multimodal_dbm():
     exact_label = (p[:, None] * states[1]).sum(0)
     exact_top = (p[:, None] * states[2]).sum(0)
     torch.manual_seed(0)
-    start = (torch.bernoulli(torch.full((8000, 4), 0.5)), F.one_hot(torch.randint(0, 3, (8000,)), 3).float(),
-             torch.bernoulli(torch.full((8000, 3), 0.5)), torch.bernoulli(torch.full((8000, 3), 0.5)))
+    start = (
+        torch.bernoulli(torch.full((8000, 4), 0.5)),
+        F.one_hot(torch.randint(0, 3, (8000,)), 3).float(),
+        torch.bernoulli(torch.full((8000, 3), 0.5)),
+        torch.bernoulli(torch.full((8000, 3), 0.5)),
+    )
     chains = mm.sample_chains(start, 100)
     assert torch.allclose(chains[1].mean(0), exact_label, atol=0.02)
     assert torch.allclose(chains[2].mean(0), exact_top, atol=0.02)
@@ -60,8 +64,9 @@ def test_importance_bound_reaches_the_exact_likelihood_and_beats_mean_field():
     e = dbm.energy_graph()
     v = torch.bernoulli(torch.full((5, 6), 0.5))
     h = torch.tensor(list(itertools.product([0, 1], repeat=7)), dtype=torch.float32)
-    exact = torch.stack([torch.logsumexp(e.log_density({0: x.expand(128, 6), 1: h[:, :4], 2: h[:, 4:]}), 0)
-                         for x in v]).detach()
+    exact = torch.stack(
+        [torch.logsumexp(e.log_density({0: x.expand(128, 6), 1: h[:, :4], 2: h[:, 4:]}), 0) for x in v]
+    ).detach()
     torch.manual_seed(0)
     bound = dbm.importance_bound(v, 5000)
     mean_field = dbm.variational_bound(v, 30).detach()
@@ -83,12 +88,29 @@ def test_pretrained_pcd_dbm_beats_the_rbm_of_the_same_first_layer_size(digits):
     dbm = DBM(sizes=[64, 128, 64], mean_field_steps=10)
     errors = dbm.pretrain(train.x, epochs=30, lr=0.05, batch_size=50)
     assert errors[0] < 3.0  # squared reconstruction error per digit of the bottom RBM
-    PersistentCD(num_epochs=80, batch_size=50, lr=0.01, optim="adam", lr_schedule="linear", weight_decay=1e-4,
-                 num_chains=200, k=5, seed=0).run(dbm, train.x)
+    PersistentCD(
+        num_epochs=80,
+        batch_size=50,
+        lr=0.01,
+        optim="adam",
+        lr_schedule="linear",
+        weight_decay=1e-4,
+        num_chains=200,
+        k=5,
+        seed=0,
+    ).run(dbm, train.x)
     torch.manual_seed(0)
     rbm = RBM(features=64, hidden_units=128)  # as in tests/models/test_rbm.py
-    PersistentCD(num_epochs=60, batch_size=50, lr=0.02, optim="adam", lr_schedule="linear", weight_decay=1e-4,
-                 num_chains=100, seed=0).run(rbm, train.x)
+    PersistentCD(
+        num_epochs=60,
+        batch_size=50,
+        lr=0.02,
+        optim="adam",
+        lr_schedule="linear",
+        weight_decay=1e-4,
+        num_chains=100,
+        seed=0,
+    ).run(rbm, train.x)
     ais = {"num_runs": 100, "num_betas": 3000, "base_data": train.x, "seed": 1}
     dbm_ll = log_likelihood(dbm, test.x, **ais)  # a lower bound (importance-sampled, h1 summed out)
     rbm_ll = log_likelihood(rbm, test.x, **ais)
@@ -104,7 +126,9 @@ def test_multimodal_dbm_labels_test_digits_and_draws_digits_from_labels(digits):
     torch.manual_seed(0)
     mm = MultimodalDBM(features=64, hidden_units=128, top_units=64, classes=10, mean_field_steps=10)
     mm.pretrain((train.x, train.y), epochs=30, lr=0.05, batch_size=50)
-    PersistentCD(num_epochs=10, batch_size=50, lr=3e-4, optim="adam", num_chains=100, seed=0).run(mm, (train.x, train.y))
+    PersistentCD(num_epochs=10, batch_size=50, lr=3e-4, optim="adam", num_chains=100, seed=0).run(
+        mm, (train.x, train.y)
+    )
     accuracy = (mm.predict(test.x) == test.y).float().mean().item()
     assert accuracy >= 0.85, accuracy  # measured 0.882 (0.892 right after pretraining)
     # pixels alone: a bound on log p(pixels) with the label summed out, below the joint's over both modalities

@@ -48,8 +48,16 @@ def trained_dbn():
     train = load_digits("train", binarize=True).x
     torch.manual_seed(0)
     dbn = DBN(sizes=[64, 128, 64])
-    fit = GreedyLayerwise(num_epochs=60, batch_size=50, lr=0.02, optim="adam", lr_schedule="linear",
-                          weight_decay=1e-4, num_chains=100, seed=0).run(dbn, train)
+    fit = GreedyLayerwise(
+        num_epochs=60,
+        batch_size=50,
+        lr=0.02,
+        optim="adam",
+        lr_schedule="linear",
+        weight_decay=1e-4,
+        num_chains=100,
+        seed=0,
+    ).run(dbn, train)
     return dbn, fit
 
 
@@ -107,7 +115,8 @@ def test_greedy_engine_takes_pcd_arguments_and_reports_chain_mixing(tmp_path):
     from ppdgm.inference.pcd import PersistentCD
 
     assert set(inspect.signature(GreedyLayerwise.__init__).parameters) == set(
-        inspect.signature(PersistentCD.__init__).parameters)
+        inspect.signature(PersistentCD.__init__).parameters
+    )
     x = torch.bernoulli(torch.full((60, 6), 0.4))
     dbn = DBN(sizes=[6, 4, 3])
     fit = GreedyLayerwise(num_steps=30, batch_size=20, num_chains=10, lr=0.05).run(dbn, x, checkpoint_dir=tmp_path)

@@ -1,6 +1,5 @@
 """EBM trained by persistent CD with Langevin chains: mode coverage, the protocol, normalizers."""
 
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -18,8 +17,7 @@ def trained():
     x, centres = make_gaussian_mixture(2000, seed=0)
     torch.manual_seed(0)
     ebm = EBM.from_data(x, hidden_features=[64, 64], step_size=0.002, alpha=1e-4)
-    fit = PersistentCD(num_steps=1000, batch_size=128, lr=3e-3, optim="adam", k=3, num_chains=256,
-                       seed=0).run(ebm, x)
+    fit = PersistentCD(num_steps=1000, batch_size=128, lr=3e-3, optim="adam", k=3, num_chains=256, seed=0).run(ebm, x)
     return ebm, fit, centres
 
 
@@ -115,12 +113,15 @@ def test_nonpositive_step_size_is_refused(step):
         EBM(step_size=step)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"low": 1.0, "high": 0.0}, "low must be below high"),
-    ({"features": 0}, "features"),
-    ({"reinit_prob": 1.5}, "reinit_prob"),
-    ({"alpha": -1.0}, "alpha"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"low": 1.0, "high": 0.0}, "low must be below high"),
+        ({"features": 0}, "features"),
+        ({"reinit_prob": 1.5}, "reinit_prob"),
+        ({"alpha": -1.0}, "alpha"),
+    ],
+)
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         EBM(**kwargs)

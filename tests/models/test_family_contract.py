@@ -53,17 +53,25 @@ LIKELIHOOD_OPTIONS = {
 
 # the protocol each default engine asks for (each engine's ``input``)
 ENGINE_PROTOCOL = {
-    "svi": protocols.PyroProgram, "nuts": protocols.PyroProgram, "hmc": protocols.PyroProgram,
-    "chees": protocols.PyroProgram, "pcd": protocols.PersistentChains, "score_matching": protocols.Denoising,
-    "adversarial": protocols.Adversarial, "greedy": protocols.LayerStack,
+    "svi": protocols.PyroProgram,
+    "nuts": protocols.PyroProgram,
+    "hmc": protocols.PyroProgram,
+    "chees": protocols.PyroProgram,
+    "pcd": protocols.PersistentChains,
+    "score_matching": protocols.Denoising,
+    "adversarial": protocols.Adversarial,
+    "greedy": protocols.LayerStack,
 }
 
 
 def synthetic_series():
     """A seasonal count series standing in for a dataset not bundled in this checkout."""
     t = torch.arange(120.0)
-    return Dataset(50 + 40 * torch.sin(2 * torch.pi * t / 11) + torch.rand(120, generator=torch.Generator().manual_seed(0)),
-                   None, "seasonal")
+    return Dataset(
+        50 + 40 * torch.sin(2 * torch.pi * t / 11) + torch.rand(120, generator=torch.Generator().manual_seed(0)),
+        None,
+        "seasonal",
+    )
 
 
 def tiny_dataset(cls):
@@ -110,7 +118,8 @@ def test_family_keeps_the_contract(name):
     assert rebuilt.spec == spec
     state = model.state_dict()
     assert {k: getattr(v, "shape", None) for k, v in rebuilt.state_dict().items()} == {
-        k: getattr(v, "shape", None) for k, v in state.items()}
+        k: getattr(v, "shape", None) for k, v in state.items()
+    }
     rebuilt.load_state_dict(state)
 
     args = model.data_args(data)

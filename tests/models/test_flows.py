@@ -36,6 +36,7 @@ def _change_of_variables(flow, x, y):
     out = []
     for i in range(x.shape[0]):
         yi = None if y is None else y[i : i + 1]
+
         def latent(xi, yi=yi):
             return flow.to_latent(xi[None], yi)[0]
 
@@ -131,7 +132,8 @@ def test_registered_and_rebuilt_from_spec():
     flow = model_class("flow")(features=4, kind="nsf_ar", num_layers=2, hidden_features=[8], context=3)
     again = FlowModel(**flow.spec["kwargs"])
     assert again.spec == flow.spec and sum(p.numel() for p in again.parameters()) == sum(
-        p.numel() for p in flow.parameters())
+        p.numel() for p in flow.parameters()
+    )
 
 
 @settings(max_examples=15, deadline=None)

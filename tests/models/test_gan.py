@@ -1,6 +1,5 @@
 """GAN: mode coverage on 8 Gaussians, WGAN-GP's penalty, failure warnings, resume, bad shapes."""
 
-
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -61,8 +60,9 @@ def collapsed_generator(n, y=None):
 def test_collapse_and_divergence_are_warned(mixture):
     x = mixture[0]
     critic = GAN(features=2).critic
-    engine = Adversarial(loss="nonsaturating", num_steps=150, batch_size=128, lr=1e-6, critic_lr=1e-2,
-                         monitor_every=50, seed=0)
+    engine = Adversarial(
+        loss="nonsaturating", num_steps=150, batch_size=128, lr=1e-6, critic_lr=1e-2, monitor_every=50, seed=0
+    )
     with pytest.warns(ModeCollapseWarning, match="mode collapse"), pytest.warns(DivergenceWarning, match="diverged"):
         fit = engine.run(collapsed_generator, critic, x)
     assert {a["kind"] for a in fit.extra["warnings"]} == {"mode_collapse", "divergence"}
@@ -74,7 +74,9 @@ def test_conditional_gan_follows_its_label():
     y = torch.randint(0, 2, (600,), generator=g)
     x = torch.stack([4.0 * y - 2.0, torch.zeros(600)], 1) + 0.2 * torch.randn(600, 2, generator=g)
     torch.manual_seed(0)
-    gan = GAN.from_data(Dataset(x, y, "two-blobs"), conditional=True, hidden_features=[32, 32], critic_hidden_features=[32, 32])
+    gan = GAN.from_data(
+        Dataset(x, y, "two-blobs"), conditional=True, hidden_features=[32, 32], critic_hidden_features=[32, 32]
+    )
     assert gan.classes == 2 and len(gan.data_args(Dataset(x, y, "two-blobs"))) == 2
     Adversarial(loss="nonsaturating", num_steps=300, batch_size=128, lr=2e-3, seed=0).run(gan.model, gan.critic, (x, y))
     left = gan.sample(300, y=torch.zeros(300, dtype=torch.long))
@@ -89,8 +91,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, mixture):
     def train(steps, resume, directory):
         torch.manual_seed(0)
         gan = GAN(features=2, hidden_features=[16], critic_hidden_features=[16])
-        engine = Adversarial(loss="nonsaturating", num_steps=steps, batch_size=64, lr=1e-3, checkpoint_every=10,
-                             seed=0)
+        engine = Adversarial(loss="nonsaturating", num_steps=steps, batch_size=64, lr=1e-3, checkpoint_every=10, seed=0)
         fit = engine.run(gan.model, gan.critic, x, checkpoint_dir=directory, resume=resume)
         return gan, fit
 
@@ -126,13 +127,16 @@ def test_mismatched_shapes_fail_before_training(mixture):
         Adversarial(num_steps=1, site="x").run(lambda n: pyro.sample("w", dist.Normal(0.0, 1.0)), gan.critic, x)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"loss": "hinge"}, "loss must be one of"),
-    ({"n_critic": 0}, "n_critic"),
-    ({"lr": -1.0}, "lr"),
-    ({"betas": (0.5, 1.5)}, "betas"),
-    ({"collapse_threshold": 2.0}, "collapse_threshold"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"loss": "hinge"}, "loss must be one of"),
+        ({"n_critic": 0}, "n_critic"),
+        ({"lr": -1.0}, "lr"),
+        ({"betas": (0.5, 1.5)}, "betas"),
+        ({"collapse_threshold": 2.0}, "collapse_threshold"),
+    ],
+)
 def test_bad_engine_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Adversarial(**kwargs)

@@ -29,8 +29,11 @@ def all_hidden(h):
 @pytest.mark.parametrize("units", ["bernoulli", "gaussian", "softmax"])
 def test_free_energy_sums_the_energy_over_hidden_states(units):
     m = random_rbm(units, sigma=0.8)
-    v = {"bernoulli": torch.bernoulli(torch.full((5, 6), 0.5)), "gaussian": torch.randn(5, 6),
-         "softmax": torch.tensor([[0, 2, 1, 0, 0, 3]] * 5, dtype=torch.float32)}[units]
+    v = {
+        "bernoulli": torch.bernoulli(torch.full((5, 6), 0.5)),
+        "gaussian": torch.randn(5, 6),
+        "softmax": torch.tensor([[0, 2, 1, 0, 0, 3]] * 5, dtype=torch.float32),
+    }[units]
     h = all_hidden(4)
     brute = torch.stack([torch.logsumexp(-m.energy(vi.expand(16, 6), h), 0) for vi in v])
     assert torch.allclose(-m.free_energy(v), brute, atol=1e-5)
@@ -41,8 +44,9 @@ def test_gaussian_rbm_exact_log_partition_integrates_the_visible_units():
     h = all_hidden(4)
     sigma, b = 0.8, m.b.detach()
     mean = b + sigma * (h @ m.W.detach().T)  # p(v | h) = N(b + sigma W h, sigma^2)
-    log_z = torch.logsumexp(h @ m.c.detach() + ((mean**2 - b**2) / (2 * sigma**2)).sum(-1), 0) \
-        + 6 * (0.5 * torch.log(torch.tensor(2 * torch.pi)) + torch.log(torch.tensor(sigma)))
+    log_z = torch.logsumexp(h @ m.c.detach() + ((mean**2 - b**2) / (2 * sigma**2)).sum(-1), 0) + 6 * (
+        0.5 * torch.log(torch.tensor(2 * torch.pi)) + torch.log(torch.tensor(sigma))
+    )
     assert m.log_partition("exact").value == pytest.approx(log_z.item(), abs=1e-4)
 
 
@@ -76,8 +80,16 @@ def trained_rbm():
     train = load_digits("train", binarize=True).x
     torch.manual_seed(0)
     rbm = RBM(features=64, hidden_units=128)
-    fit = PersistentCD(num_epochs=60, batch_size=50, lr=0.02, optim="adam", lr_schedule="linear",
-                       weight_decay=1e-4, num_chains=100, seed=0).run(rbm, train)
+    fit = PersistentCD(
+        num_epochs=60,
+        batch_size=50,
+        lr=0.02,
+        optim="adam",
+        lr_schedule="linear",
+        weight_decay=1e-4,
+        num_chains=100,
+        seed=0,
+    ).run(rbm, train)
     return rbm, fit
 
 
@@ -154,9 +166,13 @@ def test_cuda_smoke():
 def test_closed_form_gradients_match_autograd(units):
     m = random_rbm(units, sigma=0.8)
     torch.manual_seed(2)
-    data = {"bernoulli": lambda n: torch.bernoulli(torch.full((n, 6), 0.5)), "gaussian": lambda n: torch.randn(n, 6),
-            "softmax": lambda n: torch.multinomial(torch.ones(6), 8, replacement=True).bincount(minlength=6)
-            .float().expand(n, 6).clone()}[units]
+    data = {
+        "bernoulli": lambda n: torch.bernoulli(torch.full((n, 6), 0.5)),
+        "gaussian": lambda n: torch.randn(n, 6),
+        "softmax": lambda n: (
+            torch.multinomial(torch.ones(6), 8, replacement=True).bincount(minlength=6).float().expand(n, 6).clone()
+        ),
+    }[units]
     v, chains = data(7), data(5)
     loss = -(m.positive_log_density(v).mean() - m.negative_log_density(chains).mean())
     expected = torch.autograd.grad(loss, [m.W, m.b, m.c])
@@ -164,7 +180,10 @@ def test_closed_form_gradients_match_autograd(units):
     for p, g in zip([m.W, m.b, m.c], expected):
         assert torch.allclose(p.grad, g, atol=1e-5)
     assert torch.allclose(-(pos.mean() - neg.mean()), loss)
-    assert RBM(features=3, hidden_units=2, units="gaussian", learn_sigma=True).contrastive_grads(v[:, :3], v[:, :3]) is None
+    assert (
+        RBM(features=3, hidden_units=2, units="gaussian", learn_sigma=True).contrastive_grads(v[:, :3], v[:, :3])
+        is None
+    )
 
 
 def test_replicated_softmax_partition_function_per_document_length():
@@ -226,8 +245,12 @@ def test_gaussian_bernoulli_rbm_learns_a_four_mode_mixture():
 
 
 @settings(max_examples=30, deadline=None)
-@given(rows=st.integers(1, 20), cols=st.integers(1, 12), value=st.sampled_from([0.5, -1.0, 2.0, float("nan")]),
-       units=st.sampled_from(["bernoulli", "softmax"]))
+@given(
+    rows=st.integers(1, 20),
+    cols=st.integers(1, 12),
+    value=st.sampled_from([0.5, -1.0, 2.0, float("nan")]),
+    units=st.sampled_from(["bernoulli", "softmax"]),
+)
 def test_any_mismatched_or_off_support_data_is_refused_before_training(rows, cols, value, units):
     rbm = RBM(features=6, hidden_units=3, units=units)
     before = rbm.W.detach().clone()

@@ -27,8 +27,9 @@ def mixture_model():
     return model, fit, centres, held_out, mmd(held_out, gaussian).mmd2
 
 
-@pytest.mark.parametrize("method, kwargs, sharp", [("pc", {"num_scales": 200}, 0.45),
-                                                   ("annealed_langevin", {"num_scales": 50}, 0.2)])
+@pytest.mark.parametrize(
+    "method, kwargs, sharp", [("pc", {"num_scales": 200}, 0.45), ("annealed_langevin", {"num_scales": 50}, 0.2)]
+)
 def test_covers_eight_modes_and_beats_a_gaussian(mixture_model, method, kwargs, sharp):
     model, fit, centres, held_out, gaussian_mmd = mixture_model
     torch.manual_seed(0)
@@ -93,7 +94,8 @@ def test_patience_stops_on_the_validation_loss_and_keeps_the_best_weights():
     torch.manual_seed(0)
     model = ScoreModel(features=2, hidden_features=[32])
     fit = ScoreMatching(num_steps=2000, batch_size=128, lr=1e-2, eval_every=20, patience=3, seed=0).run(
-        model, x, val_data=shifted)
+        model, x, val_data=shifted
+    )
     best = fit.extra["best_val"]
     losses = dict(zip(fit.history["val_step"], fit.history["val_loss"]))
     assert len(fit.history["loss"]) == best["step"] + 3 * 20 < 2000  # stopped three evaluations later
@@ -108,7 +110,8 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
         torch.manual_seed(0)
         model = ScoreModel(features=2, hidden_features=[16])
         fit = ScoreMatching(num_steps=steps, batch_size=64, ema=0.9, checkpoint_every=5, seed=0).run(
-            model, x, val_data=x[:50], checkpoint_dir=directory, resume=resume)
+            model, x, val_data=x[:50], checkpoint_dir=directory, resume=resume
+        )
         return model, fit
 
     whole, fit_whole = train(20, False, tmp_path / "a")
@@ -157,18 +160,21 @@ def test_schedules_have_the_stated_marginals():
     assert float(mean) == pytest.approx(math.exp(-0.25 * 19.9 - 0.05)) and float(mean**2 + std**2) == pytest.approx(1)
 
 
-@pytest.mark.parametrize("build, match", [
-    (lambda: ScoreModel(sde="ve", sigma_min=1.0, sigma_max=0.5), "noise schedule must decrease"),
-    (lambda: ScoreModel(sde="vp", beta_min=5.0, beta_max=1.0), "noise schedule"),
-    (lambda: check_decreasing([1.0, 0.5, 0.5]), "strictly decreasing"),
-    (lambda: ScoreModel(features=1).sample(4, "annealed_langevin", sigmas=[0.1, 0.5, 1.0]), "strictly decreasing"),
-    (lambda: ScoreModel(features=1).sample(4, "annealed_langevin", step_size=0.0), "step_size"),
-    (lambda: ScoreModel(sde="sub-vp"), "sde must be one of"),
-    (lambda: ScoreModel(features=1).log_likelihood(torch.zeros(3, 2)), "expected 1 columns"),
-    (lambda: ScoreModel(features=1).sample(3, method="euler"), "method"),
-    (lambda: ScoreMatching(num_steps=1).run(ScoreModel(features=2), torch.zeros(5, 3)), "expected 2 columns"),
-    (lambda: ScoreMatching(ema=1.5), "ema"),
-])
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: ScoreModel(sde="ve", sigma_min=1.0, sigma_max=0.5), "noise schedule must decrease"),
+        (lambda: ScoreModel(sde="vp", beta_min=5.0, beta_max=1.0), "noise schedule"),
+        (lambda: check_decreasing([1.0, 0.5, 0.5]), "strictly decreasing"),
+        (lambda: ScoreModel(features=1).sample(4, "annealed_langevin", sigmas=[0.1, 0.5, 1.0]), "strictly decreasing"),
+        (lambda: ScoreModel(features=1).sample(4, "annealed_langevin", step_size=0.0), "step_size"),
+        (lambda: ScoreModel(sde="sub-vp"), "sde must be one of"),
+        (lambda: ScoreModel(features=1).log_likelihood(torch.zeros(3, 2)), "expected 1 columns"),
+        (lambda: ScoreModel(features=1).sample(3, method="euler"), "method"),
+        (lambda: ScoreMatching(num_steps=1).run(ScoreModel(features=2), torch.zeros(5, 3)), "expected 2 columns"),
+        (lambda: ScoreMatching(ema=1.5), "ema"),
+    ],
+)
 def test_bad_input_is_refused(build, match):
     with pytest.raises(ValueError, match=match):
         build()

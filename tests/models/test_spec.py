@@ -15,8 +15,18 @@ def test_spec_records_the_outermost_call_with_defaults_as_plain_data():
     assert vae.spec["name"] == "vae"
     assert vae.spec["kwargs"]["hidden_features"] == [5, 4] and vae.spec["kwargs"]["latent_features"] == 16
     mm = MultimodalDBM(features=5, hidden_units=4, top_units=3, classes=2)  # its __init__ calls DBM.__init__
-    assert mm.spec == {"name": "mdbm", "kwargs": {"graph": None, "features": 5, "hidden_units": 4, "top_units": 3,
-                                                  "classes": 2, "init_scale": 0.01, "mean_field_steps": 10}}
+    assert mm.spec == {
+        "name": "mdbm",
+        "kwargs": {
+            "graph": None,
+            "features": 5,
+            "hidden_units": 4,
+            "top_units": 3,
+            "classes": 2,
+            "init_scale": 0.01,
+            "mean_field_steps": 10,
+        },
+    }
 
 
 def test_a_graph_argument_becomes_node_link_data_that_rebuilds_an_equal_graph():

@@ -25,15 +25,22 @@ def seasonal_series(n=264, seed=0):
     """Period-12 season + a slow trend + noise: seasonal-naive is a strong but beatable baseline."""
     g = torch.Generator().manual_seed(seed)
     t = torch.arange(n, dtype=torch.float32)
-    return (10 + 3 * torch.sin(2 * math.pi * t / 12) + torch.cos(2 * math.pi * t / 6) + 0.02 * t
-            + 0.7 * torch.randn(n, generator=g))
+    return (
+        10
+        + 3 * torch.sin(2 * math.pi * t / 12)
+        + torch.cos(2 * math.pi * t / 6)
+        + 0.02 * t
+        + 0.7 * torch.randn(n, generator=g)
+    )
 
 
 def test_forecasts_beat_seasonal_naive_in_a_backtest():
     y = seasonal_series()
     rows = backtest(
         y,
-        lambda past: DeepAR.from_series(past, context_length=24, window=36, lags=(1, 12), period=12, hidden_features=16),
+        lambda past: DeepAR.from_series(
+            past, context_length=24, window=36, lags=(1, 12), period=12, hidden_features=16
+        ),
         horizon=12,
         origins=[240, 252],
         train=lambda m, past: SVI(num_steps=150, lr=1e-2, batch_size=64, seed=0).run(m.model, None, m.windows(past)),
@@ -59,7 +66,8 @@ def test_sunspots_forecasts_beat_seasonal_naive_and_ar9():
         horizon=11,
         origins=[265, 276, 287, 298],
         train=lambda m, past: SVI(num_steps=600, lr=5e-3, batch_size=64, seed=0, progress=False).run(
-            m.model, None, m.windows(past)),
+            m.model, None, m.windows(past)
+        ),
         period=11,
         ar_order=9,
         num_samples=300,
@@ -168,7 +176,9 @@ def test_metrics_have_known_answers():
 
 def test_windows_and_spec_round_trip(tmp_path):
     y = seasonal_series(60)
-    model = model_class("timeseries").from_series(y, context_length=13, window=20, lags=(1, 12), period=12, hidden_features=8)
+    model = model_class("timeseries").from_series(
+        y, context_length=13, window=20, lags=(1, 12), period=12, hidden_features=8
+    )
     windows, t0 = model.windows(y)
     assert windows.shape == (41, 20) and t0.tolist() == list(range(41))
     assert torch.equal(windows[7], y[7:27])

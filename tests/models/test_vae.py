@@ -32,7 +32,8 @@ def trained(digits):
     pyro.clear_param_store()
     vae = VAE.from_data(digits["train"])
     fit = SVI(num_steps=1000, batch_size=100, lr=3e-3, seed=0, progress=False).run(
-        vae.model, vae.guide, vae.data_args(digits["train"]))
+        vae.model, vae.guide, vae.data_args(digits["train"])
+    )
     return vae, fit
 
 
@@ -50,8 +51,10 @@ def test_iwae_k1_is_the_elbo_and_tightens_with_k(trained, digits):
     x = digits["test"].x
     pyro.set_rng_seed(1)
     k1 = summarize(iwae_log_likelihood(vae.model, vae.guide, x.repeat(4, 1), k=1), "k=1")
-    elbo = -Trace_ELBO(num_particles=40, vectorize_particles=True, max_plate_nesting=1).loss(
-        vae.model, vae.guide, x) / x.shape[0]
+    elbo = (
+        -Trace_ELBO(num_particles=40, vectorize_particles=True, max_plate_nesting=1).loss(vae.model, vae.guide, x)
+        / x.shape[0]
+    )
     assert abs(k1.mean - elbo) < 4 * k1.stderr + 0.05, (k1, elbo)
     means = [vae.log_likelihood(x, k=k).mean().item() for k in (1, 10, 100)]
     assert means == sorted(means) and means[-1] - means[0] > 0.3, means
@@ -91,18 +94,22 @@ def test_save_and_load_rebuild_the_same_model(trained, digits, tmp_path):
 
 
 # -- options ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs, loss", [
-    ({"posterior": "iaf", "hidden_features": [64]}, "elbo"),
-    ({"prior": "flow", "hidden_features": [64]}, "elbo"),
-    ({"network": "conv", "hidden_features": [32], "latent_features": 4}, "elbo"),
-    ({"hidden_features": [64], "beta": 0.5}, "meanfield"),
-    ({"hidden_features": [64]}, "iwae"),
-])
+@pytest.mark.parametrize(
+    "kwargs, loss",
+    [
+        ({"posterior": "iaf", "hidden_features": [64]}, "elbo"),
+        ({"prior": "flow", "hidden_features": [64]}, "elbo"),
+        ({"network": "conv", "hidden_features": [32], "latent_features": 4}, "elbo"),
+        ({"hidden_features": [64], "beta": 0.5}, "meanfield"),
+        ({"hidden_features": [64]}, "iwae"),
+    ],
+)
 def test_variants_train_and_evaluate(kwargs, loss, digits):
     x = digits["train"].x[:300]
     vae = VAE(**kwargs)
-    fit = SVI(loss=loss, num_particles=5 if loss == "iwae" else 1, num_steps=60, batch_size=100, lr=1e-2,
-              progress=False).run(vae.model, vae.guide, x)
+    fit = SVI(
+        loss=loss, num_particles=5 if loss == "iwae" else 1, num_steps=60, batch_size=100, lr=1e-2, progress=False
+    ).run(vae.model, vae.guide, x)
     h = np.asarray(fit.history["loss"])
     assert h[-10:].mean() < h[:10].mean()
     ll = vae.log_likelihood(digits["test"].x[:20], k=5)
@@ -162,14 +169,17 @@ def test_latent_size_below_one_is_refused(latent):
         VAE(latent_features=latent)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"likelihood": "poisson"}, "likelihood must be one of"),
-    ({"hidden_features": []}, "hidden_features must be a non-empty list"),
-    ({"network": "conv", "features": 10}, "image_shape"),
-    ({"posterior": "flow"}, "posterior must be one of"),
-    ({"beta": -1.0}, "beta must be a non-negative"),
-    ({"activation": "sigmoidal"}, "activation must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"likelihood": "poisson"}, "likelihood must be one of"),
+        ({"hidden_features": []}, "hidden_features must be a non-empty list"),
+        ({"network": "conv", "features": 10}, "image_shape"),
+        ({"posterior": "flow"}, "posterior must be one of"),
+        ({"beta": -1.0}, "beta must be a non-negative"),
+        ({"activation": "sigmoidal"}, "activation must be one of"),
+    ],
+)
 def test_bad_configuration_is_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         VAE(**kwargs)
@@ -231,7 +241,8 @@ def test_m2_with_10_percent_labels_classifies_test_digits():
     m = SemiSupervisedVAE.from_data(train, likelihood="continuous_bernoulli")
     x, y = m.data_args(train)
     SVI(loss="enum", max_plate_nesting=1, num_steps=500, batch_size=100, lr=3e-3, progress=False).run(
-        m.model, m.guide, (x, y))
+        m.model, m.guide, (x, y)
+    )
     acc = m.accuracy(test.x, test.y)
     known = y >= 0
     logreg = LogisticRegression(max_iter=5000).fit(x[known].numpy(), y[known].numpy())

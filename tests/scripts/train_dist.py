@@ -39,7 +39,8 @@ def die(step, info):
 
 
 fit = SVI(num_steps=steps, batch_size=batch, lr=0.02, seed=3, checkpoint_every=10, progress=False).run(
-    model, None, (X, y), checkpoint_dir=out, resume="--resume" in sys.argv, callbacks=[die])
+    model, None, (X, y), checkpoint_dir=out, resume="--resume" in sys.argv, callbacks=[die]
+)
 finish()
 if rank == 0:
     fit.save(out)

@@ -19,8 +19,17 @@ out, steps, batch, blocks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int
 torch.manual_seed(0)
 rbm = RBM(features=64, hidden_units=32)
 x = load_digits("train", binarize=True).x[:480]
-fit = PersistentCD(num_steps=steps, batch_size=batch, lr=0.05, k=1, num_chains=40, chain_blocks=blocks,
-                   record_chains=4, seed=5, progress=False).run(rbm, x)
+fit = PersistentCD(
+    num_steps=steps,
+    batch_size=batch,
+    lr=0.05,
+    k=1,
+    num_chains=40,
+    chain_blocks=blocks,
+    record_chains=4,
+    seed=5,
+    progress=False,
+).run(rbm, x)
 finish()
 if int(os.environ.get("RANK", "0")) == 0:
     fit.save(out)
