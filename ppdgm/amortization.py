@@ -159,7 +159,7 @@ def amortized_posterior_check(
         jit_compile=jit_compile,
         progress=False,
     ).run(cond_model, x_sub, *args, **kwargs)
-    hmc_z = hmc.samples[latent]  # (chain, draw, m, *event)
+    hmc_z = (hmc.samples or {})[latent]  # (chain, draw, m, *event)
 
     density = BatchedLogDensity(cond_model, (x_sub, *args), kwargs)
     nest = density.nesting

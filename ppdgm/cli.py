@@ -36,19 +36,21 @@ def one_line(err: BaseException) -> str:
     """An exception and its causes as one line, keeping the useful part of multi-line messages
     (Pyro's "Error while computing log_prob at site 'x':" is followed by the reason on the next
     line and a table of trace shapes, which is dropped)."""
-    parts, seen = [], set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
+    parts: list[str] = []
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
         lines = []
-        for line in str(err).splitlines():
+        for line in str(cause).splitlines():
             if line.strip().startswith("Trace Shapes"):
                 break
             if line.strip():
                 lines.append(line.strip())
-        text = " ".join(lines) or type(err).__name__
+        text = " ".join(lines) or type(cause).__name__
         if not any(text in p for p in parts):
             parts.append(text)
-        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
     return ": ".join(parts)
 
 

@@ -284,7 +284,9 @@ def predictive_inference_data(fit, num_samples: int = 500) -> az.InferenceData:
     observed = fit.args[0] if fit.args and torch.is_tensor(fit.args[0]) else None
     if observed is not None and observed.shape[1:] == draws.shape[1:]:
         groups["observed_data"] = {"x": to_numpy(observed)}
-    return az.from_dict(**groups, dims=dims)
+    return az.from_dict(
+        posterior_predictive=groups["posterior_predictive"], observed_data=groups.get("observed_data"), dims=dims
+    )
 
 
 def chain_energy_inference_data(fit) -> az.InferenceData:

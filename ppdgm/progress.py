@@ -9,6 +9,7 @@ taking a flag.
 from __future__ import annotations
 
 import sys
+from importlib.util import find_spec
 
 _default: bool | None = None
 
@@ -26,9 +27,8 @@ def progress_bar(total: int, desc: str, enabled: bool | None = None):
     would warn "IProgress not found" in every notebook that lacks the widgets)."""
     enabled = _default if enabled is None else enabled
     disable = (not sys.stderr.isatty()) if enabled is None else not enabled
-    try:
-        import ipywidgets  # noqa: F401
+    if find_spec("ipywidgets") is not None:
         from tqdm.auto import tqdm
-    except ImportError:
+    else:
         from tqdm.std import tqdm
     return tqdm(total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True)

@@ -21,6 +21,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 from ppdgm.inference.callbacks import Callback
@@ -152,7 +153,8 @@ class MLflowTracker(Callback):
         self.warn = warn or (lambda message: warnings.warn(message, TrackingWarning, stacklevel=3))
         self.active = os.environ.get("RANK", "0") == "0"  # one process of a torchrun run logs
         self.stopped: str | None = None
-        self.client = self.run_id = None
+        self.client: Any = None
+        self.run_id: Any = None
         self._pending: list = []
         self._logged: dict[str, set] = {}
 

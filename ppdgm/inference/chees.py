@@ -267,6 +267,7 @@ class ChEESChains:
 
     def _initial_points(self):
         density, device, cfg = self.density, self.device, self.config
+        init_values = cfg._init_values or {}
         C, D = cfg.num_chains, density.dim
 
         def draw(n):
@@ -280,10 +281,8 @@ class ChEESChains:
                     {s.name: tr.nodes[s.name]["value"].reshape(n, *s.shape) for s in density.sites}
                 )
             values = {
-                s.name: torch.as_tensor(cfg._init_values[s.name], device=device, dtype=density.dtype).expand(
-                    n, *s.shape
-                )
-                if s.name in cfg._init_values
+                s.name: torch.as_tensor(init_values[s.name], device=device, dtype=density.dtype).expand(n, *s.shape)
+                if s.name in init_values
                 else None
                 for s in density.sites
             }

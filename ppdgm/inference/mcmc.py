@@ -13,6 +13,7 @@ finite is retried and then reported with the site that made it so.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pyro
 import torch
@@ -36,7 +37,7 @@ def initial_point_error(model, args, kwargs, init_strategy, tries: int) -> Value
             tr = poutine.trace(InitMessenger(init_strategy)(model)).get_trace(*args, **kwargs)
             for name in nonfinite_sites(tr):
                 counts[name] = counts.get(name, 0) + 1
-    named = sorted(counts, key=counts.get, reverse=True)
+    named = sorted(counts, key=lambda name: counts[name], reverse=True)
     where = (
         f"site {named[0]!r} has a non-finite log density" + (f" (also {named[1:]})" if named[1:] else "")
         if named
@@ -75,7 +76,8 @@ class PyroChain:
             raise initial_point_error(
                 self.model, self.args, self.kwargs, engine._init_strategy, engine.max_init_tries
             ) from None
-        self.params, self.calls, self.evaluated = self.kernel.initial_params, 0, []
+        self.params, self.calls = self.kernel.initial_params, 0
+        self.evaluated: list[tuple[dict, torch.Tensor]] = []
         inner = self.kernel.potential_fn
 
         def counted(z):
@@ -85,7 +87,8 @@ class PyroChain:
             return value
 
         self._potential, self.kernel.potential_fn = inner, counted
-        self.lp, self.accepted, self.divergences = None, 0, 0
+        self.lp: float | None = None
+        self.accepted, self.divergences = 0, 0
 
     def end_warmup(self) -> None:
         pass  # the kernel ends its own adaptation after num_warmup iterations
@@ -230,7 +233,7 @@ def _gather_chains(run: SamplingRun, mine: list, num_chains: int, device) -> Sam
         ({k: v[i].cpu() for k, v in run.draws.samples.items()}, {k: v[i].cpu() for k, v in run.draws.stats.items()})
         for i in range(len(mine))
     ]
-    gathered = [None] * torch.distributed.get_world_size()
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, (mine, mine_draws, run.history))
     by_chain = {c: (d, h) for ids, ds, hs in gathered for c, d, h in zip(ids, ds, hs)}
     samples, stats = (

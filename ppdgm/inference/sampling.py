@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import pyro
 import torch
 
-from ppdgm.fit import Fit
+from ppdgm.fit import Device, Fit
 from ppdgm.inference.base import Checkpointer, Engine, move_module, resolve_device, set_seed
 from ppdgm.inference.callbacks import Callback, as_callbacks
 from ppdgm.logdensity import check_continuous_latents, latent_sites, prototype_trace
@@ -117,7 +118,7 @@ class SamplingDriver:
         settings: dict,
         progress: bool | None,
         checkpoint: Checkpointer,
-        callbacks: list[Callback] = (),
+        callbacks: Sequence[Callback] = (),
         config: dict | None = None,
     ):
         self.name, self.num_warmup, self.num_samples = name, num_warmup, num_samples
@@ -264,6 +265,12 @@ class Sampler(Engine):
     returns a Fit of draws from the posterior of ``model(*args, **kwargs)``."""
 
     input = "posterior"
+    # set by each sampler's constructor
+    device: Device
+    seed: int | None
+    num_warmup: int
+    num_samples: int
+    progress: bool | None
 
     def _setup(self, model, args, kwargs, allow_enumerated: bool):
         """Checks and placement every sampler does first: ``(device, args, kwargs, prototype trace)``."""
