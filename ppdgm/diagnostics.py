@@ -8,13 +8,17 @@ observed sites are added so ``az.loo``/``az.waic`` work on any engine's result.
 
 from __future__ import annotations
 
-import arviz as az
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pyro
 import torch
 from pyro import poutine
 from pyro.infer import Predictive
 from pyro.poutine.util import site_is_subsample
+
+if TYPE_CHECKING:
+    import arviz as az
 
 
 def trace_model(model, args=(), kwargs=None, condition: dict | None = None):
@@ -77,6 +81,7 @@ def samples_to_inference_data(
     ``sample_stats`` (e.g. ``diverging``, ``acceptance_rate``, ``energy``, each ``(chain, draw)``)
     becomes the ``sample_stats`` group that ArviZ's divergence and energy plots read.
     """
+
     kwargs = kwargs or {}
     samples = {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for k, v in samples.items()}
     first = {k: v[0, 0] for k, v in samples.items()}
@@ -209,6 +214,8 @@ def _batched_log_likelihood(model, flat, args, kwargs, observed, chunk):
 
 
 def _from_groups(groups, dims, ll_dims, coords):
+    import arviz as az  # seconds to import: only where an InferenceData is made
+
     data = {}
     for group, values in groups.items():
         gd = ll_dims if group == "log_likelihood" else dims
@@ -237,6 +244,7 @@ def fit_to_inference_data(
     fit, num_samples: int = 500, log_likelihood: bool = True, posterior_predictive: bool = False
 ) -> az.InferenceData:
     """What ``Fit.to_arviz()`` returns (draws from ``fit.samples`` or from the guide)."""
+
     if fit.engine in ("pcd", "greedy"):
         return chain_energy_inference_data(fit)
     # a model with no posterior to draw from (a GAN, a score model, a flow or MADE fit by maximum
@@ -277,6 +285,8 @@ def predictive_inference_data(fit, num_samples: int = 500) -> az.InferenceData:
     """A model without a posterior (a flow, MADE, GAN or score model) as its draws of the data:
     ``posterior_predictive.x`` shaped ``(1, num_samples, feature)``, beside ``observed_data.x``
     when the Fit holds its training data, so ``az.plot_ppc`` compares the two."""
+    import arviz as az  # seconds to import: only where an InferenceData is made
+
     with torch.no_grad():
         draws = fit.module.sample(num_samples)
     dims = {"x": ["feature"]}
@@ -292,6 +302,8 @@ def predictive_inference_data(fit, num_samples: int = 500) -> az.InferenceData:
 def chain_energy_inference_data(fit) -> az.InferenceData:
     """The energies of a persistent-CD run's recorded chains as ``posterior.chain_energy``
     shaped ``(chain, draw)``, so ``az.rhat``/``az.ess`` say whether the negative phase mixes."""
+    import arviz as az  # seconds to import: only where an InferenceData is made
+
     if not fit.samples or "chain_energy" not in fit.samples:
         raise ValueError("this pcd Fit recorded no chain energies (the run took fewer steps than record_every)")
     energy = to_numpy(fit.samples["chain_energy"])
@@ -332,6 +344,8 @@ def latent_draws(fit, names, num_samples: int = 200) -> dict:
 def per_point_summary(draws: dict) -> str:
     """One row per per-datapoint latent: how many points, and the spread over points of each
     point's posterior mean, standard deviation and (with several chains) R-hat."""
+    import arviz as az  # seconds to import: only where an InferenceData is made
+
     rows = []
     for name, v in draws.items():
         v = v.detach().double()
