@@ -506,7 +506,7 @@ def parser() -> argparse.ArgumentParser:
         "--opt",
         action="append",
         metavar="KEY=VALUE",
-        help="estimator option, repeatable, e.g. k=1000 (IWAE) or num_chains=16 (AIS)",
+        help="estimator option, repeatable, e.g. k=1000 (IWAE) or num_runs=100 (AIS)",
     )
     e.set_defaults(func=cmd_evaluate)
 

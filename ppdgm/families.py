@@ -90,10 +90,6 @@ def family_keys(name: str) -> list[str]:
     return sorted(keys)
 
 
-def engine_keys(engine_name: str) -> list[str]:
-    return sorted(parameters(engine_class(engine_name)))
-
-
 def engines_taking(option: str) -> list[str]:
     return [name for name in ENGINES if option in parameters(engine_class(name))]
 

@@ -150,6 +150,18 @@ def step_timing(seconds: float, steps: int) -> dict:
     return {"seconds": seconds, "steps": steps, "ms_per_step": 1e3 * seconds / max(steps, 1)}
 
 
+def to_device(x: Any, device: Device) -> Any:
+    """Every tensor in ``x`` (nested in tuples, lists and dicts: chain states, saved engine states)
+    moved to ``device``; other leaves as they are."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_device(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    return x
+
+
 def move_module(model: Callable, device: Device) -> None:
     """A zoo model's bound ``model``/``guide`` method takes its module (and parameters) to ``device``."""
     module = getattr(model, "__self__", None)

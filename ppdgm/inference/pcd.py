@@ -44,7 +44,7 @@ import torch
 
 from ppdgm.data import check_data
 from ppdgm.fit import Fit
-from ppdgm.inference.base import resolve_device
+from ppdgm.inference.base import resolve_device, to_device
 from ppdgm.inference.checks import choice, is_number, number_in, positive_int, positive_number
 from ppdgm.inference.schedules import check_schedule, momentum_switch
 from ppdgm.inference.trainer import Loop, TrainingEngine, train
@@ -187,9 +187,9 @@ class PersistentCD(TrainingEngine):
         return train(
             self,
             model,
-            _to(data, device),
+            to_device(data, device),
             device=device,
-            val_data=_to(val_data, device) if val_data is not None else None,
+            val_data=to_device(val_data, device) if val_data is not None else None,
             checkpoint_dir=checkpoint_dir,
             resume=resume,
             callbacks=callbacks,
@@ -291,7 +291,7 @@ class PersistentCD(TrainingEngine):
         state.model.load_state_dict(saved["module"])
         state.optimizer.load_state_dict(saved["optim"])
         device = state.params[0].device
-        state.chains = self._my_blocks(state, _to(saved["chains"], device))
+        state.chains = self._my_blocks(state, to_device(saved["chains"], device))
         state.recorded = list(saved["recorded"].unbind(1)) if saved["recorded"] is not None else []
 
     def fit_fields(self, state: PCDState) -> dict:
@@ -458,16 +458,6 @@ def _gather_rows(x):
 
 def _parts(data):
     return tuple(data) if isinstance(data, tuple) else (data,)
-
-
-def _to(x, device):
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to(v, device) for v in x)
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    return x
 
 
 def _detach(x):

@@ -22,7 +22,7 @@ import pyro
 import torch
 
 from ppdgm.fit import Device, Fit
-from ppdgm.inference.base import Checkpointer, Engine, move_module, resolve_device, set_seed
+from ppdgm.inference.base import Checkpointer, Engine, move_module, resolve_device, set_seed, to_device
 from ppdgm.inference.callbacks import Callback, as_callbacks
 from ppdgm.logdensity import check_continuous_latents, latent_sites, prototype_trace
 from ppdgm.progress import progress_bar
@@ -187,7 +187,7 @@ class SamplingDriver:
             draws.restore(chains, current["draws"], device)
             start, history, grad_evals = current["iteration"], current["history"], current["grad_evals"]
             timing["grad_evals"] += grad_evals
-            group.start(_to(current["state"], device))
+            group.start(to_device(current["state"], device))
         else:
             group.start(None)
         timing["init_seconds"] += time.perf_counter() - t
@@ -227,17 +227,6 @@ class SamplingDriver:
                 bar.set_postfix({k: f"{v:.3g}" for k, v in out.history.items() if isinstance(v, float)}, refresh=False)
         timing["sample_seconds"] += time.perf_counter() - t
         return history, grad_evals
-
-
-def _to(state, device):
-    """Tensors of a saved state (nested in dicts and lists) back on ``device``."""
-    if torch.is_tensor(state):
-        return state.to(device)
-    if isinstance(state, dict):
-        return {k: _to(v, device) for k, v in state.items()}
-    if isinstance(state, list):
-        return [_to(v, device) for v in state]
-    return state
 
 
 # ---------------------------------------------------------------------------------------------
