@@ -8,6 +8,7 @@ another.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -15,12 +16,21 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
+from pyro.ops.integrator import _EXCEPTION_HANDLERS
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
 
-def prototype_trace(model, args=(), kwargs=None):
-    """One validated run of ``model`` (parameters and latents drawn from the prior)."""
+def prototype_trace(model, args=(), kwargs=None, tries: int = 100):
+    """One validated run of ``model`` (parameters and latents drawn from the prior); a draw where
+    the model raises a numerical error (:func:`is_numerical_error`) is drawn again."""
+    for _ in range(tries - 1):
+        try:
+            with poutine.block(), torch.no_grad():
+                return poutine.trace(model).get_trace(*args, **(kwargs or {}))
+        except Exception as e:
+            if not is_numerical_error(e):
+                raise
     with poutine.block(), torch.no_grad():
         return poutine.trace(model).get_trace(*args, **(kwargs or {}))
 
@@ -86,20 +96,52 @@ class _Site:
     numel: int
 
 
-class BatchedLogDensity:
-    """log p(latents, data) of a Pyro model for a batch of latent values, in one model call.
+def batch_dims_declared(trace) -> bool:
+    """Whether every batch dimension of every sample site's log density belongs to a vectorized
+    plate (then the chains can run as one more plate on the left of them)."""
+    for site in trace.nodes.values():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        lp = site["fn"].log_prob(site["value"])
+        plates = {f.dim for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None}
+        shape = lp.shape if torch.is_tensor(lp) else ()
+        if any(size != 1 and d - len(shape) not in plates for d, size in enumerate(shape)):
+            return False
+    return True
 
-    Values live in unconstrained space as rows of a ``(batch, dim)`` matrix; the model runs
-    under an outer plate at dim ``-(max_plate_nesting + 1)`` with each site's constrained value
-    padded to that depth, and the log-Jacobians of the transforms are added.
+
+def is_numerical_error(error: Exception) -> bool:
+    """An error Pyro's HMC turns into an infinite potential (``pyro.ops.integrator``'s registry:
+    e.g. the Cholesky factor of a covariance that is not positive-definite)."""
+    return any(handles(error) for handles in _EXCEPTION_HANDLERS.values())
+
+
+class BatchedLogDensity:
+    """log p(latents, data) of a Pyro model for a batch of latent values.
+
+    Values live in unconstrained space as rows of a ``(batch, dim)`` matrix, and the log-Jacobians
+    of the transforms are added. The batch is evaluated one of three ways, chosen at the first
+    call by checking two rows against a plain run of the model:
+
+    - ``"plate"``: one model call under an outer plate at dim ``-(max_plate_nesting + 1)``, each
+      site's constrained value padded to that depth (the fastest; needs every batch dimension
+      declared by a plate and a model that broadcasts over a dimension on its left);
+    - ``"vmap"``: ``torch.func.vmap`` over one chain's log density, whatever the model's shapes
+      (needs no Python control flow on the values);
+    - ``"loop"``: one model call per row.
+
+    A numerical error of one row (:func:`is_numerical_error`) gives that row an infinite potential
+    and leaves the others' values alone.
     """
 
     plate_name = "_chains"
+    paths = ("plate", "vmap", "loop")
 
     def __init__(self, model, args=(), kwargs=None, trace=None):
         self.model, self.args, self.kwargs = model, args, kwargs or {}
         trace = trace if trace is not None else prototype_trace(model, args, kwargs)
         self.nesting = max_plate_nesting(trace)
+        self.declared = batch_dims_declared(trace)
         self.sites, offset = [], 0
         for name, site in latent_sites(trace).items():
             value, fn = site["value"], site["fn"]
@@ -112,6 +154,8 @@ class BatchedLogDensity:
         self.dtype = (
             next(iter(latent_sites(trace).values()))["value"].dtype if self.sites else torch.get_default_dtype()
         )
+        self._prototype = {s.name: trace.nodes[s.name]["value"].detach() for s in self.sites}
+        self.path: str | None = None
 
     # -- unconstrained <-> constrained --------------------------------------------------------
     def split(self, u: torch.Tensor) -> dict:
@@ -128,6 +172,19 @@ class BatchedLogDensity:
     def pad(self, site: _Site, value: torch.Tensor) -> torch.Tensor:
         batch_ndim = len(site.shape) - site.event_dim
         return value.reshape(value.shape[0], *([1] * (self.nesting - batch_ndim)), *site.shape)
+
+    def prior_draws(self, n: int) -> torch.Tensor:
+        """``(n, dim)`` unconstrained latent values drawn from the prior (one plated model call
+        when the plate path is valid, else ``n`` calls)."""
+        if self.declared:
+            try:  # block outside the plate: the plate must see the sites to batch them
+                with poutine.block(), pyro.plate("_init", n, dim=-(self.nesting + 1)):
+                    tr = poutine.trace(self.model).get_trace(*self.args, **self.kwargs)
+                return self.unconstrain({s.name: tr.nodes[s.name]["value"].reshape(n, *s.shape) for s in self.sites})
+            except (RuntimeError, ValueError):
+                pass
+        draws = [prototype_trace(self.model, self.args, self.kwargs) for _ in range(n)]
+        return self.unconstrain({s.name: torch.stack([tr.nodes[s.name]["value"] for tr in draws]) for s in self.sites})
 
     # -- densities ----------------------------------------------------------------------------
     def trace(self, values: dict):
@@ -157,8 +214,7 @@ class BatchedLogDensity:
             out[name] = lp.reshape(lp.shape[0], -1).sum(1).expand(batch)
         return out
 
-    def log_density(self, u: torch.Tensor, per_site: bool = False):
-        """``(batch,)`` log joint density at unconstrained ``u`` (plus ``{site: (batch,)}`` terms)."""
+    def _plate_log_density(self, u: torch.Tensor):
         batch = u.shape[0]
         values, ladj = {}, u.new_zeros(batch)
         for s, v in zip(self.sites, self.split(u).values()):
@@ -168,19 +224,100 @@ class BatchedLogDensity:
             if torch.is_tensor(j) and j.dim() > 0:
                 ladj = ladj + j.reshape(batch, -1).sum(1)
         terms = self.site_log_probs(self.trace(values), batch)
-        total = ladj + sum(terms.values())
+        return ladj + sum(terms.values()), terms
+
+    def single_log_density(self, u: torch.Tensor):
+        """The log density at one unconstrained point ``u`` ``(dim,)`` from a plain run of the
+        model (no batch dimension anywhere), and its ``{site: scalar}`` terms."""
+        values, ladj = {}, u.new_zeros(())
+        for s in self.sites:
+            v = u[s.offset : s.offset + s.numel].reshape(s.ushape)
+            x = s.transform(v)
+            values[s.name] = x
+            j = s.transform.log_abs_det_jacobian(v, x)
+            ladj = ladj + (j.sum() if torch.is_tensor(j) else j)
+        with poutine.block(), pyro.validation_enabled(False):
+            tr = poutine.trace(poutine.condition(self.model, data=values)).get_trace(*self.args, **self.kwargs)
+        terms = {}
+        for name, site in tr.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            lp = scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"])
+            terms[name] = lp.sum() if torch.is_tensor(lp) else u.new_tensor(float(lp))
+        return ladj + sum(terms.values()), terms
+
+    def _evaluate(self, path: str, u: torch.Tensor):
+        if path == "plate":
+            return self._plate_log_density(u)
+        if path == "vmap":
+            return torch.func.vmap(self.single_log_density)(u)
+        rows = [self.single_log_density(row) for row in u]
+        names = dict.fromkeys(k for r in rows for k in r[1])  # a branch may skip a site
+        terms = {k: torch.stack([r[1].get(k, u.new_zeros(())) for r in rows]) for k in names}
+        return torch.stack([r[0] for r in rows]), terms
+
+    def choose_path(self) -> str:
+        """The fastest path whose values equal a plain run's at two points near the prior draw."""
+        if self.path is not None:
+            return self.path
+        proto = self.unconstrain({k: v.unsqueeze(0) for k, v in self._prototype.items()})
+        probe = torch.cat([proto, proto + 0.01 * torch.arange(1, self.dim + 1, dtype=proto.dtype) / self.dim])
+        with torch.no_grad():
+            expect = []
+            for row in probe:
+                try:
+                    expect.append(self.single_log_density(row)[0])
+                except Exception as e:
+                    if not is_numerical_error(e):
+                        raise
+                    expect.append(None)
+            for path in self.paths[:-1] if self.declared else self.paths[1:-1]:
+                try:
+                    got = self._evaluate(path, probe)[0]
+                except Exception:  # any failure of a fast path: try the next one
+                    continue
+                if got.shape == (2,) and all(
+                    e is None or torch.allclose(g, e, rtol=1e-4, atol=1e-4, equal_nan=True) for g, e in zip(got, expect)
+                ):
+                    self.path = path
+                    return path
+        self.path = "loop"
+        return self.path
+
+    def log_density(self, u: torch.Tensor, per_site: bool = False):
+        """``(batch,)`` log joint density at unconstrained ``u`` (plus ``{site: (batch,)}`` terms)."""
+        total, terms = self._evaluate(self.choose_path(), u)
         return (total, terms) if per_site else total
 
     def compile(self, u: torch.Tensor) -> None:
         """Trace ``log_density`` with the PyTorch JIT for batches shaped like ``u`` (the model's
-        Python then runs once; later calls replay the recorded tensor program)."""
+        Python then runs once; later calls replay the recorded tensor program). A model the JIT
+        cannot trace stays eager."""
+        self.choose_path()
         with warnings.catch_warnings(), pyro.validation_enabled(False):
             warnings.simplefilter("ignore")
-            self._jit = torch.jit.trace(self.log_density, (u.detach(),), check_trace=False)
+            try:
+                self._jit = torch.jit.trace(self.log_density, (u.detach(),), check_trace=False)
+            except Exception:  # the eager function is always there
+                return
         self._jit_shape = u.shape
 
     def potential_and_grad(self, u: torch.Tensor):
-        """Potential ``-log density`` ``(batch,)`` and its gradient ``(batch, dim)``."""
+        """Potential ``-log density`` ``(batch,)`` and its gradient ``(batch, dim)``; a row whose
+        evaluation raises a numerical error gets potential ``+inf`` and gradient 0, found by
+        halving the batch (a few failing rows cost a few evaluations per halving level)."""
+        try:
+            return self._potential_and_grad(u)
+        except Exception as e:
+            if not is_numerical_error(e):
+                raise
+        if u.shape[0] == 1:
+            return u.new_full((1,), math.inf), torch.zeros_like(u)
+        half = u.shape[0] // 2
+        (p1, g1), (p2, g2) = self.potential_and_grad(u[:half]), self.potential_and_grad(u[half:])
+        return torch.cat([p1, p2]), torch.cat([g1, g2])
+
+    def _potential_and_grad(self, u: torch.Tensor):
         fn = self._jit if getattr(self, "_jit_shape", None) == u.shape else self.log_density
         with torch.enable_grad():
             u = u.detach().requires_grad_(True)

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import pyro
 import torch
-from pyro import poutine
 
 from ppdgm.fit import Fit
 from ppdgm.inference.adaptation import DualAveraging, TrajectoryAdam, Welford, halton, warmup_windows
@@ -223,7 +222,7 @@ class ChEESChains:
         accept_prob = log_accept.exp()
         diverging = ~finite | (delta < -1000.0)
         accepted = torch.rand_like(accept_prob).log() < log_accept
-        accept_h = _harmonic_accept(h0, h1)
+        accept_h = _harmonic_accept(h0, h1, skip_nonfinite=True)
         if warmup:
             g = chees_gradient(s.position, q1, p1, s.inverse_mass, accept_prob, finite, length)
             s.log_length.step(g, math.log(s.step_size), math.log(s.step_size * cfg.max_leapfrog_steps))
@@ -274,12 +273,7 @@ class ChEESChains:
             if cfg.init == "uniform":
                 return torch.rand(n, D, device=device, dtype=density.dtype) * 4 - 2
             if cfg.init == "prior":
-                # block outside the plate: the plate must see the sites to batch them
-                with poutine.block(), pyro.plate("_init", n, dim=-(density.nesting + 1)):
-                    tr = poutine.trace(density.model).get_trace(*density.args, **density.kwargs)
-                return density.unconstrain(
-                    {s.name: tr.nodes[s.name]["value"].reshape(n, *s.shape) for s in density.sites}
-                )
+                return density.prior_draws(n)
             values = {
                 s.name: torch.as_tensor(init_values[s.name], device=device, dtype=density.dtype).expand(n, *s.shape)
                 if s.name in init_values
@@ -320,10 +314,17 @@ class ChEESChains:
         h0 = potential + 0.5 * (p * p * inv_mass).sum(1)
         q1, g1, pot1 = q, grad, potential
         p = p - 0.5 * step_size * g1
+        lost = torch.zeros_like(potential, dtype=torch.bool)
         for i in range(num_steps):
             q1 = q1 + step_size * inv_mass * p
             pot1, g1 = self.density.potential_and_grad(q1)
             p = p - (step_size if i < num_steps - 1 else 0.5 * step_size) * g1
+            if num_steps > 1:
+                # a chain whose density stopped being finite is rejected at the end; parked at its
+                # start it stops costing a chain-by-chain evaluation at every later step
+                lost = lost | ~(torch.isfinite(pot1) & torch.isfinite(g1).all(1))
+                q1, p = torch.where(lost[:, None], q, q1), torch.where(lost[:, None], 0.0, p)
+        pot1 = torch.where(lost, math.inf, pot1)
         h1 = pot1 + 0.5 * (p * p * inv_mass).sum(1)
         return q1, p, pot1, g1, h0, h1
 
@@ -357,8 +358,16 @@ def chees_gradient(q0, q1, p1, inv_mass, accept_prob, finite, length) -> float:
     return float((accept_prob * g).sum() / (accept_prob.sum() + 1e-20))
 
 
-def _harmonic_accept(h0, h1) -> float:
-    """Harmonic mean over chains of min(1, exp(h0 - h1)) (0 when any chain's energy is not finite)."""
+def _harmonic_accept(h0, h1, skip_nonfinite: bool = False) -> float:
+    """Harmonic mean over chains of min(1, exp(h0 - h1)): 0 when any chain's energy is not finite,
+    or with ``skip_nonfinite`` over the chains whose energy is (as BlackJAX's ChEES leaves out
+    divergent chains: else one chain at a wall, e.g. a region where the model raises, drives the
+    step size of all chains to nothing)."""
     delta = h0 - h1
-    log_a = torch.where(torch.isfinite(delta), delta.clamp(max=0.0), torch.full_like(delta, -math.inf))
-    return float(torch.exp(-torch.logsumexp(-log_a, 0) + math.log(len(log_a))))
+    finite = torch.isfinite(delta)
+    log_a = torch.where(finite, delta.clamp(max=0.0), torch.full_like(delta, -math.inf))
+    if not skip_nonfinite:
+        return float(torch.exp(-torch.logsumexp(-log_a, 0) + math.log(len(log_a))))
+    log_a = torch.where(finite, log_a, torch.full_like(delta, math.inf))  # 1 / a = 0: left out
+    mean = torch.exp(-torch.logsumexp(-log_a, 0) + finite.sum().log())
+    return float(torch.where(finite.any(), mean, 0.0))

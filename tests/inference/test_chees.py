@@ -158,16 +158,131 @@ def test_nonfinite_initial_density_names_the_site():
         ChEES(num_chains=4, max_init_tries=3).run(model)
 
 
-def test_model_that_does_not_broadcast_is_refused():
-    x = torch.randn(10, 3)
+# -- models whose batch dims no plate declares (as in Pyro's own NUTS tests) ----------------------
+K_OBS, CHAIN_LEN = 3, 2
+Y_CHAIN = torch.linspace(-1.5, 1.5, 4).expand(K_OBS, 4) + 0.3 * torch.arange(K_OBS)[:, None]
 
-    def model(x):
-        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("y", dist.Normal(x @ w, 1.0), obs=torch.zeros(10))
 
-    with pytest.raises((ValueError, RuntimeError)):
-        ChEES(num_chains=4, num_warmup=2, num_samples=2).run(model, x)
+def chained_normals(y, to_event):
+    """loc ~ N(0, 1) in 4 dims, loc_k ~ N(loc_{k-1}, 1) chained, y_i ~ N(loc_last, 1): no plate."""
+    loc = pyro.sample("loc", dist.Normal(torch.zeros(4), 1.0))
+    for k in range(CHAIN_LEN):
+        loc = pyro.sample(f"loc_{k}", dist.Normal(loc, 1.0))
+    obs = dist.Normal(loc, 1.0)
+    pyro.sample("y", obs.expand(y.shape).to_event(2) if to_event else obs, obs=y)
+
+
+def chained_posterior():
+    """Each coordinate of (loc, loc_0 .. loc_last) is Gaussian: precision of a random walk
+    (variance 1 per step) plus K_OBS unit-variance observations of the last one."""
+    n = CHAIN_LEN + 1
+    prec = torch.zeros(n, n, dtype=torch.float64)
+    prec[0, 0] = 1.0
+    for k in range(1, n):
+        prec[k - 1 : k + 1, k - 1 : k + 1] += torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64)
+    prec[-1, -1] += K_OBS
+    cov = torch.linalg.inv(prec)
+    mean = cov[:, -1:] * Y_CHAIN.double().sum(0)  # (n, 4)
+    return mean, cov.diag().sqrt()
+
+
+@pytest.mark.parametrize("to_event", [True, False], ids=["to_event", "plain-batch"])
+def test_undeclared_batch_dims_sample_the_known_posterior(to_event):
+    mean, sd = chained_posterior()
+    for seed in (0, 1):
+        fit = ChEES(num_chains=16, num_warmup=100, num_samples=150, seed=seed, progress=False).run(
+            chained_normals, Y_CHAIN, to_event
+        )
+        for k, name in enumerate(["loc"] + [f"loc_{i}" for i in range(CHAIN_LEN)]):
+            zm, zs = max_z_scores(fit.samples[name].double().numpy(), mean[k], sd[k].expand(4))
+            assert zm < 4 and zs < 4, (seed, name, zm, zs)
+
+
+def test_batched_log_density_of_undeclared_dims_equals_pyro_potential():
+    density = BatchedLogDensity(chained_normals, (Y_CHAIN, False))
+    _, potential_fn, _, _ = initialize_model(chained_normals, (Y_CHAIN, False))
+    u = torch.randn(4, density.dim, generator=torch.Generator().manual_seed(0))
+    ours = -density.log_density(u)
+    assert density.path == "vmap"
+    for c in range(4):
+        z = {s.name: u[c, s.offset : s.offset + s.numel].reshape(s.ushape) for s in density.sites}
+        assert torch.allclose(ours[c], potential_fn(z), rtol=1e-5, atol=1e-4)
+    assert BatchedLogDensity(eight_schools, (SIGMA, Y)).choose_path() == "plate"
+
+
+XR = torch.linspace(-1, 1, 30)[:, None] ** torch.arange(3) * torch.tensor([0.5, 1.0, 1.5])  # (30, 3) design
+YR = XR @ torch.tensor([0.5, -1.0, 2.0]) + 0.5 * torch.sin(torch.arange(30.0))
+
+
+def matmul_regression(x, y):
+    """w ~ N(0, I), y ~ N(x @ w, 0.5^2) in a plate: ``x @ w`` does not broadcast over a chain dim."""
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("y", dist.Normal(x @ w, 0.5), obs=y)
+
+
+def test_model_that_does_not_broadcast_samples_its_known_posterior():
+    X64, Y64 = XR.double(), YR.double()
+    cov = torch.linalg.inv(torch.eye(3, dtype=torch.float64) + X64.T @ X64 / 0.25)
+    mean = cov @ X64.T @ Y64 / 0.25
+    fit = ChEES(num_chains=16, num_warmup=100, num_samples=150, seed=0, progress=False).run(matmul_regression, XR, YR)
+    zm, zs = max_z_scores(fit.samples["w"].double().numpy(), mean, cov.diag().sqrt())
+    assert zm < 4 and zs < 4, (zm, zs)
+
+
+def test_a_model_with_python_control_flow_runs_chain_by_chain():
+    def model():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        if z > 0:  # a branch on the value: neither the plate nor vmap can batch it
+            pyro.factor("half", torch.tensor(0.0))
+        else:
+            pyro.factor("other_half", torch.tensor(0.0))
+
+    density = BatchedLogDensity(model)
+    u = torch.tensor([[-0.5], [0.7]])
+    assert torch.allclose(density.log_density(u), dist.Normal(0.0, 1.0).log_prob(u[:, 0]))
+    assert density.path == "loop"
+
+
+# -- one chain's numerical error is its own ------------------------------------------------------
+TRUNC = 2.0
+
+
+def cholesky_guarded():
+    """z ~ N(0, 1) with a correlation matrix [[1, z / 2], [z / 2, 1]] whose Cholesky factor raises
+    for |z| > 2, as a covariance built from a latent does: the target is N(0, 1) truncated to
+    (-2, 2)."""
+    z = pyro.sample("z", dist.Normal(0.0, 1.0))
+    w = pyro.sample("w", dist.Normal(0.0, 1.0))
+    r = z / TRUNC
+    corr = torch.stack([torch.stack([torch.ones_like(r), r], -1), torch.stack([r, torch.ones_like(r)], -1)], -2)
+    pyro.factor("guard", 0.0 * torch.linalg.cholesky(corr)[..., 1, 1])
+    return w
+
+
+def test_a_failing_chain_gets_an_infinite_potential_and_the_others_keep_theirs():
+    density = BatchedLogDensity(cholesky_guarded)
+    u = torch.tensor([[0.5, 0.1], [2.5, 0.3], [-1.0, -0.2]])  # the second chain's Cholesky raises
+    potential, grad = density.potential_and_grad(u)
+    normal = dist.Normal(0.0, 1.0)
+    assert potential[1] == math.inf and torch.equal(grad[1], torch.zeros(2))
+    keep = torch.tensor([0, 2])
+    assert torch.allclose(potential[keep], -normal.log_prob(u[keep]).sum(1))
+    assert torch.allclose(grad[keep], u[keep])
+
+
+def test_chains_that_raise_are_rejected_and_the_run_samples_the_truncated_target():
+    a = TRUNC
+    phi, mass = math.exp(-a * a / 2) / math.sqrt(2 * math.pi), math.erf(a / math.sqrt(2))
+    sd = math.sqrt(1 - 2 * a * phi / mass)
+    fit = ChEES(num_chains=16, num_warmup=100, num_samples=200, seed=0, progress=False).run(cholesky_guarded)
+    assert fit.extra["divergences"] > 0  # chains did reach the region where the model raises
+    z = fit.samples["z"].double().numpy()
+    assert np.isfinite(z).all() and np.abs(z).max() < a
+    zm, zs = max_z_scores(z[..., None], [0.0], [sd])
+    assert zm < 4 and zs < 4, (zm, zs)
+    zm, zs = max_z_scores(fit.samples["w"].double().numpy()[..., None], [0.0], [1.0])
+    assert zm < 4 and zs < 4, (zm, zs)
 
 
 @cuda
