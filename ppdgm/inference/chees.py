@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 
 import pyro
@@ -50,6 +51,9 @@ class ChEESState:
     window_start: int
     log_length_sum: float = 0.0  # averaged over the last 10% of warm-up: the sampling length
     log_length_n: int = 0
+    log_length_mark: float | None = None  # at 80% of warm-up, to see whether the length settled
+    log_length_sq: float = 0.0  # sum of its squared moves since then
+    warmup_converged: bool | None = None  # None until warm-up ends (and with no warm-up)
 
     @classmethod
     def from_dict(cls, d: dict) -> ChEESState:
@@ -161,6 +165,7 @@ class ChEES(Sampler):
             "trajectory_length": math.exp(state["log_length"]["value"]),
             "inverse_mass": state["inverse_mass"].tolist(),
             "divergences": int(run.draws.stats["diverging"].sum()),
+            "warmup_converged": state["warmup_converged"],
         }
         return self._fit(run, run.history[0], extra, model, args, kwargs, callbacks)
 
@@ -200,11 +205,30 @@ class ChEESChains:
         return dataclasses.asdict(self.state)
 
     def end_warmup(self) -> None:
-        s = self.state
-        if self.config.num_warmup:
+        s, W = self.state, self.config.num_warmup
+        if W:
             s.step_size = s.averager.final
+        if s.log_length_mark is not None:
+            s.warmup_converged = self._check_settled(s.log_length_mark, s.log_length.value, s.log_length_sq)
         if s.log_length_n:
             s.log_length.value = s.log_length_sum / s.log_length_n
+
+    def _check_settled(self, mark: float, last: float, moved_sq: float) -> bool:
+        """Whether the log trajectory length stopped moving over the last 20% of warm-up: a net
+        change of more than 10% that is also more than 3 deviations of a random walk with the
+        same steps (``3 sqrt(sum of squared steps)``) means the adaptation was still climbing (or
+        falling); warns once."""
+        W, net = self.config.num_warmup, last - mark
+        if abs(net) <= max(math.log(1.1), 3 * math.sqrt(moved_sq)):
+            return True
+        warnings.warn(
+            f"ChEES warm-up of {W} iterations ended with the trajectory length still "
+            f"{'rising' if net > 0 else 'falling'} ({math.exp(mark):.3g} -> {math.exp(last):.3g} over its "
+            f"last {W - settle_mark(W)} iterations); use more warm-up (num_warmup)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
 
     def draw(self) -> dict:
         return self.density.constrain(self.state.position)
@@ -225,13 +249,18 @@ class ChEESChains:
         accept_h = _harmonic_accept(h0, h1, skip_nonfinite=True)
         if warmup:
             g = chees_gradient(s.position, q1, p1, s.inverse_mass, accept_prob, finite, length)
+            before = s.log_length.value
             s.log_length.step(g, math.log(s.step_size), math.log(s.step_size * cfg.max_leapfrog_steps))
+            if s.log_length_mark is not None:
+                s.log_length_sq += (s.log_length.value - before) ** 2
             s.step_size = s.averager.update(accept_h)
         s.position = torch.where(accepted[:, None], q1, s.position)
         s.potential = torch.where(accepted, pot1, s.potential)
         s.grad = torch.where(accepted[:, None], g1, s.grad)
         if warmup:
             self._adapt_mass(iteration)
+            if iteration + 1 == settle_mark(cfg.num_warmup):
+                s.log_length_mark = s.log_length.value
         stats = {
             "diverging": diverging,
             "acceptance_rate": accept_prob,
@@ -341,6 +370,11 @@ class ChEESChains:
                 break
             step_size = step_size * 2 if up else step_size / 2
         return step_size
+
+
+def settle_mark(num_warmup: int) -> int:
+    """The warm-up iteration from which the trajectory length should no longer move (80%)."""
+    return int(0.8 * num_warmup)
 
 
 def chees_gradient(q0, q1, p1, inv_mass, accept_prob, finite, length) -> float:

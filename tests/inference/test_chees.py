@@ -285,6 +285,25 @@ def test_chains_that_raise_are_rejected_and_the_run_samples_the_truncated_target
     assert zm < 4 and zs < 4, (zm, zs)
 
 
+# -- the warm-up says when it was too short ------------------------------------------------------
+def ill_conditioned():
+    """A 20-d Gaussian with scales from 0.05 to 20: the trajectory length must climb 400-fold."""
+    pyro.sample("z", dist.Normal(0.0, torch.logspace(-1.3, 1.3, 20)).to_event(1))
+
+
+def test_short_warmup_warns_and_says_so_in_the_fit():
+    eng = ChEES(num_chains=16, num_warmup=100, num_samples=5, adapt_mass=False, seed=0, progress=False)
+    with pytest.warns(RuntimeWarning, match=r"ChEES warm-up of 100 iterations ended with the trajectory length still"):
+        fit = eng.run(ill_conditioned)
+    assert fit.extra["warmup_converged"] is False
+
+
+def test_long_enough_warmup_does_not_warn(recwarn):
+    fit = ChEES(num_chains=16, num_warmup=300, num_samples=5, seed=0, progress=False).run(normal_normal, X)
+    assert fit.extra["warmup_converged"] is True
+    assert not [w for w in recwarn if "ChEES warm-up" in str(w.message)]
+
+
 @cuda
 def test_chees_cuda_smoke():
     x = X.cuda()
