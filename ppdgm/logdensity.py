@@ -292,15 +292,20 @@ class BatchedLogDensity:
     def compile(self, u: torch.Tensor) -> None:
         """Trace ``log_density`` with the PyTorch JIT for batches shaped like ``u`` (the model's
         Python then runs once; later calls replay the recorded tensor program). A model the JIT
-        cannot trace stays eager."""
+        cannot trace, or whose replay differs from the eager value at another point (a branch on
+        the values), stays eager."""
         self.choose_path()
-        with warnings.catch_warnings(), pyro.validation_enabled(False):
+        u = u.detach()
+        other = 0.5 * u + 0.1
+        with warnings.catch_warnings(), pyro.validation_enabled(False), torch.no_grad():
             warnings.simplefilter("ignore")
             try:
-                self._jit = torch.jit.trace(self.log_density, (u.detach(),), check_trace=False)
+                jit = torch.jit.trace(self.log_density, (u,), check_trace=False)
+                same = torch.allclose(jit(other), self.log_density(other), rtol=1e-4, atol=1e-4, equal_nan=True)
             except Exception:  # the eager function is always there
                 return
-        self._jit_shape = u.shape
+        if same:
+            self._jit, self._jit_shape = jit, u.shape
 
     def potential_and_grad(self, u: torch.Tensor):
         """Potential ``-log density`` ``(batch,)`` and its gradient ``(batch, dim)``; a row whose

@@ -79,6 +79,22 @@ def test_jit_and_eager_agree():
     assert eager[0].shape == (16,)
 
 
+def test_jit_that_would_replay_the_wrong_branch_is_dropped():
+    def model():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        scale = 1.0 if z.sum() > 0 else 2.0  # one branch for the whole batch: JIT records it
+        pyro.sample("x", dist.Normal(z, scale).to_event(1), obs=torch.zeros(2))
+
+    density = BatchedLogDensity(model)
+    density.compile(torch.full((3, 2), -0.1))  # recorded: scale 2; at the check point 0.5 u + 0.1 > 0
+    assert getattr(density, "_jit_shape", None) is None
+    density.compile(torch.full((3, 2), 1.0))  # the check point takes the recorded branch: kept
+    assert density._jit_shape == (3, 2)
+    v = torch.full((3, 2), 0.3)
+    ref = BatchedLogDensity(model).potential_and_grad(v)
+    assert torch.allclose(density.potential_and_grad(v)[0], ref[0])
+
+
 def test_eight_schools_plain_pyro_model_reproducible_and_saved(tmp_path):
     eng = ChEES(num_chains=16, num_warmup=60, num_samples=20, max_leapfrog_steps=16, seed=3)
     a, b = eng.run(eight_schools, SIGMA, Y), eng.run(eight_schools, SIGMA, Y)
