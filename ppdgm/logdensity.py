@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import pyro
 import torch
@@ -242,7 +243,8 @@ class BatchedLogDensity:
         for name, site in tr.nodes.items():
             if site["type"] != "sample" or site_is_subsample(site):
                 continue
-            lp = scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"])
+            fn: Any = site["fn"]  # a distribution at a sample site
+            lp = scale_and_mask(fn.log_prob(site["value"]), site["scale"], site["mask"])
             terms[name] = lp.sum() if torch.is_tensor(lp) else u.new_tensor(float(lp))
         return ladj + sum(terms.values()), terms
 
