@@ -9,10 +9,14 @@ the trajectory length follows Adam on the ChEES criterion (the change in the cha
 which long enough trajectories maximize), with Halton-sequence jitter, and a diagonal mass
 matrix comes from the chains' variance in doubling windows.
 
-The model must broadcast over a batch dimension on its left, as any model used with
-``Predictive(parallel=True)`` or ``vectorize_particles=True`` must: e.g. ``(x * w).sum(-1)``
-rather than ``x @ w``. Plain Pyro models such as eight schools do so unchanged; the engine
-checks it before sampling and says so when a model does not.
+Any model NUTS runs runs here: :class:`~ppdgm.logdensity.BatchedLogDensity` evaluates the chains
+under one outer plate when every batch dimension is a plate's and the model broadcasts (e.g.
+``(x * w).sum(-1)``), else with ``torch.func.vmap`` over one chain's log density (``x @ w``, vector
+sites without a plate), else chain by chain, checking the choice against a plain run of the model.
+A chain whose evaluation raises a numerical error (a Cholesky factor of a matrix that is not
+positive-definite ...) gets an infinite potential, as in Pyro's NUTS: its proposal is rejected and
+the other chains go on. A warm-up that ends with the trajectory length still moving warns and
+sets ``fit.extra["warmup_converged"]`` to False.
 """
 
 from __future__ import annotations
