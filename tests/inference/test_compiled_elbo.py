@@ -53,12 +53,12 @@ def grads(params) -> dict:
     return out
 
 
-def traced(model, guide, scale, args):
+def traced(model, guide, scale, args, num_particles=1):
     """Pyro's own Trace_ELBO step, as the engine ran it before the compiled ELBO."""
     if scale is not None:
         model, guide = ScaleDataPlate("data", scale)(model), ScaleDataPlate("data", scale)(guide)
     with poutine.trace(param_only=True) as cap:
-        loss = Trace_ELBO().loss_and_grads(model, guide, *args)
+        loss = Trace_ELBO(num_particles=num_particles).loss_and_grads(model, guide, *args)
     return loss, grads([s["value"].unconstrained() for s in cap.trace.nodes.values()])
 
 
@@ -73,12 +73,20 @@ def programs():
     }
 
 
-@pytest.mark.parametrize("name", ["vae", "plates+subsample+scale"])
-@pytest.mark.parametrize("kind", [CompiledELBO, JitELBO])
-def test_compiled_loss_and_gradients_equal_trace_elbo(name, kind):
+@pytest.mark.parametrize(
+    "name,kind,num_particles",
+    [
+        ("vae", CompiledELBO, 1),
+        ("plates+subsample+scale", CompiledELBO, 1),
+        ("plates+subsample+scale", CompiledELBO, 3),
+        ("vae", JitELBO, 1),
+        ("plates+subsample+scale", JitELBO, 1),
+    ],
+)
+def test_compiled_loss_and_gradients_equal_trace_elbo(name, kind, num_particles):
     pyro.clear_param_store()
     model, guide, scale, args = programs()[name]
-    compiled = kind(Trace_ELBO(), "data")
+    compiled = kind(Trace_ELBO(num_particles=num_particles), "data")
     for _ in range(2):  # the first step records the program (CompiledELBO: traces it)
         grads(compiled.loss_and_params(model, guide, scale, args, {})[1])
     if kind is CompiledELBO:
@@ -88,7 +96,7 @@ def test_compiled_loss_and_gradients_equal_trace_elbo(name, kind):
         loss, params = compiled.loss_and_params(model, guide, scale, args, {})
         fast = grads(params)
         pyro.set_rng_seed(seed)
-        ref_loss, ref = traced(model, guide, scale, args)
+        ref_loss, ref = traced(model, guide, scale, args, num_particles)
         assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-4)
         assert fast.keys() == ref.keys() and len(ref) > 0
         for k in ref:
