@@ -147,49 +147,42 @@ def test_nll(model, guide, x, seed):
 def vae_table(steps, repeats, seed):
     train, test = load_digits("train", binarize=True), load_digits("test", binarize=True)
     x, lr, batch = train.x, 1e-3, 100
-    rows = {}
+
+    def engine(compile):
+        def fit(vae):
+            engine = SVI(num_steps=steps, batch_size=batch, lr=lr, seed=seed, progress=False, compile=compile)
+            engine.run(vae.model, vae.guide, x)
+
+        return fit
+
+    tutorial = "Pyro tutorial VAE, "
+    runs = {  # name: (network, training)
+        tutorial + "plain PyTorch loop": (
+            TutorialVAE,
+            partial(plain_pytorch_loop, x=x, steps=steps, batch=batch, lr=lr, seed=seed),
+        ),
+        tutorial + "hand-written pyro.infer.SVI loop": (
+            TutorialVAE,
+            partial(hand_written_loop, x=x, steps=steps, batch=batch, lr=lr, seed=seed),
+        ),
+        tutorial + "ppdgm SVI engine": (TutorialVAE, engine("replay")),
+        tutorial + 'ppdgm SVI engine, compile="none" (traced)': (TutorialVAE, engine("none")),
+        tutorial + 'ppdgm SVI engine, compile="jit"': (TutorialVAE, engine("jit")),
+        "ppdgm.models.vae.VAE (64-256-16), ppdgm SVI engine": (
+            partial(VAE, features=64, latent_features=16, hidden_features=[256]),
+            engine("replay"),
+        ),
+    }
+    rows: dict[str, list] = {}
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # torch's first optimizer imports dynamo (seconds)
     for _rep in range(repeats):
-        torch.manual_seed(seed)
-        floor = TutorialVAE()
-        t = timed(partial(plain_pytorch_loop, floor, x, steps, batch, lr, seed))
-        rows.setdefault("Pyro tutorial VAE, plain PyTorch loop", []).append((t, floor.model, floor.guide))
-
-        torch.manual_seed(seed)
-        peer = TutorialVAE()
-        t = timed(partial(hand_written_loop, peer, x, steps, batch, lr, seed))
-        rows.setdefault("Pyro tutorial VAE, hand-written pyro.infer.SVI loop", []).append((t, peer.model, peer.guide))
-
-        torch.manual_seed(seed)
-        same = TutorialVAE()
-        engine = SVI(num_steps=steps, batch_size=batch, lr=lr, seed=seed, progress=False)
-        t = timed(partial(engine.run, same.model, same.guide, x))
-        rows.setdefault("Pyro tutorial VAE, ppdgm SVI engine", []).append((t, same.model, same.guide))
-
-        torch.manual_seed(seed)
-        traced = TutorialVAE()
-        engine = SVI(num_steps=steps, batch_size=batch, lr=lr, seed=seed, progress=False, compile="none")
-        t = timed(partial(engine.run, traced.model, traced.guide, x))
-        rows.setdefault('Pyro tutorial VAE, ppdgm SVI engine, compile="none" (traced)', []).append(
-            (t, traced.model, traced.guide)
-        )
-
-        torch.manual_seed(seed)
-        jitted = TutorialVAE()
-        engine = SVI(num_steps=steps, batch_size=batch, lr=lr, seed=seed, progress=False, compile="jit")
-        t = timed(partial(engine.run, jitted.model, jitted.guide, x))
-        rows.setdefault('Pyro tutorial VAE, ppdgm SVI engine, compile="jit"', []).append(
-            (t, jitted.model, jitted.guide)
-        )
-
-        torch.manual_seed(seed)
-        zoo = VAE(features=64, latent_features=16, hidden_features=[256])
-        engine = SVI(num_steps=steps, batch_size=batch, lr=lr, seed=seed, progress=False)
-        t = timed(partial(engine.run, zoo.model, zoo.guide, x))
-        rows.setdefault("ppdgm.models.vae.VAE (64-256-16), ppdgm SVI engine", []).append((t, zoo.model, zoo.guide))
+        for name, (network, training) in runs.items():
+            torch.manual_seed(seed)
+            vae = network()
+            rows.setdefault(name, []).append((timed(partial(training, vae)), vae.model, vae.guide))
 
     base_ms = None
-    engine_ms = 1e3 * min(t for t, _, _ in rows["Pyro tutorial VAE, ppdgm SVI engine"]) / steps
+    engine_ms = 1e3 * min(t for t, _, _ in rows[tutorial + "ppdgm SVI engine"]) / steps
     lines = [
         f"| {steps} steps, batch {batch}, Adam lr {lr} | CPU ms/step | ratio | test NLL (nats, k=1000) |",
         "|---|---:|---:|---:|",

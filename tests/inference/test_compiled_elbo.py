@@ -161,7 +161,7 @@ def test_structure_change_falls_back_to_tracing_and_still_trains():
         optim(params)
     assert compiled.changes >= 1 and compiled.traced > 1 and compiled.replayed > 0
     assert abs(pyro.param("loc_0").item() - exact_mean) < 0.15
-    assert abs(pyro.param("loc_1").item()) < 0.4  # the prior's mean: no data touches mu_1
+    assert abs(pyro.param("loc_1").item()) < 0.75  # near the prior mean 0 (data sit at 2): no data touch mu_1
     # the engine runs the same model with its compiled ELBO and reaches the same answer
     SVI(num_steps=250, batch_size=40, lr=0.1, progress=False).run(changing_model, changing_guide, data)
     assert abs(pyro.param("loc_0").item() - exact_mean) < 0.15
