@@ -218,7 +218,9 @@ class JitELBO:
     program and of Pyro's handlers runs once. The graph freezes every Python value the program
     reads: a KL weight changed by a callback, a module's ``training`` flag, a control-flow
     decision. It is exact only for programs whose structure and constants depend on nothing but
-    their tensor arguments and params; :class:`CompiledELBO` has no such condition.
+    their tensor arguments and params; :class:`CompiledELBO` has no such condition. A program that
+    ``torch.jit.trace`` refuses (e.g. a ``PyroModule`` whose ``PyroParam`` reaches the graph as
+    a constant) is replayed by :class:`CompiledELBO` instead, with a warning.
     """
 
     def __init__(self, elbo: Trace_ELBO, plate: str):
@@ -226,20 +228,34 @@ class JitELBO:
             raise ValueError(f"elbo: expected a Trace_ELBO without vectorized particles, got {elbo!r}")
         self.elbo, self.plate = elbo, plate
         self.graphs: dict[tuple, tuple] = {}
+        self.fallback: CompiledELBO | None = None
 
     def loss_and_params(self, model, guide, scale, args, kwargs) -> tuple[float, list]:
+        if self.fallback is not None:
+            return self.fallback.loss_and_params(model, guide, scale, args, kwargs)
         for i, a in enumerate(args):
             if not torch.is_tensor(a):
                 raise TypeError(f"compile='jit' needs tensor arguments, got {type(a).__name__} at position {i}")
         key = (scale, tuple((a.shape, a.dtype, a.device) for a in args))
-        if key not in self.graphs:
+        first = key not in self.graphs
+        if first:
             if scale is not None:
                 model, guide = ScaleDataPlate(self.plate, scale)(model), ScaleDataPlate(self.plate, scale)(guide)
             jit = JitTrace_ELBO(num_particles=self.elbo.num_particles, ignore_jit_warnings=True)
             self.graphs[key] = (jit, model, guide)
-        jit, model, guide = self.graphs[key]
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace. is deprecated")
-            with poutine.trace(param_only=True) as cap:
-                loss = jit.loss_and_grads(model, guide, *args, **kwargs)
+        jit, scaled_model, scaled_guide = self.graphs[key]
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace. is deprecated")
+                with poutine.trace(param_only=True) as cap:
+                    loss = jit.loss_and_grads(scaled_model, scaled_guide, *args, **kwargs)
+        except RuntimeError as err:
+            if not first:  # a failure of a recorded graph, not of its recording
+                raise
+            reason = str(err).splitlines()[0]
+            warnings.warn(
+                f"compile='jit': torch.jit.trace refused the program ({reason}); replaying it instead", stacklevel=2
+            )
+            self.fallback = CompiledELBO(self.elbo, self.plate)
+            return self.fallback.loss_and_params(model, guide, scale, args, kwargs)
         return loss, [s["value"].unconstrained() for s in cap.trace.nodes.values() if s["value"] is not None]

@@ -186,6 +186,27 @@ def test_engine_trajectory_equals_traced_engine():
     assert last < first and finals["jit"].keys() == finals["none"].keys()
 
 
+def test_jit_falls_back_to_the_replay_when_torch_jit_refuses_the_program():
+    from ppdgm.models.ppca import PPCA  # its PyroParam reaches the jit graph as a constant
+
+    pyro.clear_param_store()
+    ppca = PPCA(features=4, latent_features=2)
+    x = torch.randn(10, 4)
+    compiled = JitELBO(Trace_ELBO(), "data")
+    with pytest.warns(UserWarning, match="torch.jit.trace refused the program"):
+        grads(compiled.loss_and_params(ppca.model, ppca.guide, 3.0, (x,), {})[1])
+    grads(compiled.loss_and_params(ppca.model, ppca.guide, 3.0, (x,), {})[1])
+    assert compiled.fallback is not None and compiled.fallback.replayed == 1
+    pyro.set_rng_seed(0)
+    loss, params = compiled.loss_and_params(ppca.model, ppca.guide, 3.0, (x,), {})
+    fast = grads(params)
+    pyro.set_rng_seed(0)
+    ref_loss, ref = traced(ppca.model, ppca.guide, 3.0, (x,))
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    for k in ref:
+        torch.testing.assert_close(fast[k], ref[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_compile_is_checked():
     with pytest.raises(ValueError, match="compile must be one of"):
         SVI(compile="fast")
