@@ -26,24 +26,14 @@ from ppdgm.data import check_data
 from ppdgm.fit import Fit, param_store_state, restore_param_store
 from ppdgm.inference.base import move_module, resolve_device
 from ppdgm.inference.checks import choice, positive_int, positive_number
+from ppdgm.inference.compiled_elbo import CompiledELBO, JitELBO, ScaleDataPlate
 from ppdgm.inference.param_optim import PyroOptim, StoreAdam
 from ppdgm.inference.schedules import check_schedule
 from ppdgm.inference.trainer import Loop, TrainingEngine, train
 
 LOSSES = ("elbo", "meanfield", "enum", "iwae")
 OPTIMIZERS = ("adam", "clipped_adam")
-
-
-class ScaleDataPlate(Messenger):
-    """Multiply the log-density of every site inside plate ``name`` by ``scale``."""
-
-    def __init__(self, name: str, scale: float):
-        super().__init__()
-        self.name, self.scale = name, scale
-
-    def _process_message(self, msg):
-        if msg["type"] == "sample" and any(f.name == self.name for f in msg["cond_indep_stack"]):
-            msg["scale"] = msg["scale"] * self.scale
+COMPILE = ("replay", "jit", "none")
 
 
 class LogDensity(Messenger):
@@ -168,6 +158,7 @@ class SVIState:
     autoguide: str | None
     optim: PyroOptim | StoreAdam
     elbo: Any  # a pyro ELBO, or MaximumLikelihood for a model without a guide
+    compiled: CompiledELBO | JitELBO | None  # Trace_ELBO computed without Pyro's traces
     args: tuple
     kwargs: dict
     fit_args: tuple
@@ -191,6 +182,13 @@ class SVI(TrainingEngine):
             ``patience`` evaluations without improvement and keep the best parameters.
         data_plate: name of the plate over data points, scaled by ``N / batch``.
         checkpoint_every: steps between checkpoints (with ``checkpoint_dir`` in ``run``).
+        compile: with ``loss="elbo"``, how ``Trace_ELBO`` is computed
+            (:mod:`ppdgm.inference.compiled_elbo`): ``"replay"`` runs the program under one
+            light handler instead of Pyro's traces while its structure is static (the same loss
+            and gradients, falling back to tracing when it changes); ``"jit"`` records the loss
+            as one TorchScript graph per batch shape, faster still but only for programs that
+            read no Python value that changes during training (e.g. a KL weight annealed by a
+            callback); ``"none"`` traces every step.
     """
 
     name = "svi"
@@ -213,6 +211,7 @@ class SVI(TrainingEngine):
         eval_every: int | None = None,
         patience: int | None = None,
         checkpoint_every: int | None = None,
+        compile: str = "replay",
         seed: int | None = 0,
         device=None,
         progress: bool | None = None,
@@ -239,6 +238,7 @@ class SVI(TrainingEngine):
         self.num_particles, self.vectorize_particles = num_particles, vectorize_particles
         self.max_plate_nesting, self.data_plate = max_plate_nesting, data_plate
         self.eval_every, self.patience, self.checkpoint_every = eval_every, patience, checkpoint_every
+        self.compile = choice("compile", compile, COMPILE)
         self.seed, self.device, self.progress = seed, device, progress
 
     def run(
@@ -300,6 +300,9 @@ class SVI(TrainingEngine):
         elbo: ELBO | MaximumLikelihood = self._elbo
         if guide is empty_guide and type(elbo) in (Trace_ELBO, TraceMeanField_ELBO) and self.num_particles == 1:
             elbo = MaximumLikelihood()  # the same objective, without tracing a guide that has no sites
+        compiled = None
+        if self.compile != "none" and type(elbo) is Trace_ELBO and not elbo.vectorize_particles:
+            compiled = (CompiledELBO if self.compile == "replay" else JitELBO)(elbo, self.data_plate)
         data = loop.batches.data
         return SVIState(
             model,
@@ -307,6 +310,7 @@ class SVI(TrainingEngine):
             autoguide,
             self._make_optim(),
             elbo,
+            compiled,
             args,
             kwargs,
             data if isinstance(data, tuple) else (),
@@ -318,9 +322,14 @@ class SVI(TrainingEngine):
         b = loop.batches[loop.step]
         scale = loop.batches.n / b[0].shape[0] if loop.batches.batch else None
         with state.on_device():
-            loss, params = self._loss_and_params(
-                state.elbo, state.model, state.guide, scale, (*b, *state.args), state.kwargs
-            )
+            if state.compiled is not None:
+                loss, params = state.compiled.loss_and_params(
+                    state.model, state.guide, scale, (*b, *state.args), state.kwargs
+                )
+            else:
+                loss, params = self._loss_and_params(
+                    state.elbo, state.model, state.guide, scale, (*b, *state.args), state.kwargs
+                )
         if loop.world.parallel:
             params = self._named_params(params)
         clip = self.clip_norm if self.optim == "adam" else None  # ClippedAdam clips by itself
