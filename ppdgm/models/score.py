@@ -41,12 +41,23 @@ from ppdgm.probability_flow import DIVERGENCES, flow_log_likelihood
 SDES = ("ve", "vp", "vdm")
 
 
-def quantization_gamma(levels: int, scale: float) -> float:
+def quantization_gamma(levels: int, scale: float, logit_squeeze: float | None = None) -> float:
     """VDM's ``gamma_min`` for pixels on a grid of ``levels`` values standardized by ``scale``: the
-    noise std at ``t = 0`` equals that of the uniform dequantization noise, ``1 / (levels sqrt(12))``,
-    so the model is not asked to resolve the data finer than its quantization."""
-    var = (1 / (levels * scale)) ** 2 / 12
+    noise std at ``t = 0`` equals that of the uniform dequantization noise, ``1 / (levels sqrt(12))``
+    (the narrowest cell after a logit squeeze ``a``: ``4 (1 - 2a) / levels``, at 0.5), so the model
+    is not asked to resolve the data finer than its quantization."""
+    width = 1 / levels if logit_squeeze is None else 4 * (1 - 2 * logit_squeeze) / levels
+    var = (width / scale) ** 2 / 12
     return math.log(var / (1 - var))
+
+
+def squeezed_logit(x: torch.Tensor, squeeze: float):
+    """``logit(a + (1 - 2a) x)`` of data in [0, 1] and its log-Jacobian per point (``a = squeeze``)."""
+    if bool((x < 0).any()) or bool((x > 1).any()):
+        raise ValueError(f"x: a logit squeeze needs data in [0, 1], got values in [{float(x.min())}, {float(x.max())}]")
+    s = squeeze + (1 - 2 * squeeze) * x
+    y = torch.log(s) - torch.log1p(-s)
+    return y, (math.log(1 - 2 * squeeze) - torch.log(s) - torch.log1p(-s)).sum(-1)
 
 
 def check_decreasing(levels, name: str = "sigmas") -> torch.Tensor:
@@ -89,6 +100,9 @@ class ScoreModel(ConstructorSpec, PyroModule):
         dequantization_levels: the data are pixels ``(k + u) / levels`` on a grid of ``levels``
             values per pixel (``u`` uniform): training redraws ``u`` every step (None: continuous
             data, used as given).
+        logit_squeeze: data in [0, 1] diffuse as ``logit(a + (1 - 2a) x)`` with ``a = logit_squeeze``
+            (Dinh et al. 2017), the Jacobian in every likelihood: the edges of the box, where pixels
+            pile up at 0 and 1, move far out instead of being cliffs that the noise would blur.
         low, high: optional box that final samples are clamped to (e.g. 0 and 1 for intensities).
         num_scales, snr: default reverse-SDE discretization and corrector signal-to-noise ratio.
         loc, scale: the diffusion runs on ``(x - loc) / scale`` (``from_data`` standardizes the data,
@@ -129,6 +143,7 @@ class ScoreModel(ConstructorSpec, PyroModule):
         gamma_max: float = 10.0,
         learn_schedule: bool = True,
         dequantization_levels: int | None = None,
+        logit_squeeze: float | None = None,
     ):
         super().__init__()
         if isinstance(features, bool) or not isinstance(features, int) or features < 1:
@@ -156,6 +171,9 @@ class ScoreModel(ConstructorSpec, PyroModule):
         else:
             self.sde = VESDE(sigma_min, sigma_max) if sde == "ve" else VPSDE(beta_min, beta_max)
         self.dequantization_levels = dequantization_levels
+        if logit_squeeze is not None and not 0 < logit_squeeze < 0.5:
+            raise ValueError(f"logit_squeeze must be None or in (0, 0.5), got {logit_squeeze!r}")
+        self.logit_squeeze = logit_squeeze
         self.features, self.hidden_features, self.activation, self.embed_dim = (
             features,
             list(hidden_features),
@@ -187,18 +205,21 @@ class ScoreModel(ConstructorSpec, PyroModule):
             kwargs.setdefault("dequantization_levels", 17)
         if kwargs.get("dequantization_levels") and x.shape[1] > 2:
             kwargs.setdefault("sde", "vdm")
-            if kwargs["sde"] == "vdm":
-                scale = kwargs.get("scale", float(x.std()))
-                kwargs.setdefault("gamma_min", quantization_gamma(kwargs["dequantization_levels"], scale))
+            kwargs.setdefault("logit_squeeze", 0.05)
+        squeeze = kwargs.get("logit_squeeze")
+        y = x if squeeze is None else squeezed_logit(x, squeeze)[0]
+        kwargs.setdefault("loc", float(y.mean()))
+        kwargs.setdefault("scale", float(y.std()))
+        if kwargs.get("dequantization_levels") and kwargs.get("sde") == "vdm":
+            levels = kwargs["dequantization_levels"]
+            kwargs.setdefault("gamma_min", quantization_gamma(levels, kwargs["scale"], squeeze))
         if kwargs.get("sde") == "ve" and "sigma_max" not in kwargs:
             # Song & Ermon (2020): sigma_max about the largest distance between training points
-            sub = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:1000]]
-            kwargs["sigma_max"] = float(torch.pdist(sub).max()) / kwargs.get("scale", float(x.std()))
+            sub = y[torch.randperm(y.shape[0], generator=torch.Generator().manual_seed(0))[:1000]]
+            kwargs["sigma_max"] = float(torch.pdist(sub).max()) / kwargs["scale"]
         if float(x.min()) >= 0 and float(x.max()) <= 1 and x.shape[1] > 2:
             kwargs.setdefault("low", 0.0)
             kwargs.setdefault("high", 1.0)
-        kwargs.setdefault("loc", float(x.mean()))
-        kwargs.setdefault("scale", float(x.std()))
         kwargs.setdefault("gaussian_base", x.shape[1] > 2)
         model = cls(features=x.shape[1], **kwargs)
         if model.gaussian_base:
@@ -211,7 +232,7 @@ class ScoreModel(ConstructorSpec, PyroModule):
         covariance of ``x`` (standardized), so an untrained model is already that Gaussian."""
         if not self.gaussian_base:
             raise ValueError("this model was built with gaussian_base=False")
-        z = (self.check_data(x, "x").double() - self.loc) / self.scale
+        z = self._to_diffusion_space(self.check_data(x, "x").double())[0]
         if z.shape[0] < 2:
             raise ValueError(f"x: a Gaussian base needs at least 2 points, got {z.shape[0]}")
         eigvals, eigvecs = torch.linalg.eigh(torch.atleast_2d(torch.cov(z.T)))
@@ -259,12 +280,20 @@ class ScoreModel(ConstructorSpec, PyroModule):
             n = x.shape[0]
             t = (torch.rand((), device=x.device, dtype=x.dtype) + torch.arange(n, device=x.device) / n) % 1
             return -self._vdm_elbo(x, t, torch.randn_like(x))
-        x = (x - self.loc) / self.scale
+        x = self._to_diffusion_space(x)[0]
         t = self.eps + (1 - self.eps) * torch.rand(x.shape[0], device=x.device, dtype=x.dtype)
         mean, std = self.sde.marginal(t)
         z = torch.randn_like(x)
         xt = mean.unsqueeze(-1) * x + std.unsqueeze(-1) * z
         return (std.unsqueeze(-1) * self.score(xt, t) + z).pow(2).sum(-1)
+
+    def _to_diffusion_space(self, x: torch.Tensor):
+        """Data -> the standardized states the diffusion starts from, and ``log |du/dx|`` per point."""
+        log_det = x.new_full(x.shape[:1], -self.features * math.log(self.scale))
+        if self.logit_squeeze is not None:
+            x, log_det_logit = squeezed_logit(x, self.logit_squeeze)
+            log_det = log_det + log_det_logit
+        return (x - self.loc) / self.scale, log_det
 
     def _dequantize(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels ``(k + u) / levels`` with a fresh ``u``: the cell ``k`` is kept, the noise redrawn."""
@@ -279,7 +308,7 @@ class ScoreModel(ConstructorSpec, PyroModule):
         ``-KL(q(z_1|x) || N(0, I)) - gamma' / 2 |eps - eps_hat(z_t, t)|^2 + E log p(x | z_0)`` with
         the Gaussian decoder ``p(x | z_0) = N(z_0 / alpha_0, (sigma_0 / alpha_0)^2)``, in data units."""
         assert isinstance(self.sde, LogSNRSchedule)
-        u = (x - self.loc) / self.scale
+        u, log_det = self._to_diffusion_space(x)
         d = u.shape[-1]
         alpha, sigma = (v.unsqueeze(-1) for v in self.sde.marginal(t))
         zt = alpha * u + sigma * noise
@@ -290,7 +319,7 @@ class ScoreModel(ConstructorSpec, PyroModule):
         prior = 0.5 * (torch.sigmoid(g1) + torch.sigmoid(-g1) * u.pow(2) - 1 - F.logsigmoid(g1)).sum(-1)
         # E -log N(u; z_0 / alpha_0, (sigma_0 / alpha_0)^2) over z_0, where log(sigma_0 / alpha_0) = gamma_0 / 2
         reconstruction = d * (0.5 + 0.5 * g0 + 0.5 * math.log(2 * math.pi))
-        return -(prior + diffusion + reconstruction) - d * math.log(self.scale)
+        return -(prior + diffusion + reconstruction) + log_det
 
     @torch.no_grad()
     def vdm_bound(self, x, num_times: int = 64, seed: int = 0) -> torch.Tensor:
@@ -314,6 +343,8 @@ class ScoreModel(ConstructorSpec, PyroModule):
     def _finish(self, u):
         """Standardized diffusion states at the data's time ``t0`` -> data (clamped to ``[low, high]`` if set)."""
         x = self.loc + self.scale * u
+        if self.logit_squeeze is not None:
+            x = (torch.sigmoid(x) - self.logit_squeeze) / (1 - 2 * self.logit_squeeze)
         return x.clamp(self.low, self.high) if self.low is not None else x
 
     # -- sampling ----------------------------------------------------------------------------------
@@ -472,7 +503,7 @@ class ScoreModel(ConstructorSpec, PyroModule):
             raise ValueError(f"num_steps must be None or a positive int, got {num_steps!r}")
         if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
             raise ValueError(f"num_probes must be a positive int, got {num_probes!r}")
-        x = (self._check(x) - self.loc) / self.scale
+        x, log_det = self._to_diffusion_space(self._check(x))
         alpha0 = self.sde.marginal(torch.tensor(self.t0, dtype=x.dtype, device=x.device))[0]
         gen = torch.Generator().manual_seed(seed)
         solves = num_probes if divergence == "hutchinson" else 1
@@ -496,7 +527,7 @@ class ScoreModel(ConstructorSpec, PyroModule):
             )
             total += out.log_prob.double()
             self.last_nfe += out.nfe
-        log_jacobian = self.features * (torch.log(alpha0).double() - math.log(self.scale))
+        log_jacobian = self.features * torch.log(alpha0).double() + log_det.double()
         return (total / solves + log_jacobian).to(x.dtype)
 
 
