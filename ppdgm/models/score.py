@@ -349,9 +349,9 @@ class ScoreModel(ConstructorSpec, PyroModule):
 
     # -- sampling ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, n: int, method: str = "pc", num_scales: int | None = None, **kwargs) -> torch.Tensor:
-        """``n`` draws by ``"pc"`` (reverse-SDE predictor-corrector), ``"ddpm"`` (ancestral),
-        ``"annealed_langevin"`` or ``"ode"``."""
+    def sample(self, n: int, method: str = "ddpm", num_scales: int | None = None, **kwargs) -> torch.Tensor:
+        """``n`` draws by ``"ddpm"`` (ancestral: the distribution :meth:`log_likelihood` scores),
+        ``"pc"`` (reverse-SDE predictor-corrector), ``"annealed_langevin"`` or ``"ode"``."""
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
         methods: dict[str, Callable[..., torch.Tensor]] = {
