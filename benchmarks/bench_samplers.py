@@ -40,7 +40,7 @@ FAMILIES = [  # (MODELS name, data kind, steps)
     ("flow", "dequantized", 1500),
     ("gan", "dequantized", 1000),
     ("ebm", "dequantized", 1000),
-    ("score", "dequantized", 6000),
+    ("score", "dequantized", 3000),
 ]
 # Families that dequantize 17-level pixels themselves (fresh noise every step, their NLL is the
 # same bound): they train on the discrete pixels, and their samples are dequantized like the data.
