@@ -1,17 +1,21 @@
 """Score-based generative model (Song et al. 2021): a noise-conditional score network.
 
-Data are diffused by an SDE ``dx = f(x, t) dt + g(t) dw`` over ``t`` in [0, 1]: ``"ve"`` (variance
-exploding, ``x_t = x_0 + sigma(t) z`` with ``sigma`` geometric from ``sigma_min`` to ``sigma_max``)
-or ``"vp"`` (variance preserving, ``beta(t)`` linear from ``beta_min`` to ``beta_max``). The
-network ``s(x, t)`` estimates ``grad log p_t(x)`` and is trained by denoising score matching
-(:class:`ppdgm.inference.score_matching.ScoreMatching` calls :meth:`ScoreModel.denoising_loss`).
+Data are diffused by an SDE ``dx = f(x, t) dt + g(t) dw`` over ``t`` in [0, 1]
+(:mod:`ppdgm.models.diffusion_schedule`): ``"ve"`` (variance exploding), ``"vp"`` (variance
+preserving, ``beta(t)`` linear) or ``"vdm"`` (variance preserving with a log-SNR linear between
+learnable endpoints, Kingma et al. 2021). The network ``s(x, t)`` estimates ``grad log p_t(x)``.
+VE and VP train by denoising score matching weighted by ``sigma(t)^2``; VDM trains on its
+variational bound on ``-log p(x)`` (prior + likelihood-weighted diffusion loss + reconstruction),
+which is the likelihood weighting ``lambda(t) = g(t)^2`` with importance-sampled times, and trains
+the schedule's endpoints with it. With ``dequantization_levels`` the data are pixels on a grid,
+seen as ``(k + u) / levels`` and dequantized afresh every step.
 
-Sampling runs the reverse SDE with a predictor-corrector scheme (Euler-Maruyama predictor,
-Langevin corrector), or annealed Langevin dynamics over decreasing noise levels (Song & Ermon
-2019) with the shared :class:`~ppdgm.langevin.Langevin` sampler. The exact
-log-likelihood integrates the probability-flow ODE ``dx/dt = f - g^2 s / 2`` from the data to the
-Gaussian prior with a fixed-step RK4, the divergence by Hutchinson's estimator (or exactly), so
-the model lands in the same nats table as the likelihood families.
+Sampling runs the DDPM ancestral sampler, the reverse SDE with a predictor-corrector scheme
+(Euler-Maruyama predictor, Langevin corrector), annealed Langevin dynamics over decreasing noise
+levels (Song & Ermon 2019) with the shared :class:`~ppdgm.langevin.Langevin` sampler, or the
+probability-flow ODE. The log-likelihood integrates that ODE from the data to the prior with
+torchdiffeq's adaptive ``dopri5`` (:mod:`ppdgm.probability_flow`), so the model lands in the same
+nats table as the likelihood families; :meth:`ScoreModel.vdm_bound` is a cheap second estimate.
 """
 
 from __future__ import annotations
@@ -24,80 +28,36 @@ from typing import ClassVar
 import pyro
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
 from pyro.nn import PyroModule
 
 from ppdgm.data import check_data
 from ppdgm.langevin import Langevin, check_step_size
+from ppdgm.models.diffusion_schedule import VESDE, VPSDE, LogSNRSchedule
 from ppdgm.models.spec import ConstructorSpec
 from ppdgm.nn import MLP
-from ppdgm.progress import progress_bar
+from ppdgm.probability_flow import DIVERGENCES, flow_log_likelihood
 
-SDES = ("ve", "vp")
-DIVERGENCES = ("hutchinson", "exact")
-
-
-# ---------------------------------------------------------------------------------------------
-# noise schedules
+SDES = ("ve", "vp", "vdm")
 
 
-class VESDE:
-    """Variance exploding: ``sigma(t) = sigma_min (sigma_max / sigma_min)^t``, no drift."""
-
-    def __init__(self, sigma_min: float, sigma_max: float):
-        if not (sigma_min > 0 and sigma_max > sigma_min):
-            raise ValueError(
-                "the noise schedule must decrease from sigma_max to sigma_min > 0 along the reverse "
-                f"process; got sigma_min={sigma_min!r}, sigma_max={sigma_max!r}"
-            )
-        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
-        self._log_ratio = math.log(self.sigma_max / self.sigma_min)
-
-    def marginal(self, t: torch.Tensor):
-        """``(mean coefficient, std)`` of ``x_t | x_0``."""
-        return torch.ones_like(t), self.sigma_min * torch.exp(t * self._log_ratio)
-
-    def drift_diffusion(self, x: torch.Tensor, t: torch.Tensor):
-        sigma = self.marginal(t)[1]
-        return torch.zeros_like(x), sigma * math.sqrt(2 * self._log_ratio)
-
-    def prior_log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        return _std_normal_log_prob(x / self.sigma_max) - x.shape[-1] * math.log(self.sigma_max)
-
-    def prior_sample(self, shape, like: torch.Tensor) -> torch.Tensor:
-        return self.sigma_max * torch.randn(shape, device=like.device, dtype=like.dtype)
+def quantization_gamma(levels: int, scale: float, logit_squeeze: float | None = None) -> float:
+    """VDM's ``gamma_min`` for pixels on a grid of ``levels`` values standardized by ``scale``: the
+    noise std at ``t = 0`` equals that of the uniform dequantization noise, ``1 / (levels sqrt(12))``
+    (the narrowest cell after a logit squeeze ``a``: ``4 (1 - 2a) / levels``, at 0.5), so the model
+    is not asked to resolve the data finer than its quantization."""
+    width = 1 / levels if logit_squeeze is None else 4 * (1 - 2 * logit_squeeze) / levels
+    var = (width / scale) ** 2 / 12
+    return math.log(var / (1 - var))
 
 
-class VPSDE:
-    """Variance preserving: ``dx = -beta(t) x / 2 dt + sqrt(beta(t)) dw``, ``beta`` linear in ``t``."""
-
-    def __init__(self, beta_min: float, beta_max: float):
-        if not (beta_min > 0 and beta_max >= beta_min):
-            raise ValueError(
-                "the noise schedule must have 0 < beta_min <= beta_max so the noise decreases "
-                f"along the reverse process; got beta_min={beta_min!r}, beta_max={beta_max!r}"
-            )
-        self.beta_min, self.beta_max = float(beta_min), float(beta_max)
-
-    def beta(self, t):
-        return self.beta_min + t * (self.beta_max - self.beta_min)
-
-    def marginal(self, t: torch.Tensor):
-        log_mean = -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
-        return torch.exp(log_mean), torch.sqrt(-torch.expm1(2 * log_mean))
-
-    def drift_diffusion(self, x: torch.Tensor, t: torch.Tensor):
-        beta = self.beta(t)
-        return -0.5 * beta.unsqueeze(-1) * x, beta.sqrt()
-
-    def prior_log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        return _std_normal_log_prob(x)
-
-    def prior_sample(self, shape, like: torch.Tensor) -> torch.Tensor:
-        return torch.randn(shape, device=like.device, dtype=like.dtype)
-
-
-def _std_normal_log_prob(x):
-    return -0.5 * (x**2).sum(-1) - 0.5 * x.shape[-1] * math.log(2 * math.pi)
+def squeezed_logit(x: torch.Tensor, squeeze: float):
+    """``logit(a + (1 - 2a) x)`` of data in [0, 1] and its log-Jacobian per point (``a = squeeze``)."""
+    if bool((x < 0).any()) or bool((x > 1).any()):
+        raise ValueError(f"x: a logit squeeze needs data in [0, 1], got values in [{float(x.min())}, {float(x.max())}]")
+    s = squeeze + (1 - 2 * squeeze) * x
+    y = torch.log(s) - torch.log1p(-s)
+    return y, (math.log(1 - 2 * squeeze) - torch.log(s) - torch.log1p(-s)).sum(-1)
 
 
 def check_decreasing(levels, name: str = "sigmas") -> torch.Tensor:
@@ -132,8 +92,17 @@ class ScoreModel(ConstructorSpec, PyroModule):
     Args:
         features: data dimension.
         hidden_features, activation, embed_dim: the network and the size of its time embedding.
-        sde: ``"ve"`` or ``"vp"``; sigma_min, sigma_max (VE) and beta_min, beta_max (VP) its schedule.
-        eps: smallest diffusion time (training, sampling and likelihood start there).
+        sde: ``"ve"``, ``"vp"`` or ``"vdm"``; sigma_min, sigma_max (VE), beta_min, beta_max (VP) and
+            gamma_min, gamma_max (VDM: the log noise-to-signal ratio at t = 0 and 1) its schedule.
+        learn_schedule: VDM only: train gamma_min and gamma_max on the variational bound.
+        eps: smallest diffusion time of VE and VP (training, sampling and likelihood start there;
+            VDM starts at t = 0, where gamma_min already sets a positive noise level).
+        dequantization_levels: the data are pixels ``(k + u) / levels`` on a grid of ``levels``
+            values per pixel (``u`` uniform): training redraws ``u`` every step (None: continuous
+            data, used as given).
+        logit_squeeze: data in [0, 1] diffuse as ``logit(a + (1 - 2a) x)`` with ``a = logit_squeeze``
+            (Dinh et al. 2017), the Jacobian in every likelihood: the edges of the box, where pixels
+            pile up at 0 and 1, move far out instead of being cliffs that the noise would blur.
         low, high: optional box that final samples are clamped to (e.g. 0 and 1 for intensities).
         num_scales, snr: default reverse-SDE discretization and corrector signal-to-noise ratio.
         loc, scale: the diffusion runs on ``(x - loc) / scale`` (``from_data`` standardizes the data,
@@ -147,9 +116,9 @@ class ScoreModel(ConstructorSpec, PyroModule):
     datasets = ("moons", "digits")
 
     default_engine = "score_matching"
-    engine_config: ClassVar[dict] = {}
+    engine_config: ClassVar[dict] = {"ema": 0.999}
     support = "real"
-    likelihood_method = "probability-flow ODE (RK4, Hutchinson trace)"
+    likelihood_method = "probability-flow ODE (dopri5, exact divergence)"
 
     def __init__(
         self,
@@ -170,6 +139,11 @@ class ScoreModel(ConstructorSpec, PyroModule):
         loc: float = 0.0,
         scale: float = 1.0,
         gaussian_base: bool = False,
+        gamma_min: float = -10.0,
+        gamma_max: float = 10.0,
+        learn_schedule: bool = True,
+        dequantization_levels: int | None = None,
+        logit_squeeze: float | None = None,
     ):
         super().__init__()
         if isinstance(features, bool) or not isinstance(features, int) or features < 1:
@@ -184,8 +158,22 @@ class ScoreModel(ConstructorSpec, PyroModule):
             raise ValueError(f"num_scales must be a positive int, got {num_scales!r}")
         if (low is None) != (high is None) or (low is not None and high is not None and not low < high):
             raise ValueError(f"low and high must both be None or low < high, got low={low!r}, high={high!r}")
+        if dequantization_levels is not None and (
+            isinstance(dequantization_levels, bool)
+            or not isinstance(dequantization_levels, int)
+            or dequantization_levels < 2
+        ):
+            raise ValueError(f"dequantization_levels must be None or an int >= 2, got {dequantization_levels!r}")
         self.sde_kind = sde
-        self.sde = VESDE(sigma_min, sigma_max) if sde == "ve" else VPSDE(beta_min, beta_max)
+        self.sde: VESDE | VPSDE | LogSNRSchedule
+        if sde == "vdm":
+            self.sde = LogSNRSchedule(gamma_min, gamma_max, learn=bool(learn_schedule))
+        else:
+            self.sde = VESDE(sigma_min, sigma_max) if sde == "ve" else VPSDE(beta_min, beta_max)
+        self.dequantization_levels = dequantization_levels
+        if logit_squeeze is not None and not 0 < logit_squeeze < 0.5:
+            raise ValueError(f"logit_squeeze must be None or in (0, 0.5), got {logit_squeeze!r}")
+        self.logit_squeeze = logit_squeeze
         self.features, self.hidden_features, self.activation, self.embed_dim = (
             features,
             list(hidden_features),
@@ -194,6 +182,7 @@ class ScoreModel(ConstructorSpec, PyroModule):
         )
         self.sigma_min, self.sigma_max, self.beta_min, self.beta_max = sigma_min, sigma_max, beta_min, beta_max
         self.eps, self.low, self.high, self.num_scales, self.snr = float(eps), low, high, num_scales, float(snr)
+        self.t0 = 0.0 if sde == "vdm" else self.eps  # where the data sit: training, sampling, likelihood
         if not (isinstance(scale, (int, float)) and scale > 0 and math.isfinite(loc)):
             raise ValueError(f"scale must be positive and loc finite, got loc={loc!r}, scale={scale!r}")
         self.loc, self.scale = float(loc), float(scale)
@@ -207,16 +196,30 @@ class ScoreModel(ConstructorSpec, PyroModule):
 
     @classmethod
     def from_data(cls, data, **kwargs):
+        """Size the model from data: standardize, clamp samples to [0, 1] for intensities, fit the
+        Gaussian base (more than two dimensions) and, for dequantized digits, train on the VDM bound
+        with ``gamma_min`` at the pixels' quantization noise (see :func:`quantization_gamma`)."""
         x = data.x if hasattr(data, "x") else data
+        name = getattr(data, "name", None) or ""
+        if name.startswith("digits") and "dequantized" in name:
+            kwargs.setdefault("dequantization_levels", 17)
+        if kwargs.get("dequantization_levels") and x.shape[1] > 2:
+            kwargs.setdefault("sde", "vdm")
+            kwargs.setdefault("logit_squeeze", 0.05)
+        squeeze = kwargs.get("logit_squeeze")
+        y = x if squeeze is None else squeezed_logit(x, squeeze)[0]
+        kwargs.setdefault("loc", float(y.mean()))
+        kwargs.setdefault("scale", float(y.std()))
+        if kwargs.get("dequantization_levels") and kwargs.get("sde") == "vdm":
+            levels = kwargs["dequantization_levels"]
+            kwargs.setdefault("gamma_min", quantization_gamma(levels, kwargs["scale"], squeeze))
         if kwargs.get("sde") == "ve" and "sigma_max" not in kwargs:
             # Song & Ermon (2020): sigma_max about the largest distance between training points
-            sub = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:1000]]
-            kwargs["sigma_max"] = float(torch.pdist(sub).max()) / kwargs.get("scale", float(x.std()))
+            sub = y[torch.randperm(y.shape[0], generator=torch.Generator().manual_seed(0))[:1000]]
+            kwargs["sigma_max"] = float(torch.pdist(sub).max()) / kwargs["scale"]
         if float(x.min()) >= 0 and float(x.max()) <= 1 and x.shape[1] > 2:
             kwargs.setdefault("low", 0.0)
             kwargs.setdefault("high", 1.0)
-        kwargs.setdefault("loc", float(x.mean()))
-        kwargs.setdefault("scale", float(x.std()))
         kwargs.setdefault("gaussian_base", x.shape[1] > 2)
         model = cls(features=x.shape[1], **kwargs)
         if model.gaussian_base:
@@ -229,7 +232,7 @@ class ScoreModel(ConstructorSpec, PyroModule):
         covariance of ``x`` (standardized), so an untrained model is already that Gaussian."""
         if not self.gaussian_base:
             raise ValueError("this model was built with gaussian_base=False")
-        z = (self.check_data(x, "x").double() - self.loc) / self.scale
+        z = self._to_diffusion_space(self.check_data(x, "x").double())[0]
         if z.shape[0] < 2:
             raise ValueError(f"x: a Gaussian base needs at least 2 points, got {z.shape[0]}")
         eigvals, eigvecs = torch.linalg.eigh(torch.atleast_2d(torch.cov(z.T)))
@@ -268,27 +271,92 @@ class ScoreModel(ConstructorSpec, PyroModule):
         return out
 
     def denoising_loss(self, x: torch.Tensor) -> torch.Tensor:
-        """Denoising score matching per point, weighted by ``std(t)^2``: ``|std s(x_t, t) + z|^2``."""
-        x = (x - self.loc) / self.scale
+        """The per-point training loss. VDM: its variational bound on ``-log p(x)`` in nats, one
+        diffusion time per point, the batch's times spread evenly over [0, 1] from one random
+        offset (Kingma et al. 2021). VE, VP: denoising score matching weighted by ``std(t)^2``,
+        ``|std s(x_t, t) + z|^2``. Dequantized pixels get fresh noise ``u`` every call."""
+        x = self._dequantize(x)
+        if isinstance(self.sde, LogSNRSchedule):
+            n = x.shape[0]
+            t = (torch.rand((), device=x.device, dtype=x.dtype) + torch.arange(n, device=x.device) / n) % 1
+            return -self._vdm_elbo(x, t, torch.randn_like(x))
+        x = self._to_diffusion_space(x)[0]
         t = self.eps + (1 - self.eps) * torch.rand(x.shape[0], device=x.device, dtype=x.dtype)
         mean, std = self.sde.marginal(t)
         z = torch.randn_like(x)
         xt = mean.unsqueeze(-1) * x + std.unsqueeze(-1) * z
         return (std.unsqueeze(-1) * self.score(xt, t) + z).pow(2).sum(-1)
 
+    def _to_diffusion_space(self, x: torch.Tensor):
+        """Data -> the standardized states the diffusion starts from, and ``log |du/dx|`` per point."""
+        log_det = x.new_full(x.shape[:1], -self.features * math.log(self.scale))
+        if self.logit_squeeze is not None:
+            x, log_det_logit = squeezed_logit(x, self.logit_squeeze)
+            log_det = log_det + log_det_logit
+        return (x - self.loc) / self.scale, log_det
+
+    def _dequantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels ``(k + u) / levels`` with a fresh ``u``: the cell ``k`` is kept, the noise redrawn."""
+        if self.dequantization_levels is None:
+            return x
+        levels = self.dequantization_levels
+        k = (x * levels).floor().clamp(0, levels - 1)
+        return (k + torch.rand_like(x)) / levels
+
+    def _vdm_elbo(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """One-sample VDM lower bound on ``log p(x)`` (Kingma et al. 2021, continuous time):
+        ``-KL(q(z_1|x) || N(0, I)) - gamma' / 2 |eps - eps_hat(z_t, t)|^2 + E log p(x | z_0)`` with
+        the Gaussian decoder ``p(x | z_0) = N(z_0 / alpha_0, (sigma_0 / alpha_0)^2)``, in data units."""
+        assert isinstance(self.sde, LogSNRSchedule)
+        u, log_det = self._to_diffusion_space(x)
+        d = u.shape[-1]
+        alpha, sigma = (v.unsqueeze(-1) for v in self.sde.marginal(t))
+        zt = alpha * u + sigma * noise
+        eps_hat = -sigma * self.score(zt, t)
+        diffusion = 0.5 * self.sde.slope() * (noise - eps_hat).pow(2).sum(-1)
+        g1, g0 = self.sde.gamma_max, self.sde.gamma_min
+        # KL(N(alpha_1 u, sigma_1^2) || N(0, 1)), with sigma^2 = sigmoid(gamma), alpha^2 = sigmoid(-gamma)
+        prior = 0.5 * (torch.sigmoid(g1) + torch.sigmoid(-g1) * u.pow(2) - 1 - F.logsigmoid(g1)).sum(-1)
+        # E -log N(u; z_0 / alpha_0, (sigma_0 / alpha_0)^2) over z_0, where log(sigma_0 / alpha_0) = gamma_0 / 2
+        reconstruction = d * (0.5 + 0.5 * g0 + 0.5 * math.log(2 * math.pi))
+        return -(prior + diffusion + reconstruction) + log_det
+
+    @torch.no_grad()
+    def vdm_bound(self, x, num_times: int = 64, seed: int = 0) -> torch.Tensor:
+        """Per-point lower bound on ``log p(x)`` in nats by the VDM variational bound (``sde="vdm"``),
+        its diffusion term averaged over ``num_times`` times spread evenly over [0, 1] (seeded):
+        a second likelihood estimate beside :meth:`log_likelihood`, at a fraction of its cost."""
+        if not isinstance(self.sde, LogSNRSchedule):
+            raise ValueError(f"vdm_bound needs sde='vdm', this model has sde={self.sde_kind!r}")
+        if isinstance(num_times, bool) or not isinstance(num_times, int) or num_times < 1:
+            raise ValueError(f"num_times must be a positive int, got {num_times!r}")
+        x = self._check(x)
+        gen = torch.Generator().manual_seed(seed)
+        offset = torch.rand((), generator=gen)
+        total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        for i in range(num_times):
+            t = ((offset + i / num_times) % 1).to(x).expand(x.shape[0])
+            noise = torch.randn(x.shape, generator=gen).to(x)
+            total += self._vdm_elbo(x, t, noise).double()
+        return (total / num_times).to(x.dtype)
+
     def _finish(self, u):
-        """Standardized diffusion states at time ``eps`` -> data (clamped to ``[low, high]`` if set)."""
+        """Standardized diffusion states at the data's time ``t0`` -> data (clamped to ``[low, high]`` if set)."""
         x = self.loc + self.scale * u
+        if self.logit_squeeze is not None:
+            x = (torch.sigmoid(x) - self.logit_squeeze) / (1 - 2 * self.logit_squeeze)
         return x.clamp(self.low, self.high) if self.low is not None else x
 
     # -- sampling ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, n: int, method: str = "pc", num_scales: int | None = None, **kwargs) -> torch.Tensor:
-        """``n`` draws by ``"pc"`` (reverse-SDE predictor-corrector), ``"annealed_langevin"`` or ``"ode"``."""
+    def sample(self, n: int, method: str = "ddpm", num_scales: int | None = None, **kwargs) -> torch.Tensor:
+        """``n`` draws by ``"ddpm"`` (ancestral: the distribution :meth:`log_likelihood` scores),
+        ``"pc"`` (reverse-SDE predictor-corrector), ``"annealed_langevin"`` or ``"ode"``."""
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
         methods: dict[str, Callable[..., torch.Tensor]] = {
             "pc": self.sample_pc,
+            "ddpm": self.sample_ddpm,
             "annealed_langevin": self.sample_annealed_langevin,
             "ode": self.sample_ode,
         }
@@ -306,8 +374,8 @@ class ScoreModel(ConstructorSpec, PyroModule):
         snr = self.snr if snr is None else snr
         p = self._param()
         x = self.sde.prior_sample((n, self.features), p)
-        ts = torch.linspace(1.0, self.eps, steps, device=p.device, dtype=p.dtype)
-        dt = (1.0 - self.eps) / steps
+        ts = torch.linspace(1.0, self.t0, steps, device=p.device, dtype=p.dtype)
+        dt = (1.0 - self.t0) / steps
         langevin = Langevin(step_size=1.0, num_steps=1)
         x_mean = x
         for t in ts:
@@ -334,7 +402,7 @@ class ScoreModel(ConstructorSpec, PyroModule):
         check_step_size(step_size)
         p = self._param()
         if sigmas is None:
-            ts = torch.linspace(1.0, self.eps, num_scales or max(10, self.num_scales // 5), dtype=torch.float64)
+            ts = torch.linspace(1.0, self.t0, num_scales or max(10, self.num_scales // 5), dtype=torch.float64)
             sigmas = self.sde.marginal(ts)[1]
         levels = check_decreasing(sigmas)
         ts = self._time_of_std(levels).to(p.device, p.dtype)
@@ -351,14 +419,37 @@ class ScoreModel(ConstructorSpec, PyroModule):
 
     def _time_of_std(self, sigmas: torch.Tensor) -> torch.Tensor:
         """Diffusion time at which the marginal std equals each of ``sigmas``."""
-        if isinstance(self.sde, VESDE):
+        if isinstance(self.sde, LogSNRSchedule):
+            gamma = torch.log(sigmas**2) - torch.log1p(-(sigmas.clamp(max=1 - 1e-12) ** 2))
+            t = (gamma - float(self.sde.gamma_min)) / float(self.sde.slope())
+        elif isinstance(self.sde, VESDE):
             t = torch.log(sigmas / self.sde.sigma_min) / self.sde._log_ratio
         else:
             # solve -(1/4) t^2 (bmax - bmin) - (1/2) t bmin = log sqrt(1 - std^2)
             c = 0.5 * torch.log1p(-(sigmas.clamp(max=1 - 1e-12) ** 2))
             a, b = 0.25 * (self.sde.beta_max - self.sde.beta_min), 0.5 * self.sde.beta_min
             t = -c / b if a == 0 else (-b + torch.sqrt(b * b - 4 * a * c)) / (2 * a)
-        return t.clamp(self.eps, 1.0)
+        return t.clamp(self.t0, 1.0)
+
+    @torch.no_grad()
+    def sample_ddpm(self, n: int, num_scales: int | None = None) -> torch.Tensor:
+        """Ancestral sampling (Ho et al. 2020; Kingma et al. 2021) over ``num_scales`` steps from 1 to
+        the data's time: ``z_s ~ q(z_s | z_t, x = x_hat(z_t))`` with Tweedie's denoised ``x_hat``,
+        noise included down to the last step, so the draws are the model's ``p_t0`` (the
+        density that :meth:`log_likelihood` scores) mapped back by ``1 / alpha(t0)``."""
+        steps = num_scales or self.num_scales
+        p = self._param()
+        z = self.sde.prior_sample((n, self.features), p)
+        ts = torch.linspace(1.0, self.t0, steps + 1, device=p.device, dtype=p.dtype)
+        for t, s in itertools.pairwise(ts):
+            a_t, s_t = self.sde.marginal(t)
+            a_s, s_s = self.sde.marginal(s)
+            x_hat = (z + s_t**2 * self.score(z, t)) / a_t
+            a_ts = a_t / a_s
+            var_ts = s_t**2 - a_ts**2 * s_s**2  # of z_t given z_s
+            mean = (a_ts * s_s**2 * z + a_s * var_ts * x_hat) / s_t**2
+            z = mean + (var_ts * s_s**2 / s_t**2).sqrt() * torch.randn_like(z)
+        return self._finish(z / self.sde.marginal(ts[-1])[0])
 
     @torch.no_grad()
     def sample_ode(self, n: int, num_scales: int | None = None) -> torch.Tensor:
@@ -368,10 +459,10 @@ class ScoreModel(ConstructorSpec, PyroModule):
     def decode(self, z: torch.Tensor, num_steps: int = 100) -> torch.Tensor:
         """Map prior draws ``z`` (time 1) to data (time ``eps``) along the probability-flow ODE."""
         x = z
-        ts = torch.linspace(1.0, self.eps, num_steps + 1, device=z.device, dtype=z.dtype)
+        ts = torch.linspace(1.0, self.t0, num_steps + 1, device=z.device, dtype=z.dtype)
         for t0, t1 in itertools.pairwise(ts):
             x = _rk4(lambda y, t: self.flow(y, t), x, t0, t1)
-        return self._finish(x)
+        return self._finish(x / self.sde.marginal(ts[-1])[0])
 
     def model(self, n: int, num_steps: int = 100):
         """The model as a Pyro program: ``z ~ p_1`` (the SDE's Gaussian prior) and
@@ -389,52 +480,55 @@ class ScoreModel(ConstructorSpec, PyroModule):
         f, g = self.sde.drift_diffusion(x, t.expand(x.shape[0]))
         return f - 0.5 * g.unsqueeze(-1) ** 2 * self.score(x, t)
 
-    def _divergence(self, x, t, probe):
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            v = self.flow(x, t)
-            if probe is None:  # exact: one backward pass per dimension
-                div = sum(
-                    torch.autograd.grad(v[:, i].sum(), x, retain_graph=i < x.shape[1] - 1)[0][:, i]
-                    for i in range(x.shape[1])
-                )
-            else:
-                (vjp,) = torch.autograd.grad((v * probe).sum(), x)
-                div = (vjp * probe).sum(-1)
-        return v.detach(), div.detach()
-
     @torch.no_grad()
     def log_likelihood(
-        self, x, num_steps: int = 100, divergence: str = "hutchinson", num_probes: int = 1, seed: int = 0
+        self,
+        x,
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
+        divergence: str = "exact",
+        num_probes: int = 1,
+        seed: int = 0,
+        num_steps: int | None = None,
     ) -> torch.Tensor:
-        """Per-point log p(x) in nats by the probability-flow ODE from ``eps`` to 1 (RK4, ``num_steps``):
-        ``log p_eps(x) = log p_1(x_1) + int div v dt``, the divergence by Hutchinson's estimator with
-        Rademacher probes (averaged over ``num_probes`` solves) or ``"exact"``."""
+        """Per-point ``log p(x)`` in nats by the probability-flow ODE from the data's time to 1
+        (:func:`ppdgm.probability_flow.flow_log_likelihood`): adaptive ``dopri5`` with tolerances
+        ``rtol``, ``atol``, or fixed-step RK4 when ``num_steps`` is given. The divergence is
+        ``"exact"`` or Hutchinson's estimate with Rademacher probes (averaged over ``num_probes``
+        solves, seeded). ``p`` is the model's marginal at ``t0`` mapped back by ``1 / alpha(t0)``
+        (the distribution :meth:`sample_ddpm` draws from), with the standardization's Jacobian."""
         if divergence not in DIVERGENCES:
             raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-        if not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
-        x0 = (self._check(x) - self.loc) / self.scale
+        if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
+            raise ValueError(f"num_steps must be None or a positive int, got {num_steps!r}")
+        if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
+            raise ValueError(f"num_probes must be a positive int, got {num_probes!r}")
+        x, log_det = self._to_diffusion_space(self._check(x))
+        alpha0 = self.sde.marginal(torch.tensor(self.t0, dtype=x.dtype, device=x.device))[0]
         gen = torch.Generator().manual_seed(seed)
-        total = torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
-        for _ in range(num_probes if divergence == "hutchinson" else 1):
+        solves = num_probes if divergence == "hutchinson" else 1
+        total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        self.last_nfe = 0
+        for _ in range(solves):
             probe = None
             if divergence == "hutchinson":
-                probe = (torch.randint(0, 2, x0.shape, generator=gen) * 2 - 1).to(x0)
-            state = torch.cat([x0, torch.zeros_like(x0[:, :1])], -1)
-
-            def rhs(z, t, probe=probe):
-                v, div = self._divergence(z[:, :-1], t, probe)
-                return torch.cat([v, div.unsqueeze(-1)], -1)
-
-            ts = torch.linspace(self.eps, 1.0, num_steps + 1, device=x0.device, dtype=x0.dtype)
-            with progress_bar(num_steps, "probability-flow ODE") as bar:
-                for t0, t1 in itertools.pairwise(ts):
-                    state = _rk4(rhs, state, t0, t1)
-                    bar.update(1)
-            total += (self.sde.prior_log_prob(state[:, :-1]) + state[:, -1]).double()
-        total = total / (num_probes if divergence == "hutchinson" else 1) - self.features * math.log(self.scale)
-        return total.to(x0.dtype)
+                probe = (torch.randint(0, 2, x.shape, generator=gen) * 2 - 1).to(x)
+            out = flow_log_likelihood(
+                self.flow,
+                alpha0 * x,
+                self.t0,
+                1.0,
+                self.sde.prior_log_prob,
+                probe=probe,
+                method="dopri5" if num_steps is None else "rk4",
+                rtol=rtol,
+                atol=atol,
+                num_steps=num_steps,
+            )
+            total += out.log_prob.double()
+            self.last_nfe += out.nfe
+        log_jacobian = self.features * torch.log(alpha0).double() + log_det.double()
+        return (total / solves + log_jacobian).to(x.dtype)
 
 
 def _rk4(f, x, t0, t1):
