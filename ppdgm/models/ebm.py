@@ -235,6 +235,9 @@ class EBM(ConstructorSpec, PyroModule):
         lr = self.log_ratio(x)
         return lr if self.base == "uniform" else lr + self.base_log_prob(x)
 
+    def _value_and_score(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _value_and_score(self._chain_log_density, state)
+
     def _chain_log_density(self, state: torch.Tensor) -> torch.Tensor:
         """The chains' target in their own coordinates: ``-E(x)``, plus the base there (the standard
         logistic density of the CDF logits) on the histogram base."""
@@ -289,7 +292,7 @@ class EBM(ConstructorSpec, PyroModule):
             return self.sampler.run(state, log_density=self.log_prob, num_steps=steps)
         current = None
         for _ in range(steps):
-            state, rate, current = _mala_step(self._chain_log_density, state, self.chain_step_size, current=current)
+            state, rate, current = _mala_step(self._value_and_score, state, self.chain_step_size, current=current)
             self.chain_step_size *= math.exp(0.2 * (rate - MALA_ACCEPTANCE))
         return state
 
@@ -369,14 +372,20 @@ class EBM(ConstructorSpec, PyroModule):
             target, lo, hi = self.log_prob, self.low, self.high
         s = torch.sigmoid(torch.linspace(-6, 6, num_temps + 1, dtype=torch.float64))
         betas = ((s - s[0]) / (s[-1] - s[0])).tolist()  # sigmoid spacing: finer at both ends
+        def annealed(z, b, model=None):
+            # the path's log-density and score at z, with the model's (one network pass, kept
+            # across temperatures: only the cheap base term is recomputed)
+            a, ga = _value_and_score(target, z) if model is None else model
+            return b * a + (1 - b) * base.log_prob(z), b * ga + (1 - b) * base.score(z), a, ga
+
         x = base.sample(num_chains)
         log_w = torch.zeros(num_chains, device=x.device, dtype=x.dtype)
         eps, accepted = self.step_size, []
+        current = annealed(x, 0.0)
         for b0, b1 in itertools.pairwise(betas):
-            log_w += (b1 - b0) * (target(x) - base.log_prob(x))
-            x, rate, _ = _mala_step(
-                lambda z, b=b1: b * target(z) + (1 - b) * base.log_prob(z), x, eps, lo, hi
-            )
+            log_w += (b1 - b0) * (current[2] - base.log_prob(x))
+            current = annealed(x, b1, current[2:])
+            x, rate, current = _mala_step(lambda z, b=b1: annealed(z, b), x, eps, lo, hi, current)
             eps *= math.exp(0.1 * (rate - 0.6))
             accepted.append(rate)
         ess = float(log_w.logsumexp(0).mul(2).sub((2 * log_w).logsumexp(0)).exp())
@@ -421,6 +430,11 @@ class _BoxBase:
             return x.new_full(x.shape[:1], -self.dim * math.log(self.high - self.low))
         return (self.normal.log_prob(x) - self.mass.log()).sum(-1)
 
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        if self.normal is None:
+            return torch.zeros_like(x)
+        return (self.normal.loc - x) / self.normal.scale**2
+
 
 class _LogisticBase:
     """The histogram base in the chains' coordinates (CDF logits): independent standard logistics."""
@@ -435,6 +449,9 @@ class _LogisticBase:
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         return _logistic_log_prob(z)
+
+    def score(self, z: torch.Tensor) -> torch.Tensor:
+        return -torch.tanh(z / 2)  # d/dz log(sigmoid(z) sigmoid(-z)) = 1 - 2 sigmoid(z)
 
 
 def _logistic_sample(u: torch.Tensor) -> torch.Tensor:
@@ -454,20 +471,22 @@ def _value_and_score(log_density, x):
     return lp.detach(), grad
 
 
-def _mala_step(log_density, x, eps, low=-math.inf, high=math.inf, current=None):
-    """One Metropolis-adjusted Langevin step targeting ``log_density`` restricted to the box.
+def _mala_step(evaluate, x, eps, low=-math.inf, high=math.inf, current=None):
+    """One Metropolis-adjusted Langevin step targeting a log-density restricted to the box.
 
-    ``current`` is ``(log_density(x), score(x))`` when the caller kept them from the last step
-    (same target); returns the new states, the acceptance rate and that pair at the new states."""
-    lp_x, g_x = _value_and_score(log_density, x) if current is None else current
+    ``evaluate(x)`` gives ``(log_density, score, *extra)`` per row; ``current`` is its value at
+    ``x`` when the caller kept it from the last step. Returns the new states, the acceptance rate
+    and ``evaluate``'s value at the new states."""
+    current = evaluate(x) if current is None else current
+    lp_x, g_x = current[0], current[1]
     y = x + eps * g_x + math.sqrt(2 * eps) * torch.randn_like(x)
     inside = ((y >= low) & (y <= high)).all(-1)
     y = torch.where(inside.unsqueeze(-1), y, x)
-    lp_y, g_y = _value_and_score(log_density, y)
+    proposed = evaluate(y)
+    lp_y, g_y = proposed[0], proposed[1]
     lq_fwd = -((y - x - eps * g_x) ** 2).sum(-1) / (4 * eps)
     lq_bwd = -((x - y - eps * g_y) ** 2).sum(-1) / (4 * eps)
     log_acc = lp_y - lp_x + lq_bwd - lq_fwd
     accept = inside & (torch.rand_like(log_acc).log() < log_acc)
-    keep = accept.unsqueeze(-1)
-    moved = (torch.where(accept, lp_y, lp_x), torch.where(keep, g_y, g_x))
-    return torch.where(keep, y, x), float(accept.float().mean()), moved
+    moved = tuple(torch.where(accept.view(-1, *[1] * (a.dim() - 1)), b, a) for a, b in zip(current, proposed))
+    return torch.where(accept.unsqueeze(-1), y, x), float(accept.float().mean()), moved
