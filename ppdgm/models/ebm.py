@@ -364,14 +364,16 @@ class EBM(ConstructorSpec, PyroModule):
         finds log Z about 30 nats higher than the uniform one, whose weights are dominated by
         chains that never reach the model's modes."""
         p = next(self.energy.parameters())
+        target = self._chain_log_density  # in the chains' coordinates, base included
         if self.base == "histogram":
             base: _BoxBase | _LogisticBase = _LogisticBase(self.features, p)
-            target, lo, hi = self._chain_log_density, -math.inf, math.inf
+            lo, hi = -math.inf, math.inf
         else:
             base = _BoxBase(self.low, self.high, self.features, p, self.buffer.states)
-            target, lo, hi = self.log_prob, self.low, self.high
+            lo, hi = self.low, self.high
         s = torch.sigmoid(torch.linspace(-6, 6, num_temps + 1, dtype=torch.float64))
         betas = ((s - s[0]) / (s[-1] - s[0])).tolist()  # sigmoid spacing: finer at both ends
+
         def annealed(z, b, model=None):
             # the path's log-density and score at z, with the model's (one network pass, kept
             # across temperatures: only the cheap base term is recomputed)
