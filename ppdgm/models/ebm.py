@@ -1,18 +1,31 @@
-"""Energy-based model: an MLP energy E(x) as the unnormalized density exp(-E(x)).
+"""Energy-based model: an MLP energy E(x) on a normalized base, ``p(x) ∝ q(x) exp(-E(x))``.
 
-As a Pyro program the energy enters as ``pyro.factor("log_density", -E(x))`` in the data plate.
-Training is persistent contrastive divergence (:class:`ppdgm.inference.pcd.PersistentCD`) with
-the shared Langevin sampler advancing the negative chains; this class implements that engine's
-protocol (``positive_log_density``, ``init_chains``, ``sample_chains``, ``negative_log_density``,
-``regularizer``). Chains restart from noise with probability ``reinit_prob`` at every call, so
-the persistent chains act as the replay buffer of Du & Mordatch (2019); the energy-magnitude
-penalty ``alpha * (E(x+)^2 + E(x-)^2)`` of the same paper keeps energies near zero.
+As a Pyro program the energy enters as ``pyro.factor("log_density", log q(x) - E(x))`` in the data
+plate. Training is persistent contrastive divergence (:class:`ppdgm.inference.pcd.PersistentCD`);
+this class implements that engine's protocol (``positive_log_density``, ``init_chains``,
+``sample_chains``, ``negative_log_density``, ``regularizer``). Chains restart from the base with
+probability ``reinit_prob`` at every call, so the persistent chains act as the replay buffer of
+Du & Mordatch (2019); the energy-magnitude penalty ``alpha * (E(x+)^2 + E(x-)^2)`` of the same
+paper keeps energies near zero.
 
-Langevin chains started from noise do not mix between distant modes within a few hundred steps,
-so the mass a fresh chain finds reflects basins of attraction, not probabilities. The persistent
-chains do carry the model's mass (the negative phase pushes energy up wherever they
-over-populate), so every advanced chain state also enters a :class:`ReplayBuffer` that is saved
-with the model, and :meth:`EBM.sample` starts from it once it holds states.
+Two bases ``q``:
+
+- ``"uniform"``: the box ``[low, high]^d``, i.e. a plain EBM ``exp(-E(x))``; chains are unadjusted
+  Langevin in ``x``. Langevin chains started from noise do not mix between distant modes, so
+  every advanced chain state also enters a :class:`ReplayBuffer` saved with the model, and
+  :meth:`EBM.sample` starts from it.
+- ``"histogram"``: a residual EBM (Deng et al. 2020; Arbel et al. 2021) on a per-coordinate
+  piecewise-constant density with ``bins`` equal bins on ``[low, high]``, fitted to the data's
+  bin frequencies (add-one smoothing; on dequantized 17-level images it is exactly the per-pixel
+  categorical baseline). The energy's last layer starts at zero, so an untrained model *is* the
+  base, with its exact likelihood, and training moves away from it only where the data ask.
+  Chains live in the logits of the base's CDF, ``z = logit(F_q(x))`` in ``R^d``, where ``q`` is
+  the standard logistic density and the target is ``logistic(z) exp(-E(F_q^{-1}(sigmoid(z))))``:
+  the base's zero gradient inside its bins and its jumps between them never reach the sampler,
+  there is no box to leave, fresh chains are exact draws from ``q``, and AIS starts from ``q``
+  itself (exactly normalized). The chains move by Metropolis-adjusted Langevin (MALA) with a
+  step size adapted towards 57% acceptance, so they target the model exactly at every parameter
+  value.
 """
 
 from __future__ import annotations
@@ -30,23 +43,31 @@ from ppdgm.langevin import Langevin, ReplayBuffer, check_step_size
 from ppdgm.models.spec import ConstructorSpec
 from ppdgm.nn import MLP, ConvEncoder
 
+BASES = ("uniform", "histogram")
+MALA_ACCEPTANCE = 0.57  # optimal for MALA in high dimension (Roberts & Rosenthal 1998)
+
 
 class EBM(ConstructorSpec, PyroModule):
-    """``p(x) ∝ exp(-E(x))`` with ``E`` an MLP on ``features`` inputs.
+    """``p(x) ∝ q(x) exp(-E(x))`` with ``E`` an MLP on ``features`` inputs and ``q`` a normalized base.
 
     Args:
         features: data dimension.
         hidden_features, activation: the energy network (a smooth activation keeps Langevin gradients smooth).
-        low, high: the box that noise chains start in and Langevin states are clamped to.
-        step_size, noise_scale, grad_clip: Langevin settings for training chains (noise_scale
-            None means ``sqrt(2 * step_size)``, i.e. unadjusted Langevin).
-        sample_steps: Langevin steps from noise for :meth:`sample`.
-        reinit_prob: chance a persistent chain restarts from noise at each training step.
+        low, high: the box that is the model's support (chains stay inside it).
+        step_size, noise_scale, grad_clip: Langevin settings for training chains on the uniform
+            base (noise_scale None means ``sqrt(2 * step_size)``, i.e. unadjusted Langevin); on the
+            histogram base ``step_size`` is MALA's initial step in CDF logits, then adapted.
+        sample_steps: Langevin steps from fresh chains for :meth:`sample`.
+        reinit_prob: chance a persistent chain restarts from the base at each training step.
         alpha: weight of the energy-magnitude penalty.
         buffer_size: capacity of the replay buffer of chain states that :meth:`sample` starts from.
         image_shape: ``(height, width)`` makes the energy a small conv net on the flat images
             (:class:`ppdgm.nn.ConvEncoder` with ``hidden_features[0]`` and ``hidden_features[-1]``
             channels) instead of an MLP.
+        base: ``"uniform"`` (the box) or ``"histogram"`` (per-coordinate bins fitted by
+            :meth:`fit_base`; see the module docstring). ``from_data`` picks the histogram for
+            data inside ``[0, 1]`` (image intensities).
+        bins: equal-width bins per coordinate of the histogram base (17: the bundled digits' levels).
     """
 
     datasets = ("moons", "digits")
@@ -72,6 +93,8 @@ class EBM(ConstructorSpec, PyroModule):
         alpha: float = 1e-3,
         buffer_size: int = 10000,
         image_shape: tuple[int, int] | None = None,
+        base: str = "uniform",
+        bins: int = 17,
     ):
         super().__init__()
         if isinstance(features, bool) or not isinstance(features, int) or features < 1:
@@ -85,10 +108,15 @@ class EBM(ConstructorSpec, PyroModule):
             raise ValueError(f"reinit_prob must be in [0, 1], got {reinit_prob!r}")
         if not alpha >= 0:
             raise ValueError(f"alpha must be >= 0, got {alpha!r}")
+        if base not in BASES:
+            raise ValueError(f"base must be one of {BASES}, got {base!r}")
+        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+            raise ValueError(f"bins must be a positive int, got {bins!r}")
         self.features, self.hidden_features, self.activation = features, list(hidden_features), activation
         self.low, self.high = float(low), float(high)
         self.step_size, self.noise_scale, self.grad_clip = float(step_size), noise_scale, grad_clip
         self.sample_steps, self.reinit_prob, self.alpha = sample_steps, float(reinit_prob), float(alpha)
+        self.base, self.bins = base, bins
         self.image_shape = tuple(image_shape) if image_shape is not None else None
         if self.image_shape is not None:
             if len(self.image_shape) != 2:
@@ -103,25 +131,41 @@ class EBM(ConstructorSpec, PyroModule):
             )
         else:
             self.energy = MLP(features, self.hidden_features, 1, activation)
+        if base == "histogram":
+            # log bin masses per coordinate; uniform until fit_base
+            self.register_buffer("base_logits", torch.full((features, bins), -math.log(bins)))
+            last = [m for m in self.energy.modules() if isinstance(m, torch.nn.Linear)][-1]
+            torch.nn.init.zeros_(last.weight)  # E = 0: the untrained model is the base
+            torch.nn.init.zeros_(last.bias)
         self._energies: list[torch.Tensor] = []
         self.buffer_size = buffer_size
         self.buffer = ReplayBuffer(self.noise, capacity=buffer_size, reinit_prob=0.0)
         self.chain_steps = sample_steps  # Langevin steps per training-chain advance, once trained
+        self.chain_step_size = self.step_size  # MALA's adapted step (histogram base)
 
     @classmethod
     def from_data(cls, data, **kwargs):
         x = data.x if hasattr(data, "x") else data
         lo, hi = float(x.min()), float(x.max())
-        pad = 0.1 * (hi - lo)
-        kwargs.setdefault("low", lo - pad if lo < 0 or hi > 1 else lo)
-        kwargs.setdefault("high", hi + pad if lo < 0 or hi > 1 else hi)
-        return cls(features=x.shape[1], **kwargs)
+        if lo >= 0 and hi <= 1:  # intensities: the unit box, and a histogram base fitted to them
+            kwargs.setdefault("low", 0.0)
+            kwargs.setdefault("high", 1.0)
+            kwargs.setdefault("base", "histogram")
+        else:
+            pad = 0.1 * (hi - lo)
+            kwargs.setdefault("low", lo - pad)
+            kwargs.setdefault("high", hi + pad)
+        model = cls(features=x.shape[1], **kwargs)
+        if model.base == "histogram":
+            model.fit_base(x)
+        return model
 
     def get_extra_state(self):
         states = self.buffer.states
         return {
             "replay": states.detach() if states is not None else torch.zeros(0, self.features),
             "chain_steps": self.chain_steps,
+            "chain_step_size": self.chain_step_size,
         }
 
     def set_extra_state(self, state):
@@ -129,15 +173,76 @@ class EBM(ConstructorSpec, PyroModule):
         self.buffer.states = replay if replay is not None and replay.numel() else None
         if isinstance(state, dict) and "chain_steps" in state:
             self.chain_steps = int(state["chain_steps"])
+        if isinstance(state, dict) and "chain_step_size" in state:
+            self.chain_step_size = float(state["chain_step_size"])
 
     @property
     def sampler(self) -> Langevin:
         return Langevin(self.step_size, self.sample_steps, self.noise_scale, self.grad_clip, (self.low, self.high))
 
+    # -- the histogram base ---------------------------------------------------------------------
+    @torch.no_grad()
+    def fit_base(self, x: torch.Tensor) -> EBM:
+        """Set the histogram base to the bin frequencies of ``x`` per coordinate, one pseudo-count
+        per bin (add-one smoothing, so no bin has zero mass)."""
+        if self.base != "histogram":
+            raise ValueError(f"fit_base: this EBM's base is {self.base!r}; build it with base='histogram'")
+        x = self.check_data(x, "x").to(self.base_logits)
+        if ((x < self.low) | (x > self.high)).any():
+            raise ValueError(f"x: expected values in the support [{self.low}, {self.high}], got [{x.min()}, {x.max()}]")
+        counts = torch.ones_like(self.base_logits).scatter_add_(1, self._bin(x).T, torch.ones_like(x).T)
+        self.base_logits.copy_(counts.log() - counts.sum(-1, keepdim=True).log())
+        return self
+
+    def _bin(self, x: torch.Tensor) -> torch.Tensor:
+        width = (self.high - self.low) / self.bins
+        return ((x - self.low) / width).floor().long().clamp(0, self.bins - 1)
+
+    def base_log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """log q(x) per row: the uniform box, or the histogram's piecewise-constant density."""
+        inside = ((x >= self.low) & (x <= self.high)).all(-1)
+        if self.base == "uniform":
+            lq = x.new_full(x.shape[:1], -self.features * math.log(self.high - self.low))
+        else:
+            width = (self.high - self.low) / self.bins
+            rows = torch.arange(self.features, device=x.device)
+            lq = (self.base_logits[rows, self._bin(x)] - math.log(width)).sum(-1)
+        return torch.where(inside, lq, lq.new_tensor(-math.inf))
+
+    def to_data_space(self, state: torch.Tensor) -> torch.Tensor:
+        """Chain states -> points: the histogram base's inverse CDF of ``sigmoid(z)`` per coordinate
+        (piecewise linear in ``u = sigmoid(z)``, so gradients pass through it); the identity on the
+        uniform base."""
+        if self.base == "uniform":
+            return state
+        mass = self.base_logits.exp()
+        upper = mass.cumsum(-1)
+        lower = upper - mass
+        rows = torch.arange(self.features, device=state.device)
+        u = torch.sigmoid(state)
+        j = torch.searchsorted(upper[:, :-1].contiguous(), u.T.contiguous(), right=True).T
+        within = ((u - lower[rows, j]) / mass[rows, j]).clamp(0.0, 1.0)
+        return self.low + (self.high - self.low) / self.bins * (j + within)
+
     # -- the density ----------------------------------------------------------------------------
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """Unnormalized log-density ``-E(x)`` per row."""
+    def log_ratio(self, x: torch.Tensor) -> torch.Tensor:
+        """``-E(x)`` per row: the unnormalized log-density relative to the base."""
         return -self.energy(x).squeeze(-1)
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Unnormalized log-density per row: ``-E(x)`` on the uniform base (as a plain EBM), ``log q(x) - E(x)``
+        on the histogram base."""
+        lr = self.log_ratio(x)
+        return lr if self.base == "uniform" else lr + self.base_log_prob(x)
+
+    def _value_and_score(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _value_and_score(self._chain_log_density, state)
+
+    def _chain_log_density(self, state: torch.Tensor) -> torch.Tensor:
+        """The chains' target in their own coordinates: ``-E(x)``, plus the base there (the standard
+        logistic density of the CDF logits) on the histogram base."""
+        lr = self.log_ratio(self.to_data_space(state))
+        return lr if self.base == "uniform" else lr + _logistic_log_prob(state)
 
     def model(self, x: torch.Tensor):
         pyro.module("energy", self.energy)
@@ -162,13 +267,16 @@ class EBM(ConstructorSpec, PyroModule):
         return self._check(check_data(x, name, rank=2), name)
 
     def noise(self, n: int, like: torch.Tensor | None = None) -> torch.Tensor:
-        """``n`` states drawn uniformly in the ``[low, high]`` box."""
+        """``n`` fresh chain states: uniform in the box, or exact draws from the histogram base
+        (standard logistic CDF logits)."""
         p = next(self.energy.parameters())
         device = like.device if like is not None else p.device
-        return self.low + (self.high - self.low) * torch.rand(n, self.features, device=device, dtype=p.dtype)
+        u = torch.rand(n, self.features, device=device, dtype=p.dtype)
+        return self.low + (self.high - self.low) * u if self.base == "uniform" else _logistic_sample(u)
 
     def positive_log_density(self, batch: torch.Tensor) -> torch.Tensor:
-        lp = self.log_prob(self._check(batch, "batch"))
+        """``-E`` on the data: the base has no parameters, so it drops out of the gradient."""
+        lp = self.log_ratio(self._check(batch, "batch"))
         self._energies = [lp]
         return lp
 
@@ -177,24 +285,35 @@ class EBM(ConstructorSpec, PyroModule):
             raise ValueError(f"num_chains must be a positive int, got {num_chains!r}")
         return self.noise(num_chains, data)
 
+    def advance(self, state: torch.Tensor, steps: int) -> torch.Tensor:
+        """``steps`` moves of every chain: unadjusted Langevin in ``x`` (uniform base), or MALA in
+        CDF logits with the step adapted towards 57% acceptance (histogram base)."""
+        if self.base == "uniform":
+            return self.sampler.run(state, log_density=self.log_prob, num_steps=steps)
+        current = None
+        for _ in range(steps):
+            state, rate, current = _mala_step(self._value_and_score, state, self.chain_step_size, current=current)
+            self.chain_step_size *= math.exp(0.2 * (rate - MALA_ACCEPTANCE))
+        return state
+
     def sample_chains(self, state: torch.Tensor, steps: int) -> torch.Tensor:
-        """Restart each chain from noise w.p. ``reinit_prob``, then ``steps`` Langevin moves (no grad)."""
+        """Restart each chain from the base w.p. ``reinit_prob``, then ``steps`` moves (no grad)."""
         state = self._check(state, "state").detach()
         restart = torch.rand(state.shape[0], 1, device=state.device) < self.reinit_prob
         state = torch.where(restart, self.noise(state.shape[0], state), state)
-        state = self.sampler.run(state, log_density=self.log_prob, num_steps=steps)
+        state = self.advance(state, steps)
         self.buffer.push(state)
         self.chain_steps = steps
         return state
 
     def negative_log_density(self, state: torch.Tensor) -> torch.Tensor:
-        lp = self.log_prob(self._check(state, "state").detach())
+        lp = self.log_ratio(self.to_data_space(self._check(state, "state").detach()))
         self._energies.append(lp)
         return lp
 
     def chain_energy(self, state: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return -self.log_prob(state)
+            return self.energy(self.to_data_space(state)).squeeze(-1)
 
     def regularizer(self) -> torch.Tensor:
         """``alpha * mean(E^2)`` over the latest positive and negative energies (Du & Mordatch 2019)."""
@@ -206,22 +325,22 @@ class EBM(ConstructorSpec, PyroModule):
     # -- sampling and likelihood -----------------------------------------------------------------
     @torch.no_grad()
     def sample(self, n: int, num_steps: int | None = None, from_buffer: bool = True) -> torch.Tensor:
-        """``n`` draws by Langevin dynamics: from the replay buffer of training chains (when it holds
-        states and ``from_buffer``) advanced as many steps as a training chain is per update, so the
-        draws follow the negative phase the energy was fitted against; else from uniform noise,
-        ``sample_steps`` steps. ``num_steps`` overrides either."""
+        """``n`` draws: chains from the replay buffer of training chains (when it holds states and
+        ``from_buffer``) advanced as many steps as a training chain is per update, so the draws
+        follow the negative phase the energy was fitted against; else fresh chains (from the
+        base), ``sample_steps`` steps. ``num_steps`` overrides either."""
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
         if from_buffer and len(self.buffer):
             x0, steps = self.buffer.sample(n), self.chain_steps
         else:
             x0, steps = self.noise(n), self.sample_steps
-        return self.sampler.run(x0, log_density=self.log_prob, num_steps=steps if num_steps is None else num_steps)
+        return self.to_data_space(self.advance(x0, steps if num_steps is None else num_steps))
 
     @torch.no_grad()
     def log_normalizer(self, grid: int = 400, num_chains: int = 256, num_temps: int = 1000) -> float:
-        """log Z = log ∫ exp(-E(x)) dx over the box: quadrature for d <= 2, else AIS (from the replay
-        buffer's Gaussian once trained)."""
+        """log Z = log ∫ exp(log_prob(x)) dx over the box: quadrature for d <= 2, else AIS (from
+        the histogram base, or the replay buffer's Gaussian on the uniform one once trained)."""
         if self.features <= 2:
             p = next(self.energy.parameters())
             axis = torch.linspace(self.low, self.high, grid + 1, device=p.device, dtype=p.dtype)
@@ -233,24 +352,42 @@ class EBM(ConstructorSpec, PyroModule):
 
     @torch.no_grad()
     def _ais_log_normalizer(self, num_chains, num_temps) -> float:
-        """Annealed importance sampling from a normalized base density to exp(-E) along the
+        """Annealed importance sampling from a normalized base density to the model along the
         geometric path, with Metropolis-adjusted Langevin moves that leave each intermediate
-        density invariant. The base is a diagonal Gaussian fitted to the replay buffer (the trained
-        model's own chains) and truncated to the box, or the uniform box before training: on
-        digits the buffer base finds log Z about 30 nats higher than the uniform one, whose
-        weights are dominated by chains that never reach the model's modes. The step size adapts
-        towards a 60% acceptance rate; ``self.last_ais`` keeps the diagnostics."""
-        base = _BoxBase(self.low, self.high, self.features, next(self.energy.parameters()), self.buffer.states)
+        density invariant; the step size adapts towards a 60% acceptance rate and
+        ``self.last_ais`` keeps the diagnostics.
+
+        On the histogram base AIS runs in CDF logits from the base itself (standard logistic
+        there, exactly normalized): log Z = log E_q[exp(-E)]. On the uniform base it starts from
+        a diagonal Gaussian fitted to the replay buffer (the trained model's own chains) and
+        truncated to the box, or the uniform box before training: on digits the buffer base
+        finds log Z about 30 nats higher than the uniform one, whose weights are dominated by
+        chains that never reach the model's modes."""
+        p = next(self.energy.parameters())
+        target = self._chain_log_density  # in the chains' coordinates, base included
+        if self.base == "histogram":
+            base: _BoxBase | _LogisticBase = _LogisticBase(self.features, p)
+            lo, hi = -math.inf, math.inf
+        else:
+            base = _BoxBase(self.low, self.high, self.features, p, self.buffer.states)
+            lo, hi = self.low, self.high
         s = torch.sigmoid(torch.linspace(-6, 6, num_temps + 1, dtype=torch.float64))
         betas = ((s - s[0]) / (s[-1] - s[0])).tolist()  # sigmoid spacing: finer at both ends
+
+        def annealed(z, b, model=None):
+            # the path's log-density and score at z, with the model's (one network pass, kept
+            # across temperatures: only the cheap base term is recomputed)
+            a, ga = _value_and_score(target, z) if model is None else model
+            return b * a + (1 - b) * base.log_prob(z), b * ga + (1 - b) * base.score(z), a, ga
+
         x = base.sample(num_chains)
         log_w = torch.zeros(num_chains, device=x.device, dtype=x.dtype)
         eps, accepted = self.step_size, []
+        current = annealed(x, 0.0)
         for b0, b1 in itertools.pairwise(betas):
-            log_w += (b1 - b0) * (self.log_prob(x) - base.log_prob(x))
-            x, rate = _mala_step(
-                lambda z, b=b1: b * self.log_prob(z) + (1 - b) * base.log_prob(z), x, eps, self.low, self.high
-            )
+            log_w += (b1 - b0) * (current[2] - base.log_prob(x))
+            current = annealed(x, b1, current[2:])
+            x, rate, current = _mala_step(lambda z, b=b1: annealed(z, b), x, eps, lo, hi, current)
             eps *= math.exp(0.1 * (rate - 0.6))
             accepted.append(rate)
         ess = float(log_w.logsumexp(0).mul(2).sub((2 * log_w).logsumexp(0)).exp())
@@ -264,7 +401,7 @@ class EBM(ConstructorSpec, PyroModule):
 
     @torch.no_grad()
     def log_likelihood(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
-        """log p(x) = -E(x) - log Z in nats per point (Z by :meth:`log_normalizer`)."""
+        """log p(x) = log_prob(x) - log Z in nats per point (Z by :meth:`log_normalizer`)."""
         x = self._check(check_data(x, "x", rank=2), "x").to(next(self.energy.parameters()).device)
         return self.log_prob(x) - self.log_normalizer(**kwargs)
 
@@ -295,19 +432,63 @@ class _BoxBase:
             return x.new_full(x.shape[:1], -self.dim * math.log(self.high - self.low))
         return (self.normal.log_prob(x) - self.mass.log()).sum(-1)
 
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        if self.normal is None:
+            return torch.zeros_like(x)
+        return (self.normal.loc - x) / self.normal.scale**2
 
-def _mala_step(log_density, x, eps, low, high):
-    """One Metropolis-adjusted Langevin step targeting ``log_density`` restricted to the box."""
-    from ppdgm.langevin import score_of
 
-    score = score_of(log_density)
-    g = score(x)
-    y = x + eps * g + math.sqrt(2 * eps) * torch.randn_like(x)
+class _LogisticBase:
+    """The histogram base in the chains' coordinates (CDF logits): independent standard logistics."""
+
+    kind = "the histogram base (exact)"
+
+    def __init__(self, dim: int, like: torch.Tensor):
+        self.dim, self.like = dim, like
+
+    def sample(self, n: int) -> torch.Tensor:
+        return _logistic_sample(torch.rand(n, self.dim, device=self.like.device, dtype=self.like.dtype))
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return _logistic_log_prob(z)
+
+    def score(self, z: torch.Tensor) -> torch.Tensor:
+        return -torch.tanh(z / 2)  # d/dz log(sigmoid(z) sigmoid(-z)) = 1 - 2 sigmoid(z)
+
+
+def _logistic_sample(u: torch.Tensor) -> torch.Tensor:
+    tiny = torch.finfo(u.dtype).tiny
+    return u.clamp_min(tiny).log() - (-u).log1p()
+
+
+def _logistic_log_prob(z: torch.Tensor) -> torch.Tensor:
+    return (torch.nn.functional.logsigmoid(z) + torch.nn.functional.logsigmoid(-z)).sum(-1)
+
+
+def _value_and_score(log_density, x):
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        lp = log_density(x)
+        (grad,) = torch.autograd.grad(lp.sum(), x)
+    return lp.detach(), grad
+
+
+def _mala_step(evaluate, x, eps, low=-math.inf, high=math.inf, current=None):
+    """One Metropolis-adjusted Langevin step targeting a log-density restricted to the box.
+
+    ``evaluate(x)`` gives ``(log_density, score, *extra)`` per row; ``current`` is its value at
+    ``x`` when the caller kept it from the last step. Returns the new states, the acceptance rate
+    and ``evaluate``'s value at the new states."""
+    current = evaluate(x) if current is None else current
+    lp_x, g_x = current[0], current[1]
+    y = x + eps * g_x + math.sqrt(2 * eps) * torch.randn_like(x)
     inside = ((y >= low) & (y <= high)).all(-1)
     y = torch.where(inside.unsqueeze(-1), y, x)
-    gy = score(y)
-    lq_fwd = -((y - x - eps * g) ** 2).sum(-1) / (4 * eps)
-    lq_bwd = -((x - y - eps * gy) ** 2).sum(-1) / (4 * eps)
-    log_acc = log_density(y) - log_density(x) + lq_bwd - lq_fwd
+    proposed = evaluate(y)
+    lp_y, g_y = proposed[0], proposed[1]
+    lq_fwd = -((y - x - eps * g_x) ** 2).sum(-1) / (4 * eps)
+    lq_bwd = -((x - y - eps * g_y) ** 2).sum(-1) / (4 * eps)
+    log_acc = lp_y - lp_x + lq_bwd - lq_fwd
     accept = inside & (torch.rand_like(log_acc).log() < log_acc)
-    return torch.where(accept.unsqueeze(-1), y, x), float(accept.float().mean())
+    moved = tuple(torch.where(accept.view(-1, *[1] * (a.dim() - 1)), b, a) for a, b in zip(current, proposed))
+    return torch.where(accept.unsqueeze(-1), y, x), float(accept.float().mean()), moved
