@@ -1,7 +1,8 @@
 """The result of running an engine: trained parameters or draws, history, timing, config.
 
 A Fit saves to a folder of plain files: ``fit.json`` (engine, config, history, timing, model
-spec) and ``tensors.pt`` (parameters, draws), written atomically and read back with
+spec) and ``tensors.pt`` (parameters, draws; draws streamed to disk stay chunk files, in
+``draws/``), written atomically and read back with
 ``torch.load(weights_only=True)`` so a crafted file cannot run code.
 """
 
@@ -11,7 +12,7 @@ import json
 import os
 import pickle
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ Device = str | torch.device | None
 
 FIT_FILE = "fit.json"
 TENSORS_FILE = "tensors.pt"
+DRAWS_FOLDER = "draws"  # chunk files of streamed draws (ppdgm.draw_files)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,14 +60,15 @@ def atomic_write_text(text: str, path: PathLike) -> None:
     os.replace(tmp, path)
 
 
-def safe_load(path: PathLike, map_location: Any = None) -> Any:
+def safe_load(path: PathLike, map_location: Any = None, mmap: bool = False) -> Any:
     """Load tensors/containers only; anything that would unpickle code is refused with ValueError,
-    and an empty, truncated or otherwise unreadable file is reported as such (also a ValueError)."""
+    and an empty, truncated or otherwise unreadable file is reported as such (also a ValueError).
+    ``mmap=True`` maps the tensors' bytes instead of reading them: only what is used is read."""
     path = Path(path)
     if path.stat().st_size == 0:
         raise ValueError(f"{path}: the file is empty (truncated: the write that made it did not finish)")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         if "weights only" in str(err).lower() or "weights_only" in str(err):
             raise ValueError(
@@ -179,7 +182,8 @@ class Fit:
 
     ``params`` is the param-store state (unconstrained values and constraint specs) for engines
     that optimize; ``samples`` maps site names to draws shaped ``(chains, draws, ...)`` for
-    samplers. ``model``/``guide`` are the Pyro programs and ``module`` the zoo object they belong
+    samplers (a :class:`~ppdgm.draw_files.LazyDraws` reading them from disk on access when the
+    sampler streamed them there). ``model``/``guide`` are the Pyro programs and ``module`` the zoo object they belong
     to, if any (not saved; rebuilt from ``spec`` on load when the model came from the zoo or a
     ``file.py:function``). ``args``/``kwargs`` are what the model was called with.
     """
@@ -189,7 +193,7 @@ class Fit:
     history: dict = field(default_factory=dict)
     timing: dict = field(default_factory=dict)
     params: dict | None = None
-    samples: dict | None = None
+    samples: Mapping[str, torch.Tensor] | None = None
     spec: dict | None = None
     extra: dict = field(default_factory=dict)
     model: Callable | None = None
@@ -229,6 +233,7 @@ class Fit:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {"params": self.params, "samples": self.samples, "extra": self.extra.get("tensors")}
+        tensors.update(_draw_files_saved(self.samples, tensors["extra"], directory))
         if isinstance(self.module, torch.nn.Module):
             tensors["module"] = self.module.state_dict()
         atomic_save(tensors, directory / TENSORS_FILE)
@@ -242,6 +247,39 @@ class Fit:
         }
         atomic_write_text(json.dumps(meta, indent=1, default=_jsonable), directory / FIT_FILE)
         return directory
+
+
+def _draw_files_saved(samples: Any, extra_tensors: dict | None, directory: Path) -> dict:
+    """Draws streamed to chunk files are saved as those files (copied into ``directory/draws``)
+    and their index, never read into memory: ``{"samples", "extra", "draw_files"}`` to save, or {}."""
+    from ppdgm.draw_files import LazyDraws
+
+    stats = (extra_tensors or {}).get("sample_stats")
+    lazy = [group for group, value in (("samples", samples), ("stats", stats)) if isinstance(value, LazyDraws)]
+    if not lazy:
+        return {}
+    files = (samples if "samples" in lazy else stats).files.copy_to(directory / DRAWS_FOLDER)
+    return {
+        "samples": None if "samples" in lazy else samples,
+        "extra": {**(extra_tensors or {}), "sample_stats": None} if "stats" in lazy else extra_tensors,
+        "draw_files": {"index": files.state(), "groups": lazy},
+    }
+
+
+def _draw_files_loaded(tensors: dict, directory: Path) -> dict:
+    """The lazy ``samples`` (and ``sample_stats``) of a Fit saved with chunk files of draws."""
+    from ppdgm.draw_files import DrawFiles, LazyDraws
+
+    saved = tensors.get("draw_files")
+    if not saved:
+        return tensors
+    files = DrawFiles(directory / DRAWS_FOLDER, **saved["index"])
+    out = dict(tensors)
+    if "samples" in saved["groups"]:
+        out["samples"] = LazyDraws(files, "samples")
+    if "stats" in saved["groups"]:
+        out["extra"] = {**(tensors.get("extra") or {}), "sample_stats": LazyDraws(files, "stats")}
+    return out
 
 
 def _jsonable(obj: Any) -> Any:
@@ -280,6 +318,7 @@ def load(
             f"pass trust_code=True (command line: --trust-code) if you trust it, or model= to supply the model"
         )
     tensors = safe_load(directory / TENSORS_FILE, map_location=device) if (directory / TENSORS_FILE).exists() else {}
+    tensors = _draw_files_loaded(tensors, directory)
     extra = dict(meta.get("extra") or {})
     if tensors.get("extra") is not None:
         extra["tensors"] = tensors["extra"]
