@@ -33,6 +33,7 @@ from ppdgm.inference.base import Checkpointer, Engine, move_module, resolve_devi
 from ppdgm.inference.callbacks import Callback, as_callbacks
 from ppdgm.logdensity import check_continuous_latents, latent_sites, prototype_trace
 from ppdgm.progress import progress_bar
+from ppdgm.threads import check_threads, torch_threads
 
 DRAWS_TO = ("device", "host", "disk")
 
@@ -245,11 +246,12 @@ class SamplingDriver:
         callbacks: Sequence[Callback] = (),
         config: dict | None = None,
         streaming: DrawStreaming | None = None,
+        threads: int | None = 1,
     ):
         self.name, self.num_warmup, self.num_samples = name, num_warmup, num_samples
         self.settings, self.progress, self.checkpoint = settings, progress, checkpoint
         self.callbacks, self.config = list(callbacks), config if config is not None else settings
-        self.streaming = streaming
+        self.streaming, self.threads = streaming, check_threads(threads)
 
     def load(self) -> dict:
         """The saved run (random state restored), or an empty one; refuses other settings by name."""
@@ -265,6 +267,11 @@ class SamplingDriver:
         return saved
 
     def run(self, groups: list, device, resume: bool = False) -> SamplingRun:
+        """Every group through warm-up and sampling, with ``threads`` torch CPU threads."""
+        with torch_threads(self.threads):
+            return self._run(groups, device, resume)
+
+    def _run(self, groups: list, device, resume: bool) -> SamplingRun:
         saved = self.load() if resume else {"finished": {}, "current": None}
         total = self.num_warmup + self.num_samples
         width = sum(g.width for g in groups)
@@ -438,7 +445,7 @@ class Sampler(Engine):
 
     def _settings(self) -> dict:
         """What decides the draws: a checkpoint from other settings cannot be resumed."""
-        return {k: v for k, v in self.config.items() if k not in ("device", "progress", "checkpoint_every")}
+        return {k: v for k, v in self.config.items() if k not in ("device", "progress", "checkpoint_every", "threads")}
 
     def _driver(self, checkpoint_dir, every: int | None = None, callbacks=()) -> SamplingDriver:
         return SamplingDriver(
@@ -451,6 +458,7 @@ class Sampler(Engine):
             as_callbacks(callbacks),
             self.config,
             self._streaming,
+            self.threads,
         )
 
     def _fit(self, run: SamplingRun, history: dict, extra: dict, model, args, kwargs, callbacks=()) -> Fit:

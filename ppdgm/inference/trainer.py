@@ -25,6 +25,7 @@ from ppdgm.inference.base import Checkpointer, Engine, NonFiniteLossError, set_s
 from ppdgm.inference.callbacks import CallbackLike, as_callbacks
 from ppdgm.inference.schedules import lr_factor
 from ppdgm.progress import progress_bar
+from ppdgm.threads import check_threads, torch_threads
 
 # ---------------------------------------------------------------------------------------------
 # data order
@@ -299,7 +300,32 @@ def train(
     resume: bool = False,
     callbacks: CallbackLike | Iterable[CallbackLike] | None = (),
 ) -> Fit:
-    """Train ``engine`` on ``problem`` (whatever its ``init`` takes) and validated ``data``."""
+    """Train ``engine`` on ``problem`` (whatever its ``init`` takes) and validated ``data``, with
+    ``engine.threads`` torch CPU threads."""
+    with torch_threads(check_threads(engine.threads)):
+        return _train(
+            engine,
+            problem,
+            data,
+            device=device,
+            val_data=val_data,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            callbacks=callbacks,
+        )
+
+
+def _train(
+    engine: TrainingEngine,
+    problem: Any,
+    data: Any,
+    *,
+    device: torch.device,
+    val_data: Any = None,
+    checkpoint_dir: PathLike | None = None,
+    resume: bool = False,
+    callbacks: CallbackLike | Iterable[CallbackLike] | None = (),
+) -> Fit:
     hooks = as_callbacks(callbacks)
     world = distributed.init_from_env(device)
     n = _length(data)

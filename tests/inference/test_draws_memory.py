@@ -135,3 +135,10 @@ def test_unwritable_directory_is_refused_before_sampling(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="is an existing file"):
         chees().stream_draws("disk", directory=tmp_path / "file")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_draws_stream_to_pinned_host_memory(unstreamed):
+    fit = chees(device="cuda").stream_draws("host", chunk_draws=CHUNK).run(regression, XR.cuda(), YR.cuda())
+    assert all(v.device.type == "cpu" and v.is_pinned() for v in fit.samples.values())
+    assert torch.allclose(fit.samples["w"].mean((0, 1)), unstreamed.samples["w"].mean((0, 1)), atol=0.3)
