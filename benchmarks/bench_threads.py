@@ -58,9 +58,9 @@ def workloads():
         return 100
 
     def chees():
-        engine = keep_threads(ChEES(num_chains=64, num_warmup=50, num_samples=50, seed=0, progress=False))
+        engine = keep_threads(ChEES(num_chains=64, num_warmup=25, num_samples=25, seed=0, progress=False))
         engine.run(logistic_regression, logit_x, logit_y)
-        return 100
+        return 50
 
     def svi():
         pyro.clear_param_store()
@@ -80,10 +80,13 @@ def workloads():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", default="", help="run the workloads whose name contains this text")
     args = parser.parse_args()
     ratios = []
     print(f"{'workload':<48} {'unit':<15} {'1 thread':>9} {'2 threads':>10} {'2/1':>6}")
     for name, (unit, run) in workloads().items():
+        if args.only.lower() not in name.lower():
+            continue
         times: dict[int, list[float]] = {1: [], 2: []}
         for _ in range(args.repeats):
             for threads in (1, 2):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,7 +44,7 @@ class DrawFiles:
     def write(self, first_chain: int, first_draw: int, values: dict) -> dict:
         """Save one chunk ``{"samples": {...}, "stats": {...}}`` of host tensors ``(chains, draws, ...)``."""
         some = next(v for g in GROUPS for v in values[g].values())
-        entry = {
+        entry: dict[str, Any] = {
             "file": f"chunk-{first_chain:07d}-{first_draw:07d}.pt",
             "chains": [first_chain, some.shape[0]],
             "draws": [first_draw, some.shape[1]],

@@ -232,7 +232,7 @@ class Fit:
     def save(self, directory: PathLike) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {"params": self.params, "samples": self.samples, "extra": self.extra.get("tensors")}
+        tensors: dict[str, Any] = {"params": self.params, "samples": self.samples, "extra": self.extra.get("tensors")}
         tensors.update(_draw_files_saved(self.samples, tensors["extra"], directory))
         if isinstance(self.module, torch.nn.Module):
             tensors["module"] = self.module.state_dict()
@@ -255,10 +255,11 @@ def _draw_files_saved(samples: Any, extra_tensors: dict | None, directory: Path)
     from ppdgm.draw_files import LazyDraws
 
     stats = (extra_tensors or {}).get("sample_stats")
-    lazy = [group for group, value in (("samples", samples), ("stats", stats)) if isinstance(value, LazyDraws)]
-    if not lazy:
+    source = samples if isinstance(samples, LazyDraws) else stats
+    if not isinstance(source, LazyDraws):
         return {}
-    files = (samples if "samples" in lazy else stats).files.copy_to(directory / DRAWS_FOLDER)
+    lazy = [group for group, value in (("samples", samples), ("stats", stats)) if isinstance(value, LazyDraws)]
+    files = source.files.copy_to(directory / DRAWS_FOLDER)
     return {
         "samples": None if "samples" in lazy else samples,
         "extra": {**(extra_tensors or {}), "sample_stats": None} if "stats" in lazy else extra_tensors,

@@ -130,6 +130,8 @@ class StreamedDraws:
         self.host: dict[str, dict] = {g: {} for g in GROUPS}
         self.files = None
         if streaming.to == "disk":
+            if streaming.directory is None:
+                raise ValueError("stream_draws to='disk' needs a directory for the chunk files")
             directory = check_writable(streaming.directory, "stream_draws directory")
             self.files = DrawFiles(directory, num_chains, num_samples)
         self.first, self.pending, self.peak_device_bytes = 0, 0, 0
