@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ Device = str | torch.device | None
 
 FIT_FILE = "fit.json"
 TENSORS_FILE = "tensors.pt"
-DRAWS_FOLDER = "draws"  # chunk files of streamed draws (ppdgm.draw_files)
+DRAWS_FOLDER = "draws"  # chunk files of streamed draws (LazyDraws)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,6 +108,122 @@ class UntrustedCodeError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
+# draws kept on disk in chunk files, read on access
+#
+# A sampler streaming its draws to disk (``Sampler.stream_draws``) writes one file per chunk,
+# ``chunk-<first chain>-<first draw>.pt``, each ``{"samples": {site: (chains, draws, ...)},
+# "stats": {stat: (chains, draws)}}`` for a block of chains and consecutive draws. The Fit holds
+# :class:`LazyDraws`, which reads a name's chunks (memory-mapped: only that name's bytes) and puts
+# them together when it is asked for that name; ``Fit.save`` copies the files into ``draws/``.
+
+DRAW_GROUPS = ("samples", "stats")
+
+
+class DrawFiles:
+    """A folder of chunk files holding ``num_chains`` x ``num_samples`` draws, and their index.
+
+    ``chunks`` lists ``{"file", "chains": [first, width], "draws": [first, count]}``; ``names``
+    the names in each group (as written by the first chunk)."""
+
+    def __init__(
+        self,
+        directory: PathLike,
+        num_chains: int,
+        num_samples: int,
+        chunks: list | None = None,
+        names: dict | None = None,
+    ):
+        self.directory = Path(directory)
+        self.num_chains, self.num_samples = num_chains, num_samples
+        self.chunks: list[dict] = list(chunks or [])
+        self.names: dict[str, list[str]] = {g: list((names or {}).get(g, [])) for g in DRAW_GROUPS}
+
+    def write(self, first_chain: int, first_draw: int, values: dict) -> dict:
+        """Save one chunk ``{"samples": {...}, "stats": {...}}`` of host tensors ``(chains, draws, ...)``."""
+        some = next(v for g in DRAW_GROUPS for v in values[g].values())
+        entry: dict[str, Any] = {
+            "file": f"chunk-{first_chain:07d}-{first_draw:07d}.pt",
+            "chains": [first_chain, some.shape[0]],
+            "draws": [first_draw, some.shape[1]],
+        }
+        atomic_save({g: dict(values[g]) for g in DRAW_GROUPS}, self.directory / entry["file"])
+        self.add([entry])
+        for g in DRAW_GROUPS:
+            if not self.names[g]:
+                self.names[g] = list(values[g])
+        return entry
+
+    def add(self, entries: list) -> None:
+        """Count chunks as written (a resumed run's); one rewritten replaces its old entry."""
+        for entry in entries:
+            if not (self.directory / entry["file"]).exists():
+                raise ValueError(
+                    f"{self.directory / entry['file']}: a chunk of draws the checkpoint counts on is missing; "
+                    "rerun without resume"
+                )
+            self.chunks = [c for c in self.chunks if c["file"] != entry["file"]] + [dict(entry)]
+
+    def entries(self, chains: slice) -> list:
+        """The chunks of the chains ``chains`` (for a checkpoint)."""
+        return [c for c in self.chunks if chains.start <= c["chains"][0] < chains.stop]
+
+    def read(self, group: str, name: str) -> torch.Tensor:
+        """``(num_chains, num_samples, ...)`` of one name, assembled from every chunk."""
+        out = None
+        for c in self.chunks:
+            value = safe_load(self.directory / c["file"], mmap=True)[group][name]
+            if out is None:
+                out = value.new_empty((self.num_chains, self.num_samples, *value.shape[2:]))
+            (c0, width), (d0, count) = c["chains"], c["draws"]
+            out[c0 : c0 + width, d0 : d0 + count] = value
+        if out is None:
+            raise KeyError(f"no draws of {name!r} were written to {self.directory}")
+        return out
+
+    def copy_to(self, directory: PathLike) -> DrawFiles:
+        """The same draws in ``directory`` (files copied unless it is this folder)."""
+        directory = Path(directory)
+        if directory.resolve() != self.directory.resolve():
+            directory.mkdir(parents=True, exist_ok=True)
+            for c in self.chunks:
+                shutil.copyfile(self.directory / c["file"], directory / c["file"])
+        return DrawFiles(directory, **self.state())
+
+    def state(self) -> dict:
+        """The index as plain data (saved in a Fit's ``tensors.pt``; the folder is where it lies)."""
+        return {
+            "num_chains": self.num_chains,
+            "num_samples": self.num_samples,
+            "chunks": self.chunks,
+            "names": self.names,
+        }
+
+
+class LazyDraws(Mapping):
+    """``{name: (chain, draw, ...)}`` of one group of :class:`DrawFiles`, read from disk on access
+    (each access reads anew, so memory holds only what the caller keeps)."""
+
+    def __init__(self, files: DrawFiles, group: str):
+        if group not in DRAW_GROUPS:
+            raise ValueError(f"group must be one of {DRAW_GROUPS}, got {group!r}")
+        self.files, self.group = files, group
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.files.names[self.group]:
+            raise KeyError(name)
+        return self.files.read(self.group, name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.files.names[self.group])
+
+    def __len__(self) -> int:
+        return len(self.files.names[self.group])
+
+    def __repr__(self) -> str:
+        return f"LazyDraws({self.group} {list(self)} in {self.files.directory}, {len(self.files.chunks)} chunks)"
+
+
+# ---------------------------------------------------------------------------------------------
 # constraints of Pyro params, as plain data
 
 
@@ -182,7 +299,7 @@ class Fit:
 
     ``params`` is the param-store state (unconstrained values and constraint specs) for engines
     that optimize; ``samples`` maps site names to draws shaped ``(chains, draws, ...)`` for
-    samplers (a :class:`~ppdgm.draw_files.LazyDraws` reading them from disk on access when the
+    samplers (a :class:`LazyDraws` reading them from disk on access when the
     sampler streamed them there). ``model``/``guide`` are the Pyro programs and ``module`` the zoo object they belong
     to, if any (not saved; rebuilt from ``spec`` on load when the model came from the zoo or a
     ``file.py:function``). ``args``/``kwargs`` are what the model was called with.
@@ -252,9 +369,7 @@ class Fit:
 def _draw_files_saved(samples: Any, extra_tensors: dict | None, directory: Path) -> dict:
     """Draws streamed to chunk files are saved as those files (copied into ``directory/draws``)
     and their index, never read into memory: ``{"samples", "extra", "draw_files"}`` to save, or {}."""
-    from ppdgm.draw_files import LazyDraws
-
-    stats = (extra_tensors or {}).get("sample_stats")
+    stats = extra_tensors.get("sample_stats") if isinstance(extra_tensors, dict) else None
     source = samples if isinstance(samples, LazyDraws) else stats
     if not isinstance(source, LazyDraws):
         return {}
@@ -269,8 +384,6 @@ def _draw_files_saved(samples: Any, extra_tensors: dict | None, directory: Path)
 
 def _draw_files_loaded(tensors: dict, directory: Path) -> dict:
     """The lazy ``samples`` (and ``sample_stats``) of a Fit saved with chunk files of draws."""
-    from ppdgm.draw_files import DrawFiles, LazyDraws
-
     saved = tensors.get("draw_files")
     if not saved:
         return tensors

@@ -12,7 +12,7 @@ timing, and the Fit with its ``sample_stats``.
 By default the draws stay on the run's device. :meth:`Sampler.stream_draws` bounds the device
 memory they take instead (many chains, long runs): each group's draws go into a buffer of
 ``chunk_draws`` draws per chain, moved off the device each time it fills, to host memory (pinned
-on CUDA) or to one file per chunk that the Fit reads on access (:mod:`ppdgm.draw_files`).
+on CUDA) or to one file per chunk that the Fit reads on access (:class:`~ppdgm.fit.LazyDraws`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ from typing import Protocol
 import pyro
 import torch
 
-from ppdgm.draw_files import GROUPS, DrawFiles, LazyDraws
-from ppdgm.fit import Device, Fit, PathLike, check_writable
+from ppdgm.fit import DRAW_GROUPS, Device, DrawFiles, Fit, LazyDraws, PathLike, check_writable
 from ppdgm.inference.base import Checkpointer, Engine, move_module, resolve_device, set_seed, to_device
 from ppdgm.inference.callbacks import Callback, as_callbacks
 from ppdgm.logdensity import check_continuous_latents, latent_sites, prototype_trace
@@ -120,14 +119,14 @@ class DrawStreaming:
 class StreamedDraws:
     """Draws written into a device buffer of ``chunk_draws`` draws per chain of the running group
     and moved off the device each time it fills: into host tensors (pinned on CUDA, copied without
-    waiting) or into a chunk file of :class:`~ppdgm.draw_files.DrawFiles`. The device holds at
+    waiting) or into a chunk file of :class:`~ppdgm.fit.DrawFiles`. The device holds at
     most ``chunk_draws x group width x (values + stats per chain)`` elements
     (``peak_device_bytes`` records the most it held); the draws equal :class:`Draws`'."""
 
     def __init__(self, num_chains: int, num_samples: int, streaming: DrawStreaming):
         self.num_chains, self.num_samples, self.streaming = num_chains, num_samples, streaming
-        self.buffer: dict[str, dict] = {g: {} for g in GROUPS}
-        self.host: dict[str, dict] = {g: {} for g in GROUPS}
+        self.buffer: dict[str, dict] = {g: {} for g in DRAW_GROUPS}
+        self.host: dict[str, dict] = {g: {} for g in DRAW_GROUPS}
         self.files = None
         if streaming.to == "disk":
             if streaming.directory is None:
@@ -145,7 +144,7 @@ class StreamedDraws:
         return LazyDraws(self.files, "stats") if self.files is not None else self.host["stats"]
 
     def device_bytes(self) -> int:
-        return sum(v.nbytes for g in GROUPS for v in self.buffer[g].values())
+        return sum(v.nbytes for g in DRAW_GROUPS for v in self.buffer[g].values())
 
     def write(self, chains: slice, index: int, samples: dict, stats: dict) -> None:
         if self.pending == 0:
@@ -165,10 +164,12 @@ class StreamedDraws:
         n, first = self.pending, self.first
         if self.files is not None:
             self.files.write(
-                chains.start, first, {g: {k: v[:, :n].cpu().clone() for k, v in self.buffer[g].items()} for g in GROUPS}
+                chains.start,
+                first,
+                {g: {k: v[:, :n].cpu().clone() for k, v in self.buffer[g].items()} for g in DRAW_GROUPS},
             )
         else:
-            for group in GROUPS:
+            for group in DRAW_GROUPS:
                 for name, value in self.buffer[group].items():
                     into = self.host[group].get(name)
                     if into is None:
@@ -183,15 +184,15 @@ class StreamedDraws:
         and the draws still in the buffer, or (to host) the draws themselves."""
         self._synchronize()
         n = self.pending
-        pending = {g: {k: v[:, :n].cpu().clone() for k, v in self.buffer[g].items()} if n else {} for g in GROUPS}
+        pending = {g: {k: v[:, :n].cpu().clone() for k, v in self.buffer[g].items()} if n else {} for g in DRAW_GROUPS}
         if self.files is not None:
             return {"chunks": self.files.entries(chains), "first_draw": until - n, **pending}
-        kept = {g: {k: v[chains, : until - n] for k, v in self.host[g].items()} for g in GROUPS}
+        kept = {g: {k: v[chains, : until - n] for k, v in self.host[g].items()} for g in DRAW_GROUPS}
         return {
             g: {k: torch.cat([kept[g][k], v], 1) if k in kept[g] else v for k, v in pending[g].items()}
             if n
             else kept[g]
-            for g in GROUPS
+            for g in DRAW_GROUPS
         }
 
     def restore(self, chains: slice, saved: dict, device) -> None:
@@ -204,16 +205,16 @@ class StreamedDraws:
         first = saved.get("first_draw", 0)
         count = next(iter(saved["samples"].values())).shape[1] if saved["samples"] else 0
         for i in range(count):  # the buffered draws are written again, as the run wrote them
-            row = {g: {k: v[:, i].to(device) for k, v in saved[g].items()} for g in GROUPS}
+            row = {g: {k: v[:, i].to(device) for k, v in saved[g].items()} for g in DRAW_GROUPS}
             self.write(chains, first + i, row["samples"], row["stats"])
 
     def finish(self) -> None:
         """Wait for the last copies off the device, and free the buffer."""
         self._synchronize()
-        self.buffer = {g: {} for g in GROUPS}
+        self.buffer = {g: {} for g in DRAW_GROUPS}
 
     def _synchronize(self) -> None:
-        if any(v.is_cuda for g in GROUPS for v in self.buffer[g].values()):
+        if any(v.is_cuda for g in DRAW_GROUPS for v in self.buffer[g].values()):
             torch.cuda.synchronize()
 
 

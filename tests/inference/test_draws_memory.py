@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ppdgm
-from ppdgm.draw_files import LazyDraws
+from ppdgm.fit import LazyDraws
 from ppdgm.inference.base import Checkpointer
 from ppdgm.inference.chees import ChEES
 from ppdgm.inference.mcmc import NUTS
