@@ -10,9 +10,13 @@ otherwise, and give the caller back the thread count it had.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar, cast
 
 import torch
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def check_threads(threads: int | None) -> int | None:
@@ -35,3 +39,14 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def with_threads_of_first_argument(fn: F) -> F:
+    """``fn(owner, ...)`` runs with ``owner.threads`` torch CPU threads (an engine or a driver)."""
+
+    @functools.wraps(fn)
+    def run(owner: Any, *args: Any, **kwargs: Any) -> Any:
+        with torch_threads(check_threads(owner.threads)):
+            return fn(owner, *args, **kwargs)
+
+    return cast(F, run)

@@ -32,7 +32,7 @@ from ppdgm.inference.base import Checkpointer, Engine, move_module, resolve_devi
 from ppdgm.inference.callbacks import Callback, as_callbacks
 from ppdgm.logdensity import check_continuous_latents, latent_sites, prototype_trace
 from ppdgm.progress import progress_bar
-from ppdgm.threads import check_threads, torch_threads
+from ppdgm.threads import check_threads, with_threads_of_first_argument
 
 DRAWS_TO = ("device", "host", "disk")
 
@@ -269,12 +269,9 @@ class SamplingDriver:
             )
         return saved
 
+    @with_threads_of_first_argument
     def run(self, groups: list, device, resume: bool = False) -> SamplingRun:
         """Every group through warm-up and sampling, with ``threads`` torch CPU threads."""
-        with torch_threads(self.threads):
-            return self._run(groups, device, resume)
-
-    def _run(self, groups: list, device, resume: bool) -> SamplingRun:
         saved = self.load() if resume else {"finished": {}, "current": None}
         total = self.num_warmup + self.num_samples
         width = sum(g.width for g in groups)

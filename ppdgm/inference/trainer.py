@@ -25,7 +25,7 @@ from ppdgm.inference.base import Checkpointer, Engine, NonFiniteLossError, set_s
 from ppdgm.inference.callbacks import CallbackLike, as_callbacks
 from ppdgm.inference.schedules import lr_factor
 from ppdgm.progress import progress_bar
-from ppdgm.threads import check_threads, torch_threads
+from ppdgm.threads import with_threads_of_first_argument
 
 # ---------------------------------------------------------------------------------------------
 # data order
@@ -289,6 +289,7 @@ def track_validation(
     return best, bad_evals, patience is not None and bad_evals >= patience
 
 
+@with_threads_of_first_argument  # engine.threads (default one: ppdgm.threads)
 def train(
     engine: TrainingEngine,
     problem: Any,
@@ -300,32 +301,7 @@ def train(
     resume: bool = False,
     callbacks: CallbackLike | Iterable[CallbackLike] | None = (),
 ) -> Fit:
-    """Train ``engine`` on ``problem`` (whatever its ``init`` takes) and validated ``data``, with
-    ``engine.threads`` torch CPU threads."""
-    with torch_threads(check_threads(engine.threads)):
-        return _train(
-            engine,
-            problem,
-            data,
-            device=device,
-            val_data=val_data,
-            checkpoint_dir=checkpoint_dir,
-            resume=resume,
-            callbacks=callbacks,
-        )
-
-
-def _train(
-    engine: TrainingEngine,
-    problem: Any,
-    data: Any,
-    *,
-    device: torch.device,
-    val_data: Any = None,
-    checkpoint_dir: PathLike | None = None,
-    resume: bool = False,
-    callbacks: CallbackLike | Iterable[CallbackLike] | None = (),
-) -> Fit:
+    """Train ``engine`` on ``problem`` (whatever its ``init`` takes) and validated ``data``."""
     hooks = as_callbacks(callbacks)
     world = distributed.init_from_env(device)
     n = _length(data)
