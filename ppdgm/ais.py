@@ -27,6 +27,7 @@ import torch
 
 from ppdgm.boltzmann import LayeredEnergy, two_colouring
 from ppdgm.progress import progress_bar
+from ppdgm.threads import check_threads, torch_threads
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,7 @@ def annealed_importance_sampling(
     betas: torch.Tensor | None = None,
     base_data: dict | None = None,
     seed: int | None = None,
+    threads: int | None = 1,
 ) -> LogZ:
     """``log Z`` of a layered Boltzmann machine by AIS.
 
@@ -157,7 +159,10 @@ def annealed_importance_sampling(
         num_betas: inverse temperatures (Salakhutdinov & Murray's spacing) unless ``betas`` is given.
         base_data: ``{layer index: data}`` to fit the base-rate model's biases (visible layers).
         seed: seeds torch's generator first, when given.
+        threads: torch CPU threads while it anneals (None: the caller's; restored after). One is
+            fastest for these small steps on a small CPU: :mod:`ppdgm.threads`.
     """
+    check_threads(threads)
     if not isinstance(energy, LayeredEnergy):
         raise TypeError(f"energy must be a LayeredEnergy (model.energy_graph()), got {type(energy).__name__}")
     if isinstance(num_runs, bool) or not isinstance(num_runs, int) or num_runs < 2:
@@ -169,34 +174,35 @@ def annealed_importance_sampling(
         raise ValueError("betas must be a non-decreasing 1-D sequence from 0 to 1")
     if seed is not None:
         torch.manual_seed(seed)
-    e = _double(energy)
-    kept, summed = split_colours(e)
-    if base_data is not None and not isinstance(base_data, dict):
-        raise TypeError(f"base_data must be a dict {{layer index: tensor}}, got {type(base_data).__name__}")
-    base = base_biases(e, kept, base_data)
-    device = e.biases[0].device
-    state = {}
-    for i in kept:
-        shape = (num_runs, e.sizes[i])
-        if e.units[i] == "gaussian":
-            state[i] = e.biases[i] + e.sigma(i) * torch.randn(shape, dtype=torch.float64, device=device)
-        else:
-            state[i] = e.sample(i, base[i].expand(shape))
-    log_w = torch.zeros(num_runs, dtype=torch.float64, device=device)
-    previous = _log_unnormalized(e, kept, summed, base, state, 0.0)
-    bar = progress_bar(betas.numel() - 1, "AIS")
-    for beta in betas[1:].tolist():
-        current = _log_unnormalized(e, kept, summed, base, state, beta)
-        log_w += current - previous
-        state = _transition(e, kept, summed, base, state, beta)
-        previous = _log_unnormalized(e, kept, summed, base, state, beta)
-        bar.update(1)
-    bar.close()
-    log_z0 = _log_z0(e, kept, summed, base)
-    log_mean_w = torch.logsumexp(log_w, 0) - math.log(num_runs)
-    w = (log_w - log_w.max()).exp()
-    stderr = float(w.std() / (math.sqrt(num_runs) * w.mean()))
-    return LogZ(float(log_z0 + log_mean_w), stderr, "ais", num_runs, betas.numel(), log_w.float().cpu())
+    with torch_threads(threads):
+        e = _double(energy)
+        kept, summed = split_colours(e)
+        if base_data is not None and not isinstance(base_data, dict):
+            raise TypeError(f"base_data must be a dict {{layer index: tensor}}, got {type(base_data).__name__}")
+        base = base_biases(e, kept, base_data)
+        device = e.biases[0].device
+        state = {}
+        for i in kept:
+            shape = (num_runs, e.sizes[i])
+            if e.units[i] == "gaussian":
+                state[i] = e.biases[i] + e.sigma(i) * torch.randn(shape, dtype=torch.float64, device=device)
+            else:
+                state[i] = e.sample(i, base[i].expand(shape))
+        log_w = torch.zeros(num_runs, dtype=torch.float64, device=device)
+        previous = _log_unnormalized(e, kept, summed, base, state, 0.0)
+        bar = progress_bar(betas.numel() - 1, "AIS")
+        for beta in betas[1:].tolist():
+            current = _log_unnormalized(e, kept, summed, base, state, beta)
+            log_w += current - previous
+            state = _transition(e, kept, summed, base, state, beta)
+            previous = _log_unnormalized(e, kept, summed, base, state, beta)
+            bar.update(1)
+        bar.close()
+        log_z0 = _log_z0(e, kept, summed, base)
+        log_mean_w = torch.logsumexp(log_w, 0) - math.log(num_runs)
+        w = (log_w - log_w.max()).exp()
+        stderr = float(w.std() / (math.sqrt(num_runs) * w.mean()))
+        return LogZ(float(log_z0 + log_mean_w), stderr, "ais", num_runs, betas.numel(), log_w.float().cpu())
 
 
 @torch.no_grad()

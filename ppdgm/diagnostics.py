@@ -8,6 +8,7 @@ observed sites are added so ``az.loo``/``az.waic`` work on any engine's result.
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,6 +20,11 @@ from pyro.poutine.util import site_is_subsample
 
 if TYPE_CHECKING:
     import arviz as az
+
+# the pointwise log-likelihood is chains x draws x data points: above this it is skipped, with a warning
+LOG_LIKELIHOOD_MAX_BYTES = 1 << 30
+# draws evaluated per model call hold at most this many bytes of log-likelihood values
+LOG_LIKELIHOOD_CHUNK_BYTES = 1 << 28
 
 
 def trace_model(model, args=(), kwargs=None, condition: dict | None = None):
@@ -73,15 +79,26 @@ def samples_to_inference_data(
     kwargs=None,
     log_likelihood: bool = True,
     posterior_predictive: bool = False,
-    max_draws_for_loglik: int = 200_000,
     sample_stats: dict | None = None,
+    log_likelihood_max_bytes: int = LOG_LIKELIHOOD_MAX_BYTES,
+    log_likelihood_chunk_bytes: int = LOG_LIKELIHOOD_CHUNK_BYTES,
 ) -> az.InferenceData:
     """Build InferenceData from draws ``{site: (chain, draw, ...)}`` of a Pyro ``model``.
 
     ``sample_stats`` (e.g. ``diverging``, ``acceptance_rate``, ``energy``, each ``(chain, draw)``)
     becomes the ``sample_stats`` group that ArviZ's divergence and energy plots read.
-    """
 
+    The ``log_likelihood`` group holds chains x draws x data points values: when that is more
+    than ``log_likelihood_max_bytes`` (1 GiB) it is left out with a warning saying how to get it,
+    and it is computed ``log_likelihood_chunk_bytes`` (256 MiB) of values at a time, so the
+    memory it takes is the result's plus one chunk's (and the model's own intermediates for it).
+    """
+    for arg, val in (
+        ("log_likelihood_max_bytes", log_likelihood_max_bytes),
+        ("log_likelihood_chunk_bytes", log_likelihood_chunk_bytes),
+    ):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"{arg} must be a positive int (bytes), got {val!r}")
     kwargs = kwargs or {}
     samples = {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for k, v in samples.items()}
     first = {k: v[0, 0] for k, v in samples.items()}
@@ -112,8 +129,21 @@ def samples_to_inference_data(
     if observed:
         groups["observed_data"] = {n: to_numpy(s["value"]) for n, s in observed.items()}
     chains, draws = next(iter(samples.values())).shape[:2]
-    if log_likelihood and observed and chains * draws <= max_draws_for_loglik:
-        groups["log_likelihood"] = pointwise_log_likelihood(model, samples, args, kwargs, list(observed))
+    if log_likelihood and observed:
+        size = chains * draws * log_likelihood_bytes_per_draw(observed.values())
+        if size <= log_likelihood_max_bytes:
+            groups["log_likelihood"] = pointwise_log_likelihood(
+                model, samples, args, kwargs, list(observed), chunk_bytes=log_likelihood_chunk_bytes
+            )
+        else:
+            warnings.warn(
+                f"log_likelihood group left out: {chains} chains x {draws} draws of the pointwise "
+                f"log-likelihood of {sorted(observed)} take {size / 2**20:,.0f} MiB, more than "
+                f"log_likelihood_max_bytes={log_likelihood_max_bytes:,} ({log_likelihood_max_bytes / 2**20:,.0f} MiB); "
+                f"pass to_arviz(log_likelihood_max_bytes={size}) to compute it anyway, or convert fewer "
+                f"draws (e.g. every k-th: {{site: v[:, ::k]}})",
+                stacklevel=2,
+            )
     if sample_stats:
         groups["sample_stats"] = {k: to_numpy(v) for k, v in sample_stats.items()}
     if posterior_predictive and observed:
@@ -134,18 +164,26 @@ def samples_to_inference_data(
     return _from_groups(groups, dims, ll_dims, coords)
 
 
-def pointwise_log_likelihood(model, samples: dict, args=(), kwargs=None, observed=(), chunk: int = 2000) -> dict:
+def log_likelihood_bytes_per_draw(sites) -> int:
+    """Bytes of one draw's pointwise log-likelihood of the observed ``sites`` (of a trace)."""
+    return sum(_observed_log_prob(s).numel() * _observed_log_prob(s).element_size() for s in sites)
+
+
+def pointwise_log_likelihood(
+    model, samples: dict, args=(), kwargs=None, observed=(), chunk_bytes: int = LOG_LIKELIHOOD_CHUNK_BYTES
+) -> dict:
     """``{site: (chain, draw, *batch)}`` log p(y_i | draw) of each observed site, per data point.
 
-    Draws are evaluated ``chunk`` at a time in one model call under an outer plate; a model
-    that does not broadcast over that plate is evaluated one draw at a time instead.
+    Draws are evaluated in one model call per chunk under an outer plate, as many per chunk as
+    keep its log-likelihood values within ``chunk_bytes``, and written into the preallocated
+    result; a model that does not broadcast over that plate is evaluated one draw at a time.
     """
     kwargs = kwargs or {}
     samples = {k: torch.as_tensor(v) for k, v in samples.items()}
     chains, draws = next(iter(samples.values())).shape[:2]
     flat = {k: v.reshape(chains * draws, *v.shape[2:]) for k, v in samples.items()}
     try:
-        out = _batched_log_likelihood(model, flat, args, kwargs, observed, chunk)
+        out = _batched_log_likelihood(model, flat, args, kwargs, observed, chunk_bytes)
     except (ValueError, RuntimeError, IndexError):
         out = None
     if out is None:
@@ -177,23 +215,27 @@ def _observed_log_prob(site):
 
 def _looped_log_likelihood(model, flat, args, kwargs, observed):
     n = next(iter(flat.values())).shape[0]
-    ll: dict[str, list[torch.Tensor]] = {o: [] for o in observed}
+    out: dict[str, np.ndarray] = {}
     for i in range(n):
         tr = trace_model(model, args, kwargs, condition={k: v[i] for k, v in flat.items()})
         for o in observed:
-            ll[o].append(to_numpy(_observed_log_prob(tr.nodes[o])))
-    return {o: np.stack(v) for o, v in ll.items()}
+            lp = to_numpy(_observed_log_prob(tr.nodes[o]))
+            if o not in out:
+                out[o] = np.empty((n, *lp.shape), dtype=lp.dtype)
+            out[o][i] = lp
+    return out
 
 
-def _batched_log_likelihood(model, flat, args, kwargs, observed, chunk):
+def _batched_log_likelihood(model, flat, args, kwargs, observed, chunk_bytes):
     from ppdgm.logdensity import BatchedLogDensity
 
     first = {k: v[0] for k, v in flat.items()}
     single = trace_model(model, args, kwargs, condition=first)
     density = BatchedLogDensity(model, args, kwargs, trace=trace_model(model, args, kwargs))
     expect = {o: _observed_log_prob(single.nodes[o]) for o in observed}
+    chunk = max(1, chunk_bytes // max(log_likelihood_bytes_per_draw(single.nodes[o] for o in observed), 1))
     n = next(iter(flat.values())).shape[0]
-    parts: dict[str, list[torch.Tensor]] = {o: [] for o in observed}
+    out = {o: np.empty((n, *e.shape), dtype=to_numpy(e).dtype) for o, e in expect.items()}
     with torch.no_grad(), pyro.validation_enabled(False):
         for start in range(0, n, chunk):
             values = {k: v[start : start + chunk] for k, v in flat.items()}
@@ -205,12 +247,11 @@ def _batched_log_likelihood(model, flat, args, kwargs, observed, chunk):
                 padded = (m, *([1] * (density.nesting - len(shape))), *shape)
                 if lp.dim() != len(padded):
                     return None
-                parts[o].append(lp.expand(padded).reshape(m, *shape))
-    out = {o: torch.cat(v) for o, v in parts.items()}
+                out[o][start : start + m] = to_numpy(lp.expand(padded).reshape(m, *shape))
     for o in observed:  # the batched evaluation must agree with a plain run of the model
-        if not torch.allclose(out[o][0], expect[o], rtol=1e-4, atol=1e-4):
+        if not np.allclose(out[o][0], to_numpy(expect[o]), rtol=1e-4, atol=1e-4):
             return None
-    return {o: to_numpy(v) for o, v in out.items()}
+    return out
 
 
 def _from_groups(groups, dims, ll_dims, coords):
@@ -241,9 +282,15 @@ def guide_draws(model, guide, args=(), kwargs=None, num_samples: int = 500) -> d
 
 
 def fit_to_inference_data(
-    fit, num_samples: int = 500, log_likelihood: bool = True, posterior_predictive: bool = False
+    fit,
+    num_samples: int = 500,
+    log_likelihood: bool = True,
+    posterior_predictive: bool = False,
+    log_likelihood_max_bytes: int = LOG_LIKELIHOOD_MAX_BYTES,
+    log_likelihood_chunk_bytes: int = LOG_LIKELIHOOD_CHUNK_BYTES,
 ) -> az.InferenceData:
-    """What ``Fit.to_arviz()`` returns (draws from ``fit.samples`` or from the guide)."""
+    """What ``Fit.to_arviz()`` returns (draws from ``fit.samples`` or from the guide); the
+    ``log_likelihood_*`` caps are :func:`samples_to_inference_data`'s."""
 
     if fit.engine in ("pcd", "greedy"):
         return chain_energy_inference_data(fit)
@@ -274,6 +321,8 @@ def fit_to_inference_data(
         log_likelihood=log_likelihood,
         posterior_predictive=posterior_predictive,
         sample_stats=stats,
+        log_likelihood_max_bytes=log_likelihood_max_bytes,
+        log_likelihood_chunk_bytes=log_likelihood_chunk_bytes,
     )
 
 

@@ -214,7 +214,7 @@ def fit_family(
 
             fit.samples = guide_draws(fit.model, fit.guide, fit.args, fit.kwargs, num_samples=200)
         if fit.samples:
-            family.attach_posterior(fit.samples)
+            family.attach_posterior(dict(fit.samples))  # draws streamed to disk are read here
     return fit
 
 

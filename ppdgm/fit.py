@@ -1,7 +1,8 @@
 """The result of running an engine: trained parameters or draws, history, timing, config.
 
 A Fit saves to a folder of plain files: ``fit.json`` (engine, config, history, timing, model
-spec) and ``tensors.pt`` (parameters, draws), written atomically and read back with
+spec) and ``tensors.pt`` (parameters, draws; draws streamed to disk stay chunk files, in
+``draws/``), written atomically and read back with
 ``torch.load(weights_only=True)`` so a crafted file cannot run code.
 """
 
@@ -10,8 +11,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ Device = str | torch.device | None
 
 FIT_FILE = "fit.json"
 TENSORS_FILE = "tensors.pt"
+DRAWS_FOLDER = "draws"  # chunk files of streamed draws (LazyDraws)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,14 +61,15 @@ def atomic_write_text(text: str, path: PathLike) -> None:
     os.replace(tmp, path)
 
 
-def safe_load(path: PathLike, map_location: Any = None) -> Any:
+def safe_load(path: PathLike, map_location: Any = None, mmap: bool = False) -> Any:
     """Load tensors/containers only; anything that would unpickle code is refused with ValueError,
-    and an empty, truncated or otherwise unreadable file is reported as such (also a ValueError)."""
+    and an empty, truncated or otherwise unreadable file is reported as such (also a ValueError).
+    ``mmap=True`` maps the tensors' bytes instead of reading them: only what is used is read."""
     path = Path(path)
     if path.stat().st_size == 0:
         raise ValueError(f"{path}: the file is empty (truncated: the write that made it did not finish)")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         if "weights only" in str(err).lower() or "weights_only" in str(err):
             raise ValueError(
@@ -101,6 +105,122 @@ def check_writable(directory: PathLike, what: str = "output folder") -> Path:
 
 class UntrustedCodeError(ValueError):
     """Opening a saved fit would run a Python file it names; the caller has not opted in."""
+
+
+# ---------------------------------------------------------------------------------------------
+# draws kept on disk in chunk files, read on access
+#
+# A sampler streaming its draws to disk (``Sampler.stream_draws``) writes one file per chunk,
+# ``chunk-<first chain>-<first draw>.pt``, each ``{"samples": {site: (chains, draws, ...)},
+# "stats": {stat: (chains, draws)}}`` for a block of chains and consecutive draws. The Fit holds
+# :class:`LazyDraws`, which reads a name's chunks (memory-mapped: only that name's bytes) and puts
+# them together when it is asked for that name; ``Fit.save`` copies the files into ``draws/``.
+
+DRAW_GROUPS = ("samples", "stats")
+
+
+class DrawFiles:
+    """A folder of chunk files holding ``num_chains`` x ``num_samples`` draws, and their index.
+
+    ``chunks`` lists ``{"file", "chains": [first, width], "draws": [first, count]}``; ``names``
+    the names in each group (as written by the first chunk)."""
+
+    def __init__(
+        self,
+        directory: PathLike,
+        num_chains: int,
+        num_samples: int,
+        chunks: list | None = None,
+        names: dict | None = None,
+    ):
+        self.directory = Path(directory)
+        self.num_chains, self.num_samples = num_chains, num_samples
+        self.chunks: list[dict] = list(chunks or [])
+        self.names: dict[str, list[str]] = {g: list((names or {}).get(g, [])) for g in DRAW_GROUPS}
+
+    def write(self, first_chain: int, first_draw: int, values: dict) -> dict:
+        """Save one chunk ``{"samples": {...}, "stats": {...}}`` of host tensors ``(chains, draws, ...)``."""
+        some = next(v for g in DRAW_GROUPS for v in values[g].values())
+        entry: dict[str, Any] = {
+            "file": f"chunk-{first_chain:07d}-{first_draw:07d}.pt",
+            "chains": [first_chain, some.shape[0]],
+            "draws": [first_draw, some.shape[1]],
+        }
+        atomic_save({g: dict(values[g]) for g in DRAW_GROUPS}, self.directory / entry["file"])
+        self.add([entry])
+        for g in DRAW_GROUPS:
+            if not self.names[g]:
+                self.names[g] = list(values[g])
+        return entry
+
+    def add(self, entries: list) -> None:
+        """Count chunks as written (a resumed run's); one rewritten replaces its old entry."""
+        for entry in entries:
+            if not (self.directory / entry["file"]).exists():
+                raise ValueError(
+                    f"{self.directory / entry['file']}: a chunk of draws the checkpoint counts on is missing; "
+                    "rerun without resume"
+                )
+            self.chunks = [c for c in self.chunks if c["file"] != entry["file"]] + [dict(entry)]
+
+    def entries(self, chains: slice) -> list:
+        """The chunks of the chains ``chains`` (for a checkpoint)."""
+        return [c for c in self.chunks if chains.start <= c["chains"][0] < chains.stop]
+
+    def read(self, group: str, name: str) -> torch.Tensor:
+        """``(num_chains, num_samples, ...)`` of one name, assembled from every chunk."""
+        out = None
+        for c in self.chunks:
+            value = safe_load(self.directory / c["file"], mmap=True)[group][name]
+            if out is None:
+                out = value.new_empty((self.num_chains, self.num_samples, *value.shape[2:]))
+            (c0, width), (d0, count) = c["chains"], c["draws"]
+            out[c0 : c0 + width, d0 : d0 + count] = value
+        if out is None:
+            raise KeyError(f"no draws of {name!r} were written to {self.directory}")
+        return out
+
+    def copy_to(self, directory: PathLike) -> DrawFiles:
+        """The same draws in ``directory`` (files copied unless it is this folder)."""
+        directory = Path(directory)
+        if directory.resolve() != self.directory.resolve():
+            directory.mkdir(parents=True, exist_ok=True)
+            for c in self.chunks:
+                shutil.copyfile(self.directory / c["file"], directory / c["file"])
+        return DrawFiles(directory, **self.state())
+
+    def state(self) -> dict:
+        """The index as plain data (saved in a Fit's ``tensors.pt``; the folder is where it lies)."""
+        return {
+            "num_chains": self.num_chains,
+            "num_samples": self.num_samples,
+            "chunks": self.chunks,
+            "names": self.names,
+        }
+
+
+class LazyDraws(Mapping):
+    """``{name: (chain, draw, ...)}`` of one group of :class:`DrawFiles`, read from disk on access
+    (each access reads anew, so memory holds only what the caller keeps)."""
+
+    def __init__(self, files: DrawFiles, group: str):
+        if group not in DRAW_GROUPS:
+            raise ValueError(f"group must be one of {DRAW_GROUPS}, got {group!r}")
+        self.files, self.group = files, group
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.files.names[self.group]:
+            raise KeyError(name)
+        return self.files.read(self.group, name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.files.names[self.group])
+
+    def __len__(self) -> int:
+        return len(self.files.names[self.group])
+
+    def __repr__(self) -> str:
+        return f"LazyDraws({self.group} {list(self)} in {self.files.directory}, {len(self.files.chunks)} chunks)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +299,8 @@ class Fit:
 
     ``params`` is the param-store state (unconstrained values and constraint specs) for engines
     that optimize; ``samples`` maps site names to draws shaped ``(chains, draws, ...)`` for
-    samplers. ``model``/``guide`` are the Pyro programs and ``module`` the zoo object they belong
+    samplers (a :class:`LazyDraws` reading them from disk on access when the
+    sampler streamed them there). ``model``/``guide`` are the Pyro programs and ``module`` the zoo object they belong
     to, if any (not saved; rebuilt from ``spec`` on load when the model came from the zoo or a
     ``file.py:function``). ``args``/``kwargs`` are what the model was called with.
     """
@@ -189,7 +310,7 @@ class Fit:
     history: dict = field(default_factory=dict)
     timing: dict = field(default_factory=dict)
     params: dict | None = None
-    samples: dict | None = None
+    samples: Mapping[str, torch.Tensor] | None = None
     spec: dict | None = None
     extra: dict = field(default_factory=dict)
     model: Callable | None = None
@@ -228,7 +349,8 @@ class Fit:
     def save(self, directory: PathLike) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {"params": self.params, "samples": self.samples, "extra": self.extra.get("tensors")}
+        tensors: dict[str, Any] = {"params": self.params, "samples": self.samples, "extra": self.extra.get("tensors")}
+        tensors.update(_draw_files_saved(self.samples, tensors["extra"], directory))
         if isinstance(self.module, torch.nn.Module):
             tensors["module"] = self.module.state_dict()
         atomic_save(tensors, directory / TENSORS_FILE)
@@ -242,6 +364,36 @@ class Fit:
         }
         atomic_write_text(json.dumps(meta, indent=1, default=_jsonable), directory / FIT_FILE)
         return directory
+
+
+def _draw_files_saved(samples: Any, extra_tensors: dict | None, directory: Path) -> dict:
+    """Draws streamed to chunk files are saved as those files (copied into ``directory/draws``)
+    and their index, never read into memory: ``{"samples", "extra", "draw_files"}`` to save, or {}."""
+    stats = extra_tensors.get("sample_stats") if isinstance(extra_tensors, dict) else None
+    source = samples if isinstance(samples, LazyDraws) else stats
+    if not isinstance(source, LazyDraws):
+        return {}
+    lazy = [group for group, value in (("samples", samples), ("stats", stats)) if isinstance(value, LazyDraws)]
+    files = source.files.copy_to(directory / DRAWS_FOLDER)
+    return {
+        "samples": None if "samples" in lazy else samples,
+        "extra": {**(extra_tensors or {}), "sample_stats": None} if "stats" in lazy else extra_tensors,
+        "draw_files": {"index": files.state(), "groups": lazy},
+    }
+
+
+def _draw_files_loaded(tensors: dict, directory: Path) -> dict:
+    """The lazy ``samples`` (and ``sample_stats``) of a Fit saved with chunk files of draws."""
+    saved = tensors.get("draw_files")
+    if not saved:
+        return tensors
+    files = DrawFiles(directory / DRAWS_FOLDER, **saved["index"])
+    out = dict(tensors)
+    if "samples" in saved["groups"]:
+        out["samples"] = LazyDraws(files, "samples")
+    if "stats" in saved["groups"]:
+        out["extra"] = {**(tensors.get("extra") or {}), "sample_stats": LazyDraws(files, "stats")}
+    return out
 
 
 def _jsonable(obj: Any) -> Any:
@@ -280,6 +432,7 @@ def load(
             f"pass trust_code=True (command line: --trust-code) if you trust it, or model= to supply the model"
         )
     tensors = safe_load(directory / TENSORS_FILE, map_location=device) if (directory / TENSORS_FILE).exists() else {}
+    tensors = _draw_files_loaded(tensors, directory)
     extra = dict(meta.get("extra") or {})
     if tensors.get("extra") is not None:
         extra["tensors"] = tensors["extra"]

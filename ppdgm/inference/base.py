@@ -33,6 +33,11 @@ class Engine(ABC):
     a guide or None, the data), ``"posterior"`` (a Pyro model and its arguments), or a module
     implementing the protocol of that name in :mod:`ppdgm.models.family`: ``"energy"``,
     ``"denoising"``, ``"adversarial"``, ``"layers"``."""
+    threads: int | None = 1
+    """Torch CPU threads while the training or sampling driver runs (the caller's count is
+    restored after), None to keep the caller's: engine steps are many small tensor operations,
+    which a second thread slows down on a small CPU (:mod:`ppdgm.threads`). An engine taking
+    ``threads=`` in its constructor sets it; otherwise set the attribute."""
 
     @abstractmethod
     def run(self, model: Any, *args: Any, **kwargs: Any) -> Fit:  # pragma: no cover - protocol

@@ -25,6 +25,7 @@ from ppdgm.inference.base import Checkpointer, Engine, NonFiniteLossError, set_s
 from ppdgm.inference.callbacks import CallbackLike, as_callbacks
 from ppdgm.inference.schedules import lr_factor
 from ppdgm.progress import progress_bar
+from ppdgm.threads import with_threads_of_first_argument
 
 # ---------------------------------------------------------------------------------------------
 # data order
@@ -288,6 +289,7 @@ def track_validation(
     return best, bad_evals, patience is not None and bad_evals >= patience
 
 
+@with_threads_of_first_argument  # engine.threads (default one: ppdgm.threads)
 def train(
     engine: TrainingEngine,
     problem: Any,
