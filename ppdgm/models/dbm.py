@@ -43,6 +43,8 @@ class DBM(ConstructorSpec, PyroModule):
         units: the visible units when built from ``sizes``.
         init_scale: standard deviation of the initial weights.
         mean_field_steps: fixed-point sweeps of the mean-field guide.
+        pretrain_epochs: epochs of greedy layer-wise pretraining (:meth:`pretrain`) that persistent
+            CD runs before its chains start, unless the model was pretrained already; 0: none.
     """
 
     datasets = ("digits-binary",)
@@ -53,7 +55,13 @@ class DBM(ConstructorSpec, PyroModule):
     support = "binary"
 
     def __init__(
-        self, graph=None, sizes=None, units: str = "bernoulli", init_scale: float = 0.01, mean_field_steps: int = 10
+        self,
+        graph=None,
+        sizes=None,
+        units: str = "bernoulli",
+        init_scale: float = 0.01,
+        mean_field_steps: int = 10,
+        pretrain_epochs: int = 30,
     ):
         super().__init__()
         if (graph is None) == (sizes is None):
@@ -68,7 +76,10 @@ class DBM(ConstructorSpec, PyroModule):
             raise ValueError(f"mean_field_steps must be a positive int, got {mean_field_steps!r}")
         if not (isinstance(init_scale, (int, float)) and init_scale >= 0):
             raise ValueError(f"init_scale must be a non-negative number, got {init_scale!r}")
+        if isinstance(pretrain_epochs, bool) or not isinstance(pretrain_epochs, int) or pretrain_epochs < 0:
+            raise ValueError(f"pretrain_epochs must be a non-negative int, got {pretrain_epochs!r}")
         self.layer_graph, self.init_scale, self.mean_field_steps = g, float(init_scale), mean_field_steps
+        self.pretrain_epochs, self.pretrained = pretrain_epochs, False
         self.layers = list(g.layers)
         self.index = {name: i for i, name in enumerate(self.layers)}
         self.units = [g.units(n) for n in self.layers]
@@ -211,6 +222,21 @@ class DBM(ConstructorSpec, PyroModule):
         return self.energy_graph().log_density(state) + self._entropy(state, free)
 
     # -- persistent-CD protocol -------------------------------------------------------------
+    def prepare(self, data) -> None:
+        """Greedy layer-wise pretraining for ``pretrain_epochs`` before persistent CD starts, unless
+        :meth:`pretrain` ran already: a DBM from small random weights trains to a worse likelihood
+        than the RBM of its first layer (Salakhutdinov & Hinton 2009). Graphs that are not trees of
+        pathways (see :meth:`pretrain`) start from their random weights."""
+        if self.pretrain_epochs and not self.pretrained and self._is_pathway_tree():
+            self.pretrain(data, epochs=self.pretrain_epochs, lr=0.05, batch_size=50)
+
+    def _is_pathway_tree(self) -> bool:
+        try:
+            self._pathways()
+        except ValueError:
+            return False
+        return True
+
     def positive_log_density(self, batch):
         return self.variational_bound(batch)
 
@@ -420,6 +446,7 @@ class DBM(ConstructorSpec, PyroModule):
         errors.append(
             _cd_pretrain(parts, self.biases[top], degree[top] / len(parts), epochs, lr, batch_size, momentum, gen)
         )
+        self.pretrained = True
         return errors
 
     def _weight(self, lower: int, upper: int) -> torch.Tensor:
@@ -526,10 +553,13 @@ class MultimodalDBM(DBM):
         classes: int = 10,
         init_scale: float = 0.01,
         mean_field_steps: int = 10,
+        pretrain_epochs: int = 30,
     ):
         if graph is None:
             graph = multimodal_graph([features, hidden_units], [classes], top_units).graph
-        super().__init__(graph=graph, init_scale=init_scale, mean_field_steps=mean_field_steps)
+        super().__init__(
+            graph=graph, init_scale=init_scale, mean_field_steps=mean_field_steps, pretrain_epochs=pretrain_epochs
+        )
         if len(self.visible_index) != 2:
             raise ValueError(f"graph: a multimodal DBM has two visible layers, got {self.visible_layers}")
 
