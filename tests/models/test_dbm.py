@@ -203,6 +203,30 @@ def test_cuda_smoke():
     assert torch.isfinite(mm.log_likelihood((x, y), num_runs=10, num_betas=100)).all()
 
 
+def test_persistent_cd_pretrains_a_dbm_greedily_before_its_chains_start():
+    x = torch.bernoulli(torch.full((60, 6), 0.4))
+    torch.manual_seed(0)
+    by_hand = DBM(sizes=[6, 4, 3], pretrain_epochs=0)
+    torch.manual_seed(0)
+    by_engine = DBM(sizes=[6, 4, 3], pretrain_epochs=3)
+    torch.manual_seed(0)  # as the engine seeds itself before it starts
+    by_hand.pretrain(x, epochs=3, lr=0.05, batch_size=50)
+    PersistentCD(num_steps=1, lr=1e-12, num_chains=4, seed=0).run(by_engine, x)
+    assert by_engine.pretrained
+    for a, b in zip(by_hand.parameters(), by_engine.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    # a model pretrained already is not pretrained again, and a graph that is no tree of pathways trains as is
+    before = [p.detach().clone() for p in by_engine.parameters()]
+    by_engine.prepare(x)
+    assert all(torch.equal(a, b) for a, b in zip(before, by_engine.parameters()))
+    ring = nx.cycle_graph(["v", "a", "b", "c"])
+    nx.set_node_attributes(ring, 3, "size")
+    ring.nodes["v"]["visible"] = True
+    PersistentCD(num_steps=2, num_chains=4).run(DBM(graph=ring), torch.ones(4, 3))
+    with pytest.raises(ValueError, match="pretrain_epochs must be a non-negative int"):
+        DBM(sizes=[6, 4], pretrain_epochs=-1)
+
+
 def test_pcd_resume_restores_persistent_dbm_chains(tmp_path):
     x = torch.bernoulli(torch.full((40, 6), 0.4))
     y = torch.randint(0, 3, (40,))
