@@ -51,7 +51,8 @@ class RBM(ConstructorSpec, PyroModule):
     # Adam with a decaying rate learns digits in a few thousand updates; PCD's plain-SGD default
     # (lr 1e-3) needs ten times as many (the RBM tests measure these settings). 500 chains of 5
     # sweeps per update: with PCD's 100 chains of 1 sweep the model learns a distribution whose
-    # own samples over-represent a few digits (bench_samplers: Fréchet 5.6x the floor against 2.6x)
+    # own samples over-represent a few digits (bench_samplers, tempered draws: Fréchet 5.6x the
+    # floor against 2.2x to 4.1x over three sampling seeds; test NLL 17.48 against 16.82)
     engine_config: ClassVar[dict] = {
         "optim": "adam",
         "lr": 0.01,
