@@ -19,7 +19,9 @@ Protocol. ``model`` is a ``torch.nn.Module`` (usually a ``PyroModule``) implemen
   ``check_data(x, name) -> Tensor`` validating the data before anything runs, and
   ``contrastive_grads(batch, state) -> (positive, negative) | None``: a closed-form fast path that
   writes the loss's gradient into the parameters' ``.grad`` and returns both phases' detached
-  log-densities (None: use autograd on the two log-density methods instead).
+  log-densities (None: use autograd on the two log-density methods instead), and
+  ``prepare(data)``: called once on the training data before the chains start (a DBM's greedy
+  layer-wise pretraining).
 
 The sampler is the model's: an RBM built with ``temperatures > 1`` keeps its chains at several
 inverse temperatures and swaps them (parallel tempering), negative phase on the ``beta = 1`` ones.
@@ -206,6 +208,10 @@ class PersistentCD(TrainingEngine):
                 f"chain_blocks={blocks} must be a multiple of the {world.size} ranks and divide "
                 f"num_chains={self.num_chains}"
             )
+        prepare = getattr(model, "prepare", None)
+        if callable(prepare):
+            with torch.no_grad():
+                prepare(loop.batches.data)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = self._make_optimizer(params)
         with torch.no_grad():

@@ -123,25 +123,33 @@ def test_pretrained_pcd_dbm_beats_the_rbm_of_the_same_first_layer_size(digits):
 
 def test_multimodal_dbm_labels_test_digits_and_draws_digits_from_labels(digits):
     train, test = digits
-    torch.manual_seed(0)
-    mm = MultimodalDBM(features=64, hidden_units=128, top_units=64, classes=10, mean_field_steps=10)
-    mm.pretrain((train.x, train.y), epochs=30, lr=0.05, batch_size=50)
-    PersistentCD(num_epochs=10, batch_size=50, lr=3e-4, optim="adam", num_chains=100, seed=0).run(
-        mm, (train.x, train.y)
-    )
-    accuracy = (mm.predict(test.x) == test.y).float().mean().item()
-    assert accuracy >= 0.85, accuracy  # measured 0.882 (0.892 right after pretraining)
+    means = torch.stack([train.x[train.y == k].mean(0) for k in range(10)])
+    accuracies = []
+    for seed in range(3):  # a smaller model than the family's 128/64 keeps three trainings cheap
+        torch.manual_seed(seed)
+        mm = MultimodalDBM(features=64, hidden_units=64, top_units=32, classes=10)  # pretrains in PCD
+        engine = PersistentCD(batch_size=50, num_epochs=20, num_chains=100, seed=seed, **MultimodalDBM.engine_config)
+        engine.run(mm, (train.x, train.y))
+        accuracies.append((mm.predict(test.x) == test.y).float().mean().item())
+        # complete(label): E[pixels | label] by clamped Gibbs is nearest to that digit's class mean,
+        # ahead of the next class by a margin (measured: 0.27 to 0.67 on seeds 0-2)
+        torch.manual_seed(seed)
+        images = mm.complete({"label": torch.eye(10)}, steps=100, method="gibbs", num_samples=50)["pixels"]
+        dist = torch.cdist(images, means)
+        margin = (dist + 1e9 * torch.eye(10)).min(-1).values - dist.diagonal()
+        assert (margin > 0.1).all(), (seed, dist.argmin(-1), margin)
+    # measured 0.865, 0.845, 0.855 (the 128/64 family: 0.889, 0.882, 0.862)
+    assert min(accuracies) > 0.8 and sum(accuracies) / 3 > 0.83, accuracies
     # pixels alone: a bound on log p(pixels) with the label summed out, below the joint's over both modalities
     ais = {"num_runs": 50, "num_betas": 500, "seed": 0}
     pixels_only = mm.log_likelihood(test.x[:50], **ais).mean()
     joint = mm.log_likelihood((test.x[:50], test.y[:50]), **ais).mean()
     assert joint < pixels_only < joint + 2.31  # log p(x, y) <= log p(x) and p(y | x) is not much below 1/10
-    # complete(label): the pixels it fills in look most like that digit's class mean
     assert mm.sample(3, steps=5).shape == (3, 64) and [t.shape for t in mm.sample_all(3, steps=5)] == [(3, 64), (3, 10)]
-    images = mm.complete({"label": torch.eye(10)})["pixels"]
-    means = torch.stack([train.x[train.y == k].mean(0) for k in range(10)])
-    nearest = torch.cdist(images, means).argmin(-1)
-    assert (nearest == torch.arange(10)).sum() >= 8, nearest
+    # mean-field completion is one mode of the conditional: its label read-out is the classifier's
+    assert torch.equal(mm.complete({"pixels": test.x})["label"].argmax(-1), mm.predict(test.x))
+    with pytest.raises(ValueError, match="method must be 'gibbs' or 'mean-field'"):
+        mm.complete({"label": torch.eye(10)}, method="exact")
 
 
 def test_spec_round_trip_and_graph_input():
@@ -193,6 +201,30 @@ def test_cuda_smoke():
     PersistentCD(num_steps=10, batch_size=16, num_chains=8).run(mm, (x, y))
     assert mm.predict(x).device.type == "cuda"
     assert torch.isfinite(mm.log_likelihood((x, y), num_runs=10, num_betas=100)).all()
+
+
+def test_persistent_cd_pretrains_a_dbm_greedily_before_its_chains_start():
+    x = torch.bernoulli(torch.full((60, 6), 0.4))
+    torch.manual_seed(0)
+    by_hand = DBM(sizes=[6, 4, 3], pretrain_epochs=0)
+    torch.manual_seed(0)
+    by_engine = DBM(sizes=[6, 4, 3], pretrain_epochs=3)
+    torch.manual_seed(0)  # as the engine seeds itself before it starts
+    by_hand.pretrain(x, epochs=3, lr=0.05, batch_size=50)
+    PersistentCD(num_steps=1, lr=1e-12, num_chains=4, seed=0).run(by_engine, x)
+    assert by_engine.pretrained
+    for a, b in zip(by_hand.parameters(), by_engine.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    # a model pretrained already is not pretrained again, and a graph that is no tree of pathways trains as is
+    before = [p.detach().clone() for p in by_engine.parameters()]
+    by_engine.prepare(x)
+    assert all(torch.equal(a, b) for a, b in zip(before, by_engine.parameters()))
+    ring = nx.cycle_graph(["v", "a", "b", "c"])
+    nx.set_node_attributes(ring, 3, "size")
+    ring.nodes["v"]["visible"] = True
+    PersistentCD(num_steps=2, num_chains=4).run(DBM(graph=ring), torch.ones(4, 3))
+    with pytest.raises(ValueError, match="pretrain_epochs must be a non-negative int"):
+        DBM(sizes=[6, 4], pretrain_epochs=-1)
 
 
 def test_pcd_resume_restores_persistent_dbm_chains(tmp_path):

@@ -220,6 +220,10 @@ def test_parallel_tempering_samples_a_bimodal_rbm_and_trains_by_pcd():
     assert (gibbs.mean(0) - exact).abs().max() > 0.15  # measured 0.27 instead of 0.5: stuck in one mode
     assert torch.allclose(tempered[0].mean(0), exact, atol=0.03), tempered[0].mean(0)  # measured within 0.011
     assert 0.05 < m.swap_rate < 1  # measured 0.84
+    # sample() tempers on its own: its draws weigh both modes as the model does
+    assert torch.allclose(m.sample(4000, steps=300).mean(0), exact, atol=0.03)
+    with pytest.raises(ValueError, match="temperatures must be a positive int"):
+        m.sample(3, temperatures=0)
     x = torch.bernoulli(torch.full((40, 6), 0.5))
     fit = PersistentCD(num_steps=10, batch_size=20, num_chains=7).run(m, x)
     assert fit.extra["tensors"]["chains"].shape == (8, 7, 6) and fit.samples["chain_energy"].shape[0] == 4
