@@ -274,7 +274,11 @@ def profile_ppdgm(target, cfg: Config, seed: int, top: int) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny runs (16 chains, 100 + 100), to check the script")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny runs (16 chains, 100 + 100, item response 50x10), to check the script",
+    )
     parser.add_argument("--chains", type=int, default=64, help="chains of every sampler but Pyro NUTS")
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--samples", type=int, default=500, help="draws per chain")
@@ -303,7 +307,7 @@ def main():
     import numpy as np
     import pyro
     import torch
-    from hmc_targets import TARGETS, check_log_densities_agree
+    from hmc_targets import TARGETS, check_log_densities_agree, item_response
 
     torch.set_num_threads(opt.threads)
     jax.config.update("jax_platforms", "cpu")
@@ -311,7 +315,8 @@ def main():
     if opt.quick:
         opt.pyro_chains = 2
 
-    targets = [TARGETS[t]() for t in opt.targets.split(",")]
+    factories = {**TARGETS, "irt": lambda: item_response(50, 10)} if opt.quick else TARGETS
+    targets = [factories[t]() for t in opt.targets.split(",")]
     for target in targets:
         check_log_densities_agree(target)
     print(
@@ -349,8 +354,8 @@ def main():
                 }
             )
             print(
-                f"  {target.name:22s} {label:19s} wall {r.wall:7.2f}s  min ESS {ess:7.0f}  R-hat {rhat:.3f}  "
-                f"({r.tuned})",
+                f"  {target.name:22s} {label:19s} wall {r.wall:7.2f}s  compile {r.compile:6.2f}s  grads {r.grads:,}  "
+                f"min ESS {ess:7.0f}  ESS/grad {ess / r.grads:.2e}  R-hat {rhat:.3f}  div {r.divergences}  ({r.tuned})",
                 flush=True,
             )
 
