@@ -360,8 +360,9 @@ def main():
                     "tuned": r.tuned,
                 }
             )
+            compile_text = "in wall" if np.isnan(r.compile) else f"{r.compile:.2f}s"
             print(
-                f"  {target.name:22s} {label:19s} wall {r.wall:7.2f}s  compile {r.compile:6.2f}s  grads {r.grads:,}  "
+                f"  {target.name:22s} {label:19s} wall {r.wall:7.2f}s  compile {compile_text}  grads {r.grads:,}  "
                 f"min ESS {ess:7.0f}  ESS/grad {ess / r.grads:.2e}  R-hat {rhat:.3f}  div {r.divergences}  ({r.tuned})",
                 flush=True,
             )
