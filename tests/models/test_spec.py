@@ -25,6 +25,7 @@ def test_spec_records_the_outermost_call_with_defaults_as_plain_data():
             "classes": 2,
             "init_scale": 0.01,
             "mean_field_steps": 10,
+            "pretrain_epochs": 30,
         },
     }
 
