@@ -26,12 +26,27 @@ OUTPUTS = ("identity", "sigmoid")
 
 
 class Critic(torch.nn.Module):
-    """``(x, y) -> logit``: an MLP on ``x`` (and the one-hot label, when conditional)."""
+    """``(x, y) -> logit``: an MLP on ``x`` (and the one-hot label, when conditional).
 
-    def __init__(self, features: int, hidden_features, classes: int = 0, activation: str = "leaky_relu"):
+    With ``spectral_norm`` every linear map is divided by its largest singular value (one power
+    iteration per training forward; Miyato et al. 2018), so with 1-Lipschitz activations the critic
+    is 1-Lipschitz: it cannot sharpen without bound against the generator."""
+
+    def __init__(
+        self,
+        features: int,
+        hidden_features,
+        classes: int = 0,
+        activation: str = "leaky_relu",
+        spectral_norm: bool = False,
+    ):
         super().__init__()
         self.features, self.classes = features, classes
         self.net = MLP(features + classes, list(hidden_features), 1, activation)
+        if spectral_norm:
+            for i, layer in enumerate(self.net):
+                if isinstance(layer, torch.nn.Linear):
+                    self.net[i] = torch.nn.utils.parametrizations.spectral_norm(layer)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if self.classes:
@@ -53,6 +68,7 @@ class GAN(ConstructorSpec, PyroModule):
         hidden_features, critic_hidden_features: hidden widths of the generator and the critic.
         output: ``"identity"`` for real data, ``"sigmoid"`` for data in [0, 1] (digit intensities).
         classes: > 0 makes both networks conditional on a label ``y``.
+        spectral_norm: spectral normalization of the critic's linear maps (see :class:`Critic`).
     """
 
     datasets = ("moons", "digits")
@@ -71,6 +87,7 @@ class GAN(ConstructorSpec, PyroModule):
         activation: str = "relu",
         output: str = "identity",
         classes: int = 0,
+        spectral_norm: bool = False,
     ):
         super().__init__()
         for arg, val in (("features", features), ("latent_features", latent_features)):
@@ -87,7 +104,10 @@ class GAN(ConstructorSpec, PyroModule):
             activation,
         )
         self.generator = MLP(latent_features + classes, self.hidden_features, features, activation)
-        self.critic = Critic(features, self.critic_hidden_features, classes)
+        if not isinstance(spectral_norm, bool):
+            raise TypeError(f"spectral_norm must be a bool, got {spectral_norm!r}")
+        self.spectral_norm = spectral_norm
+        self.critic = Critic(features, self.critic_hidden_features, classes, spectral_norm=spectral_norm)
 
     @classmethod
     def from_data(cls, data, conditional: bool = False, **kwargs):

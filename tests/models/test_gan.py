@@ -173,3 +173,61 @@ def test_parzen_log_likelihood_recovers_a_known_density(seed):
     assert gan.log_likelihood(x[:5], torch.tensor([0, 1, 0, 1, 1]), num_samples=20).shape == (5,)
     with pytest.raises(ValueError, match="given its 5 labels"):
         gan.log_likelihood(x[:5], num_samples=20)
+
+
+def _generator_weights(gan):
+    return [p.detach().clone() for p in gan.generator.parameters()]
+
+
+def test_ema_weights_are_what_sample_uses(mixture):
+    """After training with ``ema`` the generator holds the moving average of its iterates (decay
+    ``min(ema, (1 + t) / (10 + t))`` at step t), recomputed here from runs without it."""
+    x = mixture[0][:256]
+
+    def run(steps, ema=None):
+        torch.manual_seed(0)
+        gan = GAN(features=2, hidden_features=[16], critic_hidden_features=[16])
+        start = _generator_weights(gan)
+        Adversarial(loss="hinge", num_steps=steps, batch_size=64, lr=1e-2, ema=ema, seed=0).run(
+            gan.model, gan.critic, x
+        )
+        return gan, start
+
+    average = None
+    for t in range(3):
+        gan, start = run(t + 1)
+        average = start if average is None else average
+        decay = min(0.5, (1 + t) / (10 + t))
+        average = [a + (1 - decay) * (p - a) for a, p in zip(average, _generator_weights(gan))]
+    averaged, _ = run(3, ema=0.5)
+    for a, p in zip(average, _generator_weights(averaged)):
+        assert torch.allclose(a, p, atol=1e-6)
+    last = _generator_weights(gan)
+    assert max(float((a - p).abs().max()) for a, p in zip(average, last)) > 1e-3  # the average is not the last iterate
+
+
+def test_spectral_norm_bounds_the_critics_lipschitz_constant(mixture):
+    """Trained against a fast generator with a large critic step, the spectrally normalized
+    critic's every layer keeps operator norm <= 1 (so |D(a) - D(b)| <= |a - b|); the same critic
+    without it grows far steeper."""
+    x = mixture[0]
+
+    def steepest(spectral_norm):
+        torch.manual_seed(0)
+        gan = GAN(features=2, hidden_features=[32], critic_hidden_features=[32, 32], spectral_norm=spectral_norm)
+        Adversarial(loss="hinge", num_steps=150, batch_size=128, lr=1e-3, critic_lr=1e-2, seed=0).run(
+            gan.model, gan.critic, x
+        )
+        gan.critic.eval()
+        a, b = torch.randn(2, 4000, 2) * 3
+        with torch.no_grad():
+            slopes = (gan.critic(a) - gan.critic(b)).abs() / (a - b).norm(dim=1)
+        norms = [
+            float(torch.linalg.matrix_norm(m.weight, 2)) for m in gan.critic.modules() if isinstance(m, torch.nn.Linear)
+        ]
+        return float(slopes.max()), max(norms)
+
+    slope, norm = steepest(True)
+    assert norm < 1.05 and slope < 1.05
+    slope_free, _ = steepest(False)
+    assert slope_free > 3 * slope
