@@ -74,7 +74,11 @@ class GAN(ConstructorSpec, PyroModule):
     datasets = ("moons", "digits")
 
     default_engine = "adversarial"
-    engine_config: ClassVar[dict] = {}
+    # Measured on dequantized 8x8 digits (benchmarks/bench_samplers.py, 1000 steps): the moving
+    # average of the generator raised k-NN precision from 0.47 to 0.54 at equal recall, and a
+    # learning rate of 1e-3 (the generator was still improving at 5e-4) to 0.68, Fréchet 2.3x -> 1.5x
+    # the held-out floor. Linear lr decay, spectral norm and the hinge or R1 losses scored lower.
+    engine_config: ClassVar[dict] = {"ema": 0.999, "lr": 1e-3}
     support = "real"
     likelihood_method = "Parzen window on generator draws (Goodfellow et al. 2014)"
 
