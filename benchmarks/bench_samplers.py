@@ -38,7 +38,7 @@ FAMILIES = [  # (MODELS name, data kind, steps)
     ("dbn", "binary", 2000),
     ("nade", "binary", 2000),
     ("flow", "dequantized", 1500),
-    ("gan", "dequantized", 1000),
+    ("gan", "dequantized", 3000),
     ("ebm", "dequantized", 1000),
     ("score", "dequantized", 3000),
 ]

@@ -7,8 +7,13 @@ plain function using ``pyro.module`` works as well as a zoo class. The critic is
 ``torch.nn.Module`` called as ``critic(x, *conditioning) -> logits[batch]``.
 
 Losses: ``"nonsaturating"`` (the critic is a logistic classifier; the generator maximizes
-``log D(G(z))``) or ``"wgan-gp"`` (Wasserstein critic with the gradient penalty of Gulrajani et
-al. 2017). Each generator step follows ``n_critic`` critic steps, each with its own optimizer.
+``log D(G(z))``), ``"hinge"`` (the critic's margin loss of Miyato et al. 2018 / BigGAN; the
+generator maximizes ``D(G(z))``) or ``"wgan-gp"`` (Wasserstein critic with the gradient penalty of
+Gulrajani et al. 2017). The first two take an optional R1 penalty on the critic's gradient at the
+data (Mescheder et al. 2018). Each generator step follows ``n_critic`` critic steps, each with its
+own optimizer, and may update an exponential moving average of the generator's weights that
+replaces them when training ends (Yazici et al. 2019: the average samples better than the last
+iterate).
 Every ``monitor_every`` steps the engine measures sample diversity (mean pairwise distance of
 generated points over that of real points) and warns of mode collapse when it drops below
 ``collapse_threshold``, and of divergence when the critic wins outright.
@@ -31,7 +36,7 @@ from ppdgm.inference.checks import choice, number_in, positive_int, positive_num
 from ppdgm.inference.schedules import check_schedule
 from ppdgm.inference.trainer import Loop, TrainingEngine, train
 
-LOSSES = ("nonsaturating", "wgan-gp")
+LOSSES = ("nonsaturating", "hinge", "wgan-gp")
 
 
 class ModeCollapseWarning(RuntimeWarning):
@@ -54,6 +59,7 @@ class AdversarialState:
     cond: tuple
     draws: int = 0
     alerts: list = field(default_factory=list)
+    averaged: list | None = None
 
 
 class Adversarial(TrainingEngine):
@@ -68,6 +74,12 @@ class Adversarial(TrainingEngine):
         betas: Adam betas (None: (0.5, 0.999) nonsaturating, (0.0, 0.9) WGAN-GP).
         n_critic: critic updates per generator update (None: 1 nonsaturating, 5 WGAN-GP).
         gp_weight: weight of the gradient penalty (WGAN-GP).
+        r1_weight: weight ``gamma`` of the R1 penalty ``gamma / 2 * E ||grad D(x_real)||^2``
+            (nonsaturating and hinge losses; 0: off).
+        ema: decay of an exponential moving average of the generator's weights, copied into the
+            generator when training ends (None: off; the last iterate is kept). The decay at step
+            ``t`` is ``min(ema, (1 + t) / (10 + t))``, so early on it averages about the last
+            tenth of the steps taken instead of remembering the initial weights.
         site: the sample/deterministic site that holds the generated data.
         monitor_every, collapse_threshold: diversity checks and the ratio that counts as collapse.
         checkpoint_every: steps between checkpoints (with ``checkpoint_dir`` in ``run``).
@@ -90,6 +102,8 @@ class Adversarial(TrainingEngine):
         betas=None,
         n_critic: int | None = None,
         gp_weight: float = 10.0,
+        r1_weight: float = 0.0,
+        ema: float | None = None,
         site: str = "x",
         monitor_every: int = 100,
         collapse_threshold: float = 0.1,
@@ -113,6 +127,14 @@ class Adversarial(TrainingEngine):
         critic_lr = lr if critic_lr is None else critic_lr
         for arg, number in (("lr", lr), ("critic_lr", critic_lr), ("gp_weight", gp_weight)):
             positive_number(arg, number)
+        self.r1_weight = number_in("r1_weight", r1_weight, 0, float("inf"), closed_high=False)
+        if self.r1_weight and loss == "wgan-gp":
+            raise ValueError(
+                "r1_weight: the R1 penalty is for the nonsaturating and hinge losses; wgan-gp has gp_weight"
+            )
+        if ema is not None and not (number_in("ema", ema, 0, 1, closed_high=False) > 0):
+            raise ValueError(f"ema must be a decay in (0, 1) or None, got {ema!r}")
+        self.ema = None if ema is None else float(ema)
         betas = ((0.0, 0.9) if loss == "wgan-gp" else (0.5, 0.999)) if betas is None else tuple(betas)
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
@@ -180,9 +202,22 @@ class Adversarial(TrainingEngine):
             raise ValueError("critic has no trainable parameters")
         g_opt = torch.optim.Adam(g_params, lr=self.lr, betas=tuple(self.betas))
         c_opt = torch.optim.Adam(c_params, lr=self.critic_lr, betas=tuple(self.betas))
-        return AdversarialState(model, critic, g_params, c_params, g_opt, c_opt, x, tuple(cond), 0, [])
+        averaged = [p.detach().clone() for p in g_params] if self.ema is not None else None
+        return AdversarialState(model, critic, g_params, c_params, g_opt, c_opt, x, tuple(cond), 0, [], averaged)
 
     def step(self, state: AdversarialState, loop: Loop) -> dict:
+        # a forward pass advances the critic's buffers (spectral norm's power iteration): a step
+        # refused as non-finite must leave them as they were, like the weights
+        buffers = [b.clone() for b in state.critic.buffers()]
+        try:
+            return self._step(state, loop)
+        except BaseException:
+            with torch.no_grad():
+                for b, saved in zip(state.critic.buffers(), buffers):
+                    b.copy_(saved)
+            raise
+
+    def _step(self, state: AdversarialState, loop: Loop) -> dict:
         model, critic = state.model, state.critic
         for _ in range(self.n_critic):
             xr, *cr = loop.batches[state.draws]
@@ -197,7 +232,7 @@ class Adversarial(TrainingEngine):
             )
         xr, *cr = loop.batches[state.draws - 1]
         g_out = critic(self.generate(model, xr.shape[0], cr), *cr)
-        g_loss = -g_out.mean() if self.loss == "wgan-gp" else torch.nn.functional.softplus(-g_out).mean()
+        g_loss = torch.nn.functional.softplus(-g_out).mean() if self.loss == "nonsaturating" else -g_out.mean()
         state.g_opt.zero_grad(set_to_none=True)
         state.c_opt.zero_grad(set_to_none=True)
         g_loss.backward()
@@ -205,6 +240,11 @@ class Adversarial(TrainingEngine):
             state.g_params, float(g_loss.detach()), update=state.g_opt.step, clip=None, what="generator loss"
         )
         state.c_opt.zero_grad(set_to_none=True)
+        if state.averaged is not None and self.ema is not None:
+            # the decay ramps up to ema, so the average forgets the random initial weights
+            decay = min(self.ema, (1 + loop.step) / (10 + loop.step))
+            with torch.no_grad():
+                torch._foreach_lerp_(state.averaged, [p.detach() for p in state.g_params], 1 - decay)
         metrics = {"loss": g_value, "critic_loss": c_value, "grad_norm": g_norm, "critic_grad_norm": c_norm}
         done = loop.step + 1
         if done % self.monitor_every == 0 or done == loop.total:
@@ -215,7 +255,14 @@ class Adversarial(TrainingEngine):
         return metrics
 
     def parameters(self, state: AdversarialState) -> list:
-        return state.g_params + state.c_params
+        return state.g_params + state.c_params + (state.averaged or [])
+
+    def finish(self, state: AdversarialState) -> None:
+        """The generator keeps the moving average of its weights, the one that samples."""
+        if state.averaged is not None:
+            with torch.no_grad():
+                for p, a in zip(state.g_params, state.averaged):
+                    p.copy_(a)
 
     def optimizers(self, state: AdversarialState) -> list:
         return [(state.g_opt, self.lr), (state.c_opt, self.critic_lr)]
@@ -228,6 +275,7 @@ class Adversarial(TrainingEngine):
             "c_optim": state.c_opt.state_dict(),
             "draws": state.draws,
             "alerts": state.alerts,
+            "ema": [a.clone() for a in state.averaged] if state.averaged is not None else None,
         }
 
     def load_state_dict(self, state: AdversarialState, saved: dict) -> None:
@@ -236,6 +284,11 @@ class Adversarial(TrainingEngine):
         state.g_opt.load_state_dict(saved["g_optim"])
         state.c_opt.load_state_dict(saved["c_optim"])
         state.draws, state.alerts = saved["draws"], saved["alerts"]
+        if state.averaged is not None:
+            if saved.get("ema") is None:
+                raise ValueError("resume: the checkpoint holds no generator average, but this engine has ema set")
+            for a, s in zip(state.averaged, saved["ema"]):
+                a.copy_(s)
 
     def fit_fields(self, state: AdversarialState) -> dict:
         critic = {k: v.detach().clone() for k, v in state.critic.state_dict().items()}
@@ -283,10 +336,19 @@ class Adversarial(TrainingEngine):
         return params
 
     def _critic_loss(self, critic, xr, xf, cr) -> torch.Tensor:
+        if self.loss != "wgan-gp":
+            xr = xr.detach().requires_grad_(self.r1_weight > 0)
         real, fake = critic(xr, *cr).reshape(-1), critic(xf, *cr).reshape(-1)
-        if self.loss == "nonsaturating":
-            sp = torch.nn.functional.softplus
-            return sp(-real).mean() + sp(fake).mean()
+        if self.loss != "wgan-gp":
+            if self.loss == "nonsaturating":
+                sp = torch.nn.functional.softplus
+                loss = sp(-real).mean() + sp(fake).mean()
+            else:
+                loss = torch.relu(1 - real).mean() + torch.relu(1 + fake).mean()
+            if self.r1_weight > 0:
+                (grad,) = torch.autograd.grad(real.sum(), xr, create_graph=True)
+                loss = loss + 0.5 * self.r1_weight * grad.flatten(1).square().sum(1).mean()
+            return loss
         eps = torch.rand(xr.shape[0], *[1] * (xr.dim() - 1), device=xr.device, dtype=xr.dtype)
         mix = (eps * xr + (1 - eps) * xf).requires_grad_(True)
         (grad,) = torch.autograd.grad(critic(mix, *cr).sum(), mix, create_graph=True)

@@ -142,14 +142,14 @@ def _adversarial_case() -> Case:
 
     def build():
         torch.manual_seed(1)
-        gan = GAN(features=2, hidden_features=[8], critic_hidden_features=[8])
+        gan = GAN(features=2, hidden_features=[8], critic_hidden_features=[8], spectral_norm=True)
         forward = gan.critic.forward
         gan.critic.poisoned = False
         gan.critic.forward = lambda *a: forward(*a) * (math.nan if gan.critic.poisoned else 1.0)
         return gan
 
     return Case(
-        config={"batch_size": 16, "n_critic": 2},
+        config={"batch_size": 16, "n_critic": 2, "ema": 0.9},
         build=build,
         run=lambda engine, gan, **kw: engine.run(gan.model, gan.critic, x, **kw),
         weights=_module_weights,

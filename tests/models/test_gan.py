@@ -21,15 +21,16 @@ def mixture():
     return x, centres, held_out, mmd(held_out, gaussian).mmd2
 
 
-def test_covers_eight_modes_and_beats_a_gaussian(mixture):
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_covers_eight_modes_and_beats_a_gaussian(mixture, seed):
     x, centres, held_out, gaussian_mmd = mixture
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     gan = GAN(features=2, latent_features=2, hidden_features=[64, 64], critic_hidden_features=[64, 64])
-    engine = Adversarial(loss="nonsaturating", num_steps=400, batch_size=256, lr=2e-3, seed=0)
+    engine = Adversarial(loss="nonsaturating", num_steps=400, batch_size=256, lr=2e-3, ema=0.99, seed=seed)
     fit = engine.run(gan.model, gan.critic, x)
-    samples = gan.sample(1000)
-    covered, _ = modes_covered(samples, centres, max_dist=0.3, min_count=10)  # within 3 sd of a centre
-    assert covered >= 6
+    samples = gan.sample(2000)
+    covered, _ = modes_covered(samples, centres, max_dist=0.3, min_count=20)  # 1% of draws within 3 sd
+    assert covered == 8
     assert mmd(held_out, samples).mmd2 < 0.5 * gaussian_mmd
     assert len(fit.history["loss"]) == len(fit.history["critic_loss"]) == 400
     assert fit.extra["warnings"] == [] and min(fit.history["diversity"]) > 0.5
@@ -130,7 +131,11 @@ def test_mismatched_shapes_fail_before_training(mixture):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"loss": "hinge"}, "loss must be one of"),
+        ({"loss": "least-squares"}, "loss must be one of"),
+        ({"r1_weight": -1.0}, "r1_weight"),
+        ({"loss": "wgan-gp", "r1_weight": 1.0}, "r1_weight"),
+        ({"ema": 1.0}, "ema"),
+        ({"ema": 0.0}, "ema"),
         ({"n_critic": 0}, "n_critic"),
         ({"lr": -1.0}, "lr"),
         ({"betas": (0.5, 1.5)}, "betas"),
@@ -147,6 +152,8 @@ def test_bad_model_settings_are_refused():
         GAN(output="tanh")
     with pytest.raises(ValueError, match="latent_features"):
         GAN(latent_features=0)
+    with pytest.raises(TypeError, match="spectral_norm"):
+        GAN(spectral_norm="yes")
     with pytest.raises(TypeError, match="critic"):
         Adversarial().run(GAN().model, "critic", torch.zeros(4, 2))
 
@@ -173,3 +180,60 @@ def test_parzen_log_likelihood_recovers_a_known_density(seed):
     assert gan.log_likelihood(x[:5], torch.tensor([0, 1, 0, 1, 1]), num_samples=20).shape == (5,)
     with pytest.raises(ValueError, match="given its 5 labels"):
         gan.log_likelihood(x[:5], num_samples=20)
+
+
+def _generator_weights(gan):
+    return [p.detach().clone() for p in gan.generator.parameters()]
+
+
+def test_ema_weights_are_what_sample_uses(mixture):
+    """After training with ``ema`` the generator holds the moving average of its iterates (decay
+    ``min(ema, (1 + t) / (10 + t))`` at step t), recomputed here from runs without it."""
+    x = mixture[0][:256]
+
+    def run(steps, ema=None):
+        torch.manual_seed(0)
+        gan = GAN(features=2, hidden_features=[16], critic_hidden_features=[16])
+        start = _generator_weights(gan)
+        Adversarial(loss="hinge", num_steps=steps, batch_size=64, lr=1e-2, ema=ema, seed=0).run(
+            gan.model, gan.critic, x
+        )
+        return gan, start
+
+    average = None
+    for t in range(3):
+        gan, start = run(t + 1)
+        average = start if average is None else average
+        decay = min(0.15, (1 + t) / (10 + t))  # the ramp at t = 0, ema = 0.15 after
+        average = [a + (1 - decay) * (p - a) for a, p in zip(average, _generator_weights(gan))]
+    averaged, _ = run(3, ema=0.15)
+    for a, p in zip(average, _generator_weights(averaged)):
+        assert torch.allclose(a, p, atol=1e-6)
+    last = _generator_weights(gan)
+    assert max(float((a - p).abs().max()) for a, p in zip(average, last)) > 1e-3  # the average is not the last iterate
+
+
+def test_spectral_norm_bounds_the_critics_lipschitz_constant(mixture):
+    """Trained with a large critic step (lr 1e-2), the spectrally normalized
+    critic's every layer keeps operator norm <= 1 (so |D(a) - D(b)| <= |a - b|); the same critic
+    without it grows far steeper."""
+    x = mixture[0]
+
+    def steepest(spectral_norm):
+        torch.manual_seed(0)
+        gan = GAN(features=2, hidden_features=[32], critic_hidden_features=[32, 32], spectral_norm=spectral_norm)
+        Adversarial(loss="hinge", num_steps=60, batch_size=128, lr=1e-3, critic_lr=1e-2, seed=0).run(
+            gan.model, gan.critic, x
+        )
+        gan.critic.eval()
+        a, b = torch.randn(2, 4000, 2) * 3
+        with torch.no_grad():
+            slopes = (gan.critic(a) - gan.critic(b)).abs() / (a - b).norm(dim=1)
+            linear = [m for m in gan.critic.modules() if isinstance(m, torch.nn.Linear)]
+            norms = [float(torch.linalg.matrix_norm(m.weight, 2)) for m in linear]
+        return float(slopes.max()), max(norms)
+
+    slope, norm = steepest(True)
+    assert norm < 1.05 and slope < 1.05
+    slope_free, _ = steepest(False)
+    assert slope_free > 3 * slope
