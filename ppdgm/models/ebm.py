@@ -14,18 +14,21 @@ Two bases ``q``:
   Langevin in ``x``. Langevin chains started from noise do not mix between distant modes, so
   every advanced chain state also enters a :class:`ReplayBuffer` saved with the model, and
   :meth:`EBM.sample` starts from it.
-- ``"histogram"``: a residual EBM (Deng et al. 2020; Arbel et al. 2021) on a per-coordinate
-  piecewise-constant density with ``bins`` equal bins on ``[low, high]``, fitted to the data's
-  bin frequencies (add-one smoothing; on dequantized 17-level images it is exactly the per-pixel
-  categorical baseline). The energy's last layer starts at zero, so an untrained model *is* the
-  base, with its exact likelihood, and training moves away from it only where the data ask.
-  Chains live in the logits of the base's CDF, ``z = logit(F_q(x))`` in ``R^d``, where ``q`` is
-  the standard logistic density and the target is ``logistic(z) exp(-E(F_q^{-1}(sigmoid(z))))``:
-  the base's zero gradient inside its bins and its jumps between them never reach the sampler,
-  there is no box to leave, fresh chains are exact draws from ``q``, and AIS starts from ``q``
-  itself (exactly normalized). The chains move by Metropolis-adjusted Langevin (MALA) with a
-  step size adapted towards 57% acceptance, so they target the model exactly at every parameter
-  value.
+- ``"histogram"``: a residual EBM (Deng et al. 2020; Arbel et al. 2021) on a mixture of
+  ``components`` per-coordinate piecewise-constant densities with ``bins`` equal bins on
+  ``[low, high]``, fitted by EM (``pseudo_count`` per bin; with one component and a pseudo-count
+  of 1 on dequantized 17-level images it is exactly the per-pixel categorical baseline; 20
+  components score 98.0 nats on digits against its 107.5). The energy's last layer starts at
+  zero, so an untrained model *is* the base, with its exact likelihood, and training moves away
+  from it only where the data ask. Chains carry a component ``c`` beside their point: ``c`` is
+  drawn from its posterior given ``x`` (Gibbs), then ``x`` moves by Metropolis-adjusted Langevin
+  (MALA) in ``c``'s CDF logits ``z = logit(F_c(x))``, where ``q_c`` is the standard logistic
+  density and the target is ``logistic(z) exp(-E(F_c^{-1}(sigmoid(z))))``: the base's zero
+  gradient inside its bins and its jumps between them never reach the sampler, there is no box
+  to leave, fresh chains are exact draws from ``q``, and AIS starts from ``q`` itself (exactly
+  normalized). Both moves leave ``w_c q_c(x) exp(-E(x))`` invariant, whose ``x``-marginal is the
+  model, and MALA's step adapts towards 57% acceptance, so the chains target the model exactly
+  at every parameter value.
 """
 
 from __future__ import annotations
@@ -64,10 +67,12 @@ class EBM(ConstructorSpec, PyroModule):
         image_shape: ``(height, width)`` makes the energy a small conv net on the flat images
             (:class:`ppdgm.nn.ConvEncoder` with ``hidden_features[0]`` and ``hidden_features[-1]``
             channels) instead of an MLP.
-        base: ``"uniform"`` (the box) or ``"histogram"`` (per-coordinate bins fitted by
+        base: ``"uniform"`` (the box) or ``"histogram"`` (a mixture of per-coordinate bins fitted by
             :meth:`fit_base`; see the module docstring). ``from_data`` picks the histogram for
-            data inside ``[0, 1]`` (image intensities).
+            data inside ``[0, 1]`` (image intensities), with 20 components on images.
         bins: equal-width bins per coordinate of the histogram base (17: the bundled digits' levels).
+        components: mixture components of the histogram base (1: a product of marginals).
+        pseudo_count: prior count per bin and component of the histogram base (1: add-one smoothing).
     """
 
     datasets = ("moons", "digits")
