@@ -5,7 +5,7 @@ forward and as many backward, each a few microseconds of Python and C++ overhead
 chains' work. Here the Pyro model runs once under ``make_fx``, which records forward and backward
 (``torch.func.grad``) as one graph of ATen operators with no Python left in it; Inductor then
 fuses that graph into a few C++ loops. On the three targets of ``benchmarks/hmc_targets.py`` (64
-chains, one thread) a gradient costs 6-15x less than the TorchScript trace of the forward pass
+chains, one thread) a gradient costs 5-11x less than the TorchScript trace of the forward pass
 followed by ``autograd.grad``.
 
 Like any trace, the graph replays the branches the model took at the recording point; the

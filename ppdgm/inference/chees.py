@@ -88,7 +88,7 @@ class ChEES(Sampler):
         jit_compile: trace the batched log density with the PyTorch JIT once the chains have a
             finite starting point (about 3x faster per step for small models; the model must
             then take the same path through its Python on every call). ``"inductor"``: compile
-            forward and backward into one program with TorchInductor instead (6-15x fewer ms per
+            forward and backward into one program with TorchInductor instead (5-11x fewer ms per
             gradient than the trace, for seconds to tens of seconds of compile at the start,
             ``fit.extra["compile_seconds"]``; falls back to the trace where it fails).
         checkpoint_every: iterations between checkpoints (with ``checkpoint_dir`` in ``run``); a
