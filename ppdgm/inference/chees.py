@@ -87,7 +87,10 @@ class ChEES(Sampler):
         max_init_tries: redraws of a chain whose initial log density is not finite.
         jit_compile: trace the batched log density with the PyTorch JIT once the chains have a
             finite starting point (about 3x faster per step for small models; the model must
-            then take the same path through its Python on every call).
+            then take the same path through its Python on every call). ``"inductor"``: compile
+            forward and backward into one program with TorchInductor instead (5-11x fewer ms per
+            gradient than the trace, for seconds to tens of seconds of compile at the start,
+            ``fit.extra["compile_seconds"]``; falls back to the trace where it fails).
         checkpoint_every: iterations between checkpoints (with ``checkpoint_dir`` in ``run``); a
             resumed run continues from the last one and ends with the uninterrupted run's draws.
     """
@@ -106,7 +109,7 @@ class ChEES(Sampler):
         init="uniform",
         init_step_size: float | None = None,
         max_init_tries: int = 100,
-        jit_compile: bool = False,
+        jit_compile: bool | str = False,
         checkpoint_every: int | None = None,
         seed: int | None = 0,
         device=None,
@@ -141,7 +144,9 @@ class ChEES(Sampler):
             max_leapfrog_steps,
         )
         self.adapt_mass, self.init_step_size, self.max_init_tries = adapt_mass, init_step_size, max_init_tries
-        self.jit_compile = bool(jit_compile)
+        if jit_compile not in (False, True, "inductor"):
+            raise ValueError(f"jit_compile must be False, True or 'inductor', got {jit_compile!r}")
+        self.jit_compile = jit_compile if jit_compile == "inductor" else bool(jit_compile)
         Checkpointer(None, checkpoint_every)  # validates it
         self.checkpoint_every = checkpoint_every
         self.init = init if isinstance(init, str) else "values"
@@ -170,6 +175,7 @@ class ChEES(Sampler):
             "inverse_mass": state["inverse_mass"].tolist(),
             "divergences": int(run.draws.stats["diverging"].sum()),
             "warmup_converged": state["warmup_converged"],
+            "compile_seconds": density.compile_seconds,
         }
         return self._fit(run, run.history[0], extra, model, args, kwargs, callbacks)
 
@@ -203,7 +209,7 @@ class ChEESChains:
                 window_start=int(0.15 * self.config.num_warmup),
             )
         if self.config.jit_compile:
-            self.density.compile(self.state.position)
+            self.density.compile(self.state.position, "inductor" if self.config.jit_compile == "inductor" else "trace")
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self.state)
