@@ -17,7 +17,8 @@ What each column means:
 - ``wall``: warm-up + sampling seconds, compilation excluded. BlackJAX's jitted program is
   compiled ahead of time (``jit(...).lower(...).compile()``, the ``compile`` column). NumPyro runs
   twice with the same shapes; the second run is timed and ``compile`` is the first's excess. ppdgm's
-  ``compile`` is its ``init_seconds`` (initial points, step-size search and the TorchScript trace).
+  ``compile`` is its ``init_seconds`` (initial points, step-size search and compiling the potential
+  and its gradient with TorchInductor, ``--ppdgm-compile``).
   Pyro's JIT trace is inside its wall time (Pyro does not split it out).
 - ``grads``: gradient evaluations of one chain's log density, summed over chains, warm-up included
   (a leapfrog step of 64 vectorized chains counts 64).
@@ -206,10 +207,11 @@ def run_pyro(target, cfg: Config, init: dict, seed: int, opt) -> Result:
 
 
 def run_ppdgm(target, cfg: Config, init: dict, seed: int, opt) -> Result:
-    """ppdgm's ChEES: all chains one batch, the batched log density traced with the PyTorch JIT."""
+    """ppdgm's ChEES: all chains one batch, the potential and its gradient compiled once
+    (``--ppdgm-compile``: TorchInductor by default, or the TorchScript trace)."""
     from hmc_targets import model_args
 
-    fit = chees(cfg, seed).run(target.pyro_model, *model_args(target, "pyro"))
+    fit = chees(cfg, seed, opt.ppdgm_compile).run(target.pyro_model, *model_args(target, "pyro"))
     stats = fit.extra["tensors"]["sample_stats"]
     steps = fit.extra["trajectory_length"] / fit.extra["step_size"]
     return Result(
@@ -222,14 +224,14 @@ def run_ppdgm(target, cfg: Config, init: dict, seed: int, opt) -> Result:
     )
 
 
-def chees(cfg: Config, seed: int):
+def chees(cfg: Config, seed: int, compile: str = "inductor"):
     from ppdgm.inference.chees import ChEES
 
     return ChEES(
         num_chains=cfg.chains,
         num_warmup=cfg.warmup,
         num_samples=cfg.samples,
-        jit_compile=True,
+        jit_compile={"inductor": "inductor", "trace": True, "none": False}[compile],
         seed=seed,
         progress=False,
     )
@@ -304,6 +306,12 @@ def main():
         type=float,
         default=2.0,
         help="BlackJAX starts uniform in (-r, r) (2: the others' start; 0.5 lets it converge on item response)",
+    )
+    parser.add_argument(
+        "--ppdgm-compile",
+        choices=("inductor", "trace", "none"),
+        default="inductor",
+        help="how ppdgm's ChEES compiles its potential and gradient (its compile time is the compile column)",
     )
     parser.add_argument("--profile", action="store_true", help="then profile ppdgm ChEES on each target")
     parser.add_argument("--profile-top", type=int, default=25)
