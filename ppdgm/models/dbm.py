@@ -46,9 +46,6 @@ class DBM(ConstructorSpec, PyroModule):
         mean_field_steps: fixed-point sweeps of the mean-field guide.
         pretrain_epochs: epochs of greedy layer-wise pretraining (:meth:`pretrain`) that persistent
             CD runs before its chains start, unless the model was pretrained already; 0: none.
-        centering: rate of the running means (offsets) of every layer's units that persistent CD
-            subtracts in the energy's gradient (Montavon & Müller 2012; the model is the same, its
-            updates are better conditioned); 0: the plain gradient.
     """
 
     datasets = ("digits-binary",)
@@ -76,7 +73,6 @@ class DBM(ConstructorSpec, PyroModule):
         init_scale: float = 0.01,
         mean_field_steps: int = 10,
         pretrain_epochs: int = 30,
-        centering: float = 0.0,
     ):
         super().__init__()
         if (graph is None) == (sizes is None):
@@ -93,9 +89,6 @@ class DBM(ConstructorSpec, PyroModule):
             raise ValueError(f"init_scale must be a non-negative number, got {init_scale!r}")
         if isinstance(pretrain_epochs, bool) or not isinstance(pretrain_epochs, int) or pretrain_epochs < 0:
             raise ValueError(f"pretrain_epochs must be a non-negative int, got {pretrain_epochs!r}")
-        if isinstance(centering, bool) or not (isinstance(centering, (int, float)) and 0 <= centering <= 1):
-            raise ValueError(f"centering must be a number in [0, 1], got {centering!r}")
-        self.centering, self.offsets = float(centering), None
         self.layer_graph, self.init_scale, self.mean_field_steps = g, float(init_scale), mean_field_steps
         self.pretrain_epochs, self.pretrained = pretrain_epochs, False
         self.layers = list(g.layers)
@@ -260,49 +253,6 @@ class DBM(ConstructorSpec, PyroModule):
 
     def negative_log_density(self, state):
         return self.energy_graph().log_density(dict(enumerate(state)))
-
-    @torch.no_grad()
-    def contrastive_grads(self, batch, chains):
-        """The centered gradient (``.grad`` of every weight and bias) and both phases' log-densities,
-        or None (autograd on the plain gradient) when ``centering`` is 0, a layer is gaussian or a
-        subclass redefines either phase.
-
-        With offsets ``o`` (running means of the units on the data) the statistics are those of
-        ``x - o``: ``dW_ij = <(x_i - o_i)(x_j - o_j)>_data - <...>_chains`` and
-        ``db_i = <x_i>_data - <x_i>_chains - sum_j dW_ij o_j``, the plain gradient of the
-        reparameterized energy mapped back to the stored parameters (Melchior et al. 2016)."""
-        cls = type(self)
-        if (
-            not self.centering
-            or "gaussian" in self.units
-            or cls.positive_log_density is not DBM.positive_log_density
-            or cls.negative_log_density is not DBM.negative_log_density
-        ):
-            return None
-        e = self.energy_graph()
-        clamped = self._clamp(batch)
-        mu = self.mean_field(clamped)
-        free = [i for i in range(len(self.layers)) if i not in clamped]
-        pos = e.log_density(mu) + self._entropy(mu, free)
-        model = dict(enumerate(chains))
-        neg = e.log_density(model)
-        means = [mu[i].mean(0) for i in range(len(self.layers))]
-        if self.offsets is None:
-            self.offsets = [m.clone() for m in means]
-        else:
-            for o, m in zip(self.offsets, means):
-                o.lerp_(m, self.centering)
-        o = self.offsets
-        grads = [means[i] - model[i].mean(0) for i in range(len(self.layers))]
-        for (a, b), W in zip(self.edge_index, self.weights):
-            da, db, ma, mb = mu[a] - o[a], mu[b] - o[b], model[a] - o[a], model[b] - o[b]
-            dW = da.T @ db / da.shape[0] - ma.T @ mb / ma.shape[0]
-            W.grad = -dW
-            grads[a] = grads[a] - dW @ o[b]
-            grads[b] = grads[b] - dW.T @ o[a]
-        for bias, g in zip(self.biases, grads):
-            bias.grad = -g
-        return pos, neg
 
     def chain_energy(self, state):
         return -self.negative_log_density(state)
@@ -654,16 +604,11 @@ class MultimodalDBM(DBM):
         init_scale: float = 0.01,
         mean_field_steps: int = 10,
         pretrain_epochs: int = 30,
-        centering: float = 0.0,
     ):
         if graph is None:
             graph = multimodal_graph([features, hidden_units], [classes], top_units).graph
         super().__init__(
-            graph=graph,
-            init_scale=init_scale,
-            mean_field_steps=mean_field_steps,
-            pretrain_epochs=pretrain_epochs,
-            centering=centering,
+            graph=graph, init_scale=init_scale, mean_field_steps=mean_field_steps, pretrain_epochs=pretrain_epochs
         )
         if len(self.visible_index) != 2:
             raise ValueError(f"graph: a multimodal DBM has two visible layers, got {self.visible_layers}")

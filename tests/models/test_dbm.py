@@ -59,38 +59,6 @@ def test_block_gibbs_samples_the_exact_joint_of_a_multimodal_dbm():
     assert torch.allclose(chains[2].mean(0), exact_top, atol=0.02)
 
 
-def test_centered_gradient_is_the_plain_gradient_at_zero_offsets_and_shifts_with_them():
-    torch.manual_seed(0)
-    v, y = torch.bernoulli(torch.full((7, 6), 0.5)), torch.randint(0, 3, (7,))
-    for mm, batch in (
-        (randomize(DBM(sizes=[6, 5, 4], centering=0.5), 1), v),
-        (randomize(MultimodalDBM(features=6, hidden_units=5, top_units=4, classes=3, centering=0.5), 2), (v, y)),
-    ):
-        batch = mm.check_data(batch)
-        chains = mm.init_chains(9, batch)
-        mm.zero_grad()
-        (mm.negative_log_density(chains).mean() - mm.positive_log_density(batch).mean()).backward()
-        plain = [p.grad.clone() for p in mm.parameters()]
-        mm.offsets, mm.centering = [torch.zeros(s) for s in mm.sizes], 1e-12  # the offsets stay ~0
-        mm.contrastive_grads(batch, chains)
-        mm.centering = 0.5
-        for p, g in zip(mm.parameters(), plain):
-            assert torch.allclose(p.grad, g, atol=1e-6)
-        # offsets o: dW = plain dW - o_a g_b^T - g_a o_b^T with g the plain bias gradients (all as descent)
-        offsets = [torch.rand(s) for s in mm.sizes]
-        mm.offsets = [o.clone() for o in offsets]
-        mm.contrastive_grads(batch, chains)
-        mu = mm.mean_field(mm._clamp(batch))
-        o = [0.5 * offsets[i] + 0.5 * mu[i].mean(0) for i in range(len(mm.sizes))]  # moved at rate 0.5
-        bias_plain = plain[: len(mm.sizes)]
-        for k, (a, b) in enumerate(mm.edge_index):
-            expected = plain[len(mm.sizes) + k] - torch.outer(o[a], bias_plain[b]) - torch.outer(bias_plain[a], o[b])
-            assert torch.allclose(mm.weights[k].grad, expected, atol=1e-5)
-    assert DBM(sizes=[6, 4]).contrastive_grads(v, DBM(sizes=[6, 4]).init_chains(3, v)) is None  # centering=0: autograd
-    with pytest.raises(ValueError, match="centering must be a number in"):
-        DBM(sizes=[6, 4], centering=2.0)
-
-
 def test_importance_bound_reaches_the_exact_likelihood_and_beats_mean_field():
     dbm = randomize(DBM(sizes=[6, 4, 3]))
     e = dbm.energy_graph()
