@@ -130,8 +130,16 @@ class ChEES(Sampler):
             raise ValueError(f"target_accept must be a float in (0, 1), got {target_accept!r}")
         if not (isinstance(trajectory_lr, (int, float)) and trajectory_lr > 0):
             raise ValueError(f"trajectory_lr must be a positive number, got {trajectory_lr!r}")
-        if not (init in INIT_METHODS or isinstance(init, dict)):
-            raise ValueError(f"init must be one of {INIT_METHODS} or a dict of site values, got {init!r}")
+        if isinstance(init, torch.Tensor):
+            if init.dim() != 2 or init.shape[0] != num_chains or not init.is_floating_point():
+                raise ValueError(
+                    f"init as a tensor must be floating point of shape (num_chains, dim) = ({num_chains}, dim), "
+                    f"got {init.dtype} of shape {tuple(init.shape)}"
+                )
+        elif not (isinstance(init, str) and init in INIT_METHODS or isinstance(init, dict)):
+            raise ValueError(
+                f"init must be one of {INIT_METHODS}, a dict of site values or a (num_chains, dim) tensor, got {init!r}"
+            )
         if init_step_size is not None and not init_step_size > 0:
             raise ValueError(f"init_step_size must be positive or None, got {init_step_size!r}")
         self.num_chains, self.num_samples, self.num_warmup = num_chains, num_samples, num_warmup
@@ -144,8 +152,9 @@ class ChEES(Sampler):
         self.jit_compile = bool(jit_compile)
         Checkpointer(None, checkpoint_every)  # validates it
         self.checkpoint_every = checkpoint_every
-        self.init = init if isinstance(init, str) else "values"
+        self.init = init if isinstance(init, str) else "values" if isinstance(init, dict) else "points"
         self._init_values = init if isinstance(init, dict) else None
+        self._init_points = init.detach().clone() if isinstance(init, torch.Tensor) else None
         self.seed, self.device, self.progress = seed, device, progress
 
     def run(self, model, *args, checkpoint_dir=None, resume: bool = False, callbacks=(), **kwargs) -> Fit:
@@ -301,6 +310,22 @@ class ChEESChains:
         density, device, cfg = self.density, self.device, self.config
         init_values = cfg._init_values or {}
         C, D = cfg.num_chains, density.dim
+        if cfg._init_points is not None:
+            if cfg._init_points.shape[1] != D:
+                raise ValueError(
+                    f"init: the model has {D} unconstrained dimensions "
+                    f"({', '.join(f'{s.name} {tuple(s.shape)}' for s in density.sites)}), "
+                    f"got points of shape {tuple(cfg._init_points.shape)}"
+                )
+            u = cfg._init_points.to(device=device, dtype=density.dtype)
+            potential, grad = density.potential_and_grad(u)
+            bad = ~(torch.isfinite(potential) & torch.isfinite(grad).all(1))
+            if bad.any():
+                raise ValueError(
+                    f"init: {int(bad.sum())} of {C} given starting points have a non-finite log density "
+                    f"or gradient (chains {bad.nonzero().flatten().tolist()[:10]})"
+                )
+            return u, potential, grad
 
         def draw(n):
             if cfg.init == "uniform":
