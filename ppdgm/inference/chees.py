@@ -136,7 +136,7 @@ class ChEES(Sampler):
                     f"init as a tensor must be floating point of shape (num_chains, dim) = ({num_chains}, dim), "
                     f"got {init.dtype} of shape {tuple(init.shape)}"
                 )
-        elif not (isinstance(init, str) and init in INIT_METHODS or isinstance(init, dict)):
+        elif not ((isinstance(init, str) and init in INIT_METHODS) or isinstance(init, dict)):
             raise ValueError(
                 f"init must be one of {INIT_METHODS}, a dict of site values or a (num_chains, dim) tensor, got {init!r}"
             )

@@ -207,7 +207,7 @@ def test_init_points_of_the_wrong_shape_fail_before_any_compute(start, match):
 
 
 def test_init_points_check_the_models_dimension():
-    with pytest.raises(ValueError, match="2 unconstrained dimensions .*got points of shape \\(4, 3\\)"):
+    with pytest.raises(ValueError, match=r"2 unconstrained dimensions .*got points of shape \(4, 3\)"):
         ChEES(num_chains=4, init=torch.zeros(4, 3)).run(eight_schools_two_sites)
 
 
