@@ -6,6 +6,8 @@
 - :class:`Welford`: running mean and variance over batches of draws (Chan et al.'s update), the
   diagonal mass matrix of a warm-up window.
 - :func:`warmup_windows`: where those windows end.
+- :class:`CovarianceWelford` and :func:`quarter_turn`: the chains' full covariance over a window,
+  and half the period of its slowest direction once the mass matrix has whitened it.
 - :class:`TrajectoryAdam`: Adam on log trajectory length (ChEES), without first moment as in the
   paper (``torch.optim.Adam`` with ``betas=(0, beta2)``, maximizing).
 
@@ -99,6 +101,40 @@ class Welford:
         """Stan's shrinkage of the variance toward ``prior``: a mass matrix from few draws stays sane."""
         n = self.count
         return (n / (n + weight)) * self.variance + prior * (weight / (n + weight))
+
+
+@dataclass
+class CovarianceWelford:
+    """Running mean and sum of outer products of deviations over rows of ``(batch, dim)``."""
+
+    mean: torch.Tensor
+    m2: torch.Tensor
+    count: int = 0
+
+    @classmethod
+    def empty(cls, like: torch.Tensor) -> CovarianceWelford:
+        return cls(torch.zeros_like(like), torch.zeros(*like.shape, *like.shape, dtype=like.dtype, device=like.device))
+
+    def update(self, rows: torch.Tensor) -> None:
+        self.count += rows.shape[0]
+        d = rows - self.mean
+        self.mean = self.mean + d.sum(0) / self.count
+        self.m2 = self.m2 + d.T @ (rows - self.mean)
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        c = self.m2 / max(self.count - 1, 1)
+        return 0.5 * (c + c.T)
+
+
+def quarter_turn(covariance: torch.Tensor, inverse_mass: torch.Tensor) -> float:
+    """``pi/2 * sqrt(lambda_max)`` with ``lambda_max`` the largest eigenvalue of the covariance in
+    the mass matrix's coordinates: the time HMC takes to carry a Gaussian's slowest direction a
+    quarter of its oscillation, where a draw forgets its start along it (BlackJAX's ChEES floors
+    its trajectory length here)."""
+    s = inverse_mass.rsqrt()
+    top = torch.linalg.eigvalsh((covariance * s[:, None] * s[None, :]).double())[-1]
+    return 0.5 * math.pi * math.sqrt(max(float(top), 1e-6))
 
 
 def warmup_windows(num_warmup: int) -> list[int]:

@@ -30,13 +30,22 @@ import pyro
 import torch
 
 from ppdgm.fit import Fit
-from ppdgm.inference.adaptation import DualAveraging, TrajectoryAdam, Welford, halton, warmup_windows
+from ppdgm.inference.adaptation import (
+    CovarianceWelford,
+    DualAveraging,
+    TrajectoryAdam,
+    Welford,
+    halton,
+    quarter_turn,
+    warmup_windows,
+)
 from ppdgm.inference.base import Checkpointer
 from ppdgm.inference.callbacks import as_callbacks
 from ppdgm.inference.sampling import Sampler, Step, default_device, frozen_params
 from ppdgm.logdensity import BatchedLogDensity
 
 INIT_METHODS = ("uniform", "prior")
+FULL_COVARIANCE_DIM = 1000  # above it no quarter-turn cap (a dim x dim covariance per window)
 
 
 @dataclass
@@ -53,6 +62,8 @@ class ChEESState:
     log_length: TrajectoryAdam  # log trajectory length and its optimizer
     variance: Welford  # the chains' variance over the current mass-matrix window
     window_start: int
+    covariance: CovarianceWelford | None = None  # the window's full covariance (dim <= FULL_COVARIANCE_DIM)
+    length_cap: float | None = None  # quarter turn of the slowest whitened direction, from the last window
     log_length_sum: float = 0.0  # averaged over the last 10% of warm-up: the sampling length
     log_length_n: int = 0
     log_length_mark: float | None = None  # at 80% of warm-up, to see whether the length settled
@@ -67,6 +78,7 @@ class ChEESState:
                 "averager": DualAveraging(**d["averager"]),
                 "log_length": TrajectoryAdam(**d["log_length"]),
                 "variance": Welford(**d["variance"]),
+                "covariance": None if d.get("covariance") is None else CovarianceWelford(**d["covariance"]),
             }
         )
 
@@ -175,7 +187,7 @@ class ChEES(Sampler):
         state = run.states[0]
         extra = {
             "step_size": state["step_size"],
-            "trajectory_length": math.exp(state["log_length"]["value"]),
+            "trajectory_length": chains.length(),
             "inverse_mass": state["inverse_mass"].tolist(),
             "divergences": int(run.draws.stats["diverging"].sum()),
             "warmup_converged": state["warmup_converged"],
@@ -210,6 +222,7 @@ class ChEESChains:
                 TrajectoryAdam(math.log(max(step_size, 1e-8) * 5), self.config.trajectory_lr),
                 Welford.empty(inv_mass),
                 window_start=int(0.15 * self.config.num_warmup),
+                covariance=self._empty_covariance(q[0]),
             )
         if self.config.jit_compile:
             self.density.compile(self.state.position)
@@ -222,9 +235,12 @@ class ChEESChains:
         if W:
             s.step_size = s.averager.final
         if s.log_length_mark is not None:
-            s.warmup_converged = self._check_settled(s.log_length_mark, s.log_length.value, s.log_length_sq)
+            cap = math.inf if s.length_cap is None else math.log(s.length_cap)
+            capped = min(s.log_length_mark, s.log_length.value) >= cap  # what ChEES did no longer mattered
+            s.warmup_converged = capped or self._check_settled(s.log_length_mark, s.log_length.value, s.log_length_sq)
         if s.log_length_n:
             s.log_length.value = s.log_length_sum / s.log_length_n
+            s.length_cap = None  # the average is of the capped length
 
     def _check_settled(self, mark: float, last: float, moved_sq: float) -> bool:
         """Whether the log trajectory length stopped moving over the last 20% of warm-up: a net
@@ -248,7 +264,7 @@ class ChEESChains:
 
     def step(self, iteration: int, warmup: bool) -> Step:
         s, cfg = self.state, self.config
-        length = halton(iteration + 1) * math.exp(s.log_length.value)
+        length = halton(iteration + 1) * self.length()
         n_steps = int(min(cfg.max_leapfrog_steps, max(1, math.ceil(length / s.step_size))))
         q1, p1, pot1, g1, h0, h1 = self._trajectory(
             s.position, s.potential, s.grad, s.inverse_mass, s.step_size, n_steps
@@ -284,7 +300,7 @@ class ChEESChains:
         }
         history = {
             "step_size": s.step_size,
-            "trajectory_length": math.exp(s.log_length.value),
+            "trajectory_length": self.length(),
             "num_steps": n_steps,
             "accept_harmonic": accept_h,
             "accept_mean": float(accept_prob.mean()),
@@ -298,13 +314,27 @@ class ChEESChains:
         s, W = self.state, self.config.num_warmup
         if iteration >= s.window_start:
             s.variance.update(s.position)
+            if s.covariance is not None:
+                s.covariance.update(s.position)
         if iteration + 1 in self.windows:
             s.inverse_mass = s.variance.regularized_variance()
             s.step_size = self._find_step_size(s.position, s.potential, s.grad, s.inverse_mass)
             s.averager.reset(s.step_size)
+            if s.covariance is not None:
+                s.length_cap = quarter_turn(s.covariance.covariance, s.inverse_mass)
+                s.covariance = self._empty_covariance(s.inverse_mass)
             s.window_start, s.variance = iteration + 1, Welford.empty(s.inverse_mass)
         if iteration >= int(0.9 * W):
-            s.log_length_sum, s.log_length_n = s.log_length_sum + s.log_length.value, s.log_length_n + 1
+            s.log_length_sum, s.log_length_n = s.log_length_sum + math.log(self.length()), s.log_length_n + 1
+
+    def length(self) -> float:
+        """The trajectory length to jitter: ChEES's, capped at the quarter turn once known."""
+        s = self.state
+        length = math.exp(s.log_length.value)
+        return length if s.length_cap is None else min(length, max(s.length_cap, s.step_size))
+
+    def _empty_covariance(self, like: torch.Tensor) -> CovarianceWelford | None:
+        return CovarianceWelford.empty(like) if like.numel() <= FULL_COVARIANCE_DIM else None
 
     def _initial_points(self):
         density, device, cfg = self.density, self.device, self.config
