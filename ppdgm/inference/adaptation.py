@@ -6,7 +6,7 @@
 - :class:`Welford`: running mean and variance over batches of draws (Chan et al.'s update), the
   diagonal mass matrix of a warm-up window.
 - :func:`warmup_windows`: where those windows end.
-- :class:`CovarianceWelford` and :func:`quarter_turn`: the chains' full covariance over a window,
+- :class:`CovarianceWelford` and :func:`half_turn`: the chains' full covariance over a window,
   and half the period of its slowest direction once the mass matrix has whitened it.
 - :class:`TrajectoryAdam`: Adam on log trajectory length (ChEES), without first moment as in the
   paper (``torch.optim.Adam`` with ``betas=(0, beta2)``, maximizing).
@@ -127,14 +127,16 @@ class CovarianceWelford:
         return 0.5 * (c + c.T)
 
 
-def quarter_turn(covariance: torch.Tensor, inverse_mass: torch.Tensor) -> float:
-    """``pi/2 * sqrt(lambda_max)`` with ``lambda_max`` the largest eigenvalue of the covariance in
-    the mass matrix's coordinates: the time HMC takes to carry a Gaussian's slowest direction a
-    quarter of its oscillation, where a draw forgets its start along it (BlackJAX's ChEES floors
-    its trajectory length here)."""
+def half_turn(covariance: torch.Tensor, inverse_mass: torch.Tensor) -> float:
+    """``pi * sqrt(lambda_max)`` with ``lambda_max`` the largest eigenvalue of the covariance in
+    the mass matrix's coordinates: half the period with which HMC oscillates along a Gaussian's
+    slowest direction. A trajectory of length ``u * L`` with ``u`` uniform in (0, 1) (ChEES's
+    jitter) leaves that direction correlated with its start by ``E[cos(u L w)] = sin(L w) / (L w)``,
+    zero at ``L = pi / w``; longer only spends gradients. (BlackJAX's ChEES floors its length at
+    half of this.)"""
     s = inverse_mass.rsqrt()
     top = torch.linalg.eigvalsh((covariance * s[:, None] * s[None, :]).double())[-1]
-    return 0.5 * math.pi * math.sqrt(max(float(top), 1e-6))
+    return math.pi * math.sqrt(max(float(top), 1e-6))
 
 
 def warmup_windows(num_warmup: int) -> list[int]:

@@ -35,8 +35,8 @@ from ppdgm.inference.adaptation import (
     DualAveraging,
     TrajectoryAdam,
     Welford,
+    half_turn,
     halton,
-    quarter_turn,
     warmup_windows,
 )
 from ppdgm.inference.base import Checkpointer
@@ -63,7 +63,7 @@ class ChEESState:
     variance: Welford  # the chains' variance over the current mass-matrix window
     window_start: int
     covariance: CovarianceWelford | None = None  # the window's full covariance (dim <= FULL_COVARIANCE_DIM)
-    length_cap: float | None = None  # quarter turn of the slowest whitened direction, from the last window
+    length_cap: float | None = None  # half turn of the slowest whitened direction, from the last window
     log_length_sum: float = 0.0  # averaged over the last 10% of warm-up: the sampling length
     log_length_n: int = 0
     log_length_mark: float | None = None  # at 80% of warm-up, to see whether the length settled
@@ -323,24 +323,24 @@ class ChEESChains:
             s.step_size = self._find_step_size(s.position, s.potential, s.grad, s.inverse_mass)
             s.averager.reset(s.step_size)
             if s.covariance is not None:
-                s.length_cap = quarter_turn(s.covariance.covariance, s.inverse_mass)
+                s.length_cap = half_turn(s.covariance.covariance, s.inverse_mass)
                 s.covariance = self._empty_covariance(s.inverse_mass)
             s.window_start, s.variance = iteration + 1, Welford.empty(s.inverse_mass)
         if iteration >= int(0.9 * W):
             s.log_length_sum, s.log_length_n = s.log_length_sum + math.log(self.length()), s.log_length_n + 1
 
     def length(self) -> float:
-        """The trajectory length to jitter: ChEES's, capped at the quarter turn once known."""
+        """The trajectory length to jitter: ChEES's, capped at the half turn once known."""
         s = self.state
         length = math.exp(s.log_length.value)
         return length if s.length_cap is None else min(length, max(s.length_cap, s.step_size))
 
     def _start_length(self, q: torch.Tensor, inv_mass: torch.Tensor, step_size: float) -> float:
-        """Where ChEES's length starts: a quarter turn of the starting chains' spread (it takes the
+        """Where ChEES's length starts: a half turn of the starting chains' spread (it takes the
         adaptation tens of iterations per factor of e to get there from a few steps), at least one step."""
         cfg, length = self.config, 5 * step_size
         if q.shape[1] <= FULL_COVARIANCE_DIM:
-            length = quarter_turn(torch.cov(q.T).reshape(q.shape[1], q.shape[1]), inv_mass)
+            length = half_turn(torch.cov(q.T).reshape(q.shape[1], q.shape[1]), inv_mass)
         return min(max(length, step_size), step_size * cfg.max_leapfrog_steps)
 
     def _empty_covariance(self, like: torch.Tensor) -> CovarianceWelford | None:

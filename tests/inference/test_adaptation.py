@@ -12,8 +12,8 @@ from ppdgm.inference.adaptation import (
     DualAveraging,
     TrajectoryAdam,
     Welford,
+    half_turn,
     halton,
-    quarter_turn,
     warmup_windows,
 )
 
@@ -111,11 +111,11 @@ def test_covariance_welford_equals_numpy_covariance(batch):
     assert torch.allclose(acc.covariance, torch.from_numpy(np.cov(x.numpy(), rowvar=False)))
 
 
-def test_quarter_turn_is_a_quarter_period_of_the_slowest_whitened_direction():
+def test_half_turn_is_half_a_period_of_the_slowest_whitened_direction():
     """For the Gaussian N(0, C) HMC with inverse mass M^-1 oscillates along each eigenvector of
-    M^-1/2 C M^-1/2 with period 2 pi sqrt(lambda): a quarter is pi/2 sqrt(lambda_max)."""
+    M^-1/2 C M^-1/2 with period 2 pi sqrt(lambda): half of it is pi sqrt(lambda_max)."""
     cov = torch.tensor([[4.0, 0.0], [0.0, 1.0]])
-    assert quarter_turn(cov, torch.ones(2)) == pytest.approx(math.pi)
-    assert quarter_turn(cov, torch.tensor([4.0, 1.0])) == pytest.approx(math.pi / 2)
+    assert half_turn(cov, torch.ones(2)) == pytest.approx(2 * math.pi)
+    assert half_turn(cov, torch.tensor([4.0, 1.0])) == pytest.approx(math.pi)
     corr = torch.tensor([[1.0, 0.8], [0.8, 1.0]])  # whitened by its diagonal: lambda_max = 1.8
-    assert quarter_turn(corr * 9.0, torch.full((2,), 9.0)) == pytest.approx(math.pi / 2 * math.sqrt(1.8))
+    assert half_turn(corr * 9.0, torch.full((2,), 9.0)) == pytest.approx(math.pi * math.sqrt(1.8))

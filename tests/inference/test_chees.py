@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from pyro.infer.mcmc.util import initialize_model
 
 import ppdgm
-from ppdgm.inference.adaptation import halton, quarter_turn, warmup_windows
+from ppdgm.inference.adaptation import half_turn, halton, warmup_windows
 from ppdgm.inference.chees import ChEES, ChEESChains
 from ppdgm.logdensity import BatchedLogDensity
 
@@ -55,9 +55,9 @@ def test_chees_matches_analytic_posterior(model, args, site, mean, sd):
     # the adaptation went somewhere sensible: a trajectory of several steps, acceptance near target
     assert fit.extra["trajectory_length"] > 2 * fit.extra["step_size"]
     assert 0.5 < np.mean(fit.history["accept_mean"][200:]) < 0.99
-    # ... and no longer than a quarter turn of the posterior's slowest whitened direction
+    # ... and no longer than a half turn of the posterior's slowest whitened direction
     cov = torch.tensor(sd, dtype=torch.float64).diag() ** 2 if site == "mu" else COV.double()
-    assert fit.extra["trajectory_length"] < 1.3 * quarter_turn(cov, cov.diag())
+    assert fit.extra["trajectory_length"] < 1.3 * half_turn(cov, cov.diag())
 
 
 def test_batched_log_density_equals_pyro_potential():
