@@ -219,7 +219,7 @@ class ChEESChains:
                 inv_mass,
                 step_size,
                 DualAveraging.start(step_size, self.config.target_accept),
-                TrajectoryAdam(math.log(self._start_length(q, inv_mass, step_size)), self.config.trajectory_lr),
+                TrajectoryAdam(math.log(max(step_size, 1e-8) * 5), self.config.trajectory_lr),
                 Welford.empty(inv_mass),
                 window_start=int(0.15 * self.config.num_warmup),
                 covariance=self._empty_covariance(q[0]),
@@ -275,9 +275,7 @@ class ChEESChains:
         accept_prob = log_accept.exp()
         diverging = ~finite | (delta < -1000.0)
         accepted = torch.rand_like(accept_prob).log() < log_accept
-        # divergent chains (energy error over 1000) are left out, as in BlackJAX: one chain far out
-        # in a tail early in warm-up would else make the harmonic mean 0 and crush the step size
-        accept_h = _harmonic_accept(h0, torch.where(diverging, math.inf, h1), skip_nonfinite=True)
+        accept_h = _harmonic_accept(h0, h1, skip_nonfinite=True)
         if warmup:
             g = chees_gradient(s.position, q1, p1, s.inverse_mass, accept_prob, finite, length)
             before = s.log_length.value
@@ -334,14 +332,6 @@ class ChEESChains:
         s = self.state
         length = math.exp(s.log_length.value)
         return length if s.length_cap is None else min(length, max(s.length_cap, s.step_size))
-
-    def _start_length(self, q: torch.Tensor, inv_mass: torch.Tensor, step_size: float) -> float:
-        """Where ChEES's length starts: a half turn of the starting chains' spread (it takes the
-        adaptation tens of iterations per factor of e to get there from a few steps), at least one step."""
-        cfg, length = self.config, 5 * step_size
-        if q.shape[1] <= FULL_COVARIANCE_DIM:
-            length = half_turn(torch.cov(q.T).reshape(q.shape[1], q.shape[1]), inv_mass)
-        return min(max(length, step_size), step_size * cfg.max_leapfrog_steps)
 
     def _empty_covariance(self, like: torch.Tensor) -> CovarianceWelford | None:
         return CovarianceWelford.empty(like) if like.numel() <= FULL_COVARIANCE_DIM else None
