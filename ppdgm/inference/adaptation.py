@@ -90,7 +90,11 @@ class Welford:
         self.count += rows.shape[0]
         d = rows - self.mean
         self.mean = self.mean + d.sum(0) / self.count
-        self.m2 = self.m2 + (d * (rows - self.mean)).sum(0)
+        self.m2 = self.m2 + self._m2_increment(d, rows - self.mean)
+
+    @staticmethod
+    def _m2_increment(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        return (old * new).sum(0)
 
     @property
     def variance(self) -> torch.Tensor:
@@ -104,26 +108,20 @@ class Welford:
 
 
 @dataclass
-class CovarianceWelford:
-    """Running mean and sum of outer products of deviations over rows of ``(batch, dim)``."""
-
-    mean: torch.Tensor
-    m2: torch.Tensor
-    count: int = 0
+class CovarianceWelford(Welford):
+    """As :class:`Welford`, with the sum of outer products of deviations: the full covariance."""
 
     @classmethod
     def empty(cls, like: torch.Tensor) -> CovarianceWelford:
         return cls(torch.zeros_like(like), torch.zeros(*like.shape, *like.shape, dtype=like.dtype, device=like.device))
 
-    def update(self, rows: torch.Tensor) -> None:
-        self.count += rows.shape[0]
-        d = rows - self.mean
-        self.mean = self.mean + d.sum(0) / self.count
-        self.m2 = self.m2 + d.T @ (rows - self.mean)
+    @staticmethod
+    def _m2_increment(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        return old.T @ new
 
     @property
     def covariance(self) -> torch.Tensor:
-        c = self.m2 / max(self.count - 1, 1)
+        c = self.variance
         return 0.5 * (c + c.T)
 
 
