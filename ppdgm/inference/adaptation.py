@@ -6,6 +6,8 @@
 - :class:`Welford`: running mean and variance over batches of draws (Chan et al.'s update), the
   diagonal mass matrix of a warm-up window.
 - :func:`warmup_windows`: where those windows end.
+- :class:`CovarianceWelford` and :func:`half_turn`: the chains' full covariance over a window,
+  and half the period of its slowest direction once the mass matrix has whitened it.
 - :class:`TrajectoryAdam`: Adam on log trajectory length (ChEES), without first moment as in the
   paper (``torch.optim.Adam`` with ``betas=(0, beta2)``, maximizing).
 
@@ -88,7 +90,11 @@ class Welford:
         self.count += rows.shape[0]
         d = rows - self.mean
         self.mean = self.mean + d.sum(0) / self.count
-        self.m2 = self.m2 + (d * (rows - self.mean)).sum(0)
+        self.m2 = self.m2 + self._m2_increment(d, rows - self.mean)
+
+    @staticmethod
+    def _m2_increment(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        return (old * new).sum(0)
 
     @property
     def variance(self) -> torch.Tensor:
@@ -99,6 +105,36 @@ class Welford:
         """Stan's shrinkage of the variance toward ``prior``: a mass matrix from few draws stays sane."""
         n = self.count
         return (n / (n + weight)) * self.variance + prior * (weight / (n + weight))
+
+
+@dataclass
+class CovarianceWelford(Welford):
+    """As :class:`Welford`, with the sum of outer products of deviations: the full covariance."""
+
+    @classmethod
+    def empty(cls, like: torch.Tensor) -> CovarianceWelford:
+        return cls(torch.zeros_like(like), torch.zeros(*like.shape, *like.shape, dtype=like.dtype, device=like.device))
+
+    @staticmethod
+    def _m2_increment(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        return old.T @ new
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        c = self.variance
+        return 0.5 * (c + c.T)
+
+
+def half_turn(covariance: torch.Tensor, inverse_mass: torch.Tensor) -> float:
+    """``pi * sqrt(lambda_max)`` with ``lambda_max`` the largest eigenvalue of the covariance in
+    the mass matrix's coordinates: half the period with which HMC oscillates along a Gaussian's
+    slowest direction. A trajectory of length ``u * L`` with ``u`` uniform in (0, 1) (ChEES's
+    jitter) leaves that direction correlated with its start by ``E[cos(u L w)] = sin(L w) / (L w)``,
+    zero at ``L = pi / w``; longer only spends gradients. (BlackJAX's ChEES floors its length at
+    half of this.)"""
+    s = inverse_mass.rsqrt()
+    top = torch.linalg.eigvalsh((covariance * s[:, None] * s[None, :]).double())[-1]
+    return math.pi * math.sqrt(max(float(top), 1e-6))
 
 
 def warmup_windows(num_warmup: int) -> list[int]:

@@ -7,7 +7,11 @@ an outer ``pyro.plate`` over chains, as Pyro's vectorized ELBO particles do. Dur
 step size follows dual averaging on the harmonic mean of the chains' acceptance probabilities,
 the trajectory length follows Adam on the ChEES criterion (the change in the chains' spread,
 which long enough trajectories maximize), with Halton-sequence jitter, and a diagonal mass
-matrix comes from the chains' variance in doubling windows.
+matrix comes from the chains' variance in doubling windows. From the first window on the length
+is capped at a half turn of the slowest direction the mass matrix leaves (``pi sqrt(lambda_max)``
+of the window's whitened covariance, for dim <= 1000): ChEES's criterion, driven by the chains in
+a heavy tail, climbs past it (eight schools: 10 where 3.8 gives more ESS per gradient), and under
+uniform jitter a longer trajectory no longer decorrelates a Gaussian's slowest direction.
 
 Any model NUTS runs runs here: :class:`~ppdgm.logdensity.BatchedLogDensity` evaluates the chains
 under one outer plate when every batch dimension is a plate's and the model broadcasts (e.g.
@@ -30,13 +34,22 @@ import pyro
 import torch
 
 from ppdgm.fit import Fit
-from ppdgm.inference.adaptation import DualAveraging, TrajectoryAdam, Welford, halton, warmup_windows
+from ppdgm.inference.adaptation import (
+    CovarianceWelford,
+    DualAveraging,
+    TrajectoryAdam,
+    Welford,
+    half_turn,
+    halton,
+    warmup_windows,
+)
 from ppdgm.inference.base import Checkpointer
 from ppdgm.inference.callbacks import as_callbacks
 from ppdgm.inference.sampling import Sampler, Step, default_device, frozen_params
 from ppdgm.logdensity import BatchedLogDensity
 
 INIT_METHODS = ("uniform", "prior")
+FULL_COVARIANCE_DIM = 1000  # above it no quarter-turn cap (a dim x dim covariance per window)
 
 
 @dataclass
@@ -53,6 +66,8 @@ class ChEESState:
     log_length: TrajectoryAdam  # log trajectory length and its optimizer
     variance: Welford  # the chains' variance over the current mass-matrix window
     window_start: int
+    covariance: CovarianceWelford | None = None  # the window's full covariance (dim <= FULL_COVARIANCE_DIM)
+    length_cap: float | None = None  # half turn of the slowest whitened direction, from the last window
     log_length_sum: float = 0.0  # averaged over the last 10% of warm-up: the sampling length
     log_length_n: int = 0
     log_length_mark: float | None = None  # at 80% of warm-up, to see whether the length settled
@@ -67,6 +82,7 @@ class ChEESState:
                 "averager": DualAveraging(**d["averager"]),
                 "log_length": TrajectoryAdam(**d["log_length"]),
                 "variance": Welford(**d["variance"]),
+                "covariance": None if d.get("covariance") is None else CovarianceWelford(**d["covariance"]),
             }
         )
 
@@ -133,8 +149,16 @@ class ChEES(Sampler):
             raise ValueError(f"target_accept must be a float in (0, 1), got {target_accept!r}")
         if not (isinstance(trajectory_lr, (int, float)) and trajectory_lr > 0):
             raise ValueError(f"trajectory_lr must be a positive number, got {trajectory_lr!r}")
-        if not (init in INIT_METHODS or isinstance(init, dict)):
-            raise ValueError(f"init must be one of {INIT_METHODS} or a dict of site values, got {init!r}")
+        if isinstance(init, torch.Tensor):
+            if init.dim() != 2 or init.shape[0] != num_chains or not init.is_floating_point():
+                raise ValueError(
+                    f"init as a tensor must be floating point of shape (num_chains, dim) = ({num_chains}, dim), "
+                    f"got {init.dtype} of shape {tuple(init.shape)}"
+                )
+        elif not ((isinstance(init, str) and init in INIT_METHODS) or isinstance(init, dict)):
+            raise ValueError(
+                f"init must be one of {INIT_METHODS}, a dict of site values or a (num_chains, dim) tensor, got {init!r}"
+            )
         if init_step_size is not None and not init_step_size > 0:
             raise ValueError(f"init_step_size must be positive or None, got {init_step_size!r}")
         self.num_chains, self.num_samples, self.num_warmup = num_chains, num_samples, num_warmup
@@ -149,8 +173,9 @@ class ChEES(Sampler):
         self.jit_compile = jit_compile if jit_compile == "inductor" else bool(jit_compile)
         Checkpointer(None, checkpoint_every)  # validates it
         self.checkpoint_every = checkpoint_every
-        self.init = init if isinstance(init, str) else "values"
+        self.init = init if isinstance(init, str) else "values" if isinstance(init, dict) else "points"
         self._init_values = init if isinstance(init, dict) else None
+        self._init_points = init.detach().clone() if isinstance(init, torch.Tensor) else None
         self.seed, self.device, self.progress = seed, device, progress
 
     def run(self, model, *args, checkpoint_dir=None, resume: bool = False, callbacks=(), **kwargs) -> Fit:
@@ -171,7 +196,7 @@ class ChEES(Sampler):
         state = run.states[0]
         extra = {
             "step_size": state["step_size"],
-            "trajectory_length": math.exp(state["log_length"]["value"]),
+            "trajectory_length": chains.length(),
             "inverse_mass": state["inverse_mass"].tolist(),
             "divergences": int(run.draws.stats["diverging"].sum()),
             "warmup_converged": state["warmup_converged"],
@@ -207,6 +232,7 @@ class ChEESChains:
                 TrajectoryAdam(math.log(max(step_size, 1e-8) * 5), self.config.trajectory_lr),
                 Welford.empty(inv_mass),
                 window_start=int(0.15 * self.config.num_warmup),
+                covariance=self._empty_covariance(q[0]),
             )
         if self.config.jit_compile:
             self.density.compile(self.state.position, "inductor" if self.config.jit_compile == "inductor" else "trace")
@@ -219,9 +245,12 @@ class ChEESChains:
         if W:
             s.step_size = s.averager.final
         if s.log_length_mark is not None:
-            s.warmup_converged = self._check_settled(s.log_length_mark, s.log_length.value, s.log_length_sq)
+            cap = math.inf if s.length_cap is None else math.log(s.length_cap)
+            capped = min(s.log_length_mark, s.log_length.value) >= cap  # what ChEES did no longer mattered
+            s.warmup_converged = capped or self._check_settled(s.log_length_mark, s.log_length.value, s.log_length_sq)
         if s.log_length_n:
             s.log_length.value = s.log_length_sum / s.log_length_n
+            s.length_cap = None  # the average is of the capped length
 
     def _check_settled(self, mark: float, last: float, moved_sq: float) -> bool:
         """Whether the log trajectory length stopped moving over the last 20% of warm-up: a net
@@ -245,7 +274,7 @@ class ChEESChains:
 
     def step(self, iteration: int, warmup: bool) -> Step:
         s, cfg = self.state, self.config
-        length = halton(iteration + 1) * math.exp(s.log_length.value)
+        length = halton(iteration + 1) * self.length()
         n_steps = int(min(cfg.max_leapfrog_steps, max(1, math.ceil(length / s.step_size))))
         q1, p1, pot1, g1, h0, h1 = self._trajectory(
             s.position, s.potential, s.grad, s.inverse_mass, s.step_size, n_steps
@@ -281,7 +310,7 @@ class ChEESChains:
         }
         history = {
             "step_size": s.step_size,
-            "trajectory_length": math.exp(s.log_length.value),
+            "trajectory_length": self.length(),
             "num_steps": n_steps,
             "accept_harmonic": accept_h,
             "accept_mean": float(accept_prob.mean()),
@@ -295,18 +324,48 @@ class ChEESChains:
         s, W = self.state, self.config.num_warmup
         if iteration >= s.window_start:
             s.variance.update(s.position)
+            if s.covariance is not None:
+                s.covariance.update(s.position)
         if iteration + 1 in self.windows:
             s.inverse_mass = s.variance.regularized_variance()
             s.step_size = self._find_step_size(s.position, s.potential, s.grad, s.inverse_mass)
             s.averager.reset(s.step_size)
+            if s.covariance is not None:
+                s.length_cap = half_turn(s.covariance.covariance, s.inverse_mass)
+                s.covariance = self._empty_covariance(s.inverse_mass)
             s.window_start, s.variance = iteration + 1, Welford.empty(s.inverse_mass)
         if iteration >= int(0.9 * W):
-            s.log_length_sum, s.log_length_n = s.log_length_sum + s.log_length.value, s.log_length_n + 1
+            s.log_length_sum, s.log_length_n = s.log_length_sum + math.log(self.length()), s.log_length_n + 1
+
+    def length(self) -> float:
+        """The trajectory length to jitter: ChEES's, capped at the half turn once known."""
+        s = self.state
+        length = math.exp(s.log_length.value)
+        return length if s.length_cap is None else min(length, max(s.length_cap, s.step_size))
+
+    def _empty_covariance(self, like: torch.Tensor) -> CovarianceWelford | None:
+        return CovarianceWelford.empty(like) if like.numel() <= FULL_COVARIANCE_DIM else None
 
     def _initial_points(self):
         density, device, cfg = self.density, self.device, self.config
         init_values = cfg._init_values or {}
         C, D = cfg.num_chains, density.dim
+        if cfg._init_points is not None:
+            if cfg._init_points.shape[1] != D:
+                raise ValueError(
+                    f"init: the model has {D} unconstrained dimensions "
+                    f"({', '.join(f'{s.name} {tuple(s.shape)}' for s in density.sites)}), "
+                    f"got points of shape {tuple(cfg._init_points.shape)}"
+                )
+            u = cfg._init_points.to(device=device, dtype=density.dtype)
+            potential, grad = density.potential_and_grad(u)
+            bad = ~(torch.isfinite(potential) & torch.isfinite(grad).all(1))
+            if bad.any():
+                raise ValueError(
+                    f"init: {int(bad.sum())} of {C} given starting points have a non-finite log density "
+                    f"or gradient (chains {bad.nonzero().flatten().tolist()[:10]})"
+                )
+            return u, potential, grad
 
         def draw(n):
             if cfg.init == "uniform":

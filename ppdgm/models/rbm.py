@@ -363,20 +363,36 @@ class RBM(ConstructorSpec, PyroModule):
         return self.visible_mean(self.hidden_mean(x), x.sum(-1) if self.units == "softmax" else None)
 
     @torch.no_grad()
-    def sample(self, n: int, steps: int = 1000, counts: int = 1, temperatures: int = 10) -> torch.Tensor:
+    def sample(
+        self, n: int, steps: int = 1000, counts: int = 1, temperatures: int = 10, start: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``n`` draws after ``steps`` sweeps from random hidden states: of parallel tempering over
         ``temperatures`` inverse temperatures from 1 to ``min_beta`` (bernoulli units; the ``beta = 1``
         replicas are returned), or of plain block Gibbs (other units, or ``temperatures=1``).
 
         Plain Gibbs from noise settles in the few deepest modes and over-represents their digits;
-        the swaps carry the replicas between modes, so the draws represent the model's distribution."""
+        the swaps carry the replicas between modes, so the draws represent the model's distribution.
+
+        ``start``: visible states to continue from instead, such as the persistent chains of
+        training (``fit.extra["tensors"]["chains"]``), which after a decaying learning rate are
+        spread over the modes already: ``n`` of its rows in random order (cycled when ``n`` is
+        larger), each advanced by ``steps`` sweeps of the same sampler."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
         if isinstance(temperatures, bool) or not isinstance(temperatures, int) or temperatures < 1:
             raise ValueError(f"temperatures must be a positive int, got {temperatures!r}")
-        h = bernoulli(self.c.new_full((n, self.hidden_units), 0.5))
-        c = self.c.new_full((n,), float(counts)) if self.units == "softmax" else None
-        v = self.sample_visible(h, c)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+        if start is None:
+            h = bernoulli(self.c.new_full((n, self.hidden_units), 0.5))
+            c = self.c.new_full((n,), float(counts)) if self.units == "softmax" else None
+            v = self.sample_visible(h, c)
+        else:
+            if isinstance(start, torch.Tensor) and start.dim() == 3 and self.temperatures > 1:
+                start = start[0]  # training chains of a tempering RBM: its beta = 1 replicas
+            start = self._input(start, "start")
+            order = torch.randperm(start.shape[0], device=start.device)
+            v = start[order.repeat(-(-n // start.shape[0]))[:n]]
         if self.units != "bernoulli" or temperatures == 1:
             return self.gibbs(v, steps)
         return self.tempered_gibbs(v.expand(temperatures, *v.shape).clone(), steps)[0]

@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from ppdgm.inference.adaptation import DualAveraging, TrajectoryAdam, Welford, halton, warmup_windows
+from ppdgm.inference.adaptation import (
+    CovarianceWelford,
+    DualAveraging,
+    TrajectoryAdam,
+    Welford,
+    half_turn,
+    halton,
+    warmup_windows,
+)
 
 
 def van_der_corput(n: int, base: int) -> float:
@@ -87,3 +95,27 @@ def test_warmup_windows_double_and_end_at_ninety_percent():
     assert ends[-1] == 900 and ends[0] == 150 + 107
     assert all(b >= a for a, b in itertools.pairwise(sizes[:-1]))  # doubling, but for the last one
     assert warmup_windows(19) == []
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_covariance_welford_equals_numpy_covariance(batch):
+    x = (
+        torch.randn(300, 4, dtype=torch.float64)
+        @ torch.tensor([[1.0, 0.5, 0, 0], [0, 2, 0, 0], [0, 0, 1, -1], [0, 0, 0, 3]]).double()
+    )
+    acc = CovarianceWelford.empty(x[0])
+    for rows in x.split(batch):
+        acc.update(rows)
+    assert acc.count == 300
+    assert torch.allclose(acc.mean, x.mean(0))
+    assert torch.allclose(acc.covariance, torch.from_numpy(np.cov(x.numpy(), rowvar=False)))
+
+
+def test_half_turn_is_half_a_period_of_the_slowest_whitened_direction():
+    """For the Gaussian N(0, C) HMC with inverse mass M^-1 oscillates along each eigenvector of
+    M^-1/2 C M^-1/2 with period 2 pi sqrt(lambda): half of it is pi sqrt(lambda_max)."""
+    cov = torch.tensor([[4.0, 0.0], [0.0, 1.0]])
+    assert half_turn(cov, torch.ones(2)) == pytest.approx(2 * math.pi)
+    assert half_turn(cov, torch.tensor([4.0, 1.0])) == pytest.approx(math.pi)
+    corr = torch.tensor([[1.0, 0.8], [0.8, 1.0]])  # whitened by its diagonal: lambda_max = 1.8
+    assert half_turn(corr * 9.0, torch.full((2,), 9.0)) == pytest.approx(math.pi * math.sqrt(1.8))

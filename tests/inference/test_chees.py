@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from pyro.infer.mcmc.util import initialize_model
 
 import ppdgm
-from ppdgm.inference.adaptation import halton, warmup_windows
-from ppdgm.inference.chees import ChEES
+from ppdgm.inference.adaptation import half_turn, halton, warmup_windows
+from ppdgm.inference.chees import ChEES, ChEESChains
 from ppdgm.logdensity import BatchedLogDensity
 
 from known_posteriors import COV, MEAN, NN_MEAN, NN_SD, X, correlated_gaussian, max_z_scores, normal_normal
@@ -55,6 +55,9 @@ def test_chees_matches_analytic_posterior(model, args, site, mean, sd):
     # the adaptation went somewhere sensible: a trajectory of several steps, acceptance near target
     assert fit.extra["trajectory_length"] > 2 * fit.extra["step_size"]
     assert 0.5 < np.mean(fit.history["accept_mean"][200:]) < 0.99
+    # ... and no longer than a half turn of the posterior's slowest whitened direction
+    cov = torch.tensor(sd, dtype=torch.float64).diag() ** 2 if site == "mu" else COV.double()
+    assert fit.extra["trajectory_length"] < 1.3 * half_turn(cov, cov.diag())
 
 
 def test_batched_log_density_equals_pyro_potential():
@@ -172,6 +175,43 @@ def test_nonfinite_initial_density_names_the_site():
 
     with pytest.raises(ValueError, match="site 'impossible'"):
         ChEES(num_chains=4, max_init_tries=3).run(model)
+
+
+def test_init_points_start_every_chain_where_given():
+    """``init=(num_chains, dim)`` unconstrained points are the chains' starting points, in the
+    order of the model's sites, and a run from them samples the posterior."""
+    start = torch.stack([torch.linspace(-1.0, 1.0, 8), torch.linspace(-2.0, -1.0, 8)], 1)  # mu, log tau
+    sampler = ChEES(num_chains=8, num_warmup=100, num_samples=100, init=start, seed=0)
+    chains = ChEESChains(sampler, BatchedLogDensity(eight_schools_two_sites), torch.device("cpu"))
+    q, potential, _ = chains._initial_points()
+    assert torch.equal(q, start)
+    assert torch.isfinite(potential).all()
+    fit = sampler.run(eight_schools_two_sites)
+    assert np.isfinite(fit.samples["tau"].numpy()).all() and fit.samples["tau"].shape == (8, 100)
+
+
+def eight_schools_two_sites():
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+    pyro.sample("obs", dist.Normal(mu, tau), obs=torch.tensor([1.0, -1.0]))
+
+
+@pytest.mark.parametrize(
+    "start,match",
+    [
+        (torch.zeros(3, 2), r"\(4, dim\)"),
+        (torch.zeros(4), r"shape \(4,\)"),
+        (torch.zeros(4, 2, dtype=torch.long), "floating"),
+    ],
+)
+def test_init_points_of_the_wrong_shape_fail_before_any_compute(start, match):
+    with pytest.raises(ValueError, match=match):
+        ChEES(num_chains=4, init=start)
+
+
+def test_init_points_check_the_models_dimension():
+    with pytest.raises(ValueError, match=r"2 unconstrained dimensions .*got points of shape \(4, 3\)"):
+        ChEES(num_chains=4, init=torch.zeros(4, 3)).run(eight_schools_two_sites)
 
 
 # -- models whose batch dims no plate declares (as in Pyro's own NUTS tests) ----------------------

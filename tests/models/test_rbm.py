@@ -224,6 +224,13 @@ def test_parallel_tempering_samples_a_bimodal_rbm_and_trains_by_pcd():
     assert torch.allclose(m.sample(4000, steps=300).mean(0), exact, atol=0.03)
     with pytest.raises(ValueError, match="temperatures must be a positive int"):
         m.sample(3, temperatures=0)
+    # continued from states spread over both modes (the tempered chains, all replicas given), plain
+    # Gibbs keeps both; the rows are drawn from the start, cycled past its 4000
+    resumed = m.sample(6000, steps=20, temperatures=1, start=tempered)
+    assert resumed.shape == (6000, 6) and torch.allclose(resumed.mean(0), exact, atol=0.03), resumed.mean(0)
+    assert torch.equal(m.sample(4000, steps=0, start=tempered[0]).sum(0), tempered[0].sum(0))
+    with pytest.raises(ValueError, match="start: expected 6 columns"):
+        m.sample(3, start=torch.zeros(5, 4))
     x = torch.bernoulli(torch.full((40, 6), 0.5))
     fit = PersistentCD(num_steps=10, batch_size=20, num_chains=7).run(m, x)
     assert fit.extra["tensors"]["chains"].shape == (8, 7, 6) and fit.samples["chain_energy"].shape[0] == 4
