@@ -2,17 +2,19 @@
 
 Pyro's ``Trace_ELBO`` builds two full traces every step (the guide's, then the model's replayed
 against it), prunes and copies them, computes score parts and checks shapes: on the tutorial VAE
-that bookkeeping costs as much as the networks. :class:`CompiledELBO` traces the first step with
-``Trace_ELBO`` itself (its loss, gradients and checks) while recording the program's *structure*:
-per sample site its name, whether it is observed, its distribution type, batch and event shapes
-and plates. Later steps replay the program under one light messenger that draws each guide site,
-replays it in the model, sums the scaled log-densities and compares every site with the record.
-The replayed loss is ``-(log p(x, z) - log q(z | x))`` at the same draws, so loss and gradients
-equal ``Trace_ELBO``'s.
+that bookkeeping costs as much as the networks. :class:`CompiledELBO` runs ``Trace_ELBO``'s own
+traces once, without gradients and with the random number generators put back (so its checks
+run), recording the program's *structure*: per sample site its name, whether it is observed, its
+distribution type, batch and event shapes and plates. Every step, the first included, then
+replays the program under one light messenger that draws each guide site, replays it in the
+model, sums the scaled log-densities and compares every site with the record. The replayed loss
+is ``-(log p(x, z) - log q(z | x))`` at the same draws, so loss and gradients equal
+``Trace_ELBO``'s.
 
 When a site differs from the record (a data-dependent number of sites, new shapes, another
-distribution), the replay is dropped before any gradient is taken and the step is traced again,
-which re-records the structure. A program whose structure keeps changing stops being replayed.
+distribution), the replay is dropped before any gradient is taken, the structure is recorded
+again and the step replayed; if it differs again, ``Trace_ELBO`` computes the step. A program
+whose structure keeps changing stops being replayed.
 """
 
 from __future__ import annotations
@@ -137,8 +139,8 @@ class CompiledELBO:
     ``loss_and_params`` backpropagates the loss of one step (sites in plate ``plate`` scaled by
     ``scale``) and returns it with the unconstrained params it touched, as
     ``Trace_ELBO.loss_and_grads`` under ``poutine.trace(param_only=True)`` would.
-    ``traced``, ``replayed`` and ``changes`` count the steps of each kind and the structure
-    changes seen.
+    ``recorded``, ``traced``, ``replayed`` and ``changes`` count the recordings, the steps of each
+    kind and the structure changes seen.
     """
 
     #: after this many structure changes, and if they are over a tenth of the steps, stop replaying
@@ -150,10 +152,16 @@ class CompiledELBO:
         self.elbo, self.plate = elbo, plate
         self.program: tuple[list, list] | None = None  # the guide's and the model's site signatures
         self.enabled = True
-        self.traced = self.replayed = self.changes = 0
+        self.traced = self.replayed = self.changes = self.recorded = 0
 
     def loss_and_params(self, model, guide, scale, args, kwargs) -> tuple[float, list]:
-        if self.program is not None:
+        # every step's numbers come from the replay, the first one's too: a run resumed from a
+        # checkpoint (which records again) takes the very steps of an uninterrupted one
+        for _ in range(2):  # a structure change records again and retries once
+            if self.enabled and self.program is None:
+                self._record(model, guide, scale, args, kwargs)
+            if not self.enabled or self.program is None:
+                break
             try:
                 return self._replay(model, guide, scale, args, kwargs)
             except StructureChanged:
@@ -164,20 +172,31 @@ class CompiledELBO:
                     self.enabled = False
         return self._trace(model, guide, scale, args, kwargs)
 
-    def _trace(self, model, guide, scale, args, kwargs) -> tuple[float, list]:
+    def _record(self, model, guide, scale, args, kwargs) -> None:
+        """Record the program's structure from ``Trace_ELBO``'s own traces, with its checks
+        (site shapes against the plates, model/guide agreement), without gradients and without
+        moving the random number generators."""
+        if isinstance(poutine.unwrap(guide), Messenger):
+            self.enabled = False
+            return
         if scale is not None:
             model, guide = ScaleDataPlate(self.plate, scale)(model), ScaleDataPlate(self.plate, scale)(guide)
         in_guide, in_model = RecordStructure(in_guide=True), RecordStructure(in_guide=False)
-        compile_next = self.enabled and not isinstance(poutine.unwrap(guide), Messenger)
-        if compile_next:
-            model, guide = in_model(model), in_guide(guide)
-        with poutine.trace(param_only=True) as cap:
-            loss = self.elbo.loss_and_grads(model, guide, *args, **kwargs)
-        self.traced += 1
-        if compile_next and in_guide.replayable and in_model.replayable:
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():
+            next(iter(self.elbo._get_traces(in_model(model), in_guide(guide), args, kwargs)))
+        self.recorded += 1
+        if in_guide.replayable and in_model.replayable:
             self.program = (in_guide.sites, in_model.sites)
         else:
             self.enabled = False
+
+    def _trace(self, model, guide, scale, args, kwargs) -> tuple[float, list]:
+        if scale is not None:
+            model, guide = ScaleDataPlate(self.plate, scale)(model), ScaleDataPlate(self.plate, scale)(guide)
+        with poutine.trace(param_only=True) as cap:
+            loss = self.elbo.loss_and_grads(model, guide, *args, **kwargs)
+        self.traced += 1
         return loss, [s["value"].unconstrained() for s in cap.trace.nodes.values() if s["value"] is not None]
 
     def _replay(self, model, guide, scale, args, kwargs) -> tuple[float, list]:

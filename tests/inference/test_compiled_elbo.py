@@ -87,10 +87,10 @@ def test_compiled_loss_and_gradients_equal_trace_elbo(name, kind, num_particles)
     pyro.clear_param_store()
     model, guide, scale, args = programs()[name]
     compiled = kind(Trace_ELBO(num_particles=num_particles), "data")
-    for _ in range(2):  # the first step records the program (CompiledELBO: traces it)
+    for _ in range(2):  # the first step records the program, then replays it
         grads(compiled.loss_and_params(model, guide, scale, args, {})[1])
     if kind is CompiledELBO:
-        assert compiled.replayed == 1 and compiled.changes == 0
+        assert compiled.recorded == 1 and compiled.replayed == 2 and compiled.changes == compiled.traced == 0
     for seed in range(3):
         pyro.set_rng_seed(seed)
         loss, params = compiled.loss_and_params(model, guide, scale, args, {})
@@ -130,7 +130,7 @@ def test_non_reparameterized_guide_site_is_traced_by_trace_elbo():
         assert loss == pytest.approx(ref_loss)
         for k in ref:
             torch.testing.assert_close(fast[k], ref[k])
-    assert compiled.replayed == 0 and compiled.traced == 3 and not compiled.enabled
+    assert compiled.replayed == 0 and compiled.traced == 3 and compiled.recorded == 1 and not compiled.enabled
 
 
 def changing_model(x):
@@ -159,7 +159,7 @@ def test_structure_change_falls_back_to_tracing_and_still_trains():
         batch = data[torch.randperm(200, generator=torch.Generator().manual_seed(step))[:40]]
         _, params = compiled.loss_and_params(changing_model, changing_guide, 5.0, (batch,), {})
         optim(params)
-    assert compiled.changes >= 1 and compiled.traced > 1 and compiled.replayed > 0
+    assert compiled.changes >= 1 and compiled.recorded > 1 and compiled.replayed > 0
     assert abs(pyro.param("loc_0").item() - exact_mean) < 0.15
     assert abs(pyro.param("loc_1").item()) < 0.75  # near the prior mean 0 (data sit at 2): no data touch mu_1
     # the engine runs the same model with its compiled ELBO and reaches the same answer
@@ -196,7 +196,7 @@ def test_jit_falls_back_to_the_replay_when_torch_jit_refuses_the_program():
     with pytest.warns(UserWarning, match="torch.jit.trace refused the program"):
         grads(compiled.loss_and_params(ppca.model, ppca.guide, 3.0, (x,), {})[1])
     grads(compiled.loss_and_params(ppca.model, ppca.guide, 3.0, (x,), {})[1])
-    assert compiled.fallback is not None and compiled.fallback.replayed == 1
+    assert compiled.fallback is not None and compiled.fallback.replayed == 2
     pyro.set_rng_seed(0)
     loss, params = compiled.loss_and_params(ppca.model, ppca.guide, 3.0, (x,), {})
     fast = grads(params)
