@@ -74,6 +74,11 @@ class ChEESState:
     log_length_sq: float = 0.0  # sum of its squared moves since then
     warmup_converged: bool | None = None  # None until warm-up ends (and with no warm-up)
 
+    def trajectory_length(self) -> float:
+        """The trajectory length to jitter: ChEES's, capped at the half turn once known."""
+        length = math.exp(self.log_length.value)
+        return length if self.length_cap is None else min(length, max(self.length_cap, self.step_size))
+
     @classmethod
     def from_dict(cls, d: dict) -> ChEESState:
         return cls(
@@ -196,7 +201,8 @@ class ChEES(Sampler):
         state = run.states[0]
         extra = {
             "step_size": state["step_size"],
-            "trajectory_length": chains.length(),
+            # from the saved state: a resumed run that had nothing left to do never started the chains
+            "trajectory_length": ChEESState.from_dict(state).trajectory_length(),
             "inverse_mass": state["inverse_mass"].tolist(),
             "divergences": int(run.draws.stats["diverging"].sum()),
             "warmup_converged": state["warmup_converged"],
@@ -338,10 +344,7 @@ class ChEESChains:
             s.log_length_sum, s.log_length_n = s.log_length_sum + math.log(self.length()), s.log_length_n + 1
 
     def length(self) -> float:
-        """The trajectory length to jitter: ChEES's, capped at the half turn once known."""
-        s = self.state
-        length = math.exp(s.log_length.value)
-        return length if s.length_cap is None else min(length, max(s.length_cap, s.step_size))
+        return self.state.trajectory_length()
 
     def _empty_covariance(self, like: torch.Tensor) -> CovarianceWelford | None:
         return CovarianceWelford.empty(like) if like.numel() <= FULL_COVARIANCE_DIM else None
