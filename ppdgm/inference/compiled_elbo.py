@@ -9,7 +9,9 @@ distribution type, batch and event shapes and plates. Every step, the first incl
 replays the program under one light messenger that draws each guide site, replays it in the
 model, sums the scaled log-densities and compares every site with the record. The replayed loss
 is ``-(log p(x, z) - log q(z | x))`` at the same draws, so loss and gradients equal
-``Trace_ELBO``'s.
+``Trace_ELBO``'s. The recording runs Pyro's argument and support checks; the replays skip them
+(each check is a host sync): a parameter that goes invalid later gives a non-finite loss, which
+the training driver names with its step.
 
 When a site differs from the record (a data-dependent number of sites, new shapes, another
 distribution), the replay is dropped before any gradient is taken, the structure is recorded
@@ -23,6 +25,7 @@ import warnings
 from typing import Any
 
 import torch
+import pyro
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import JitTrace_ELBO, Trace_ELBO
@@ -153,6 +156,7 @@ class CompiledELBO:
         self.program: tuple[list, list] | None = None  # the guide's and the model's site signatures
         self.enabled = True
         self.traced = self.replayed = self.changes = self.recorded = 0
+        self.validate = False  # distribution checks in replayed steps (the recording always checks)
 
     def loss_and_params(self, model, guide, scale, args, kwargs) -> tuple[float, list]:
         # every step's numbers come from the replay, the first one's too: a run resumed from a
@@ -204,15 +208,17 @@ class CompiledELBO:
         guide_sites, model_sites = self.program
         n = self.elbo.num_particles
         particles = []
-        # every particle is checked before the first backward, so a change leaves no gradient
-        for _ in range(n):
-            with ReplayELBO(guide_sites, self.plate, scale) as q:
-                guide(*args, **kwargs)
-            q.finish()
-            with ReplayELBO(model_sites, self.plate, scale, values=q.values) as p:
-                model(*args, **kwargs)
-            p.finish()
-            particles.append((p, q))
+        # every particle is checked before the first backward, so a change leaves no gradient;
+        # the recording ran the argument and support checks, which cost a host sync per check
+        with pyro.validation_enabled(self.validate):
+            for _ in range(n):
+                with ReplayELBO(guide_sites, self.plate, scale) as q:
+                    guide(*args, **kwargs)
+                q.finish()
+                with ReplayELBO(model_sites, self.plate, scale, values=q.values) as p:
+                    model(*args, **kwargs)
+                p.finish()
+                particles.append((p, q))
         loss = 0.0
         params: dict[str, torch.Tensor] = {}
         for p, q in particles:
