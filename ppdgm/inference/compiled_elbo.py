@@ -24,8 +24,8 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import torch
 import pyro
+import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import JitTrace_ELBO, Trace_ELBO
