@@ -46,7 +46,7 @@ def with_threads_of_first_argument(fn: F) -> F:
 
     @functools.wraps(fn)
     def run(owner: Any, *args: Any, **kwargs: Any) -> Any:
-        with torch_threads(check_threads(owner.threads)):
+        with torch_threads(owner.threads):  # which checks it
             return fn(owner, *args, **kwargs)
 
     return cast(F, run)

@@ -156,7 +156,6 @@ class CompiledELBO:
         self.program: tuple[list, list] | None = None  # the guide's and the model's site signatures
         self.enabled = True
         self.traced = self.replayed = self.changes = self.recorded = 0
-        self.validate = False  # distribution checks in replayed steps (the recording always checks)
 
     def loss_and_params(self, model, guide, scale, args, kwargs) -> tuple[float, list]:
         # every step's numbers come from the replay, the first one's too: a run resumed from a
@@ -210,7 +209,7 @@ class CompiledELBO:
         particles = []
         # every particle is checked before the first backward, so a change leaves no gradient;
         # the recording ran the argument and support checks, which cost a host sync per check
-        with pyro.validation_enabled(self.validate):
+        with pyro.validation_enabled(False):
             for _ in range(n):
                 with ReplayELBO(guide_sites, self.plate, scale) as q:
                     guide(*args, **kwargs)
