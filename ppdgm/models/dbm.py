@@ -409,11 +409,11 @@ class DBM(ConstructorSpec, PyroModule):
         """Per-point lower bound on ``log p(v)`` in nats, ``log Z`` by AIS or exact enumeration
         (kept as ``self.last_log_z``).
 
-        When one Gibbs block holds no visible layer (a chain DBM), that block is summed out in
-        closed form and the rest of the hidden layers are importance-sampled from the mean-field
-        posterior: ``log mean_s p*(v, h^s) / q(h^s)`` over ``num_samples`` draws, a bound in
-        expectation that is much tighter than mean-field's (Salakhutdinov & Hinton 2009). Otherwise
-        (visible layers in both blocks) it is the mean-field bound ``E_q[-E] + H(q) - log Z``."""
+        The unobserved layers of one Gibbs colour are summed out in closed form and those of the
+        other are importance-sampled from the mean-field posterior (:meth:`importance_bound`):
+        ``log mean_s p*(v, h^s) / q(h^s)`` over ``num_samples`` draws, a bound in expectation that
+        is much tighter than mean-field's (Salakhutdinov & Hinton 2009). When the sampled layers
+        hold gaussian units it is the mean-field bound ``E_q[-E] + H(q) - log Z``."""
         data = self._input(data)
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
@@ -430,25 +430,31 @@ class DBM(ConstructorSpec, PyroModule):
 
     @torch.no_grad()
     def importance_bound(self, data, num_samples: int = 100):
-        """``log mean_s p*(v, h^s) / q(h^s)`` per point with one all-hidden Gibbs block summed out
-        and the other hidden layers drawn from the mean-field posterior; None when both blocks
-        hold visible layers."""
-        blocks = [[i for i in range(len(self.layers)) if self.colour[i] == c] for c in (0, 1)]
-        summed = next((b for b in blocks if not any(self.is_visible[i] for i in b)), None)
-        if summed is None:
-            return None
+        """``log mean_s p*(v, h^s) / q(h^s)`` per point: the unclamped layers of one Gibbs colour
+        (the one with more units) are summed out in closed form given the other colour, whose
+        unclamped layers are drawn from the clamped mean-field posterior ``q``. A bound in
+        expectation that tends to ``log p*(v)`` as ``num_samples`` grows. None when the drawn
+        layers include gaussian units (mean-field ``q`` is not a density over them)."""
         clamped = self._clamp(data)
+        free = [[i for i in range(len(self.layers)) if self.colour[i] == c and i not in clamped] for c in (0, 1)]
+        summed, drawn = sorted(free, key=lambda b: -sum(self.sizes[i] for i in b))
+        if any(self.units[i] == "gaussian" for i in drawn):
+            return None
         mu = self.mean_field(clamped, max(30, self.mean_field_steps))
         e = self.energy_graph()
         n = next(iter(clamped.values())).shape[0]
         state = {i: x.repeat(num_samples, 1) for i, x in clamped.items()}
         log_q = 0.0
-        for i in range(len(self.layers)):
-            if i not in clamped and i not in summed:
-                p = mu[i].repeat(num_samples, 1).clamp(1e-6, 1 - 1e-6)
-                state[i] = bernoulli(p)
-                log_q = log_q + (state[i] * p.log() + (1 - state[i]) * (1 - p).log()).sum(-1)
+        for i in drawn:
+            p = mu[i].repeat(num_samples, 1).clamp(1e-6, 1 - 1e-6)
+            state[i] = _draw(e, i, p)
+            log_q = log_q + (state[i] * p.log()).sum(-1)
+            if self.units[i] == "bernoulli":
+                log_q = log_q + ((1 - state[i]) * (1 - p).log()).sum(-1)
         log_p = sum((e.own_log_density(i, x) for i, x in state.items()), torch.zeros(()))
+        for a, b, W in e.edges:  # clamped and drawn layers of different colours touch
+            if a in state and b in state:
+                log_p = log_p + ((e.scaled(a, state[a]) @ W) * e.scaled(b, state[b])).sum(-1)
         for j in summed:
             log_p = log_p + e.log_marginal(j, e.natural(j, e.input(j, state)))
         log_w = (log_p - log_q).reshape(num_samples, n)

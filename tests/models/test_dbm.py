@@ -77,6 +77,30 @@ def test_importance_bound_reaches_the_exact_likelihood_and_beats_mean_field():
     assert torch.allclose(dbm.log_likelihood(v, method="exact", num_samples=5000), exact - log_z, atol=0.02)
 
 
+@pytest.mark.parametrize("observed", ["pixels", "both"])
+def test_importance_bound_of_a_multimodal_dbm_reaches_the_exact_marginal(observed):
+    # observed layers in both Gibbs colours: the edges between clamped and drawn layers count too
+    mm = randomize(MultimodalDBM(features=4, hidden_units=3, top_units=3, classes=3))
+    e = mm.energy_graph()
+    x = torch.bernoulli(torch.full((4, 4), 0.5))
+    y = F.one_hot(torch.tensor([0, 2, 1, 2]), 3).float()
+    bits = torch.tensor(list(itertools.product([0, 1], repeat=6)), dtype=torch.float32)
+    labels = F.one_hot(torch.arange(3), 3).float().repeat_interleave(64, 0) if observed == "pixels" else None
+    exact = []
+    for r in range(4):
+        hidden = {2: bits[:, :3], 3: bits[:, 3:]}
+        if observed == "both":
+            state = {0: x[r].expand(64, 4), 1: y[r].expand(64, 3), **hidden}
+        else:
+            state = {0: x[r].expand(192, 4), 1: labels, **{k: h.repeat(3, 1) for k, h in hidden.items()}}
+        exact.append(torch.logsumexp(e.log_density(state), 0))
+    torch.manual_seed(0)
+    data = (x, y) if observed == "both" else x
+    bound = mm.importance_bound(data, 5000)
+    assert torch.allclose(bound, torch.stack(exact).detach(), atol=0.02)
+    assert (bound > mm.variational_bound(data, 30).detach()).all()
+
+
 @pytest.fixture(scope="module")
 def digits():
     return load_digits("train", binarize=True), load_digits("test", binarize=True)
