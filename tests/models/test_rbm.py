@@ -158,6 +158,8 @@ def test_cuda_smoke():
     rbm = RBM(features=10, hidden_units=6)
     fit = PersistentCD(num_steps=20, batch_size=16, num_chains=8).run(rbm, x)
     assert rbm.W.device.type == "cuda" and fit.extra["tensors"]["chains"].device.type == "cuda"
+    assert rbm.chains.device.type == "cuda" and rbm.sample(5).device.type == "cuda"
+    assert rbm.cpu().chains.device.type == "cpu" and rbm.cuda().chains.device.type == "cuda"
     ll = rbm.log_likelihood(x, num_runs=20, num_betas=200)
     assert ll.device.type == "cuda" and torch.isfinite(ll).all()
 
