@@ -86,6 +86,19 @@ def test_zoo_fit_sample_evaluate(tmp_path, capsys):
     assert "nats" in capsys.readouterr().out
 
 
+def test_a_fitted_rbm_samples_by_continuing_the_chains_of_its_fit(tmp_path):
+    import torch
+
+    out = tmp_path / "rbm"
+    assert main(["fit", "rbm", "--data", "digits-binary", "--out", str(out), "--steps", "3"]) == 0
+    assert main(["sample", str(out), "-n", "9", "-o", str(tmp_path / "s.png")]) == 0
+    fit = ppdgm.load(out)
+    chains = fit.extra["tensors"]["chains"]
+    assert torch.equal(fit.module.chains, chains)  # what `ppdgm sample` starts from
+    draws = fit.module.sample(2 * len(chains), steps=0)
+    assert torch.equal(draws.sum(0), 2 * chains.sum(0))
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -108,8 +108,10 @@ class DBN(ConstructorSpec, PyroModule):
 
     @torch.no_grad()
     def sample(self, n: int, steps: int = 1000) -> torch.Tensor:
-        """Gibbs in the top RBM, then one directed down-pass to the visible layer."""
-        h = self.top.sample(n, steps)
+        """Parallel tempering from noise in the top RBM, then one directed down-pass to the visible
+        layer. Not from the top RBM's kept training chains: on digits those gave Fréchet 3.8-4.2x
+        the floor against 3.1x (bench_samplers settings, 3 sampling seeds)."""
+        h = self.top.sample(n, steps, from_chains=False)
         for rbm in reversed(self.stack[:-1]):
             h = rbm.sample_visible(h)
         return h
