@@ -294,7 +294,13 @@ class PersistentCD(TrainingEngine):
         }
 
     def load_state_dict(self, state: PCDState, saved: dict) -> None:
-        state.model.load_state_dict(saved["module"])
+        # a checkpoint from before a model kept extra state (an RBM's chains) still resumes
+        missing, unexpected = state.model.load_state_dict(saved["module"], strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint: its module does not match the model (missing {missing}, unexpected {unexpected})"
+            )
         state.optimizer.load_state_dict(saved["optim"])
         device = state.params[0].device
         state.chains = self._my_blocks(state, to_device(saved["chains"], device))

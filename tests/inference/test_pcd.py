@@ -68,6 +68,23 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, teacher_data):
     assert fit.num_steps == 40 and fit.samples["chain_energy"].shape[1] == 40
 
 
+def test_a_checkpoint_without_the_rbms_kept_chains_resumes_and_a_foreign_one_is_refused(tmp_path, teacher_data):
+    _, x = teacher_data
+    engine = PersistentCD(num_steps=20, batch_size=50, lr=0.05, num_chains=20, checkpoint_every=10, seed=3)
+    engine.run(RBM(features=8, hidden_units=4), x, checkpoint_dir=tmp_path, callbacks=[lambda step, info: step == 10])
+    (path,) = tmp_path.glob("*.pt")
+    saved = torch.load(path, weights_only=False)
+    del saved["engine"]["module"]["_extra_state"]  # as written before the RBM kept its chains
+    torch.save(saved, path)
+    resumed = RBM(features=8, hidden_units=4)
+    assert engine.run(resumed, x, checkpoint_dir=tmp_path, resume=True).num_steps == 20
+    assert resumed.chains.shape == (20, 8)
+    saved["engine"]["module"]["extra"] = torch.zeros(1)
+    torch.save(saved, path)
+    with pytest.raises(ValueError, match="does not match the model"):
+        engine.run(RBM(features=8, hidden_units=4), x, checkpoint_dir=tmp_path, resume=True)
+
+
 def test_fit_saves_loads_and_converts_to_arviz(tmp_path, teacher_data):
     import arviz as az
 
