@@ -149,21 +149,21 @@ def test_multimodal_dbm_labels_test_digits_and_draws_digits_from_labels(digits):
     train, test = digits
     means = torch.stack([train.x[train.y == k].mean(0) for k in range(10)])
     accuracies = []
-    for seed in range(3):  # a smaller model than the family's 128/64 keeps three trainings cheap
+    for seed in range(3):
         torch.manual_seed(seed)
-        mm = MultimodalDBM(features=64, hidden_units=64, top_units=32, classes=10)  # pretrains in PCD
-        engine = PersistentCD(batch_size=50, num_epochs=20, num_chains=100, seed=seed, **MultimodalDBM.engine_config)
+        mm = MultimodalDBM(features=64, hidden_units=128, top_units=64, classes=10)  # pretrains in PCD
+        engine = PersistentCD(batch_size=50, num_epochs=40, num_chains=100, seed=seed, **MultimodalDBM.engine_config)
         engine.run(mm, (train.x, train.y))
         accuracies.append((mm.predict(test.x) == test.y).float().mean().item())
         # complete(label): E[pixels | label] by clamped Gibbs is nearest to that digit's class mean,
-        # ahead of the next class by a margin (measured: 0.27 to 0.67 on seeds 0-2)
+        # ahead of the next class by a margin (measured: 0.67 to 0.98 on seeds 0-2)
         torch.manual_seed(seed)
         images = mm.complete({"label": torch.eye(10)}, steps=100, method="gibbs", num_samples=50)["pixels"]
         dist = torch.cdist(images, means)
         margin = (dist + 1e9 * torch.eye(10)).min(-1).values - dist.diagonal()
-        assert (margin > 0.1).all(), (seed, dist.argmin(-1), margin)
-    # measured 0.865, 0.845, 0.855 (the 128/64 family: 0.902, 0.886, 0.875; 40 epochs 0.875, 0.889, 0.889)
-    assert min(accuracies) > 0.8 and sum(accuracies) / 3 > 0.83, accuracies
+        assert (margin > 0.2).all(), (seed, dist.argmin(-1), margin)
+    # measured 0.896, 0.902, 0.906 on 297 test digits (standard error of each about 0.018)
+    assert min(accuracies) > 0.86 and sum(accuracies) / 3 >= 0.88, accuracies
     # pixels alone: a bound on log p(pixels) with the label summed out, below the joint's over both modalities
     ais = {"num_runs": 50, "num_betas": 500, "seed": 0}
     pixels_only = mm.log_likelihood(test.x[:50], **ais).mean()
