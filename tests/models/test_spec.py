@@ -26,6 +26,8 @@ def test_spec_records_the_outermost_call_with_defaults_as_plain_data():
             "init_scale": 0.01,
             "mean_field_steps": 10,
             "pretrain_epochs": 30,
+            "positive_phase": "gibbs",
+            "positive_sweeps": 1,
         },
     }
 
