@@ -121,6 +121,7 @@ class DBM(ConstructorSpec, PyroModule):
             [nn.Parameter(init_scale * torch.randn(sizes[a], sizes[b])) for a, b in self.edge_index]
         )
         self.register_buffer("log_sigma", torch.zeros(max(sizes)))
+        self.chains: tuple | None = None  # every layer of the last negative phase's persistent chains
         supports = {SUPPORT_OF_UNITS[self.units[i]] for i in self.visible_index}
         self.support = supports.pop() if len(supports) == 1 else "real"
 
@@ -276,7 +277,26 @@ class DBM(ConstructorSpec, PyroModule):
         return self.collapsed_log_density({i: state[i] for i in (*clamped, *drawn)}, summed)
 
     def negative_log_density(self, state):
+        """``-E`` on the persistent chains, which are kept (a reference) for :meth:`sample`."""
+        self.chains = tuple(state)
         return self.energy_graph().log_density(dict(enumerate(state)))
+
+    def get_extra_state(self) -> dict:
+        return {"chains": [x.detach().clone() for x in self.chains] if self.chains is not None else []}
+
+    def set_extra_state(self, state) -> None:
+        """Restores the kept chains; a state without them (saved before they were kept) leaves none."""
+        chains = state.get("chains") if isinstance(state, dict) else None
+        if not chains:
+            self.chains = None
+            return
+        shapes = [tuple(x.shape[1:]) for x in chains]
+        if len(chains) != len(self.layers) or shapes != [(s,) for s in self.sizes]:
+            raise ValueError(
+                f"chains: expected one (num_chains, size) tensor per layer of sizes {self.sizes}, got {shapes}"
+            )
+        ref = self.biases[0]
+        self.chains = tuple(x.to(ref) for x in chains)
 
     def chain_energy(self, state):
         return -self.negative_log_density(state)
@@ -396,21 +416,38 @@ class DBM(ConstructorSpec, PyroModule):
         return [(t / (steps - burn_in)).reshape(num_samples, n, -1).mean(0) for t in totals]
 
     @torch.no_grad()
-    def sample(self, n: int, steps: int = 1000):
-        """Visible draws after ``steps`` block-Gibbs sweeps from uniform random states."""
-        if not isinstance(n, int) or n < 1:
+    def sample(self, n: int, steps: int | None = None, from_chains: bool = True):
+        """``n`` visible draws (a tuple over visible layers when there are several).
+
+        A trained DBM continues its kept persistent chains (:attr:`chains`, saved with the module):
+        ``n`` of them in random order (cycled when ``n`` is larger), ``steps`` (default 10) sweeps of
+        block Gibbs. They are spread over the model's modes already; chains from noise settle in a
+        few (on digits, Fréchet distance 3.6x the held-out floor after 1000 sweeps). Without kept
+        chains or with ``from_chains=False``: ``steps`` (default 1000) sweeps from uniform states."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
-        e = self.energy_graph()
-        state = tuple(
-            _draw(
-                e,
-                i,
-                self.biases[i].new_full(
-                    (n, self.sizes[i]), 0.5 if self.units[i] == "bernoulli" else 1.0 / self.sizes[i]
-                ),
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+            raise ValueError(f"steps must be a non-negative int or None, got {steps!r}")
+        if not isinstance(from_chains, bool):
+            raise TypeError(f"from_chains must be a bool, got {from_chains!r}")
+        if from_chains and self.chains is not None:
+            rows = self.chains[0].shape[0]
+            pick = torch.randperm(rows, device=self.chains[0].device).repeat(-(-n // rows))[:n]
+            state = tuple(x[pick].to(self.biases[0]) for x in self.chains)  # on the model's device
+            steps = 10 if steps is None else steps
+        else:
+            e = self.energy_graph()
+            state = tuple(
+                _draw(
+                    e,
+                    i,
+                    self.biases[i].new_full(
+                        (n, self.sizes[i]), 0.5 if self.units[i] == "bernoulli" else 1.0 / self.sizes[i]
+                    ),
+                )
+                for i in range(len(self.layers))
             )
-            for i in range(len(self.layers))
-        )
+            steps = 1000 if steps is None else steps
         state = self.sample_chains(state, steps)
         out = tuple(state[i] for i in self.visible_index)
         return out if len(out) > 1 else out[0]
@@ -691,13 +728,13 @@ class MultimodalDBM(DBM):
         return self.check_data((dataset.x, dataset.y), "data")
 
     @torch.no_grad()
-    def sample(self, n: int, steps: int = 1000) -> torch.Tensor:
+    def sample(self, n: int, steps: int | None = None, from_chains: bool = True) -> torch.Tensor:
         """Draws of the first modality (the pixels); :meth:`sample_all` returns both."""
-        return self.sample_all(n, steps)[0]
+        return self.sample_all(n, steps, from_chains)[0]
 
-    def sample_all(self, n: int, steps: int = 1000) -> tuple:
-        """Joint draws of both visible layers after ``steps`` block-Gibbs sweeps."""
-        return DBM.sample(self, n, steps)
+    def sample_all(self, n: int, steps: int | None = None, from_chains: bool = True) -> tuple:
+        """Joint draws of both visible layers, as :meth:`DBM.sample` draws them."""
+        return DBM.sample(self, n, steps, from_chains)
 
     def predict(self, x, steps: int = 30) -> torch.Tensor:
         """The most probable label of each row of the first modality (a generative classifier)."""
