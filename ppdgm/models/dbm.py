@@ -421,9 +421,10 @@ class DBM(ConstructorSpec, PyroModule):
 
         A trained DBM continues its kept persistent chains (:attr:`chains`, saved with the module):
         ``n`` of them in random order (cycled when ``n`` is larger), ``steps`` (default 10) sweeps of
-        block Gibbs. They are spread over the model's modes already; chains from noise settle in a
-        few (on digits, Fréchet distance 3.6x the held-out floor after 1000 sweeps). Without kept
-        chains or with ``from_chains=False``: ``steps`` (default 1000) sweeps from uniform states."""
+        block Gibbs. They are spread over the model's modes already: on digits their draws score as
+        1000 sweeps from noise do (Fréchet distance 3.7x against 3.6x the held-out floor, 3 sampling
+        seeds) at a hundredth of the cost. Without kept chains or with ``from_chains=False``:
+        ``steps`` (default 1000) sweeps from uniform states."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
