@@ -43,7 +43,8 @@ def _store_weights(_problem) -> dict:
 
 
 def _module_weights(module) -> dict:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    """Parameters and buffers; extra state (an RBM's kept chains) is not a weight."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
 def _poisonable(module):
