@@ -35,7 +35,7 @@ FAMILIES = [  # (MODELS name, data kind, steps)
     ("vae", "binary", 3000),
     ("made", "binary", 2000),
     ("rbm", "binary", 6000),  # its best length with its settings (192 hidden: 15.98; 16.64 at 12000)
-    ("dbm", "binary", 12000),  # its weight decay 1e-3 wants the longer run: 15.95 / 16.12 (6000: ~16.2)
+    ("dbm", "binary", 12000),  # its weight decay 1e-3 wants the longer run: 15.95-16.20 (6000: ~16.2)
     ("dbn", "binary", 2000),
     ("nade", "binary", 2000),
     ("flow", "dequantized", 1500),

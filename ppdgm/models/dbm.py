@@ -61,8 +61,8 @@ class DBM(ConstructorSpec, PyroModule):
 
     default_engine = "pcd"
     # bench_samplers protocol (batches of 100 digits, test NLL by AIS on the importance bound), at
-    # 12000 updates (bench_samplers' DBM row): 15.95 / 16.12 nats on seeds 0 / 1, the 192-hidden
-    # RBM at its best 15.97-15.99. At 6000 updates and weight decay 3e-4: 16.24 (16.17 / 16.21
+    # 12000 updates (bench_samplers' DBM row): 15.95 / 16.12 / 16.20 nats on seeds 0 / 1 / 2, the
+    # 192-hidden RBM at its best 15.98 / 15.99 / 16.00. At 6000 updates and weight decay 3e-4: 16.24 (16.17 / 16.21
     # without pretraining), 1e-4 16.37; lr 5e-3 16.28, 2e-2 16.43; k=5 with the mean-field positive
     # phase (the settings before) 16.77-16.92, k=10 16.74
     engine_config: ClassVar[dict] = {
