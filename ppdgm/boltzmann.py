@@ -147,6 +147,12 @@ class LayeredEnergy:
         return self.counts.get(i, 1) * torch.logsumexp(eta, -1)
 
 
+def cycled_rows(n: int, rows: int, device=None) -> torch.Tensor:
+    """``n`` indices into ``rows`` rows: a random permutation, cycled when ``n`` is larger, so
+    draws that continue kept chains use every chain as evenly as possible."""
+    return torch.randperm(rows, device=device).repeat(-(-n // rows))[:n]
+
+
 def bernoulli(p: torch.Tensor) -> torch.Tensor:
     """Bernoulli draws as ``uniform < p``: on CPU a third of ``torch.bernoulli``'s time."""
     return torch.rand_like(p).lt_(p)

@@ -28,7 +28,7 @@ from pyro.nn import PyroModule
 from torch import nn
 from torch.distributions import constraints
 
-from ppdgm.boltzmann import LayeredEnergy, bernoulli
+from ppdgm.boltzmann import LayeredEnergy, bernoulli, cycled_rows
 from ppdgm.data import check_data
 from ppdgm.graphs import LayerGraph, dbm_graph, multimodal_graph
 from ppdgm.models.spec import ConstructorSpec
@@ -62,9 +62,9 @@ class DBM(ConstructorSpec, PyroModule):
     default_engine = "pcd"
     # bench_samplers protocol (batches of 100 digits, test NLL by AIS on the importance bound), at
     # 12000 updates (bench_samplers' DBM row): 15.95 / 16.12 / 16.20 nats on seeds 0 / 1 / 2, the
-    # 192-hidden RBM at its best 15.98 / 15.99 / 16.00. At 6000 updates and weight decay 3e-4: 16.24 (16.17 / 16.21
-    # without pretraining), 1e-4 16.37; lr 5e-3 16.28, 2e-2 16.43; k=5 with the mean-field positive
-    # phase (the settings before) 16.77-16.92, k=10 16.74
+    # 192-hidden RBM at its best 15.98 / 15.99 / 16.00. At 6000 updates and weight decay 3e-4:
+    # 16.24 (16.17 / 16.21 without pretraining), 1e-4 16.37; lr 5e-3 16.28, 2e-2 16.43; k=5 with
+    # the mean-field positive phase (the settings before) 16.77-16.92, k=10 16.74
     engine_config: ClassVar[dict] = {
         "optim": "adam",
         "lr": 0.01,
@@ -309,10 +309,7 @@ class DBM(ConstructorSpec, PyroModule):
         from their mean-field posterior."""
         parts = data if isinstance(data, (tuple, list)) else (data,)
         idx = torch.randint(0, parts[0].shape[0], (num_chains,), device=parts[0].device)
-        clamped = self._clamp(tuple(p[idx] for p in parts))
-        mu = self.mean_field(clamped)
-        e = self.energy_graph()
-        return tuple(mu[i].clone() if i in clamped else _draw(e, i, mu[i]) for i in range(len(self.layers)))
+        return self.posterior_draws(self._clamp(tuple(p[idx] for p in parts)), 0)
 
     @torch.no_grad()
     def sample_chains(self, state, steps: int, clamped: dict | None = None):
@@ -405,11 +402,9 @@ class DBM(ConstructorSpec, PyroModule):
         n = next(iter(clamped.values())).shape[0]
         rows = {i: x.repeat(num_samples, 1) for i, x in clamped.items()}
         e = self.energy_graph()
-        mu = self.mean_field(rows)
-        state = tuple(rows[i] if i in rows else _draw(e, i, mu[i]) for i in range(len(self.layers)))
         burn_in = steps // 2
-        state = self.sample_chains(state, burn_in, clamped=rows)
-        totals = [torch.zeros_like(mu[i]) for i in layers]
+        state = self.posterior_draws(rows, burn_in)
+        totals = [torch.zeros_like(state[i]) for i in layers]
         for _ in range(steps - burn_in):
             state = self.sample_chains(state, 1, clamped=rows)
             current = dict(enumerate(state))
@@ -434,8 +429,7 @@ class DBM(ConstructorSpec, PyroModule):
         if not isinstance(from_chains, bool):
             raise TypeError(f"from_chains must be a bool, got {from_chains!r}")
         if from_chains and self.chains is not None:
-            rows = self.chains[0].shape[0]
-            pick = torch.randperm(rows, device=self.chains[0].device).repeat(-(-n // rows))[:n]
+            pick = cycled_rows(n, self.chains[0].shape[0], self.chains[0].device)
             state = tuple(x[pick].to(self.biases[0]) for x in self.chains)  # on the model's device
             steps = 10 if steps is None else steps
         else:
@@ -512,13 +506,14 @@ class DBM(ConstructorSpec, PyroModule):
         return log_p
 
     @torch.no_grad()
-    def posterior_draws(self, clamped: dict, sweeps: int) -> dict:
-        """Every layer after ``sweeps`` sweeps of block Gibbs with ``clamped`` fixed, started from
-        a draw of the mean-field posterior: approximately a draw of p(h | clamped)."""
+    def posterior_draws(self, clamped: dict, sweeps: int) -> tuple:
+        """Every layer (a chain state) after ``sweeps`` sweeps of block Gibbs with ``clamped``
+        fixed, started from a draw of the mean-field posterior: approximately a draw of
+        p(h | clamped). It starts persistent chains, clamped Gibbs means and the positive phase."""
         e = self.energy_graph()
         mu = self.mean_field(clamped)
-        state = {i: mu[i] if i in clamped else _draw(e, i, mu[i]) for i in range(len(self.layers))}
-        return dict(enumerate(self.sample_chains(tuple(state.values()), sweeps, clamped=clamped)))
+        state = tuple(clamped[i] if i in clamped else _draw(e, i, mu[i]) for i in range(len(self.layers)))
+        return self.sample_chains(state, sweeps, clamped=clamped)
 
     @torch.no_grad()
     def importance_bound(self, data, num_samples: int = 100):

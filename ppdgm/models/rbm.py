@@ -25,7 +25,7 @@ from pyro.nn import PyroModule
 from torch import nn
 from torch.distributions import constraints
 
-from ppdgm.boltzmann import LayeredEnergy, bernoulli
+from ppdgm.boltzmann import LayeredEnergy, bernoulli, cycled_rows
 from ppdgm.data import check_data
 from ppdgm.models.spec import ConstructorSpec
 
@@ -445,8 +445,7 @@ class RBM(ConstructorSpec, PyroModule):
             if isinstance(start, torch.Tensor) and start.dim() == 3 and self.temperatures > 1:
                 start = start[0]  # training chains of a tempering RBM: its beta = 1 replicas
             start = self._input(start, "start")
-            order = torch.randperm(start.shape[0], device=start.device)
-            v = start[order.repeat(-(-n // start.shape[0]))[:n]]
+            v = start[cycled_rows(n, start.shape[0], start.device)]
             steps = 10 if steps is None else steps
             temperatures = 1 if temperatures is None else temperatures
         if self.units != "bernoulli" or temperatures == 1:

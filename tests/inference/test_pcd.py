@@ -73,7 +73,7 @@ def test_a_checkpoint_without_the_rbms_kept_chains_resumes_and_a_foreign_one_is_
     engine = PersistentCD(num_steps=20, batch_size=50, lr=0.05, num_chains=20, checkpoint_every=10, seed=3)
     engine.run(RBM(features=8, hidden_units=4), x, checkpoint_dir=tmp_path, callbacks=[lambda step, info: step == 10])
     (path,) = tmp_path.glob("*.pt")
-    saved = torch.load(path, weights_only=False)
+    saved = torch.load(path, weights_only=True)
     del saved["engine"]["module"]["_extra_state"]  # as written before the RBM kept its chains
     torch.save(saved, path)
     resumed = RBM(features=8, hidden_units=4)
