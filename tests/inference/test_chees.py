@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import warnings
 
 import arviz as az
 import numpy as np
@@ -347,10 +348,25 @@ def ill_conditioned():
 
 
 def test_short_warmup_warns_and_says_so_in_the_fit():
-    eng = ChEES(num_chains=16, num_warmup=100, num_samples=5, adapt_mass=False, seed=0, progress=False)
-    with pytest.warns(RuntimeWarning, match=r"ChEES warm-up of 100 iterations ended with the trajectory length still"):
-        fit = eng.run(ill_conditioned)
-    assert fit.extra["warmup_converged"] is False
+    # 100 iterations are too short to climb 400-fold, but a run whose length reaches the half-turn
+    # cap (estimated from its own draws) is settled by definition: which seeds do that depends on
+    # the CPU's rounding (seed 0 warns on one machine, not on another), so the test asks, over 8
+    # seeds, that the warning and the fit agree on every one and that at least 3 warn (5 of 8 here)
+    warned = []
+    for seed in range(8):
+        eng = ChEES(num_chains=16, num_warmup=100, num_samples=5, adapt_mass=False, seed=seed, progress=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit = eng.run(ill_conditioned)
+        said = [
+            w
+            for w in caught
+            if "ChEES warm-up of 100 iterations ended with the trajectory length still" in str(w.message)
+        ]
+        assert len(said) <= 1 and (fit.extra["warmup_converged"] is False) == bool(said), seed
+        assert not said or said[0].category is RuntimeWarning
+        warned.append(bool(said))
+    assert sum(warned) >= 3, warned
 
 
 def test_long_enough_warmup_does_not_warn(recwarn):
