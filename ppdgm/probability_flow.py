@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torchdiffeq import odeint
 
 DIVERGENCES = ("exact", "hutchinson")
 METHODS = ("dopri5", "rk4")
@@ -82,5 +81,7 @@ def flow_log_likelihood(
     state = torch.cat([x, torch.zeros_like(x[:, :1])], -1)
     ts = torch.tensor([t0, t1], dtype=x.dtype, device=x.device)
     options = {"step_size": (t1 - t0) / num_steps} if method == "rk4" and num_steps else None
+    from torchdiffeq import odeint  # imports scipy.integrate: a second of every CLI start-up
+
     end = odeint(rhs, state, ts, method=method, rtol=rtol, atol=atol, options=options)[-1]
     return FlowLikelihood(prior_log_prob(end[:, :-1]) + end[:, -1], nfe)

@@ -23,6 +23,15 @@ def test_digits_split_is_fixed_and_disjoint():
     assert torch.equal(b, (parts["train"].x >= 0.5).float())
 
 
+def test_digits_read_from_the_bundled_table_equal_scikit_learns_loader():
+    from sklearn.datasets import load_digits
+
+    x, y = data._digits_arrays()
+    bunch = load_digits()
+    assert np.array_equal(x, bunch.data.astype(np.float32) / 16.0) and np.array_equal(y, bunch.target)
+    assert x.dtype == np.float32 and y.dtype == np.int64
+
+
 @pytest.mark.parametrize("name", sorted(data.TOYS))
 def test_toys_are_seeded(name):
     a, b, c = data.TOYS[name](n=300, seed=1), data.TOYS[name](n=300, seed=1), data.TOYS[name](n=300, seed=2)
