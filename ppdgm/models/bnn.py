@@ -72,9 +72,16 @@ class BNN(ConstructorSpec, PyroModule):
     default_engine = "chees"
     # every leapfrog step runs the net on all the data for every chain, so the budget is chains x
     # iterations: 32 chains x (200 warm-up + 200 draws) give digits (1,210 weights) function-space
-    # R-hat < 1.01 in about a minute on one CPU core; prior draws start the chains where the weights'
-    # N(0, 1/fan_in) scale is, rather than uniform(-2, 2) weights the warm-up must first shrink
-    engine_config: ClassVar[dict] = {"num_chains": 32, "num_warmup": 200, "num_samples": 200, "init": "prior"}
+    # R-hat < 1.01 in about a minute and a half on one CPU core; prior draws start the chains where
+    # the weights' N(0, 1/fan_in) scale is, rather than uniform(-2, 2) weights the warm-up must first
+    # shrink; the traced potential gives the same draws 14% faster on digits (87 s against 101 s)
+    engine_config: ClassVar[dict] = {
+        "num_chains": 32,
+        "num_warmup": 200,
+        "num_samples": 200,
+        "init": "prior",
+        "jit_compile": True,
+    }
     support = "real"
     likelihood_method = "posterior-predictive"
 
