@@ -374,14 +374,10 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_diagnose(args) -> int:
-    from ppdgm.data import load_dataset
-    from ppdgm.families import data_args
     from ppdgm.reports import convergence_warnings, diagnose_text
 
     fit = _load(args)
-    if not fit.args and fit.config.get("data"):  # data is not saved with a fit; reload it by name
-        train = load_dataset(fit.config["data"], "train")
-        fit.args = data_args(fit.module, train) if fit.module is not None else (train.x,)
+    fit.reload_data()
     print(
         diagnose_text(
             fit, var_names=args.var, num_samples=args.num_samples, max_rows=args.max_rows, progress=args.progress

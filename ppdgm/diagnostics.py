@@ -8,6 +8,8 @@ observed sites are added so ``az.loo``/``az.waic`` work on any engine's result.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import warnings
 from typing import TYPE_CHECKING
 
@@ -254,19 +256,29 @@ def _batched_log_likelihood(model, flat, args, kwargs, observed, chunk_bytes):
     return out
 
 
+@contextlib.contextmanager
+def chain_draw_layout():
+    """Silences ArviZ's "More chains than draws" guess: ppdgm's draws are always shaped
+    ``(chain, draw, ...)``, so a short run of many chains (ChEES, 32 x 10) is not a transposed array."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"More chains \(\d+\) than draws", category=UserWarning)
+        yield
+
+
 def _from_groups(groups, dims, ll_dims, coords):
     import arviz as az  # seconds to import: only where an InferenceData is made
 
     data = {}
-    for group, values in groups.items():
-        gd = ll_dims if group == "log_likelihood" else dims
-        data[group] = az.dict_to_dataset(
-            values,
-            dims={k: gd[k] for k in values if k in gd},
-            coords=coords,
-            library=pyro,
-            default_dims=[] if group == "observed_data" else None,
-        )
+    with chain_draw_layout():
+        for group, values in groups.items():
+            gd = ll_dims if group == "log_likelihood" else dims
+            data[group] = az.dict_to_dataset(
+                values,
+                dims={k: gd[k] for k in values if k in gd},
+                coords=coords,
+                library=pyro,
+                default_dims=[] if group == "observed_data" else None,
+            )
     return az.InferenceData(**data)
 
 
@@ -279,6 +291,27 @@ def guide_draws(model, guide, args=(), kwargs=None, num_samples: int = 500) -> d
         pred = Predictive(model, guide=guide, num_samples=num_samples, return_sites=list(shapes))(*args, **kwargs)
     # Predictive may pad draws with singleton plate dims; give each site the model's own shape
     return {k: v.reshape(1, num_samples, *shapes[k]) for k, v in pred.items() if k in shapes}
+
+
+def _check_data_given(fit) -> None:
+    """The model's required arguments must be in ``fit.args``/``fit.kwargs``: a Fit read back by
+    ``ppdgm.load`` from a Python-API run has no data (none is saved), and running the model without
+    it fails deep inside Pyro."""
+    try:
+        params = list(inspect.signature(fit.model).parameters.values())
+    except (TypeError, ValueError):  # a callable inspect cannot read: let the model speak
+        return
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    missing = [
+        p.name
+        for i, p in enumerate(params)
+        if p.kind in positional and p.default is p.empty and i >= len(fit.args) and p.name not in fit.kwargs
+    ]
+    if missing:
+        raise ValueError(
+            f"to_arviz: the model takes {missing} but this Fit holds no data for them (a saved Fit keeps "
+            f"none): set fit.args = (...) to the data it was fit on, then convert"
+        )
 
 
 def fit_to_inference_data(
@@ -303,6 +336,7 @@ def fit_to_inference_data(
         samples = fit.samples
     elif fit.guide is not None and fit.model is not None:
         fit.restore()
+        _check_data_given(fit)
         samples = guide_draws(fit.model, fit.guide, fit.args, fit.kwargs, num_samples)
     elif drawable:
         return predictive_inference_data(fit, num_samples)
@@ -313,6 +347,7 @@ def fit_to_inference_data(
             return predictive_inference_data(fit, num_samples)
         raise ValueError("the model has no latent sites: there is no posterior to convert")
     stats = (fit.extra.get("tensors") or {}).get("sample_stats") if fit.samples else None
+    _check_data_given(fit)
     return samples_to_inference_data(
         fit.model,
         samples,

@@ -343,7 +343,20 @@ class Fit:
         """An ``arviz.InferenceData`` with plate names as dims (see :mod:`ppdgm.diagnostics`)."""
         from ppdgm.diagnostics import fit_to_inference_data
 
+        self.reload_data()
         return fit_to_inference_data(self, num_samples=num_samples, **kwargs)
+
+    def reload_data(self) -> None:
+        """A saved Fit keeps no data; one that ``ppdgm fit`` wrote names the dataset or file it was fit
+        on (``config["data"]``), so its training split becomes ``args`` again. Others are left as they
+        are: set ``fit.args`` to the data yourself."""
+        if self.args or not self.config.get("data"):
+            return
+        from ppdgm.data import load_dataset
+        from ppdgm.families import data_args
+
+        train = load_dataset(self.config["data"], "train")
+        self.args = data_args(self.module, train) if self.module is not None else (train.x,)
 
     # -- files ------------------------------------------------------------------------------
     def save(self, directory: PathLike) -> Path:

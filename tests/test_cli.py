@@ -1,6 +1,7 @@
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -416,3 +417,19 @@ def test_long_estimators_show_progress_on_request_and_stay_quiet_otherwise(tmp_p
     assert "AIS" in capsys.readouterr().err  # the temperatures' bar
     assert main(["evaluate", str(out), "--no-progress", *ais]) == 0
     assert "AIS" not in capsys.readouterr().err
+
+
+def test_many_chains_of_few_draws_convert_without_arviz_guessing_a_transpose(tmp_path, capsys):
+    # ArviZ warns "More chains (16) than draws (5)" on any such array; ppdgm's are (chain, draw) by
+    # construction, so the user sees only ppdgm's own convergence warnings
+    (tmp_path / "mine.py").write_text(USER_MODEL)
+    np.savetxt(tmp_path / "d.csv", np.random.default_rng(0).normal(size=(50, 2)), delimiter=",")
+    argv = ["fit", f"{tmp_path / 'mine.py'}:model", "--data", str(tmp_path / "d.csv"), "--engine", "chees"]
+    argv += ["--engine-opt", "num_chains=16", "--engine-opt", "num_warmup=20", "--engine-opt", "num_samples=5"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main([*argv, "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+        assert main(["diagnose", str(tmp_path / "run"), "--trust-code"]) == 0
+        ppdgm.load(tmp_path / "run", trust_code=True).to_arviz()
+    assert not [w for w in caught if "than draws" in str(w.message)]
+    assert "R-hat" in capsys.readouterr().err  # 5 draws: ppdgm's own warning still says so

@@ -109,6 +109,23 @@ def test_plain_function_fit_converts_to_arviz_with_plate_dims_and_loo():
     assert az.loo(idata).n_data_points == 8
 
 
+def test_a_loaded_fit_without_its_data_says_so_and_converts_once_given_it(tmp_path):
+    from ppdgm.inference import NUTS
+
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("obs", dist.Normal(mu, 1.0), obs=x)
+
+    x = torch.linspace(-2, 2, 8)
+    NUTS(num_warmup=20, num_samples=20, num_chains=1, progress=False).run(model, x).save(tmp_path)
+    fit = ppdgm.load(tmp_path, model=model)
+    with pytest.raises(ValueError, match=r"takes \['x'\] but this Fit holds no data"):
+        fit.to_arviz()
+    fit.args = (x,)
+    assert fit.to_arviz().log_likelihood["obs"].shape == (1, 20, 8)
+
+
 def test_load_refuses_a_folder_without_a_fit(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"fit\.json"):
         ppdgm.load(tmp_path)
