@@ -353,10 +353,9 @@ class Fit:
         if self.args or not self.config.get("data"):
             return
         from ppdgm.data import load_dataset
-        from ppdgm.families import data_args
 
         train = load_dataset(self.config["data"], "train")
-        self.args = data_args(self.module, train) if self.module is not None else (train.x,)
+        self.args = tuple(self.module.data_args(train)) if self.module is not None else (train.x,)
 
     # -- files ------------------------------------------------------------------------------
     def save(self, directory: PathLike) -> Path:
