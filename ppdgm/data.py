@@ -78,7 +78,7 @@ def check_data(x, name: str = "data", support: str = "real", rank: int | None = 
 
 def _digits_arrays():
     """Read the digits table scikit-learn ships, without importing ``sklearn.datasets``: that import
-    (scipy and all) is two seconds of every ``ppdgm`` command that trains on digits."""
+    takes about two seconds, at least one of them spent on nothing else a ``ppdgm`` command needs."""
     spec = importlib.util.find_spec("sklearn")
     where = spec.submodule_search_locations if spec else None
     table = Path(where[0]) / "datasets" / "data" / "digits.csv.gz" if where else None

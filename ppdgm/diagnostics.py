@@ -265,6 +265,15 @@ def chain_draw_layout():
         yield
 
 
+def posterior_data(posterior: dict, **kwargs) -> az.InferenceData:
+    """``az.from_dict(posterior=...)`` of draws shaped ``(chain, draw, ...)`` (tensors or arrays),
+    under :func:`chain_draw_layout`."""
+    import arviz as az  # seconds to import: only where an InferenceData is made
+
+    with chain_draw_layout():
+        return az.from_dict(posterior={k: to_numpy(v) for k, v in posterior.items()}, **kwargs)
+
+
 def _from_groups(groups, dims, ll_dims, coords):
     import arviz as az  # seconds to import: only where an InferenceData is made
 
@@ -332,11 +341,12 @@ def fit_to_inference_data(
     drawable = callable(getattr(fit.module, "sample", None))
     if fit.model is None and not drawable:
         raise ValueError("this Fit has no model attached; pass model= (and guide=) to ppdgm.load")
+    if fit.model is not None and (fit.samples or fit.guide is not None):
+        _check_data_given(fit)  # both ways below run the model on the fit's data
     if fit.samples and fit.model is not None:
         samples = fit.samples
     elif fit.guide is not None and fit.model is not None:
         fit.restore()
-        _check_data_given(fit)
         samples = guide_draws(fit.model, fit.guide, fit.args, fit.kwargs, num_samples)
     elif drawable:
         return predictive_inference_data(fit, num_samples)
@@ -347,7 +357,6 @@ def fit_to_inference_data(
             return predictive_inference_data(fit, num_samples)
         raise ValueError("the model has no latent sites: there is no posterior to convert")
     stats = (fit.extra.get("tensors") or {}).get("sample_stats") if fit.samples else None
-    _check_data_given(fit)
     return samples_to_inference_data(
         fit.model,
         samples,
@@ -386,12 +395,9 @@ def predictive_inference_data(fit, num_samples: int = 500) -> az.InferenceData:
 def chain_energy_inference_data(fit) -> az.InferenceData:
     """The energies of a persistent-CD run's recorded chains as ``posterior.chain_energy``
     shaped ``(chain, draw)``, so ``az.rhat``/``az.ess`` say whether the negative phase mixes."""
-    import arviz as az  # seconds to import: only where an InferenceData is made
-
     if not fit.samples or "chain_energy" not in fit.samples:
         raise ValueError("this pcd Fit recorded no chain energies (the run took fewer steps than record_every)")
-    energy = to_numpy(fit.samples["chain_energy"])
-    return az.from_dict(posterior={"chain_energy": energy})
+    return posterior_data({"chain_energy": fit.samples["chain_energy"]})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,7 +447,7 @@ def per_point_summary(draws: dict) -> str:
             f"[{sd.min():.3g}, {sd.max():.3g}]"
         )
         if flat.shape[0] > 1 and flat.shape[1] > 3:
-            rhat = az.rhat(az.convert_to_dataset({"x": to_numpy(flat.reshape(*flat.shape[:2], -1))}))["x"].values
+            rhat = az.rhat(posterior_data({"x": flat.reshape(*flat.shape[:2], -1)}))["x"].values
             row += f"  R-hat max {np.nanmax(rhat):.3f}, {np.mean(rhat > 1.01):.1%} of elements > 1.01"
         rows.append(row)
     return "\n".join(rows) + ("\n" if rows else "")

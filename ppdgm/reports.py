@@ -140,7 +140,7 @@ def summary_text(fit, max_rows: int = 40, num_samples: int = 200, var_names=None
     ``per_point=False`` they are only named (no draws for them at all: the summary written after
     training stays cheap; ``ppdgm diagnose`` gives the per-point summary).
     """
-    from ppdgm.diagnostics import chain_draw_layout, latent_draws, per_point_summary, split_latents
+    from ppdgm.diagnostics import latent_draws, per_point_summary, posterior_data, split_latents
 
     if fit.engine in ("pcd", "greedy"):
         import arviz as az  # imported only where a table is made: it costs seconds
@@ -164,9 +164,8 @@ def summary_text(fit, max_rows: int = 40, num_samples: int = 200, var_names=None
     if global_:
         import arviz as az
 
-        with chain_draw_layout():
-            idata = az.from_dict(posterior={k: v.detach().cpu().numpy() for k, v in draws.items() if k in global_})
-            table = az.summary(idata, kind="all" if fit.samples else "stats")
+        idata = posterior_data({k: v for k, v in draws.items() if k in global_})
+        table = az.summary(idata, kind="all" if fit.samples else "stats")
         text += table.to_string(max_rows=max_rows) + "\n"
         if len(table) > max_rows:
             text += f"({len(table)} rows; --max-rows shows more, --var picks variables)\n"
@@ -206,10 +205,9 @@ def convergence_warnings(fit, tail: float = 0.2) -> list[str]:
         global_ = {k: v for k, v in fit.samples.items() if v[0, 0].numel() <= 64}
         chains, draws = next(iter(fit.samples.values())).shape[:2]
         if global_ and chains > 1 and draws > 3:
-            from ppdgm.diagnostics import chain_draw_layout
+            from ppdgm.diagnostics import posterior_data
 
-            with chain_draw_layout():
-                ds = az.from_dict(posterior={k: v.detach().cpu().numpy() for k, v in global_.items()})
+            ds = posterior_data(global_)
             rhat = float(max(np.nanmax(az.rhat(ds)[k].values) for k in global_))
             ess = float(min(np.nanmin(az.ess(ds)[k].values) for k in global_))
             if rhat > 1.01:
