@@ -18,7 +18,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-from ppdgm.diagnostics import to_numpy, trace_model
+from ppdgm.diagnostics import posterior_data, trace_model
 
 
 @dataclass
@@ -61,8 +61,8 @@ class AmortizationCheck:
         coords = {"point": np.asarray(self.points)}
         dims = {self.latent: ["point"] + [f"{self.latent}_dim_{i}" for i in range(self.hmc_draws.dim() - 3)]}
         return {
-            "HMC": az.from_dict(posterior={self.latent: to_numpy(self.hmc_draws)}, coords=coords, dims=dims),
-            "guide": az.from_dict(posterior={self.latent: to_numpy(self.guide_draws)[None]}, coords=coords, dims=dims),
+            "HMC": posterior_data({self.latent: self.hmc_draws}, coords=coords, dims=dims),
+            "guide": posterior_data({self.latent: self.guide_draws[None]}, coords=coords, dims=dims),
         }
 
     def plot(self, points=None, **kwargs):

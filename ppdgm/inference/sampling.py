@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -494,12 +495,16 @@ class Sampler(Engine):
 @contextlib.contextmanager
 def frozen_params():
     """Pyro params (e.g. a trained decoder's weights) are constants while HMC moves the latents:
-    no gradient flows into them, and the JIT may bake them into its trace."""
+    no gradient flows into them, and the JIT may bake them into its trace. Pyro's warning that a
+    ``pyro.module``'s frozen weights are "not registered in the param store" is silenced here:
+    freezing them is the point."""
     params = [p for _, p in pyro.get_param_store().named_parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*not registered in the param store because requires_grad=False")
+            yield
     finally:
         for p in params:
             p.requires_grad_(True)
