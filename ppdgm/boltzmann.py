@@ -147,6 +147,34 @@ class LayeredEnergy:
         return self.counts.get(i, 1) * torch.logsumexp(eta, -1)
 
 
+def check_sparsity(cost, target, num_hidden: int) -> tuple[float, tuple]:
+    """``(cost, one target per hidden layer)`` from a model's ``sparsity_cost`` and
+    ``sparsity_target`` (a number, or one per hidden layer), or a ValueError saying what was expected."""
+    if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not cost >= 0:
+        raise ValueError(f"sparsity_cost must be a non-negative number, got {cost!r}")
+    targets = (target,) * num_hidden if isinstance(target, (int, float)) else tuple(target)
+    if len(targets) != num_hidden or not all(
+        isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < 1 for t in targets
+    ):
+        raise ValueError(
+            f"sparsity_target: expected a number in (0, 1) or one per hidden layer ({num_hidden}), got {target!r}"
+        )
+    return float(cost), tuple(float(t) for t in targets)
+
+
+def sparsity_penalty(cost: float, means, targets) -> torch.Tensor:
+    """The sparsity penalty of Boltzmann machine training (Lee, Ekanadham & Ng 2008; Nair & Hinton
+    2009): ``cost`` times the cross-entropy between each hidden unit's target activation and its
+    activation averaged over the batch, summed over units. ``means`` are ``(batch, units)`` posterior
+    means, one per hidden layer; for a logistic unit the gradient on its input is ``cost * (q - t)``
+    averaged over the batch, which pulls its mean activation ``q`` to the target ``t``."""
+    penalty = means[0].new_zeros(())
+    for q, t in zip(means, targets):
+        q = q.mean(0).clamp(1e-6, 1 - 1e-6)
+        penalty = penalty + F.binary_cross_entropy(q, torch.full_like(q, t), reduction="sum")
+    return cost * penalty
+
+
 def cycled_rows(n: int, rows: int, device=None) -> torch.Tensor:
     """``n`` indices into ``rows`` rows: a random permutation, cycled when ``n`` is larger, so
     draws that continue kept chains use every chain as evenly as possible."""

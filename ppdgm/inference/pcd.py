@@ -257,7 +257,8 @@ class PersistentCD(TrainingEngine):
             loss = neg_mean - pos_mean
             if regularizer is not None:
                 penalty = regularizer()
-                penalty.backward()
+                if penalty.requires_grad:  # a model's penalty may be off (a constant 0)
+                    penalty.backward()
                 loss = loss + float(penalty.detach())
         done = step + 1
         due = done % state.record_every == 0

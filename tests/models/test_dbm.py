@@ -210,6 +210,13 @@ def test_bad_input_fails_fast():
         mm.check_data((x, torch.ones(5, 3)))
     with pytest.raises(ValueError, match="not a visible layer"):
         mm.complete({"top": torch.ones(2, 3)})
+    for bad, match in [
+        ({"sparsity_cost": -0.1}, "sparsity_cost must be a non-negative number"),
+        ({"sparsity_target": 1.0}, r"sparsity_target: expected a number in \(0, 1\) or one per hidden layer \(2\)"),
+        ({"sparsity_target": (0.1,)}, r"one per hidden layer \(2\), got \(0.1,\)"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            DBM(sizes=[4, 3, 2], **bad)
     ring = nx.cycle_graph(["v", "a", "b", "c"])
     nx.set_node_attributes(ring, 3, "size")
     ring.nodes["v"]["visible"] = True
@@ -244,6 +251,13 @@ def test_persistent_cd_pretrains_a_dbm_greedily_before_its_chains_start():
     before = [p.detach().clone() for p in by_engine.parameters()]
     by_engine.prepare(x)
     assert all(torch.equal(a, b) for a, b in zip(before, by_engine.parameters()))
+    for bad, match in [
+        ({"sparsity_cost": -0.1}, "sparsity_cost must be a non-negative number"),
+        ({"sparsity_target": 1.0}, r"sparsity_target: expected a number in \(0, 1\) or one per hidden layer \(2\)"),
+        ({"sparsity_target": (0.1,)}, r"one per hidden layer \(2\), got \(0.1,\)"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            DBM(sizes=[4, 3, 2], **bad)
     ring = nx.cycle_graph(["v", "a", "b", "c"])
     nx.set_node_attributes(ring, 3, "size")
     ring.nodes["v"]["visible"] = True
@@ -347,3 +361,46 @@ def test_draws_from_the_kept_chains_follow_the_exact_marginal():
         draws = dbm.sample(2000)
         se = (exact * (1 - exact) / 2000).sqrt()
         assert ((draws.mean(0) - exact).abs() < 4.5 * se).all(), (seed, draws.mean(0), exact)
+
+
+def test_sparsity_penalty_is_the_cross_entropy_to_the_target_with_gradient_cost_times_q_minus_t():
+    """Zero weights: every hidden unit's mean activation is sigmoid(bias) whatever the data, so the
+    penalty is cost * sum BCE(q, t) and its gradient on a bias is cost * (q - t)."""
+    cost, targets = 0.3, (0.2, 0.05)
+    dbm = DBM(sizes=[5, 4, 3], sparsity_cost=cost, sparsity_target=targets, pretrain_epochs=0)
+    with torch.no_grad():
+        for w in dbm.weights:
+            w.zero_()
+        dbm.biases[1].copy_(torch.tensor([-1.0, 0.0, 0.5, 2.0]))
+        dbm.biases[2].copy_(torch.tensor([-3.0, 0.3, 1.0]))
+    assert float(dbm.regularizer()) == 0.0  # no positive phase ran yet
+    dbm.positive_log_density(torch.bernoulli(torch.full((7, 5), 0.5)))
+    penalty = dbm.regularizer()
+    expected = 0.0
+    for layer, t in zip((1, 2), targets):
+        q = torch.sigmoid(dbm.biases[layer].detach())
+        expected += cost * F.binary_cross_entropy(q, torch.full_like(q, t), reduction="sum")
+    assert torch.allclose(penalty, expected)
+    penalty.backward()
+    for layer, t in zip((1, 2), targets):
+        q = torch.sigmoid(dbm.biases[layer].detach())
+        assert torch.allclose(dbm.biases[layer].grad, cost * (q - t), atol=1e-6)
+    assert float(dbm.regularizer()) == 0.0  # each penalty uses one positive batch once
+
+
+def test_persistent_cd_with_the_sparsity_penalty_pulls_hidden_activations_to_their_target():
+    """Same data, seeds and updates with and without the penalty: the mean posterior activation of
+    each hidden layer lands nearer its target with it, on every seed."""
+    x = load_digits("train", binarize=True).x[:300]
+    targets = (0.05, 0.05)
+    for seed in range(3):
+        means = {}
+        for cost in (0.0, 1.0):
+            torch.manual_seed(seed)
+            dbm = DBM(sizes=[64, 32, 16], sparsity_cost=cost, sparsity_target=targets, pretrain_epochs=0)
+            PersistentCD(num_steps=150, batch_size=50, num_chains=50, lr=0.01, optim="adam", seed=seed).run(dbm, x)
+            with torch.no_grad():
+                mu = dbm.mean_field({0: x})
+            means[cost] = [float(mu[i].mean()) for i in (1, 2)]
+        for layer in range(2):
+            assert abs(means[1.0][layer] - targets[layer]) < abs(means[0.0][layer] - targets[layer]), (seed, means)
