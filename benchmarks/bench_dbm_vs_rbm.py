@@ -79,8 +79,7 @@ def main() -> None:
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         diffs = [a - b for a, b in zip(first, values)]
         per_seed = " / ".join(f"{v:.2f}" for v in values)
-        paired = " / ".join(f"{d:+.2f}" for d in diffs) if values is not first else ""
-        mean_se = f"{mean_and_se(diffs)}" if values is not first else ""
+        paired, mean_se = ("", "") if values is first else (" / ".join(f"{d:+.2f}" for d in diffs), mean_and_se(diffs))
         print(f"| {label} | {statistics.fmean(values):.2f} | {sd:.2f} | {per_seed} | {paired} | {mean_se} |")
 
 

@@ -284,11 +284,11 @@ class DBM(ConstructorSpec, PyroModule):
     def positive_log_density(self, batch):
         """The positive phase: :meth:`collapsed_log_density` at a posterior draw (``"gibbs"``) or
         the mean-field bound (``"mean-field"``); see ``positive_phase``."""
+        clamped = self._clamp(batch)
         if self.sparsity_cost:
-            self._sparsity_batch = self._clamp(batch)
+            self._sparsity_batch = clamped
         if self.positive_phase == "mean-field":
             return self.variational_bound(batch)
-        clamped = self._clamp(batch)
         summed, drawn = self._collapsed_split(clamped)
         with torch.no_grad():
             state = self.posterior_draws(clamped, self.positive_sweeps)

@@ -251,13 +251,6 @@ def test_persistent_cd_pretrains_a_dbm_greedily_before_its_chains_start():
     before = [p.detach().clone() for p in by_engine.parameters()]
     by_engine.prepare(x)
     assert all(torch.equal(a, b) for a, b in zip(before, by_engine.parameters()))
-    for bad, match in [
-        ({"sparsity_cost": -0.1}, "sparsity_cost must be a non-negative number"),
-        ({"sparsity_target": 1.0}, r"sparsity_target: expected a number in \(0, 1\) or one per hidden layer \(2\)"),
-        ({"sparsity_target": (0.1,)}, r"one per hidden layer \(2\), got \(0.1,\)"),
-    ]:
-        with pytest.raises(ValueError, match=match):
-            DBM(sizes=[4, 3, 2], **bad)
     ring = nx.cycle_graph(["v", "a", "b", "c"])
     nx.set_node_attributes(ring, 3, "size")
     ring.nodes["v"]["visible"] = True
